@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmarks: device-synchronised timing, memory saved for backward,
+and the grouping the report (benchmarks/report.py) turns into ratio tables."""
+
+from __future__ import annotations
+
+import torch
+
+# impl names that the report treats as baselines when computing "speed-up vs baseline"
+PYSSL = "pyssl"
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn, inputs=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn()``,
+    excluding the storages of ``inputs`` (they exist anyway)."""
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in input_ptrs:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def peak_memory(fn, device) -> int | None:
+    """Peak device memory in bytes above the starting point while running ``fn()`` (CUDA
+    only; None on CPU, where torch keeps no allocator statistics)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def run(benchmark, fn, device, *, group: str, impl: str, rounds: int | None = None, **extra):
+    """Times ``fn`` (synchronising the device after each call) under ``group``/``impl``."""
+    benchmark.group = group
+    benchmark.extra_info["impl"] = impl
+    benchmark.extra_info["device"] = str(device)
+    if torch.device(device).type == "cuda":
+        benchmark.extra_info["device_name"] = torch.cuda.get_device_name()
+    for k, v in extra.items():
+        if v is not None:
+            benchmark.extra_info[k] = v
+
+    def timed():
+        r = fn()
+        synchronize(device)
+        return r
+
+    timed()  # warm-up
+    if rounds is None:
+        return benchmark(timed)
+    return benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)

@@ -1,0 +1,44 @@
+"""Runs every pyssl CUDA kernel once on small inputs: the program compute-sanitizer
+(memcheck, racecheck) inspects in benchmarks/gpu_check.sh. Exits non-zero on any error."""
+
+from __future__ import annotations
+
+import torch
+
+import pyssl
+from pyssl import ops
+
+
+def masking(dev):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = torch.randn(5, 37, 19, device=dev).to(dtype).requires_grad_(True)
+        r = ops.random_masking(x, 0.6)
+        tok = torch.randn(19, device=dev).to(dtype).requires_grad_(True)
+        out = ops.unshuffle_tokens(r.visible, r.ids_restore, tok)
+        out.float().sum().backward()
+    # long rows take the device-sort path
+    ops.random_masking(torch.randn(2, 9000, 4, device=dev), 0.75)
+    ops.block_masking(64, 14, 14, 75, device=dev)
+    try:
+        ops.unshuffle_tokens(torch.randn(2, 3, 4, device=dev), torch.tensor([[0, 1, 1, 2]] * 2, device=dev),
+                             torch.zeros(4, device=dev))
+        raise AssertionError("a repeated id was not rejected")
+    except ValueError:
+        pass
+
+
+FAMILIES = [masking]
+
+
+def main() -> int:
+    assert torch.cuda.is_available(), "no CUDA device"
+    assert pyssl.has_cuda_kernels(), "pyssl was built without CUDA kernels"
+    for fam in FAMILIES:
+        fam(torch.device("cuda"))
+        torch.cuda.synchronize()
+        print(f"{fam.__name__}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Turns pytest-benchmark JSON into ratio tables: for every group (one configuration), each
+implementation's median time and its ratio to pyssl's (> 1: pyssl is faster), plus the memory
+saved for backward and the peak memory where measured.
+
+    python -m benchmarks.report results.json [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import defaultdict
+
+from .common import PYSSL
+
+
+def _mb(x):
+    return "" if x is None else f"{x / 2**20:.2f}"
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def rows(data: dict) -> list[dict]:
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        groups[b["group"]][info.get("impl", b["name"])] = {
+            "median": b["stats"]["median"],
+            "saved": info.get("saved_bytes"),
+            "peak": info.get("peak_bytes"),
+        }
+    out = []
+    for group in sorted(groups):
+        impls = groups[group]
+        base = impls.get(PYSSL, {}).get("median")
+        for impl in sorted(impls, key=lambda k: (k != PYSSL, k)):
+            r = impls[impl]
+            ratio = None if (base is None or impl == PYSSL) else r["median"] / base
+            out.append({"group": group, "impl": impl, "median_ms": r["median"] * 1e3,
+                        "ratio": ratio, "saved": r["saved"], "peak": r["peak"]})
+    return out
+
+
+def format_table(data: dict) -> str:
+    mi = data.get("machine_info", {})
+    header = (f"machine: {mi.get('node', platform.node())}, {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
+              f"python {mi.get('python_version', '')}; date {data.get('datetime', '')[:10]}")
+    lines = [header, "",
+             "| configuration | impl | median ms | time / pyssl time | saved for backward MB | peak MB |",
+             "|---|---|---:|---:|---:|---:|"]
+    last = None
+    for r in rows(data):
+        group = r["group"] if r["group"] != last else ""
+        last = r["group"]
+        ratio = "1.00 (pyssl)" if r["impl"] == PYSSL else ("" if r["ratio"] is None else f"{r['ratio']:.2f}")
+        lines.append(f"| {group} | {r['impl']} | {r['median_ms']:.3f} | {ratio} | {_mb(r['saved'])} | {_mb(r['peak'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json")
+    args = p.parse_args(argv)
+    print(format_table(load(args.json)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Runs benchmark files with pytest-benchmark and prints the ratio table.
+
+    python -m benchmarks.run                 # every benchmarks/bench_*.py
+    python -m benchmarks.run masking --quick # benchmarks/bench_masking.py, small configs
+    python -m benchmarks.run masking --json out.json --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from . import report
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="run pyssl benchmarks and print ratio tables")
+    p.add_argument("families", nargs="*", help="e.g. masking dino_loss (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller configurations")
+    p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    p.add_argument("--json", help="also keep pytest-benchmark's JSON here")
+    p.add_argument("--max-time", default="0.5", help="seconds per benchmark (pytest-benchmark)")
+    args = p.parse_args(argv)
+    files = ([str(HERE / f"bench_{f}.py") for f in args.families] if args.families
+             else sorted(str(f) for f in HERE.glob("bench_*.py")))
+    for f in files:
+        if not pathlib.Path(f).exists():
+            p.error(f"no benchmark file {f}")
+    out = args.json or tempfile.mktemp(suffix=".json")
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
+           "--benchmark-only", f"--benchmark-json={out}", f"--benchmark-max-time={args.max_time}",
+           "--benchmark-min-rounds=3", "--benchmark-disable-gc", f"--bench-device={args.device}",
+           "--benchmark-columns=median,iqr,rounds"]
+    if args.quick:
+        cmd.append("--bench-quick")
+    rc = subprocess.call(cmd, cwd=HERE.parent)
+    if rc not in (0, 5):
+        return rc
+    print()
+    if not pathlib.Path(out).exists():
+        print("no benchmark ran (no device of the requested kind?)")
+        return 1
+    print(report.format_table(report.load(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

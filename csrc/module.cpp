@@ -1,0 +1,63 @@
+// The Python module pyssl._C. Importing it runs the TORCH_LIBRARY registrations of every op
+// family (csrc/ops/*.cpp); its only Python-level function reports how it was built.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef PYSSL_VERSION
+#define PYSSL_VERSION "unknown"
+#endif
+#ifndef PYSSL_TORCH_VERSION
+#define PYSSL_TORCH_VERSION "unknown"
+#endif
+
+// The namespace is defined once here; each op family adds to it with TORCH_LIBRARY_FRAGMENT.
+TORCH_LIBRARY(pyssl, m) {}
+
+namespace {
+
+std::string build_info_json() {
+  std::string s = "{";
+  s += "\"version\": \"" PYSSL_VERSION "\"";
+  s += ", \"torch_version\": \"" PYSSL_TORCH_VERSION "\"";
+#ifdef PYSSL_WITH_CUDA
+  s += ", \"cuda\": true";
+  s += ", \"cuda_version\": \"" PYSSL_CUDA_VERSION "\"";
+  s += ", \"cuda_archs\": \"" PYSSL_CUDA_ARCHS "\"";
+#else
+  s += ", \"cuda\": false";
+  s += ", \"cuda_version\": null";
+  s += ", \"cuda_archs\": null";
+#endif
+#ifdef _OPENMP
+  s += ", \"openmp\": true";
+#else
+  s += ", \"openmp\": false";
+#endif
+#if defined(__clang__)
+  s += ", \"compiler\": \"clang " __clang_version__ "\"";
+#elif defined(__GNUC__)
+  s += ", \"compiler\": \"gcc " __VERSION__ "\"";
+#else
+  s += ", \"compiler\": \"unknown\"";
+#endif
+  s += "}";
+  return s;
+}
+
+PyObject* build_info(PyObject*, PyObject*) {
+  const std::string s = build_info_json();
+  return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "JSON string describing how pyssl._C was built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pyssl native ops", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

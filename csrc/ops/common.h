@@ -1,0 +1,60 @@
+// Helpers shared by every op family: argument checks that name the argument, and the mapping
+// from torch dtypes to the torch-free kernels' DType.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "kernels/common.h"
+
+namespace pyssl {
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor ", layout,
+                    ", got shape ", t.sizes());
+}
+
+inline void check_size(const at::Tensor& t, int64_t d, int64_t expected, const char* name,
+                       const char* what) {
+  TORCH_CHECK_VALUE(t.size(d) == expected, name, ".shape[", d, "] (", what, ") must be ",
+                    expected, ", got shape ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, std::initializer_list<at::ScalarType> allowed,
+                        const char* name) {
+  for (auto s : allowed)
+    if (t.scalar_type() == s) return;
+  std::string list;
+  for (auto s : allowed) {
+    if (!list.empty()) list += ", ";
+    list += c10::toString(s);
+  }
+  TORCH_CHECK_TYPE(false, name, " must have dtype in {", list, "}, got ", t.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  check_dtype(t, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, name);
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; move them to the same device");
+}
+
+inline DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "pyssl kernels do not support dtype ", s);
+  }
+}
+
+}  // namespace pyssl

@@ -1,0 +1,39 @@
+"""Loading of the compiled extension ``pyssl._C`` and what it reports about its build."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "pyssl's compiled extension (pyssl._C) failed to load: "
+        f"{exc}.\nIt must be built against the torch installed here (torch {torch.__version__}); "
+        "rebuild it with `pip install --no-build-isolation -e .` from the repository root."
+    ) from exc
+
+
+@functools.cache
+def build_info() -> dict:
+    """How the loaded extension was built: version, torch version, CUDA, OpenMP, compiler."""
+    return json.loads(_C.build_info())
+
+
+def has_cuda_kernels() -> bool:
+    """True when the loaded build of pyssl contains CUDA kernels."""
+    return bool(build_info()["cuda"])
+
+
+def check_torch_version() -> str | None:
+    """A warning message when the running torch differs from the one pyssl was built with."""
+    built = build_info()["torch_version"]
+    if built != torch.__version__:
+        return (
+            f"pyssl was built against torch {built} but torch {torch.__version__} is running; "
+            "rebuild with `pip install --no-build-isolation -e .`"
+        )
+    return None
