@@ -1,73 +1,35 @@
-"""The ``pyssl`` command line.
+"""The ``pyssl`` command line (``pyssl ...`` or ``python -m pyssl ...``).
 
-    pyssl --version
-    pyssl info          versions, build options, and which backends each op has
-"""
+Sub-commands live in ``pyssl/commands/<name>.py`` (see pyssl/commands/__init__.py)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-
-
-def _op_backends() -> list[tuple[str, list[str]]]:
-    import torch
-
-    import pyssl  # noqa: F401  (loads the ops)
-
-    out = []
-    names = sorted({n.split("::", 1)[1].split(".")[0]
-                    for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyssl::")})
-    for name in names:
-        qual = f"pyssl::{name}"
-        keys = [k for k in ("CPU", "CUDA", "Meta", "Autograd")
-                if torch._C._dispatch_has_kernel_for_dispatch_key(qual, k)]
-        out.append((name, keys))
-    return out
-
-
-def info_text() -> str:
-    import platform
-
-    import torch
-
-    import pyssl
-
-    b = pyssl.build_info()
-    lines = [
-        f"pyssl {pyssl.__version__}",
-        f"python {platform.python_version()} on {platform.machine()}",
-        f"torch {torch.__version__} (pyssl built against {b['torch_version']})",
-        f"compiler: {b['compiler']}; OpenMP: {b['openmp']}; CPU threads: {torch.get_num_threads()}",
-        f"CUDA kernels in this build: {b['cuda']}"
-        + (f" (nvcc {b['cuda_version']}, archs {b['cuda_archs']})" if b["cuda"] else ""),
-        f"CUDA device available: {torch.cuda.is_available()}"
-        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
-        "ops (registered dispatch keys; 'Meta' = fake kernel for torch.compile):",
-    ]
-    for name, keys in _op_backends():
-        lines.append(f"  pyssl::{name:<32} {', '.join(keys)}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .commands import COMMANDS
 
-    p = argparse.ArgumentParser(prog="pyssl", description="self-supervised learning with fused kernels")
+    p = argparse.ArgumentParser(prog="pyssl",
+                                description="self-supervised learning with fused kernels")
     p.add_argument("--version", action="version", version=f"pyssl {__version__}")
-    sub = p.add_subparsers(dest="command")
-    sub.add_parser("info", help="versions, build options and available backends")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"pyssl.commands.{name}").register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info_text())
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
         return 0
-    parser.print_help()
-    return 0
+    return int(func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import pyssl
-from pyssl.cli import info_text, main
+from pyssl.cli import main
+from pyssl.commands.info import info_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED_OPS = ["block_masking", "random_masking", "unshuffle_tokens", "unshuffle_tokens_backward"]
