@@ -4,10 +4,24 @@ kernels, autograd and a fake (meta) implementation, wrapped by a documented func
 
 from . import reference
 from ._dispatch import has_kernel
+from .dino_loss import (
+    DinoLossResult,
+    dino_loss,
+    ibot_patch_loss,
+    ibot_weights,
+    sinkhorn_knopp,
+    sinkhorn_knopp_center,
+)
 from .masking import MaskingResult, block_masking, random_masking, unshuffle_tokens
 
 __all__ = [
+    "DinoLossResult",
     "MaskingResult",
+    "dino_loss",
+    "ibot_patch_loss",
+    "ibot_weights",
+    "sinkhorn_knopp",
+    "sinkhorn_knopp_center",
     "block_masking",
     "has_kernel",
     "random_masking",

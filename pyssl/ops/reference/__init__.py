@@ -3,7 +3,17 @@
 They are the test oracle (tests compare the compiled kernels against them in float64) and the
 fallback on devices that have no compiled kernel. Readable, not fast."""
 
+from .dino_loss import dino_loss, ibot_patch_loss, offset_logsumexp, sinkhorn_knopp
 from .masking import block_masking, random_masking, unshuffle_tokens
 from .projection import project_points
 
-__all__ = ["block_masking", "project_points", "random_masking", "unshuffle_tokens"]
+__all__ = [
+    "block_masking",
+    "dino_loss",
+    "ibot_patch_loss",
+    "offset_logsumexp",
+    "project_points",
+    "random_masking",
+    "sinkhorn_knopp",
+    "unshuffle_tokens",
+]

@@ -1,0 +1,68 @@
+// Fused DINO / iBOT loss: argument checks (shared by the CPU and CUDA implementations).
+#pragma once
+
+#include <cmath>
+
+#include "ops/common.h"
+
+namespace pyssl::dino {
+
+struct DinoShape {
+  int64_t B;        // images per crop
+  int64_t S;        // student crops
+  int64_t T;        // teacher crops
+  int64_t K;        // prototypes (out_dim)
+  int64_t n_terms;  // (teacher crop, student crop) pairs in the loss
+};
+
+inline DinoShape check_dino(const at::Tensor& student, const at::Tensor& teacher,
+                            const at::Tensor& center, const std::optional<at::Tensor>& weights,
+                            int64_t n_teacher_crops, double student_temp, double teacher_temp,
+                            bool skip_same_view) {
+  check_dim(student, 2, "student", "[S*B, K] (crop-major rows)");
+  check_dim(teacher, 2, "teacher", "[T*B, K] (crop-major rows)");
+  check_floating(student, "student");
+  check_floating(teacher, "teacher");
+  check_same_device(teacher, student, "teacher", "student");
+  const int64_t K = student.size(1);
+  TORCH_CHECK_VALUE(teacher.size(1) == K, "teacher.shape[1] (K=", teacher.size(1),
+                    ") must equal student.shape[1] (K=", K, ")");
+  TORCH_CHECK_VALUE(K >= 1, "the number of prototypes K must be >= 1, got ", K);
+  TORCH_CHECK_VALUE(n_teacher_crops >= 1, "n_teacher_crops must be >= 1, got ", n_teacher_crops);
+  const int64_t T = n_teacher_crops;
+  TORCH_CHECK_VALUE(teacher.size(0) > 0 && teacher.size(0) % T == 0, "teacher has ",
+                    teacher.size(0), " rows, which do not split into n_teacher_crops=", T,
+                    " non-empty crops");
+  const int64_t B = teacher.size(0) / T;
+  TORCH_CHECK_VALUE(student.size(0) % B == 0, "student has ", student.size(0),
+                    " rows, not a multiple of the batch size B=", B,
+                    " (teacher rows / n_teacher_crops)");
+  const int64_t S = student.size(0) / B;
+  TORCH_CHECK_VALUE(S >= T, "n_teacher_crops (", T, ") must be <= the number of student crops (",
+                    S, "): the first n_teacher_crops student crops are the teacher's views");
+  TORCH_CHECK_VALUE(student_temp > 0 && std::isfinite(student_temp),
+                    "student_temp must be a positive finite number, got ", student_temp);
+  TORCH_CHECK_VALUE(teacher_temp > 0 && std::isfinite(teacher_temp),
+                    "teacher_temp must be a positive finite number, got ", teacher_temp);
+  TORCH_CHECK_VALUE(center.dim() == 1 && center.size(0) == K, "center must have shape [K] = [", K,
+                    "], got ", center.sizes());
+  check_floating(center, "center");
+  check_same_device(center, student, "center", "student");
+  if (weights.has_value()) {
+    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == B,
+                      "weights must have shape [B] = [", B, "], got ", weights->sizes());
+    check_floating(*weights, "weights");
+    check_same_device(*weights, student, "weights", "student");
+  }
+  const int64_t n_terms = T * S - (skip_same_view ? T : 0);
+  TORCH_CHECK_VALUE(n_terms > 0, "no (teacher crop, student crop) pairs remain: with ", T,
+                    " teacher and ", S, " student crops and skip_same_view=True every pair is skipped");
+  return {B, S, T, K, n_terms};
+}
+
+inline at::ScalarType acc_type(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
+                                                                            : at::kFloat;
+}
+
+}  // namespace pyssl::dino

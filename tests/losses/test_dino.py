@@ -1,0 +1,139 @@
+"""DINOLoss / IBOTPatchLoss modules: centre update, temperature warm-up, Sinkhorn-Knopp, and
+the cross-rank centre/Sinkhorn reductions in a real two-process gloo group."""
+
+import os
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pyssl import ops
+from pyssl.losses import DINOLoss, IBOTPatchLoss
+from pyssl.ops import reference
+
+
+def _inputs(B=4, S=5, T=2, K=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(S * B, K, generator=g, dtype=torch.float64),
+            torch.randn(T * B, K, generator=g, dtype=torch.float64))
+
+
+def test_dino_loss_module_matches_reference_and_updates_center():
+    s, t = _inputs()
+    loss_fn = DINOLoss(50, n_teacher_crops=2, center_momentum=0.9).double()
+    loss = loss_fn(s, t)
+    torch.testing.assert_close(loss, reference.dino_loss(s, t, torch.zeros(50, dtype=torch.float64))[0])
+    torch.testing.assert_close(loss_fn.center, 0.1 * t.mean(0))
+    # the second step uses the updated centre
+    s2, t2 = _inputs(seed=1)
+    center = loss_fn.center.clone()
+    loss2 = loss_fn(s2, t2)
+    torch.testing.assert_close(loss2, reference.dino_loss(s2, t2, center)[0])
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * t2.mean(0))
+    # eval mode: no update
+    loss_fn.eval()
+    before = loss_fn.center.clone()
+    loss_fn(s2, t2)
+    assert torch.equal(before, loss_fn.center)
+
+
+def test_teacher_temperature_warmup_follows_dino_linspace():
+    loss_fn = DINOLoss(10, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_epochs=30)
+    sched = np.concatenate([np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07])
+    for epoch in (0, 1, 10, 29, 30, 99):
+        assert loss_fn.teacher_temperature(epoch) == pytest.approx(sched[epoch])
+    assert DINOLoss(10, warmup_epochs=0).teacher_temperature(0) == 0.04
+
+
+def test_dino_loss_module_sinkhorn_uses_sk_targets():
+    s, t = _inputs(K=40)
+    loss_fn = DINOLoss(40, centering="sinkhorn_knopp", teacher_temp=0.05).double()
+    loss = loss_fn(s, t)
+    q = reference.sinkhorn_knopp(t, 0.05, 3)
+    logp = torch.log_softmax(s / 0.1, -1)
+    B = 4
+    terms = [(-(q[i * B:(i + 1) * B] * logp[v * B:(v + 1) * B]).sum(-1)).mean()
+             for i in range(2) for v in range(5) if v != i]
+    torch.testing.assert_close(loss, sum(terms) / len(terms))
+    assert torch.equal(loss_fn.center, torch.zeros(40, dtype=torch.float64))
+
+
+def test_ibot_module():
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(3, 16, generator=g) < 0.4
+    M = int(masks.sum())
+    s = torch.randn(M, 30, generator=g, requires_grad=True)
+    t = torch.randn(M, 30, generator=g)
+    loss_fn = IBOTPatchLoss(30)
+    loss = loss_fn(s, t, masks)
+    ref, _ = reference.ibot_patch_loss(s, t, torch.zeros(30), ops.ibot_weights(masks))
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert s.grad is not None
+    torch.testing.assert_close(loss_fn.center, 0.1 * t.mean(0))
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(10, centering="median")
+    with pytest.raises(ValueError, match="out_dim"):
+        DINOLoss(0)
+    with pytest.raises(ValueError, match="center_momentum"):
+        DINOLoss(10, center_momentum=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes (gloo): the cross-rank reductions equal one process over the whole batch.
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir, s_full, t_full, B):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        Bl = B // world
+
+        def local(x, crops):  # crop-major rows of this rank's images
+            return torch.cat([x[c * B + rank * Bl:c * B + (rank + 1) * Bl] for c in range(crops)])
+
+        s, t = local(s_full, 5), local(t_full, 2)
+        loss_fn = DINOLoss(s.shape[1], center_momentum=0.9)
+        loss = loss_fn(s, t)
+        center = loss_fn.state_dict()["center"]  # flushes the asynchronous all-reduce
+        sk = ops.sinkhorn_knopp(t, 0.04)
+        torch.save({"loss": loss, "center": center, "sk": sk}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_center_and_sinkhorn_equal_single_process():
+    B, K = 6, 300
+    g = torch.Generator().manual_seed(7)
+    s_full = torch.randn(5 * B, K, generator=g)
+    t_full = torch.randn(2 * B, K, generator=g) * 3
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(2, _free_port(), out, s_full, t_full, B), nprocs=2, join=True)
+        results = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
+    single = DINOLoss(K, center_momentum=0.9)
+    single_loss = single(s_full, t_full)
+    for r in results:
+        torch.testing.assert_close(r["center"], single.center, rtol=1e-6, atol=1e-7)
+    # each rank's loss is over its own images; their mean is the single-process loss
+    torch.testing.assert_close((results[0]["loss"] + results[1]["loss"]) / 2, single_loss,
+                               rtol=1e-5, atol=1e-6)
+    sk_full = ops.sinkhorn_knopp(t_full, 0.04)
+    Bl = B // 2
+    for rank, r in enumerate(results):
+        rows = torch.cat([torch.arange(c * B + rank * Bl, c * B + (rank + 1) * Bl) for c in range(2)])
+        torch.testing.assert_close(r["sk"], sk_full[rows], rtol=1e-4, atol=1e-6)

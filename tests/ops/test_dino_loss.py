@@ -1,0 +1,350 @@
+"""Fused DINO loss, iBOT patch loss and Sinkhorn-Knopp centering against the published
+algorithms in plain PyTorch (pyssl.ops.reference), in float64."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyssl import ops
+from pyssl.ops import reference
+
+# K values around the kernel's 4096-wide chunks and 16-wide lanes
+K_VALUES = [1, 2, 15, 17, 257, 4095, 4096, 4097, 9001]
+
+
+@st.composite
+def dino_inputs(draw, dtype=torch.float64, max_k=None):
+    B = draw(st.integers(1, 4))
+    S = draw(st.integers(1, 6))
+    T = draw(st.integers(1, min(S, 3)))
+    skip = draw(st.booleans())
+    if skip and T * S - T == 0:
+        skip = False
+    K = draw(st.one_of(st.sampled_from(K_VALUES), st.integers(1, 300)))
+    if max_k:
+        K = min(K, max_k)
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(S * B, K, generator=g, dtype=torch.float64) * scale).to(dtype)
+    teacher = (torch.randn(T * B, K, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if draw(st.booleans()):  # ties
+        teacher = teacher.round()
+        student = student.round()
+    center = torch.randn(K, generator=g, dtype=torch.float64) * 0.1
+    ts = draw(st.sampled_from([0.1, 0.2, 1.0]))
+    tt = draw(st.sampled_from([0.01, 0.04, 0.07]))
+    return dict(student=student, teacher=teacher, center=center, n_teacher_crops=T,
+                student_temp=ts, teacher_temp=tt, skip_same_view=skip)
+
+
+def _run(fn, a, student_dtype=None):
+    student = a["student"].detach().clone().requires_grad_(True)
+    kw = {k: v for k, v in a.items() if k not in ("student", "teacher", "center")}
+    loss, mean = fn(student, a["teacher"], a["center"], **kw)
+    (grad,) = torch.autograd.grad(loss, student)
+    return loss, mean, grad
+
+
+@given(a=dino_inputs())
+def test_dino_loss_matches_pair_loop_float64(a):
+    loss, mean, grad = _run(ops.dino_loss, a)
+    rloss, rmean, rgrad = _run(reference.dino_loss, a)
+    torch.testing.assert_close(loss, rloss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mean, rmean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, rgrad, rtol=1e-9, atol=1e-12)
+
+
+@given(a=dino_inputs(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_dino_loss_reduced_precision_within_tolerance(a, dtype):
+    # inputs rounded to the dtype; the reference runs in float64 on the same rounded values
+    a = dict(a, student=a["student"].to(dtype), teacher=a["teacher"].to(dtype))
+    loss, mean, grad = _run(ops.dino_loss, a)
+    ref = dict(a, student=a["student"].double(), teacher=a["teacher"].double())
+    rloss, rmean, rgrad = _run(reference.dino_loss, ref)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    # fp32 math on logits / temperature of up to ~1e3: relative error ~1e-6 of the logit scale
+    scale = float(ref["student"].abs().max() / a["student_temp"] + ref["teacher"].abs().max()
+                  / a["teacher_temp"] + 1)
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-5, atol=1e-5)
+    # |dL/ds| <= T / (B * n_terms * student_temp); fp32 logits/temperature carry an absolute
+    # error ~ scale * eps into p and q, and the output dtype rounds the gradient.
+    T = a["n_teacher_crops"]
+    B = a["teacher"].shape[0] // T
+    S = a["student"].shape[0] // B
+    n_terms = T * S - (T if a["skip_same_view"] else 0)
+    bound = T / (B * n_terms * a["student_temp"])
+    out_eps = {torch.float32: 1e-7, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(grad.double(), rgrad, rtol=out_eps * 2,
+                               atol=bound * (out_eps + 4e-7 * scale))
+
+
+def test_dino_loss_large_k_float32():
+    g = torch.Generator().manual_seed(0)
+    B, S, T, K = 3, 4, 2, 70000
+    a = dict(student=torch.randn(S * B, K, generator=g, dtype=torch.float64),
+             teacher=torch.randn(T * B, K, generator=g, dtype=torch.float64),
+             center=torch.randn(K, generator=g, dtype=torch.float64) * 0.1, n_teacher_crops=T,
+             student_temp=0.1, teacher_temp=0.04, skip_same_view=True)
+    rloss, rmean, rgrad = _run(reference.dino_loss, a)
+    f32 = dict(a, student=a["student"].float(), teacher=a["teacher"].float())
+    loss, mean, grad = _run(ops.dino_loss, f32)
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extreme_logits_stay_finite(dtype):
+    g = torch.Generator().manual_seed(1)
+    B, S, T, K = 2, 4, 2, 5000
+    student = ((torch.rand(S * B, K, generator=g) * 2 - 1) * 1e4).to(dtype).requires_grad_(True)
+    teacher = ((torch.rand(T * B, K, generator=g) * 2 - 1) * 1e4).to(dtype)
+    center = torch.zeros(K)
+    loss, mean = ops.dino_loss(student, teacher, center, teacher_temp=0.01, student_temp=0.1)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(mean).all() and torch.isfinite(grad).all()
+    rloss, _ = reference.dino_loss(student.double(), teacher.double(), center.double(),
+                                   teacher_temp=0.01, student_temp=0.1)
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-4, atol=0)
+
+
+def test_nan_logits_give_nan_not_a_crash():
+    s = torch.randn(4, 10)
+    s[2, 3] = math.nan  # crop 1 (crop 0 is the teacher's own view and is skipped)
+    loss, _ = ops.dino_loss(s, torch.randn(2, 10), torch.zeros(10), n_teacher_crops=1)
+    assert torch.isnan(loss)
+
+
+def test_gradcheck_small():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    c = torch.randn(7, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda s: ops.dino_loss(s, t, c, n_teacher_crops=2).loss, (s,))
+    w = torch.rand(6, dtype=torch.float64, generator=g)
+    tp = torch.randn(6, 7, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda s: ops.ibot_patch_loss(s, tp, c, w).loss, (s,))
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 9, generator=g, requires_grad=True)
+    t = torch.randn(4, 9, generator=g)
+    c = torch.randn(9, generator=g)
+    w = torch.rand(2, generator=g)
+    torch.library.opcheck(torch.ops.pyssl.dino_loss.default, (s, t, c, None, 2, 0.1, 0.04, True))
+    torch.library.opcheck(torch.ops.pyssl.dino_loss.default, (s.double(), t.double(), c.double(), w.double(), 2, 0.1, 0.04, False))
+    torch.library.opcheck(torch.ops.pyssl.dino_loss.default, (s.bfloat16(), t.bfloat16(), c, None, 2, 0.1, 0.04, True))
+    _, _, slse, tlse = torch.ops.pyssl.dino_loss(s, t, c, None, 2, 0.1, 0.04, True)
+    torch.library.opcheck(torch.ops.pyssl.dino_loss_backward.default,
+                          (torch.tensor(1.0), s.detach(), t, c, None, slse, tlse, 2, 0.1, 0.04, True))
+    torch.library.opcheck(torch.ops.pyssl.offset_logsumexp.default, (t, None, c, 25.0, 0))
+    torch.library.opcheck(torch.ops.pyssl.offset_logsumexp.default, (t, torch.randn(4), None, 25.0, 1))
+
+
+def test_compile_fullgraph_dino_step():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 300)
+    x = torch.randn(12, 8)
+    teacher = torch.randn(4, 300)
+    center = torch.zeros(300)
+
+    def step(x):
+        return ops.dino_loss(head(x), teacher, center, n_teacher_crops=2).loss
+
+    eager = step(x)
+    eager.backward()
+    g_eager = head.weight.grad.clone()
+    head.zero_grad()
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(x)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(head.weight.grad, g_eager)
+
+
+def test_bitwise_repeatable_across_thread_counts():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(12 * 16, 9000, generator=g)
+    t = torch.randn(2 * 16, 9000, generator=g)
+    c = torch.randn(9000, generator=g)
+    results = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            ss = s.clone().requires_grad_(True)
+            loss, mean = ops.dino_loss(ss, t, c)
+            loss.backward()
+            results.append((loss, mean, ss.grad))
+    finally:
+        torch.set_num_threads(prev)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(4, 6), torch.zeros(5)), "K"),
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(3, 5), torch.zeros(5)), "n_teacher_crops"),
+        (lambda: ops.dino_loss(torch.randn(7, 5), torch.randn(4, 5), torch.zeros(5)), "student"),
+        (lambda: ops.dino_loss(torch.randn(2, 5), torch.randn(4, 5), torch.zeros(5)), "n_teacher_crops"),
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(4, 5), torch.zeros(5), student_temp=0), "student_temp"),
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(4, 5), torch.zeros(5), teacher_temp=-1), "teacher_temp"),
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(4, 5), torch.zeros(4)), "center"),
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(4, 5), torch.zeros(5), n_teacher_crops=0), "n_teacher_crops"),
+        (lambda: ops.dino_loss(torch.randn(2, 5), torch.randn(2, 5), torch.zeros(5), n_teacher_crops=1), "skip_same_view"),
+        (lambda: ops.dino_loss(torch.randn(6, 5).long(), torch.randn(4, 5), torch.zeros(5)), "student"),
+        (lambda: ops.dino_loss(torch.randn(6, 5), torch.randn(0, 5), torch.zeros(5)), "teacher"),
+        (lambda: ops.dino_loss(torch.randn(30), torch.randn(4, 5), torch.zeros(5)), "student"),
+        (lambda: ops.ibot_patch_loss(torch.randn(3, 5), torch.randn(4, 5), torch.zeros(5), torch.ones(3)), "rows"),
+        (lambda: ops.ibot_patch_loss(torch.randn(3, 5), torch.randn(3, 5), torch.zeros(5), torch.ones(4)), "weights"),
+        (lambda: ops.sinkhorn_knopp_center(torch.randn(3, 5), 0.0), "teacher_temp"),
+        (lambda: ops.sinkhorn_knopp_center(torch.randn(3, 5), 0.1, 0), "n_iterations"),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# iBOT
+# --------------------------------------------------------------------------------------------
+
+
+@given(M=st.integers(1, 40), K=st.one_of(st.sampled_from(K_VALUES), st.integers(1, 200)),
+       seed=st.integers(0, 2**31 - 1), tt=st.sampled_from([0.04, 0.07]))
+def test_ibot_patch_loss_matches_reference(M, K, seed, tt):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(M, K, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(M, K, generator=g, dtype=torch.float64)
+    c = torch.randn(K, generator=g, dtype=torch.float64) * 0.1
+    w = torch.rand(M, generator=g, dtype=torch.float64)
+    loss, mean = ops.ibot_patch_loss(s, t, c, w, teacher_temp=tt)
+    rloss, rmean = reference.ibot_patch_loss(s, t, c, w, teacher_temp=tt)
+    torch.testing.assert_close(loss, rloss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mean, rmean)
+    (g1,) = torch.autograd.grad(loss, s)
+    (g2,) = torch.autograd.grad(rloss, s)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+def test_ibot_weights_normalise_per_image():
+    masks = torch.tensor([[True, True, False, False], [False, True, False, False], [False] * 4])
+    w = ops.ibot_weights(masks)
+    torch.testing.assert_close(w, torch.tensor([1 / 6, 1 / 6, 1 / 3]))
+
+
+# --------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+# --------------------------------------------------------------------------------------------
+
+
+@given(R=st.integers(1, 20), K=st.one_of(st.sampled_from([1, 3, 4097]), st.integers(1, 100)),
+       seed=st.integers(0, 2**31 - 1), iters=st.integers(1, 4), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_sinkhorn_knopp_matches_dinov2_where_it_does_not_overflow(R, K, seed, iters, dtype):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(R, K, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    got = ops.sinkhorn_knopp(t, 0.1, iters)
+    want = reference.sinkhorn_knopp(t, 0.1, iters)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # and the fused loss with the Sinkhorn centre trains on exactly these targets
+    s = torch.randn(R, K, generator=g, dtype=torch.float64)
+    center = ops.sinkhorn_knopp_center(t.double(), 0.1, iters)
+    loss = ops.dino_loss(s, t.double(), center, n_teacher_crops=1, teacher_temp=0.1,
+                         skip_same_view=False).loss
+    ref = (-(want * torch.log_softmax(s / 0.1, -1)).sum(-1)).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_sinkhorn_knopp_log_domain_never_overflows():
+    g = torch.Generator().manual_seed(5)
+    t = (torch.rand(64, 1000, generator=g) * 2 - 1) * 1e3
+    q = ops.sinkhorn_knopp(t, 0.04)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(-1), torch.ones(64), rtol=1e-5, atol=1e-5)
+    assert torch.isnan(reference.sinkhorn_knopp(t, 0.04)).any()  # the published version overflows
+
+
+@given(R=st.integers(1, 9), K=st.one_of(st.sampled_from([1, 4095, 4097]), st.integers(1, 50)),
+       dim=st.sampled_from([0, 1]), row=st.booleans(), col=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_offset_logsumexp_matches_reference(R, K, dim, row, col, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, K, generator=g, dtype=torch.float64) * 5
+    ro = torch.randn(R, generator=g, dtype=torch.float64) if row else None
+    co = torch.randn(K, generator=g, dtype=torch.float64) if col else None
+    got = torch.ops.pyssl.offset_logsumexp(x, ro, co, 7.0, dim)
+    torch.testing.assert_close(got, reference.offset_logsumexp(x, ro, co, 7.0, dim), rtol=1e-12, atol=1e-12)
+    got32 = torch.ops.pyssl.offset_logsumexp(x.float(), ro, co, 7.0, dim)
+    torch.testing.assert_close(got32.double(), reference.offset_logsumexp(x.float(), ro, co, 7.0, dim), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("K", [1, 17, 4097, 65536])
+@pytest.mark.parametrize("crops", [(2, 12, True), (1, 1, False), (2, 2, False)])
+def test_cuda_matches_cpu(dtype, K, crops):
+    T, S, skip = crops
+    B = 5
+    g = torch.Generator().manual_seed(K)
+    s = torch.randn(S * B, K, generator=g).to(dtype)
+    t = torch.randn(T * B, K, generator=g).to(dtype)
+    c = torch.randn(K, generator=g) * 0.1
+    sc = s.cuda().requires_grad_(True)
+    loss, mean = ops.dino_loss(sc, t.cuda(), c.cuda(), n_teacher_crops=T, skip_same_view=skip)
+    loss.backward()
+    sr = s.clone().requires_grad_(True)
+    rl, rm = ops.dino_loss(sr, t, c, n_teacher_crops=T, skip_same_view=skip)
+    rl.backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(loss.cpu(), rl, rtol=tol, atol=tol)
+    torch.testing.assert_close(mean.cpu(), rm, rtol=tol, atol=tol)
+    gtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(sc.grad.cpu().double(), sr.grad.double(), rtol=gtol, atol=gtol * float(sr.grad.abs().max()))
+    # bitwise repeatable on the device
+    sc2 = s.cuda().requires_grad_(True)
+    loss2, _ = ops.dino_loss(sc2, t.cuda(), c.cuda(), n_teacher_crops=T, skip_same_view=skip)
+    loss2.backward()
+    assert torch.equal(loss2, loss) and torch.equal(sc2.grad, sc.grad)
+
+
+@pytest.mark.cuda
+def test_cuda_sinkhorn_opcheck_gradcheck():
+    t = torch.randn(64, 5000, device="cuda") * 300
+    q = ops.sinkhorn_knopp(t, 0.04)
+    torch.testing.assert_close(q.cpu(), ops.sinkhorn_knopp(t.cpu(), 0.04), rtol=1e-4, atol=1e-6)
+    s = torch.randn(6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
+    tt = torch.randn(4, 7, dtype=torch.float64, device="cuda")
+    c = torch.randn(7, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradcheck(lambda s: ops.dino_loss(s, tt, c).loss, (s,))
+    torch.library.opcheck(torch.ops.pyssl.dino_loss.default, (s, tt, c, None, 2, 0.1, 0.04, True))
+    torch.library.opcheck(torch.ops.pyssl.offset_logsumexp.default, (tt, None, c, 25.0, 0))
+
+
+def test_double_backward_matches_reference():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    c = torch.randn(5, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradgradcheck(lambda s: ops.dino_loss(s, t, c).loss, (s,))
+    v = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    (gs,) = torch.autograd.grad(ops.dino_loss(s, t, c).loss, s, create_graph=True)
+    (hv,) = torch.autograd.grad((gs * v).sum(), s)
+    (gr,) = torch.autograd.grad(reference.dino_loss(s, t, c)[0], s, create_graph=True)
+    (hr,) = torch.autograd.grad((gr * v).sum(), s)
+    torch.testing.assert_close(hv, hr)
