@@ -1,0 +1,95 @@
+"""torchrun integration: process-group setup from the environment torchrun sets, rank helpers,
+metric averaging across ranks, and model wrapping (DDP or FSDP2 ``fully_shard``)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "wrap_model"]
+
+
+class DistInfo:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 device: torch.device | None = None, initialized_here: bool = False):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device or torch.device("cpu")
+        self.initialized_here = initialized_here
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL on CUDA,
+    gloo on CPU. Returns rank/world/device; a single process needs no process group."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    here = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+        here = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank, world, local, dev, here)
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity on one process)."""
+    if not info.enabled:
+        return values
+    v = values.detach().clone()
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return v / info.world_size
+
+
+def all_reduce_max(value: float, info: DistInfo, device) -> float:
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module:
+    """DDP (default) or FSDP2 (``fully_shard`` on each module the recipe lists in
+    ``fsdp_modules()`` — e.g. ViT blocks — then on the recipe itself)."""
+    if not info.enabled:
+        return model
+    if mode == "ddp":
+        if not any(p.requires_grad for p in model.parameters()):
+            return model
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in getattr(model, "fsdp_modules", lambda: [])():
+            fully_shard(m)
+        fully_shard(model)
+        return model
+    raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {mode!r}")

@@ -1,0 +1,31 @@
+"""Training recipes, one module per method (its views, model, loss and schedule).
+
+``RECIPES`` maps a recipe name to its class; ``get_recipe(name)`` raises a ValueError listing
+the valid names. See :mod:`pyssl.engine.recipe` for the interface a recipe implements."""
+
+from __future__ import annotations
+
+from .colorization import Colorization
+from .inpainting import Inpainting
+from .jigsaw import Jigsaw
+from .relative_patch import RelativePatch
+from .rotnet import RotNet
+
+RECIPES = {cls.name: cls for cls in (RotNet, RelativePatch, Jigsaw, Inpainting, Colorization)}
+
+__all__ = ["RECIPES", "get_recipe", "register_recipe"]
+
+
+def get_recipe(name: str):
+    key = name.replace("-", "_")
+    if key not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[key]
+
+
+def register_recipe(cls):
+    """Add a recipe class (usable as a decorator)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    RECIPES[cls.name] = cls
+    return cls
