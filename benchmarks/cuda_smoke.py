@@ -27,7 +27,22 @@ def masking(dev):
         pass
 
 
-FAMILIES = [masking]
+def dino_loss(dev):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for T, S, K in ((2, 6, 4099), (1, 1, 7), (3, 5, 1000)):
+            s = torch.randn(S * 3, K, device=dev).to(dtype).requires_grad_(True)
+            t = torch.randn(T * 3, K, device=dev).to(dtype)
+            loss, _ = ops.dino_loss(s, t, torch.zeros(K, device=dev), n_teacher_crops=T,
+                                    skip_same_view=S > 1)
+            loss.backward()
+    ops.sinkhorn_knopp(torch.randn(16, 3000, device=dev) * 100, 0.04)
+    m = torch.rand(4, 16, device=dev) < 0.5
+    n = int(m.sum())
+    ops.ibot_patch_loss(torch.randn(n, 50, device=dev), torch.randn(n, 50, device=dev),
+                        torch.zeros(50, device=dev), ops.ibot_weights(m))
+
+
+FAMILIES = [masking, dino_loss]
 
 
 def main() -> int:

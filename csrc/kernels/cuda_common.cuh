@@ -43,3 +43,50 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
 }
 
 }  // namespace pyssl::cuda
+
+namespace pyssl::cuda {
+
+// Max that propagates NaN (fmaxf drops it).
+template <typename T> __device__ __forceinline__ T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+template <typename T> __device__ __forceinline__ T device_exp(T x);
+template <> __device__ __forceinline__ float device_exp<float>(float x) { return __expf(x); }
+template <> __device__ __forceinline__ double device_exp<double>(double x) { return exp(x); }
+
+// Block-wide reductions with a fixed tree (bitwise repeatable); every thread gets the result.
+// `smem` holds at least 32 * N values; the function synchronises before and after using it.
+template <typename T>
+__device__ __forceinline__ T block_max(T v, T* smem) {
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T r = smem[0];
+  for (int w = 1; w < nwarps; ++w) r = nan_max(r, smem[w]);
+  return r;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void block_sum(T (&v)[N], T* smem) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+    for (int off = 16; off > 0; off >>= 1) v[n] += __shfl_xor_sync(0xffffffffu, v[n], off);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) smem[n * 32 + warp] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    T r = smem[n * 32];
+    for (int w = 1; w < nwarps; ++w) r += smem[n * 32 + w];
+    v[n] = r;
+  }
+}
+
+}  // namespace pyssl::cuda

@@ -65,4 +65,21 @@ inline at::ScalarType acc_type(const at::Tensor& a, const at::Tensor& b) {
                                                                             : at::kFloat;
 }
 
+inline void check_offset_lse(const at::Tensor& x, const std::optional<at::Tensor>& row_offset,
+                      const std::optional<at::Tensor>& col_offset, int64_t dim) {
+  check_dim(x, 2, "x", "[R, K]");
+  check_floating(x, "x");
+  TORCH_CHECK_VALUE(dim == 0 || dim == 1, "dim must be 0 or 1, got ", dim);
+  if (row_offset.has_value()) {
+    TORCH_CHECK_VALUE(row_offset->dim() == 1 && row_offset->size(0) == x.size(0),
+                      "row_offset must have shape [R] = [", x.size(0), "], got ", row_offset->sizes());
+    check_same_device(*row_offset, x, "row_offset", "x");
+  }
+  if (col_offset.has_value()) {
+    TORCH_CHECK_VALUE(col_offset->dim() == 1 && col_offset->size(0) == x.size(1),
+                      "col_offset must have shape [K] = [", x.size(1), "], got ", col_offset->sizes());
+    check_same_device(*col_offset, x, "col_offset", "x");
+  }
+}
+
 }  // namespace pyssl::dino

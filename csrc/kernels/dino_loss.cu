@@ -1,0 +1,402 @@
+// DINO-loss CUDA kernels: the same chunked, one-pass algorithm as the CPU implementation
+// (csrc/ops/dino_loss.cpp), with fixed reduction trees (bitwise repeatable).
+//
+// Forward: one block per (group of kGroup images, chunk of kChunk prototypes). Each thread owns
+// kElems prototypes of the chunk; for every image it keeps the teacher's exp(a - m) values in
+// registers and streams the student crops past them, producing per-(row, chunk) max / sum-exp
+// statistics and teacher-student dot products. A merge kernel (one thread per image) combines
+// the chunks, then one thread sums the loss over images in order.
+// Backward: one block per (image, chunk), no reductions: q from the teacher row and its saved
+// log-sum-exp, p from the student row and its saved log-sum-exp.
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels/cuda_common.cuh"
+#include "kernels/dino_loss.h"
+
+namespace pyssl::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kElems = 4;
+constexpr int64_t kChunk = kThreads * kElems;  // prototypes per block
+constexpr int64_t kGroup = 4;                  // images per forward block
+
+template <typename T> __device__ __forceinline__ acc_t<T> neg_inf() { return -INFINITY; }
+
+// Online log-sum-exp: (m, z) with z = sum exp(y - m); NaN poisons m, -inf terms add nothing.
+template <typename A>
+__device__ __forceinline__ void lse_push(A& m, A& z, A y) {
+  if (y != y) {
+    m = A(NAN);
+  } else if (y > m) {
+    z = z * device_exp(m - y) + A(1);
+    m = y;
+  } else if (y > A(-INFINITY)) {
+    z += device_exp(y - m);
+  }
+}
+
+template <typename T, int kMaxT>
+__global__ void __launch_bounds__(kThreads)
+dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
+                    const acc_t<T>* __restrict__ center, int64_t B, int S, int Tc, int64_t K,
+                    int64_t nk, acc_t<T> inv_ts, acc_t<T> inv_tt, acc_t<T>* __restrict__ tm,
+                    acc_t<T>* __restrict__ tz, acc_t<T>* __restrict__ sm,
+                    acc_t<T>* __restrict__ sz, acc_t<T>* __restrict__ dots,
+                    acc_t<T>* __restrict__ colsum) {
+  using A = acc_t<T>;
+  __shared__ A smem[32 * (kMaxT + 1)];
+  const int64_t kc = blockIdx.x, group = blockIdx.y;
+  const int64_t k0 = kc * kChunk;
+  int64_t kk[kElems];
+  bool ok[kElems];
+  A cen[kElems], col[kElems];
+#pragma unroll
+  for (int j = 0; j < kElems; ++j) {
+    kk[j] = k0 + threadIdx.x + j * kThreads;
+    ok[j] = kk[j] < K;
+    cen[j] = ok[j] ? center[kk[j]] : A(0);
+    col[j] = 0;
+  }
+  const int64_t b1 = min(B, (group + 1) * kGroup);
+  for (int64_t b = group * kGroup; b < b1; ++b) {
+    A e[kMaxT][kElems];
+#pragma unroll
+    for (int i = 0; i < kMaxT; ++i) {
+      if (i >= Tc) break;
+      const int64_t row = i * B + b;
+      const T* tr = teacher + row * K;
+      A m = neg_inf<T>();
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) {
+        const A t = ok[j] ? to_acc(tr[kk[j]]) : A(0);
+        col[j] += t;
+        e[i][j] = ok[j] ? (t - cen[j]) * inv_tt : neg_inf<T>();
+        m = nan_max(m, e[i][j]);
+      }
+      m = block_max(m, smem);
+      const A shift = m == neg_inf<T>() ? A(0) : m;
+      A z[1] = {0};
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) {
+        e[i][j] = ok[j] ? device_exp(e[i][j] - shift) : A(0);
+        z[0] += e[i][j];
+      }
+      block_sum(z, smem);
+      if (threadIdx.x == 0) {
+        tm[row * nk + kc] = m;
+        tz[row * nk + kc] = z[0];
+      }
+    }
+    for (int v = 0; v < S; ++v) {
+      const int64_t row = v * B + b;
+      const T* sr = student + row * K;
+      A s[kElems];
+      A m = neg_inf<T>();
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) {
+        s[j] = ok[j] ? to_acc(sr[kk[j]]) : A(0);
+        if (ok[j]) m = nan_max(m, s[j] * inv_ts);
+      }
+      m = block_max(m, smem);
+      const A shift = m == neg_inf<T>() ? A(0) : m;
+      A acc[kMaxT + 1];
+#pragma unroll
+      for (int n = 0; n <= kMaxT; ++n) acc[n] = 0;
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) {
+        if (ok[j]) acc[kMaxT] += device_exp(s[j] * inv_ts - shift);
+#pragma unroll
+        for (int i = 0; i < kMaxT; ++i)
+          if (i < Tc) acc[i] += e[i][j] * s[j];
+      }
+      block_sum(acc, smem);
+      if (threadIdx.x == 0) {
+        sm[row * nk + kc] = m;
+        sz[row * nk + kc] = acc[kMaxT];
+        for (int i = 0; i < Tc; ++i) dots[((int64_t(i) * S + v) * B + b) * nk + kc] = acc[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kElems; ++j)
+    if (ok[j]) colsum[group * K + kk[j]] = col[j];
+}
+
+__device__ __forceinline__ double dnan_max(double a, double b) { return (b > a || b != b) ? b : a; }
+
+// One thread per image: merge the chunks; loss_b = w_b * sum over valid pairs of CE.
+template <typename A>
+__global__ void dino_merge_kernel(const A* __restrict__ tm, const A* __restrict__ tz,
+                                  const A* __restrict__ sm, const A* __restrict__ sz,
+                                  const A* __restrict__ dots, const A* __restrict__ weights,
+                                  int64_t B, int S, int Tc, int64_t nk, double inv_ts, bool skip,
+                                  A* __restrict__ student_lse, A* __restrict__ teacher_lse,
+                                  double* __restrict__ loss_b) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (b >= B) return;
+  for (int v = 0; v < S; ++v) {
+    const int64_t row = v * B + b;
+    double M = -INFINITY;
+    for (int64_t c = 0; c < nk; ++c) M = dnan_max(M, double(sm[row * nk + c]));
+    const double shift = M == -INFINITY ? 0.0 : M;
+    double Z = 0;
+    for (int64_t c = 0; c < nk; ++c) Z += double(sz[row * nk + c]) * exp(double(sm[row * nk + c]) - shift);
+    student_lse[row] = A(shift + log(Z));
+  }
+  double total = 0;
+  for (int i = 0; i < Tc; ++i) {
+    const int64_t row = i * B + b;
+    double M = -INFINITY;
+    for (int64_t c = 0; c < nk; ++c) M = dnan_max(M, double(tm[row * nk + c]));
+    const double shift = M == -INFINITY ? 0.0 : M;
+    double Z = 0;
+    for (int64_t c = 0; c < nk; ++c) Z += double(tz[row * nk + c]) * exp(double(tm[row * nk + c]) - shift);
+    teacher_lse[row] = A(shift + log(Z));
+    for (int v = 0; v < S; ++v) {
+      if (skip && v == i) continue;
+      double num = 0;
+      for (int64_t c = 0; c < nk; ++c)
+        num += double(dots[((int64_t(i) * S + v) * B + b) * nk + c]) * exp(double(tm[row * nk + c]) - shift);
+      total += double(student_lse[v * B + b]) - num / Z * inv_ts;
+    }
+  }
+  loss_b[b] = total * (weights ? double(weights[b]) : 1.0 / double(B));
+}
+
+template <typename A>
+__global__ void dino_final_kernel(const double* __restrict__ loss_b, int64_t B, int64_t n_terms,
+                                  A* __restrict__ loss) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    double s = 0;
+    for (int64_t b = 0; b < B; ++b) s += loss_b[b];
+    *loss = A(s / double(n_terms));
+  }
+}
+
+template <typename A>
+__global__ void column_mean_kernel(const A* __restrict__ colsum, int64_t groups, int64_t K,
+                                   double inv_rows, A* __restrict__ out) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= K) return;
+  A s = 0;
+  for (int64_t g = 0; g < groups; ++g) s += colsum[g * K + k];
+  out[k] = A(double(s) * inv_rows);
+}
+
+template <typename T, int kMaxT>
+__global__ void __launch_bounds__(kThreads)
+dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict__ student,
+                     const T* __restrict__ teacher, const acc_t<T>* __restrict__ center,
+                     const acc_t<T>* __restrict__ weights, const acc_t<T>* __restrict__ slse,
+                     const acc_t<T>* __restrict__ tlse, int64_t B, int S, int Tc, int64_t K,
+                     int64_t n_terms, acc_t<T> inv_ts, acc_t<T> inv_tt, bool skip,
+                     T* __restrict__ grad) {
+  using A = acc_t<T>;
+  const int64_t kc = blockIdx.x, b = blockIdx.y;
+  const int64_t k0 = kc * kChunk;
+  int64_t kk[kElems];
+  bool ok[kElems];
+  A q[kMaxT][kElems];
+#pragma unroll
+  for (int j = 0; j < kElems; ++j) {
+    kk[j] = k0 + threadIdx.x + j * kThreads;
+    ok[j] = kk[j] < K;
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxT; ++i) {
+    if (i >= Tc) break;
+    const int64_t row = i * B + b;
+    const A l = tlse[row];
+#pragma unroll
+    for (int j = 0; j < kElems; ++j)
+      q[i][j] = ok[j] ? device_exp((to_acc(teacher[row * K + kk[j]]) - center[kk[j]]) * inv_tt - l)
+                      : A(0);
+  }
+  const A wb = weights ? weights[b] : A(1) / A(B);
+  const A coef = grad_loss[0] * wb * inv_ts / A(n_terms);
+  for (int v = 0; v < S; ++v) {
+    const int64_t row = v * B + b;
+    const A l = slse[row];
+    A Q[kElems] = {};
+    int n_v = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxT; ++i) {
+      if (i >= Tc) break;
+      if (skip && i == v) continue;
+      ++n_v;
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) Q[j] += q[i][j];
+    }
+#pragma unroll
+    for (int j = 0; j < kElems; ++j) {
+      if (!ok[j]) continue;
+      const A p = device_exp(to_acc(student[row * K + kk[j]]) * inv_ts - l);
+      grad[row * K + kk[j]] = from_acc<T>(coef * (A(n_v) * p - Q[j]));
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+lse_rows_kernel(const T* __restrict__ x, int64_t K, const acc_t<T>* __restrict__ ro,
+                const acc_t<T>* __restrict__ co, acc_t<T> scale, acc_t<T>* __restrict__ out) {
+  using A = acc_t<T>;
+  __shared__ A smem[32];
+  const int64_t r = blockIdx.x;
+  const A rv = ro ? ro[r] : A(0);
+  A m = neg_inf<T>(), z = 0;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    lse_push(m, z, to_acc(x[r * K + k]) * scale - rv - (co ? co[k] : A(0)));
+  const A M = block_max(m, smem);
+  const A shift = M == neg_inf<T>() ? A(0) : M;
+  A zz[1] = {m == neg_inf<T>() ? A(0) : z * device_exp(m - shift)};
+  block_sum(zz, smem);
+  if (threadIdx.x == 0) out[r] = shift + log(zz[0]);
+}
+
+template <typename T>
+__global__ void lse_cols_kernel(const T* __restrict__ x, int64_t R, int64_t K,
+                                const acc_t<T>* __restrict__ ro, const acc_t<T>* __restrict__ co,
+                                acc_t<T> scale, acc_t<T>* __restrict__ out) {
+  using A = acc_t<T>;
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= K) return;
+  const A cv = co ? co[k] : A(0);
+  A m = neg_inf<T>(), z = 0;
+  for (int64_t r = 0; r < R; ++r) lse_push(m, z, to_acc(x[r * K + k]) * scale - (ro ? ro[r] : A(0)) - cv);
+  out[k] = (m == neg_inf<T>() ? m : m + log(z));
+}
+
+// Workspace layout (acc elements): per-(row, chunk) statistics, dot products, per-group column
+// sums, then (at an even offset, so doubles are aligned) one double per image.
+int64_t dino_loss_b_offset(const DinoArgs& a) {
+  const int64_t nk = ceil_div(a.K, kChunk), groups = ceil_div(a.B, kGroup);
+  const int64_t n = 2 * a.T * a.B * nk + 2 * a.S * a.B * nk + a.T * a.S * a.B * nk + groups * a.K;
+  return (n + 1) / 2 * 2;
+}
+
+template <typename T>
+cudaError_t forward_typed(const void* student, const void* teacher, const void* center,
+                          const void* weights, const DinoArgs& a, void* workspace, void* loss,
+                          void* teacher_mean, void* student_lse, void* teacher_lse,
+                          cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t nk = ceil_div(a.K, kChunk), groups = ceil_div(a.B, kGroup);
+  A* ws = static_cast<A*>(workspace);
+  A* tm = ws;
+  A* tz = tm + a.T * a.B * nk;
+  A* sm = tz + a.T * a.B * nk;
+  A* sz = sm + a.S * a.B * nk;
+  A* dots = sz + a.S * a.B * nk;
+  A* colsum = dots + a.T * a.S * a.B * nk;
+  double* loss_b = reinterpret_cast<double*>(ws + dino_loss_b_offset(a));
+  const dim3 grid(static_cast<unsigned>(nk), static_cast<unsigned>(groups));
+  const auto* s = static_cast<const T*>(student);
+  const auto* t = static_cast<const T*>(teacher);
+  const auto* c = static_cast<const A*>(center);
+  const A its = A(a.inv_student_temp), itt = A(a.inv_teacher_temp);
+  const int S = static_cast<int>(a.S), Tc = static_cast<int>(a.T);
+  if (a.T == 1) {
+    dino_forward_kernel<T, 1><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+  } else if (a.T == 2) {
+    dino_forward_kernel<T, 2><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+  } else if (a.T <= 4) {
+    dino_forward_kernel<T, 4><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+  } else {
+    dino_forward_kernel<T, 8><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  dino_merge_kernel<A><<<static_cast<unsigned>(ceil_div(a.B, 128)), 128, 0, stream>>>(
+      tm, tz, sm, sz, dots, static_cast<const A*>(weights), a.B, S, Tc, nk, a.inv_student_temp,
+      a.skip_same_view, static_cast<A*>(student_lse), static_cast<A*>(teacher_lse), loss_b);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  dino_final_kernel<A><<<1, 32, 0, stream>>>(loss_b, a.B, a.n_terms, static_cast<A*>(loss));
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  column_mean_kernel<A><<<static_cast<unsigned>(ceil_div(a.K, kThreads)), kThreads, 0, stream>>>(
+      colsum, groups, a.K, 1.0 / double(a.T * a.B), static_cast<A*>(teacher_mean));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const void* grad_loss, const void* student, const void* teacher,
+                           const void* center, const void* weights, const void* slse,
+                           const void* tlse, const DinoArgs& a, void* grad, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t nk = ceil_div(a.K, kChunk);
+  const dim3 grid(static_cast<unsigned>(nk), static_cast<unsigned>(a.B));
+#define PYSSL_DINO_BW(MAXT)                                                                    \
+  dino_backward_kernel<T, MAXT><<<grid, kThreads, 0, stream>>>(                                \
+      static_cast<const A*>(grad_loss), static_cast<const T*>(student),                        \
+      static_cast<const T*>(teacher), static_cast<const A*>(center),                           \
+      static_cast<const A*>(weights), static_cast<const A*>(slse), static_cast<const A*>(tlse), \
+      a.B, static_cast<int>(a.S), static_cast<int>(a.T), a.K, a.n_terms, A(a.inv_student_temp), \
+      A(a.inv_teacher_temp), a.skip_same_view, static_cast<T*>(grad))
+  if (a.T == 1) {
+    PYSSL_DINO_BW(1);
+  } else if (a.T == 2) {
+    PYSSL_DINO_BW(2);
+  } else if (a.T <= 4) {
+    PYSSL_DINO_BW(4);
+  } else {
+    PYSSL_DINO_BW(8);
+  }
+#undef PYSSL_DINO_BW
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t dino_forward_workspace(const DinoArgs& a) {
+  // ... then B doubles (2 acc elements each, which also covers acc = double)
+  return dino_loss_b_offset(a) + 2 * a.B;
+}
+
+cudaError_t dino_forward(const void* student, const void* teacher, DType dtype,
+                         const void* center, const void* weights, const DinoArgs& a,
+                         void* workspace, void* loss, void* teacher_mean, void* student_lse,
+                         void* teacher_lse, cudaStream_t stream) {
+  if (a.T > 8) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return forward_typed<T>(student, teacher, center, weights, a, workspace, loss, teacher_mean,
+                            student_lse, teacher_lse, stream);
+  });
+}
+
+cudaError_t dino_backward(const void* grad_loss, const void* student, const void* teacher,
+                          DType dtype, const void* center, const void* weights,
+                          const void* student_lse, const void* teacher_lse, const DinoArgs& a,
+                          void* grad_student, cudaStream_t stream) {
+  if (a.T > 8) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return backward_typed<T>(grad_loss, student, teacher, center, weights, student_lse,
+                             teacher_lse, a, grad_student, stream);
+  });
+}
+
+cudaError_t offset_logsumexp(const void* x, DType dtype, int64_t R, int64_t K,
+                             const void* row_offset, const void* col_offset, double scale,
+                             int dim, void* out, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<T>;
+    const auto* xp = static_cast<const T*>(x);
+    const auto* ro = static_cast<const A*>(row_offset);
+    const auto* co = static_cast<const A*>(col_offset);
+    if (dim == 1) {
+      if (R == 0) return cudaSuccess;
+      lse_rows_kernel<T><<<static_cast<unsigned>(R), kThreads, 0, stream>>>(xp, K, ro, co, A(scale), static_cast<A*>(out));
+    } else {
+      if (K == 0) return cudaSuccess;
+      lse_cols_kernel<T><<<static_cast<unsigned>(ceil_div(K, kThreads)), kThreads, 0, stream>>>(
+          xp, R, K, ro, co, A(scale), static_cast<A*>(out));
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace pyssl::cuda
