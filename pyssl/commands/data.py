@@ -18,6 +18,16 @@ def _config(args, seed):
                        traffic=args.traffic, pedestrians=args.pedestrians)
 
 
+# WorldConfig field -> command-line flag, for error messages
+_FLAGS = {"lidar_fov_down_deg": "--fov-down", "lidar_fov_up_deg": "--fov-up",
+          "lidar_min_range": "--min-range", "lidar_max_range": "--max-range",
+          "lidar_dropout": "--dropout", "lidar_azimuths": "--azimuths",
+          "lidar_beams": "--beams", "hfov_deg": "--hfov", "ego_speed": "--ego-speed",
+          "cameras": "--cameras", "height": "--height", "width": "--width",
+          "frames": "--frames", "dt": "--dt", "traffic": "--traffic",
+          "pedestrians": "--pedestrians"}
+
+
 def run_synth(args) -> int:
     import time
     from pathlib import Path
@@ -41,7 +51,11 @@ def run_synth(args) -> int:
     try:
         configs = [_config(args, args.seed + i) for i in range(args.sequences)]
     except (ValueError, TypeError) as e:
-        return fail(str(e))
+        msg = str(e)
+        field = msg.split(" ", 1)[0]
+        if field in _FLAGS:                  # name the command-line flag too
+            msg = f"{_FLAGS[field]} ({field}){msg[len(field):]}"
+        return fail(msg)
     out = Path(args.out)
     dirs = [out] if args.sequences == 1 else [out / f"seq_{i:03d}" for i in range(args.sequences)]
     for cfg, d in zip(configs, dirs):

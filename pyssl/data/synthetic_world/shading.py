@@ -21,9 +21,8 @@ WALL, PAINT, CABIN, TIRE, CARGO, FOLIAGE, BARK, CLOTH, SKIN, METAL, SIGN, GLASS 
 _RHO = torch.tensor([0.3, 0.45, 0.6, 0.08, 0.1, 0.55, 0.5, 0.4, 0.35, 0.35, 0.7, 1.0, 0.08])
 
 _M32 = 0xFFFFFFFF
-_PERM = torch.randperm(256, generator=torch.Generator().manual_seed(20240531))
-_LATTICE = torch.rand(256, generator=torch.Generator().manual_seed(7))
-
+_LATTICE2 = torch.rand(256 * 256, generator=torch.Generator().manual_seed(7))
+_LATTICE3 = torch.rand(64 * 64 * 64, generator=torch.Generator().manual_seed(11))
 
 def _hash(*ints: torch.Tensor, seed=0) -> torch.Tensor:
     """Integer lattice coordinates (int64 tensors) -> floats in [0, 1) (a proper integer hash;
@@ -51,30 +50,31 @@ def _seed_offset(seed, axis: int):
 
 
 def value_noise(coords: list[torch.Tensor], seed) -> torch.Tensor:
-    """Smooth value noise in [0, 1] on the integer lattice, 2-D or 3-D (Perlin-style
-    permutation table, period 256 cells; ``seed`` shifts the lattice)."""
+    """Smooth value noise in [0, 1], 2-D or 3-D: random values on the integer lattice (a fixed
+    table, period 256 cells in 2-D and 64 in 3-D), smoothstep-interpolated; ``seed`` shifts
+    the lattice."""
     coords = [c + _seed_offset(seed, a) for a, c in enumerate(coords)]
     fl = [torch.floor(c) for c in coords]
     fr = [_smooth(c - f) for c, f in zip(coords, fl)]
-    il = [f.to(torch.int64) & 255 for f in fl]
-    perm = _PERM
-    px0, px1 = perm[il[0]], perm[(il[0] + 1) & 255]
-    y0, y1 = il[1], (il[1] + 1) & 255
     if len(coords) == 2:
-        def val(px, yy):
-            return _LATTICE[perm[(px + yy) & 255]]
+        ix, iy = (f.to(torch.int32) & 255 for f in fl)
+        ix1, iy1 = (ix + 1) & 255, (iy + 1) & 255
+        r0, r1 = ix * 256, ix1 * 256
+        tab = _LATTICE2
         sx, sy = fr
-        return torch.lerp(torch.lerp(val(px0, y0), val(px1, y0), sx),
-                          torch.lerp(val(px0, y1), val(px1, y1), sx), sy)
-    z0, z1 = il[2], (il[2] + 1) & 255
+        return torch.lerp(torch.lerp(tab[r0 + iy], tab[r1 + iy], sx),
+                          torch.lerp(tab[r0 + iy1], tab[r1 + iy1], sx), sy)
+    ix, iy, iz = (f.to(torch.int32) & 63 for f in fl)
+    ix1, iy1, iz1 = (ix + 1) & 63, (iy + 1) & 63, (iz + 1) & 63
     sx, sy, sz = fr
-    pxy = [[perm[(px + yy) & 255] for yy in (y0, y1)] for px in (px0, px1)]
-
-    def layer(zz):
-        v = [[_LATTICE[perm[(pxy[a][b] + zz) & 255]] for b in (0, 1)] for a in (0, 1)]
-        return torch.lerp(torch.lerp(v[0][0], v[1][0], sx), torch.lerp(v[0][1], v[1][1], sx), sy)
-
-    return torch.lerp(layer(z0), layer(z1), sz)
+    tab = _LATTICE3
+    out = []
+    for zz in (iz, iz1):
+        a0, a1 = ix * 4096 + zz, ix1 * 4096 + zz
+        b0, b1 = iy * 64, iy1 * 64
+        out.append(torch.lerp(torch.lerp(tab[a0 + b0], tab[a1 + b0], sx),
+                              torch.lerp(tab[a0 + b1], tab[a1 + b1], sx), sy))
+    return torch.lerp(out[0], out[1], sz)
 
 
 def _fade(wavelength, fp):
@@ -163,7 +163,7 @@ def _wall(p, n, h, c0, c1, par, fp):
     height = v + h[:, 2]                      # above the block's base
     u0 = u + torch.where(ax == 0, h[:, 1], h[:, 0])
     spacing, floor_h, frac = par[:, 0], par[:, 1], par[:, 2]
-    grain = 1.0 + 0.25 * fbm([u0, height], fp, 0.35, 3, seed) + 0.12 * fbm([u0, height], fp, 3.0, 2, seed + 7)
+    grain = 1.0 + 0.3 * fbm([u0, height], fp, 0.35, 4, seed, gain=0.6)
     wall = c0 * grain[:, None]
     # windows: a grid of (frac*spacing) x (0.5*floor) panes, none below 1 m or in the parapet
     ucell = torch.floor(u0 / spacing)
