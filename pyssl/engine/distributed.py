@@ -84,7 +84,11 @@ def wrap_model(model: nn.Module, info: DistInfo, mode: str = "ddp") -> nn.Module
         if not any(p.requires_grad for p in model.parameters()):
             return model
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # a recipe may leave parameters unused (a ViT's mask token outside BEiT/iBOT, a
+        # discriminator switched off): let DDP look for them unless the recipe opts out
+        unused = getattr(model, "find_unused_parameters", True)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   find_unused_parameters=unused)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -98,6 +98,7 @@ class Recipe(nn.Module):
     train_defaults: ClassVar[dict] = {}
     needs_color: ClassVar[bool] = False
     default_eval_data: ClassVar[str | None] = None  # None: evaluate on the pretraining data
+    find_unused_parameters: ClassVar[bool] = True   # DDP: False if every parameter gets a grad
 
     def __init__(self, cfg: RecipeConfig, channels: int):
         super().__init__()

@@ -88,7 +88,7 @@ class ColorizationConfig(RecipeConfig):
 
 class Colorization(Recipe):
     name = "colorization"
-    description = "predict Lab colour (ab, 313-way rebalanced classes) from lightness L"
+    description = "predict Lab colour (ab as ~260 rebalanced classes) from lightness L"
     paper = "Zhang, Isola, Efros, Colorful Image Colorization, ECCV 2016"
     small_scale = ("32 px crops of the shipped colour photos, ResNet-10 w32 + transposed-conv "
                    "head at 1/4 resolution, prior from 2000 views, AdamW + cosine")

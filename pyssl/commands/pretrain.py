@@ -1,0 +1,48 @@
+"""``pyssl pretrain <recipe> --data <name|path> [--epochs N] [--out DIR] [key=value ...]``."""
+
+from __future__ import annotations
+
+
+def run(args) -> int:
+    from ._common import fail, user_errors
+
+    try:
+        from ..engine.run import pretrain
+
+        summary = pretrain(args.recipe, data=args.data, epochs=args.epochs, out=args.out,
+                           overrides=args.overrides, resume=args.resume)
+    except user_errors() as e:
+        return fail("pretrain", e)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return 130 if summary["status"] == "interrupted" else 0
+    if summary["status"] == "interrupted":
+        print(f"[pyssl] interrupted at step {summary['step']}; checkpoint {summary['checkpoint']}"
+              f" (continue with: pyssl pretrain {args.recipe} --out {summary['run_dir']} "
+              "--resume)")
+        return 130
+    print(f"[pyssl] done: {summary['step']} steps, final loss {summary['loss']:.4f}, "
+          f"{summary['seconds']:.0f} s; run folder {summary['run_dir']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain an encoder with a self-supervised recipe",
+        description="Pretrain with a recipe (see `pyssl recipes`). Any config key can be set as "
+                    "key=value (e.g. lr=1e-3 backbone=vit_tiny precision=bf16); the resolved "
+                    "config, metrics.jsonl, TensorBoard events, figures and checkpoints go into "
+                    "one run folder. Multi-process: torchrun --nproc_per_node N -m pyssl "
+                    "pretrain ...")
+    p.add_argument("recipe", help="recipe name (pyssl recipes lists them)")
+    p.add_argument("--data", default=None, help="dataset name (digits, fashion-mnist, photos, "
+                   "cifar10, ...) or path (image folder, Fashion-MNIST idx folder)")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe>-<data>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=run)
+    from ._common import allow_intermixed
+
+    allow_intermixed(p)
