@@ -83,7 +83,7 @@ def run_synth(args) -> int:
         ds = SyntheticWorldDataset(dirs[0], mode=mode)
         k = min(max(args.figure_frame, 0), len(ds) - 1)
         item = ds[k]
-        fig = save_figure(item, out / "synthetic_world.png", ds.camera_names,
+        fig = save_figure(item, out / "synthetic_world.png", ds.camera_names, dpi=args.figure_dpi,
                           title=f"pyssl synthetic world, seed {configs[0].seed}, frame {k}"
                                 + (f" -> {k + 1}" if mode == "pair" else ""))
         sample = item["t0"] if mode == "pair" else item
@@ -127,6 +127,7 @@ def register(subparsers) -> None:
     s.add_argument("--traffic", type=float, default=1.0, help="vehicle density multiplier")
     s.add_argument("--pedestrians", type=float, default=1.0, help="pedestrian density multiplier")
     s.add_argument("--figure-frame", type=int, default=0, help="frame shown in the figure")
+    s.add_argument("--figure-dpi", type=int, default=60, help="figure resolution (default 60)")
     s.add_argument("--no-figure", action="store_true", help="skip the figure")
     s.add_argument("--no-compress", action="store_true", help="write uncompressed npz")
     s.add_argument("--overwrite", action="store_true", help="replace a different sequence in DIR")

@@ -15,14 +15,15 @@ from .classes import CLASS_COLORS, CLASS_NAMES
 def flow_to_color(flow: torch.Tensor, valid: torch.Tensor | None = None,
                   max_norm: float | None = None) -> np.ndarray:
     """[2, H, W] flow -> [H, W, 3] uint8: hue = direction (0 deg = +u, i.e. rightwards,
-    turning towards +v), saturation = magnitude / max_norm; invalid pixels dimmed."""
+    turning towards +v), saturation = magnitude / max_norm (default: the 95th percentile of valid
+    magnitudes, larger ones saturate); invalid pixels dimmed."""
     import matplotlib.colors as mcolors
 
     u, v = flow[0].numpy(), flow[1].numpy()
     mag = np.hypot(u, v)
     if max_norm is None:
         ref = mag[valid.numpy()] if valid is not None and valid.any() else mag
-        max_norm = float(np.percentile(ref, 99)) if ref.size else 1.0
+        max_norm = float(np.percentile(ref, 95)) if ref.size else 1.0
     max_norm = max(max_norm, 1e-6)
     hue = (np.arctan2(v, u) / (2 * math.pi)) % 1.0
     sat = np.clip(mag / max_norm, 0, 1)
@@ -62,15 +63,16 @@ def save_figure(item: dict, path, camera_names=None, title: str | None = None,
     cell_w = 2.6
     cell_h = cell_w * h / w
     side_w = max(rows * cell_h, 3.2)
-    fig = plt.figure(figsize=(c * cell_w + side_w * 1.9, rows * cell_h + 0.5))
-    gs = GridSpec(rows, c + 2, figure=fig, width_ratios=[cell_w] * c + [side_w, side_w * 0.9],
-                  wspace=0.03, hspace=0.06, left=0.005, right=0.995, top=0.93, bottom=0.01)
+    fig = plt.figure(figsize=(c * cell_w + side_w * 2.2, rows * cell_h + 0.55))
+    gs = GridSpec(rows, c + 3, figure=fig,
+                  width_ratios=[cell_w] * c + [side_w, side_w * 0.2, side_w * 0.75],
+                  wspace=0.03, hspace=0.06, left=0.012, right=0.995, top=0.92, bottom=0.06)
     inv = torch.where(depth > 0, 1.0 / depth.clamp_min(1e-3), torch.zeros_like(depth))
     vmax = float(inv.max()) if inv.numel() else 1.0
     max_norm = None
     if flow is not None:
         mags = flow.norm(dim=1)[valid] if valid is not None else flow.norm(dim=1).flatten()
-        max_norm = float(torch.quantile(mags[:: max(1, mags.numel() // 200000)], 0.99)) if mags.numel() else 1.0
+        max_norm = float(torch.quantile(mags[:: max(1, mags.numel() // 200000)], 0.95)) if mags.numel() else 1.0
     row_names = ["RGB", "labels", "1 / depth"] + (["flow t->t+1"] if flow is not None else [])
     for ci in range(c):
         panels = [imgs[ci].permute(1, 2, 0).numpy(), label_to_color(labels[ci]),
@@ -96,9 +98,9 @@ def save_figure(item: dict, path, camera_names=None, title: str | None = None,
     pts = sample["points"].numpy()
     pl = sample["point_labels"].numpy()
     pal = np.asarray(CLASS_COLORS, dtype=np.float32) / 255.0
-    ax.set_facecolor("black")
-    ax.scatter(-pts[:, 1], pts[:, 0], s=0.15, c=pal[pl], linewidths=0)
-    ax.plot([0], [0], marker="^", color="white", markersize=5)
+    ax.set_facecolor("white")
+    ax.scatter(-pts[:, 1], pts[:, 0], s=0.6, c=pal[pl], linewidths=0)
+    ax.plot([0], [0], marker="^", color="black", markersize=5)
     ax.set_xlim(-bev_range, bev_range)
     ax.set_ylim(-bev_range, bev_range)
     ax.set_aspect("equal")
@@ -106,7 +108,7 @@ def save_figure(item: dict, path, camera_names=None, title: str | None = None,
     ax.set_yticks([])
     ax.set_title(f"LiDAR BEV ({len(pts)} pts, x up, +-{bev_range:.0f} m)", fontsize=8)
     # class balance (pixels and LiDAR points)
-    ax = fig.add_subplot(gs[:, c + 1])
+    ax = fig.add_subplot(gs[:, c + 2])
     n = len(CLASS_NAMES)
     pix = torch.bincount(labels.flatten(), minlength=n).double()
     pix = (pix / pix.sum()).numpy()
@@ -121,8 +123,7 @@ def save_figure(item: dict, path, camera_names=None, title: str | None = None,
     ax.set_yticklabels([f"{i} {nm}" for i, nm in enumerate(CLASS_NAMES)], fontsize=7)
     ax.invert_yaxis()
     ax.tick_params(axis="x", labelsize=7)
-    ax.yaxis.tick_right()
-    ax.set_xlabel("% of pixels (plain) / points (hatched)", fontsize=7)
+    ax.set_xlabel("% pixels (plain), points (hatched)", fontsize=7)
     ax.set_title("class balance", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)

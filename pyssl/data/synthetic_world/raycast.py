@@ -173,12 +173,14 @@ def cast(origins, dirs, t_near, t_far, prims: Primitives, ground_z: float | None
             step = max(1, _CHUNK // n)
             for s in range(0, sel.numel(), step):
                 idx = sel[s:s + step]
-                tt, pp = tiles[idx], pids[idx]
-                rot = prims.rot[pp]
-                o_loc = ((origins[tt] - prims.center[pp])[:, None, :] @ rot)[:, 0]
-                d_loc = torch.bmm(dirs[tt], rot)
-                t = fn(o_loc, d_loc, prims.size[pp], t_near[tt])
-                t = torch.where(t <= t_far[tt][:, None], t, torch.full_like(t, float("inf")))
+                tt, pp = tiles.index_select(0, idx), pids.index_select(0, idx)
+                rot = prims.rot.index_select(0, pp)
+                o_loc = ((origins.index_select(0, tt) - prims.center.index_select(0, pp))[:, None, :]
+                         @ rot)[:, 0]
+                d_loc = torch.bmm(dirs.index_select(0, tt), rot)
+                t = fn(o_loc, d_loc, prims.size.index_select(0, pp), t_near.index_select(0, tt))
+                t = torch.where(t <= t_far.index_select(0, tt)[:, None], t,
+                                torch.full_like(t, float("inf")))
                 key = _encode(t, pp[:, None].expand_as(t))
                 best.scatter_reduce_(0, (tt[:, None] * n + ray_base).reshape(-1),
                                      key.reshape(-1), "amin")
@@ -247,4 +249,5 @@ class TileLayout:
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """[tiles * th*tw, *rest] (one sensor's rays, tile-major) -> [H, W, *rest]."""
-        return x[self.gather_index]
+        return x.index_select(0, self.gather_index.reshape(-1)).reshape(
+            *self.gather_index.shape, *x.shape[1:])

@@ -57,23 +57,27 @@ def value_noise(coords: list[torch.Tensor], seed) -> torch.Tensor:
     fl = [torch.floor(c) for c in coords]
     fr = [_smooth(c - f) for c, f in zip(coords, fl)]
     if len(coords) == 2:
-        ix, iy = (f.to(torch.int32) & 255 for f in fl)
+        ix, iy = (f.to(torch.int64) & 255 for f in fl)
         ix1, iy1 = (ix + 1) & 255, (iy + 1) & 255
         r0, r1 = ix * 256, ix1 * 256
-        tab = _LATTICE2
+
+        def tab(i):
+            return _LATTICE2.index_select(0, i)
         sx, sy = fr
-        return torch.lerp(torch.lerp(tab[r0 + iy], tab[r1 + iy], sx),
-                          torch.lerp(tab[r0 + iy1], tab[r1 + iy1], sx), sy)
-    ix, iy, iz = (f.to(torch.int32) & 63 for f in fl)
+        return torch.lerp(torch.lerp(tab(r0 + iy), tab(r1 + iy), sx),
+                          torch.lerp(tab(r0 + iy1), tab(r1 + iy1), sx), sy)
+    ix, iy, iz = (f.to(torch.int64) & 63 for f in fl)
     ix1, iy1, iz1 = (ix + 1) & 63, (iy + 1) & 63, (iz + 1) & 63
     sx, sy, sz = fr
-    tab = _LATTICE3
+
+    def tab(i):
+        return _LATTICE3.index_select(0, i)
     out = []
     for zz in (iz, iz1):
         a0, a1 = ix * 4096 + zz, ix1 * 4096 + zz
         b0, b1 = iy * 64, iy1 * 64
-        out.append(torch.lerp(torch.lerp(tab[a0 + b0], tab[a1 + b0], sx),
-                              torch.lerp(tab[a0 + b1], tab[a1 + b1], sx), sy))
+        out.append(torch.lerp(torch.lerp(tab(a0 + b0), tab(a1 + b0), sx),
+                              torch.lerp(tab(a0 + b1), tab(a1 + b1), sx), sy))
     return torch.lerp(out[0], out[1], sz)
 
 
@@ -98,9 +102,9 @@ def fbm(coords: list[torch.Tensor], fp, freq: float, octaves: int, seed, gain=0.
         idx = (w > 0).nonzero(as_tuple=True)[0]  # octaves finer than the footprint: skipped
         if idx.numel() == 0:
             break
-        sd = seed[idx] if isinstance(seed, torch.Tensor) and seed.dim() else seed
-        n = value_noise([c[idx] * f for c in coords], sd + 101 * o) - 0.5
-        total = total.index_add(0, idx, w[idx] * n)
+        sd = seed.index_select(0, idx) if isinstance(seed, torch.Tensor) and seed.dim() else seed
+        n = value_noise([c.index_select(0, idx) * f for c in coords], sd + 101 * o) - 0.5
+        total = total.index_add(0, idx, w.index_select(0, idx) * n)
     return total / norm
 
 
@@ -146,9 +150,9 @@ def material_albedo(mat, p, n, size, col0, col1, par, fp):
     for m in torch.unique(mat).tolist():
         idx = (mat == m).nonzero(as_tuple=True)[0]
         fn = _MATERIALS[m]
-        a = fn(p[idx], n[idx], size[idx], col0[idx], col1[idx], par[idx], fp[idx])
-        out[idx] = a.clamp(0.0, 1.0)
-        rho[idx] = _RHO[m] * (0.5 + 0.5 * _lum(out[idx]))
+        a = fn(*(x.index_select(0, idx) for x in (p, n, size, col0, col1, par, fp))).clamp(0.0, 1.0)
+        out.index_copy_(0, idx, a)
+        rho.index_copy_(0, idx, _RHO[m] * (0.5 + 0.5 * _lum(a)))
     return out, rho
 
 
@@ -318,14 +322,19 @@ def ground_albedo(x, y, s, l, layout: dict, fp, seed: int):
 
     idx = on_road.nonzero(as_tuple=True)[0]
     if idx.numel():
-        col[idx], rho[idx] = _road(x[idx], y[idx], s[idx], l[idx], layout, fp[idx], seed)
+        c_, r_ = _road(*(v.index_select(0, idx) for v in (x, y, s, l)), layout,
+                       fp.index_select(0, idx), seed)
+        col.index_copy_(0, idx, c_)
+        rho.index_copy_(0, idx, r_)
     idx = on_walk.nonzero(as_tuple=True)[0]
     if idx.numel():
-        col[idx] = _pavement(x[idx], y[idx], s[idx], l[idx], layout, fp[idx], seed)
-        rho[idx] = 0.35
+        col.index_copy_(0, idx, _pavement(*(v.index_select(0, idx) for v in (x, y, s, l)), layout,
+                                          fp.index_select(0, idx), seed))
+        rho.index_fill_(0, idx, 0.35)
     idx = (~on_road & ~on_walk).nonzero(as_tuple=True)[0]
     if idx.numel():
-        col[idx] = _grass(x[idx], y[idx], layout, fp[idx], seed)
+        col.index_copy_(0, idx, _grass(x.index_select(0, idx), y.index_select(0, idx), layout,
+                                       fp.index_select(0, idx), seed))
     return col.clamp(0, 1), label, rho
 
 

@@ -95,26 +95,35 @@ class SyntheticWorld:
         o = (hit >= 0) & (hit < k)
         if o.any():
             idx = o.nonzero(as_tuple=True)[0]
-            pid = hit[idx]
+            pid = hit.index_select(0, idx)
             center, rot = posed
-            p_loc = ((xyz_rel[idx] - center[pid])[:, None, :] @ rot[pid])[:, 0]
-            size = sc.prim_size[pid]
-            n_loc = local_normals(p_loc, size, sc.prim_kind[pid])
-            n_w = (rot[pid] @ n_loc[..., None])[..., 0]
-            cos = (n_w * dirs[idx]).sum(-1).abs().clamp_min(0.05)
-            a, r = SH.material_albedo(sc.prim_mat[pid], p_loc, n_loc, size,
-                                      sc.prim_col[pid, 0], sc.prim_col[pid, 1], sc.prim_par[pid],
-                                      fp[idx] / cos.sqrt())
-            albedo[idx], rho[idx], label[idx], normal[idx] = a, r, sc.prim_label[pid], n_w
-        if g.any():
-            cos = dirs[g, 2].abs().clamp_min(0.02)
+            rot_p = rot.index_select(0, pid)
+            p_loc = ((xyz_rel.index_select(0, idx) - center.index_select(0, pid))[:, None, :]
+                     @ rot_p)[:, 0]
+            size = sc.prim_size.index_select(0, pid)
+            n_loc = local_normals(p_loc, size, sc.prim_kind.index_select(0, pid))
+            n_w = (rot_p @ n_loc[..., None])[..., 0]
+            cos = (n_w * dirs.index_select(0, idx)).sum(-1).abs().clamp_min(0.05)
+            col = sc.prim_col.index_select(0, pid)
+            a, r = SH.material_albedo(sc.prim_mat.index_select(0, pid), p_loc, n_loc, size,
+                                      col[:, 0], col[:, 1], sc.prim_par.index_select(0, pid),
+                                      fp.index_select(0, idx) / cos.sqrt())
+            albedo.index_copy_(0, idx, a)
+            rho.index_copy_(0, idx, r)
+            label.index_copy_(0, idx, sc.prim_label.index_select(0, pid))
+            normal.index_copy_(0, idx, n_w)
+        gi = g.nonzero(as_tuple=True)[0]
+        if gi.numel():
+            cos = dirs.index_select(0, gi)[:, 2].abs().clamp_min(0.02)
             # ground footprint: anisotropy folded in (geometric mean of the two axes)
-            fpg = fp[g] / cos.sqrt()
-            xy = xyz_rel[g, :2].double() + origin[:2]
+            fpg = fp.index_select(0, gi) / cos.sqrt()
+            xy = xyz_rel.index_select(0, gi)[:, :2].double() + origin[:2]
             s, l = sc.road.from_world(xy[:, 0], xy[:, 1])
             a, lab, r = SH.ground_albedo(xy[:, 0].float(), xy[:, 1].float(), s.float(), l.float(),
                                          sc.layout, fpg, self.config.seed)
-            albedo[g], label[g], rho[g] = a, lab, r
+            albedo.index_copy_(0, gi, a)
+            label.index_copy_(0, gi, lab)
+            rho.index_copy_(0, gi, r)
         return albedo, rho, label, normal
 
     # ------------------------------------------------------------------ rendering
@@ -163,29 +172,30 @@ class SyntheticWorld:
         t2 = time.perf_counter()
         h, w = cfg.height, cfg.width
         gi = self.cam_tiles.gather_index
-        cam_dist = dist[:c * gc].reshape(c, gc * tc)[:, gi]           # [C, H, W]
-        cam_hit = hit[:c * gc].reshape(c, gc * tc)[:, gi]
-        cam_d = cam_dirs.reshape(c, gc * tc, 3)[:, gi]               # [C, H, W, 3]
+        gflat = gi.reshape(-1)
+        cam_dist = dist[:c * gc].reshape(c, gc * tc).index_select(1, gflat).reshape(c, h, w)
+        cam_hit = hit[:c * gc].reshape(c, gc * tc).index_select(1, gflat).reshape(c, h, w)
+        cam_d = cam_dirs.reshape(c, gc * tc, 3).index_select(1, gflat).reshape(c, h, w, 3)
         dir_z = self._cam_dir_z.reshape(-1)[gi].float()               # [H, W]
         flat_hit = cam_hit.reshape(-1)
         flat_d = cam_d.reshape(-1, 3)
         flat_t = cam_dist.reshape(-1)
         is_hit = flat_hit >= 0
         hidx = is_hit.nonzero(as_tuple=True)[0]
-        xyz_rel = cam_org[:, None, None, :].expand(c, h, w, 3).reshape(-1, 3)[hidx] \
-            + flat_t[hidx, None] * flat_d[hidx]
+        h_t = flat_t.index_select(0, hidx)
+        h_d = flat_d.index_select(0, hidx)
+        xyz_rel = cam_org.repeat_interleave(h * w, 0).index_select(0, hidx) + h_t[:, None] * h_d
         fx = float(self.intrinsics[0, 0])
-        fp = flat_t[hidx] / fx
-        albedo, _, lab, nrm = self._surface(flat_hit[hidx], xyz_rel, origin, flat_d[hidx],
-                                            flat_t[hidx], posed, fp)
+        albedo, _, lab, nrm = self._surface(flat_hit.index_select(0, hidx), xyz_rel, origin, h_d,
+                                            h_t, posed, h_t / fx)
         col = SH.shade(albedo, nrm, sc.sun, sc.ambient)
-        col = SH.fog(col, flat_t[hidx], sc.sky["horizon"])
+        col = SH.fog(col, h_t, sc.sky["horizon"])
         rgb = torch.empty(c * h * w, 3)
-        rgb[hidx] = col
+        rgb.index_copy_(0, hidx, col)
         sidx = (~is_hit).nonzero(as_tuple=True)[0]
-        rgb[sidx] = SH.sky_color(flat_d[sidx], sc.sky)
+        rgb.index_copy_(0, sidx, SH.sky_color(flat_d.index_select(0, sidx), sc.sky))
         labels = torch.zeros(c * h * w, dtype=torch.int64)
-        labels[hidx] = lab
+        labels.index_copy_(0, hidx, lab)
         depth = torch.where(cam_hit >= 0, cam_dist * dir_z, torch.zeros_like(cam_dist))
         image = (rgb.reshape(c, h, w, 3).permute(0, 3, 1, 2) * 255.0 + 0.5).clamp(0, 255)
         tm["shade"] = time.perf_counter() - t2
@@ -193,9 +203,9 @@ class SyntheticWorld:
         # ---- LiDAR
         t3 = time.perf_counter()
         lt = self.lidar_tiles
-        ldist = dist[c * gc:].reshape(-1)[lt.gather_index]            # [B, A]
-        lhit = hit[c * gc:].reshape(-1)[lt.gather_index]
-        ldir_w = lid_dirs.reshape(-1, 3)[lt.gather_index]             # [B, A, 3]
+        ldist = lt.to_grid(dist[c * gc:].reshape(-1))                 # [B, A]
+        lhit = lt.to_grid(hit[c * gc:].reshape(-1))
+        ldir_w = lt.to_grid(lid_dirs.reshape(-1, 3))                  # [B, A, 3]
         # sweep order: azimuth-major, beams top to bottom within a firing
         ldist, lhit = ldist.T.reshape(-1), lhit.T.reshape(-1)
         ldir_w = ldir_w.transpose(0, 1).reshape(-1, 3)
@@ -258,22 +268,30 @@ class SyntheticWorld:
         pa, pb = sc.prim_poses(src.time), sc.prim_poses(dst.time)
         motion = pb @ invert_pose(pa)                                 # [K, 4, 4]
         hit = src.hit
-        pts = src.points.clone()
-        obj = (hit >= 0) & (hit < k)
-        pts[obj] = transform_points(motion[hit[obj]], pts[obj])
+        # only pixels of primitives that moved need their points moved
+        eye = torch.eye(4, dtype=F64)
+        moving = torch.cat([(motion - eye).abs().amax((-1, -2)) > 0,
+                            torch.zeros(1, dtype=torch.bool)])        # [K + 1], ground static
+        flat_hit = hit.reshape(-1)
+        pts = src.points.reshape(-1, 3)
+        mi = moving.index_select(0, flat_hit.clamp(min=0) % (k + 1)) & (flat_hit >= 0)
+        mi = mi.nonzero(as_tuple=True)[0]
+        if mi.numel():
+            m = motion.index_select(0, flat_hit.index_select(0, mi))
+            pts = pts.index_copy(0, mi, transform_points(m, pts.index_select(0, mi)))
+        c, h, w = hit.shape
+        pts = pts.reshape(c, h, w, 3)
         ego_b = self.scene.ego_pose(dst.time, self.config.lidar_height)
         w2c = invert_pose(ego_b @ self.cam_to_lidar)                  # [C, 4, 4]
-        rot, trans = w2c[:, None, None, :3, :3], w2c[:, None, None, :3, 3]
         sky = hit < 0
-        pc = (rot @ pts[..., None])[..., 0] + trans
-        pc_sky = (rot @ src.dirs[..., None])[..., 0]
+        pc = torch.einsum("cij,chwj->chwi", w2c[:, :3, :3], pts) + w2c[:, None, None, :3, 3]
+        pc_sky = torch.einsum("cij,chwj->chwi", w2c[:, :3, :3], src.dirs)
         pc = torch.where(sky[..., None], pc_sky, pc)
         kk = self.intrinsics
         z = pc[..., 2]
         zs = torch.where(z.abs() < 1e-9, torch.full_like(z, 1e-9), z)
         u = kk[0, 0] * pc[..., 0] / zs + kk[0, 2]
         v = kk[1, 1] * pc[..., 1] / zs + kk[1, 2]
-        c, h, w = hit.shape
         jj = torch.arange(w, dtype=F64)[None, None, :]
         ii = torch.arange(h, dtype=F64)[None, :, None]
         flow = torch.stack([u - jj, v - ii], 1)
