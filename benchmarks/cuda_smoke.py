@@ -42,7 +42,29 @@ def dino_loss(dev):
                         torch.zeros(50, device=dev), ops.ibot_weights(m))
 
 
-FAMILIES = [masking, dino_loss]
+def projection(dev):
+    C, P = 6, 5000
+    M = torch.eye(4, device=dev).repeat(C, 1, 1)
+    M[:, :3, :3] = torch.tensor([[0.0, -1, 0], [0, 0, -1], [1, 0, 0]], device=dev)
+    K = torch.tensor([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]], device=dev).repeat(C, 1, 1)
+    pts = torch.randn(P, 4, device=dev) * 10
+    ops.project_points(pts, M, K, (480, 640))
+    for cams in ("all", "first", "random"):
+        pairs = ops.point_pixel_pairs(pts, M, K, (480, 640), cameras=cams)
+    feats = torch.randn(C, 16, 48, 64, device=dev, requires_grad=True)
+    rows = pairs.row.clamp(max=47)
+    cols = pairs.col.clamp(max=63)
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det, warn_only=True)
+        ops.gather_pixel_features(feats, pairs.camera_index, rows, cols).sum().backward()
+        ops.gather_pixel_features(feats, pairs.camera_index, rows.float() + 0.3, cols.float() - 0.2,
+                                  mode="bilinear").sum().backward()
+        v = torch.randn(P, 16, device=dev, requires_grad=True)
+        ops.segment_mean(v, torch.randint(-1, 100, (P,), device=dev), 100)[0].sum().backward()
+    torch.use_deterministic_algorithms(False)
+
+
+FAMILIES = [masking, dino_loss, projection]
 
 
 def main() -> int:

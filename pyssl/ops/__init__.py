@@ -13,18 +13,34 @@ from .dino_loss import (
     sinkhorn_knopp_center,
 )
 from .masking import MaskingResult, block_masking, random_masking, unshuffle_tokens
+from .projection import (
+    PixelPairs,
+    Projection,
+    gather_pixel_features,
+    point_pixel_pairs,
+    project_points,
+    segment_mean,
+)
+from .sampling import sample_points
 
 __all__ = [
     "DinoLossResult",
     "MaskingResult",
+    "PixelPairs",
+    "Projection",
     "dino_loss",
+    "gather_pixel_features",
     "ibot_patch_loss",
     "ibot_weights",
+    "point_pixel_pairs",
+    "project_points",
     "sinkhorn_knopp",
     "sinkhorn_knopp_center",
     "block_masking",
     "has_kernel",
     "random_masking",
     "reference",
+    "sample_points",
+    "segment_mean",
     "unshuffle_tokens",
 ]

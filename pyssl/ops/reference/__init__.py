@@ -5,15 +5,19 @@ fallback on devices that have no compiled kernel. Readable, not fast."""
 
 from .dino_loss import dino_loss, ibot_patch_loss, offset_logsumexp, sinkhorn_knopp
 from .masking import block_masking, random_masking, unshuffle_tokens
-from .projection import project_points
+from .projection import point_pixel_pairs, project_points, segment_mean
+from .sampling import sample_points
 
 __all__ = [
     "block_masking",
     "dino_loss",
     "ibot_patch_loss",
     "offset_logsumexp",
+    "point_pixel_pairs",
     "project_points",
     "random_masking",
+    "sample_points",
+    "segment_mean",
     "sinkhorn_knopp",
     "unshuffle_tokens",
 ]

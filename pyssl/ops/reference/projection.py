@@ -47,3 +47,27 @@ def project_points(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsics:
         & torch.isfinite(pixels).all(-1) & torch.isfinite(depth)
     )
     return pixels, depth, valid
+
+
+def point_pixel_pairs(points, lidar_to_cam, intrinsics, image_size, min_depth=1.0, margin=0.0,
+                      rounding="round"):
+    """All valid (point, camera, row, col) pairs, ordered by point then camera."""
+    pixels, _, valid = project_points(points, lidar_to_cam, intrinsics, image_size, min_depth,
+                                      margin, rounding)
+    cam, pt = torch.nonzero(valid, as_tuple=True)
+    order = torch.argsort(pt * valid.shape[0] + cam)
+    cam, pt = cam[order], pt[order]
+    uv = pixels[cam, pt]
+    return pt, cam, uv[:, 1].long(), uv[:, 0].long()
+
+
+def segment_mean(values, segment_ids, num_segments):
+    """Per-segment row means by a sparse one-hot matrix product (SLidR's superpixel pooling)."""
+    keep = segment_ids >= 0
+    rows = torch.nonzero(keep, as_tuple=True)[0]
+    one_hot = torch.sparse_coo_tensor(torch.stack([segment_ids[keep], rows]),
+                                      torch.ones(rows.numel(), dtype=values.dtype, device=values.device),
+                                      (num_segments, values.shape[0]), check_invariants=True)
+    counts = torch.bincount(segment_ids[keep], minlength=num_segments)
+    sums = torch.sparse.mm(one_hot, values)
+    return sums / counts.clamp(min=1).to(values.dtype)[:, None], counts

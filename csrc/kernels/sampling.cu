@@ -1,0 +1,213 @@
+// Point-sampling CUDA kernels; see csrc/kernels/sampling.h.
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels/cuda_common.cuh"
+#include "kernels/sampling.h"
+#include "kernels/sampling_math.h"
+
+namespace pyssl::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t image_of(const int64_t* idx, int64_t m, int64_t per_image) {
+  return idx ? idx[m] : m / per_image;
+}
+
+__device__ __forceinline__ int64_t tap_pointer(int64_t offset, const SampleArgs& a) {
+  return offset < 0 ? -1 : (offset / a.W) * a.sH + (offset % a.W) * a.sW;
+}
+
+template <typename F>
+__global__ void forward_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
+                               const acc_t<F>* __restrict__ xy, SampleArgs a, F* __restrict__ out) {
+  using A = acc_t<F>;
+  const int64_t total = a.M * a.D;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = t / a.D, d = t % a.D;
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    const F* base = f + n * a.sN + d * a.sD;
+    A acc = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t po = tap_pointer(tp.offset[c], a);
+      if (po >= 0) acc += tp.weight[c] * to_acc(base[po]);
+    }
+    out[t] = from_acc<F>(acc);
+  }
+}
+
+template <typename F>
+__global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
+                                       const acc_t<F>* __restrict__ xy, SampleArgs a,
+                                       acc_t<F>* __restrict__ gacc) {
+  using A = acc_t<F>;
+  const int64_t total = a.M * a.D, HW = a.H * a.W;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = t / a.D, d = t % a.D;
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    const A gv = to_acc(g[t]);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (tp.offset[c] >= 0) atomicAdd(gacc + (n * HW + tp.offset[c]) * a.D + d, tp.weight[c] * gv);
+  }
+}
+
+template <typename A>
+__global__ void tap_keys_kernel(const int64_t* __restrict__ idx, const A* __restrict__ xy,
+                                SampleArgs a, int64_t* __restrict__ keys) {
+  const int64_t HW = a.H * a.W;
+  for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < a.M;
+       m += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) keys[4 * m + c] = tp.offset[c] < 0 ? -1 : n * HW + tp.offset[c];
+  }
+}
+
+// One thread per (segment, channel): the taps of a segment share a target pixel and are summed
+// in their stable sorted order (= point order), so the result is bitwise repeatable.
+template <typename F>
+__global__ void segment_sum_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
+                                   const acc_t<F>* __restrict__ xy, SampleArgs a,
+                                   const int64_t* __restrict__ order,
+                                   const int64_t* __restrict__ targets,
+                                   const int64_t* __restrict__ starts,
+                                   const int64_t* __restrict__ counts, int64_t segments,
+                                   acc_t<F>* __restrict__ gacc) {
+  using A = acc_t<F>;
+  const int64_t total = segments * a.D;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = t / a.D, d = t % a.D;
+    const int64_t target = targets[s];
+    if (target < 0) continue;
+    A acc = 0;
+    for (int64_t j = starts[s]; j < starts[s] + counts[s]; ++j) {
+      const int64_t e = order[j];
+      const int64_t m = e >> 2;
+      const int c = static_cast<int>(e & 3);
+      const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+      acc += tp.weight[c] * to_acc(g[m * a.D + d]);
+    }
+    gacc[target * a.D + d] = acc;
+  }
+}
+
+// One warp per point: lanes stride over channels, then a fixed-order warp reduction.
+template <typename F>
+__global__ void backward_xy_kernel(const F* __restrict__ g, const F* __restrict__ f,
+                                   const int64_t* __restrict__ idx, const acc_t<F>* __restrict__ xy,
+                                   SampleArgs a, acc_t<F>* __restrict__ gxy) {
+  using A = acc_t<F>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t m = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; m < a.M; m += warps) {
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, kBilinear);
+    int64_t po[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) po[c] = tap_pointer(tp.offset[c], a);
+    A gx = 0, gy = 0;
+    for (int64_t d = lane; d < a.D; d += 32) {
+      const F* base = f + n * a.sN + d * a.sD;
+      A sx = 0, sy = 0;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (po[c] < 0) continue;
+        const A v = to_acc(base[po[c]]);
+        sx += tp.dwdx[c] * v;
+        sy += tp.dwdy[c] * v;
+      }
+      const A gd = to_acc(g[m * a.D + d]);
+      gx += gd * sx;
+      gy += gd * sy;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      gx += __shfl_xor_sync(0xffffffffu, gx, off);
+      gy += __shfl_xor_sync(0xffffffffu, gy, off);
+    }
+    if (lane == 0) {
+      gxy[2 * m] = gx;
+      gxy[2 * m + 1] = gy;
+    }
+  }
+}
+
+unsigned grid_for(int64_t work) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), int64_t{1} << 20)));
+}
+
+}  // namespace
+
+cudaError_t sample_points(const void* features, DType dtype, const int64_t* image_index,
+                          const void* xy, const SampleArgs& a, void* out, cudaStream_t stream) {
+  if (a.M * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    forward_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+        static_cast<const F*>(features), image_index, static_cast<const acc_t<F>*>(xy), a,
+        static_cast<F*>(out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
+                                          const int64_t* image_index, const void* xy,
+                                          const SampleArgs& a, void* gacc, cudaStream_t stream) {
+  if (a.M * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    backward_atomic_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+        static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a,
+        static_cast<acc_t<F>*>(gacc));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t sample_points_tap_keys(const int64_t* image_index, const void* xy, DType acc_dtype,
+                                   const SampleArgs& a, int64_t* keys, cudaStream_t stream) {
+  if (a.M == 0) return cudaSuccess;
+  if (acc_dtype == DType::kFloat64) {
+    tap_keys_kernel<double><<<grid_for(a.M), kThreads, 0, stream>>>(image_index, static_cast<const double*>(xy), a, keys);
+  } else {
+    tap_keys_kernel<float><<<grid_for(a.M), kThreads, 0, stream>>>(image_index, static_cast<const float*>(xy), a, keys);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t sample_points_segment_sum(const void* grad, DType dtype, const int64_t* image_index,
+                                      const void* xy, const SampleArgs& a, const int64_t* order,
+                                      const int64_t* targets, const int64_t* starts,
+                                      const int64_t* counts, int64_t segments, void* gacc,
+                                      cudaStream_t stream) {
+  if (segments * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    segment_sum_kernel<F><<<grid_for(segments * a.D), kThreads, 0, stream>>>(
+        static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a, order,
+        targets, starts, counts, segments, static_cast<acc_t<F>*>(gacc));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t sample_points_backward_xy(const void* grad, const void* features, DType dtype,
+                                      const int64_t* image_index, const void* xy,
+                                      const SampleArgs& a, void* gxy, cudaStream_t stream) {
+  if (a.M == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    backward_xy_kernel<F><<<grid_for(a.M * 32), kThreads, 0, stream>>>(
+        static_cast<const F*>(grad), static_cast<const F*>(features), image_index,
+        static_cast<const acc_t<F>*>(xy), a, static_cast<acc_t<F>*>(gxy));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace pyssl::cuda

@@ -1,0 +1,43 @@
+// Launchers of the point-sampling CUDA kernels (csrc/kernels/sampling.cu). Torch-free.
+// features [N, D, H, W] with element strides; xy [M, 2] and accumulators in acc (float, or
+// double for fp64); image_index [M] or null (then point m belongs to image m / per_image).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/common.h"
+
+namespace pyssl::cuda {
+
+struct SampleArgs {
+  int64_t N, D, H, W, M, per_image;
+  int64_t sN, sD, sH, sW;  // feature strides (elements)
+  int mode;                // 0 bilinear, 1 nearest
+};
+
+// out [M, D] (feature dtype).
+cudaError_t sample_points(const void* features, DType dtype, const int64_t* image_index,
+                          const void* xy, const SampleArgs& a, void* out, cudaStream_t stream);
+
+// gacc [N*H*W, D] (acc, zeroed) += scatter of grad [M, D] with float atomics.
+cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
+                                          const int64_t* image_index, const void* xy,
+                                          const SampleArgs& a, void* gacc, cudaStream_t stream);
+
+// Deterministic scatter in two steps: keys [4M] = target pixel of each (point, tap) or -1 ...
+cudaError_t sample_points_tap_keys(const int64_t* image_index, const void* xy, DType acc_dtype,
+                                   const SampleArgs& a, int64_t* keys, cudaStream_t stream);
+// ... then, for the taps sorted by key (order = stable permutation, segments of equal keys with
+// `starts`/`counts`/`targets`), gacc[target, d] = sum over the segment, in order.
+cudaError_t sample_points_segment_sum(const void* grad, DType dtype, const int64_t* image_index,
+                                      const void* xy, const SampleArgs& a, const int64_t* order,
+                                      const int64_t* targets, const int64_t* starts,
+                                      const int64_t* counts, int64_t segments, void* gacc,
+                                      cudaStream_t stream);
+
+// gxy [M, 2] (acc) = d(sum grad * out) / d xy (bilinear).
+cudaError_t sample_points_backward_xy(const void* grad, const void* features, DType dtype,
+                                      const int64_t* image_index, const void* xy,
+                                      const SampleArgs& a, void* gxy, cudaStream_t stream);
+
+}  // namespace pyssl::cuda

@@ -1,0 +1,233 @@
+// Point-to-pixel projection (LiDAR -> cameras), compacted point-pixel pairs, and segment
+// (superpixel) mean pooling: schemas and CPU kernels. Contracts: pyssl/ops/projection.py.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/projection.h"
+
+namespace pyssl::projection {
+namespace {
+
+using at::Tensor;
+
+struct Inputs {
+  Tensor points, M, K, size, batch;
+};
+
+Inputs prepare(const Tensor& points, const Tensor& lidar_to_cam, const Tensor& intrinsics,
+               const Tensor& image_size, const std::optional<Tensor>& batch, const ProjShape& s) {
+  const auto acc = projection_acc(points, lidar_to_cam, intrinsics);
+  Inputs in;
+  in.points = points.to(acc).contiguous();
+  in.M = lidar_to_cam.to(acc).contiguous();
+  in.K = intrinsics.to(acc).contiguous();
+  in.size = image_size.to(acc).contiguous();
+  if (batch.has_value()) {
+    in.batch = batch->contiguous();
+    const int64_t* b = in.batch.const_data_ptr<int64_t>();
+    for (int64_t p = 0; p < s.P; ++p)
+      TORCH_CHECK_VALUE(b[p] >= 0 && b[p] < s.B, "batch[", p, "] = ", b[p], " is out of range for ",
+                        s.B, " scans (lidar_to_cam.shape[0])");
+  }
+  return in;
+}
+
+template <typename T>
+struct Projector {
+  const T* pts;
+  const T* M;
+  const T* K;
+  const T* size;
+  const int64_t* batch;
+  int64_t F, C;
+  T min_depth, margin;
+  int rounding;
+
+  Projection<T> operator()(int64_t p, int64_t c) const {
+    const int64_t bc = (batch ? batch[p] : 0) * C + c;
+    const T* q = pts + p * F;
+    return project_point<T>(q[0], q[1], q[2], M + bc * 16, K + bc * 9, size[bc * 2],
+                            size[bc * 2 + 1], min_depth, margin, rounding);
+  }
+};
+
+template <typename T>
+Projector<T> make_projector(const Inputs& in, const ProjShape& s, double min_depth, double margin,
+                            int64_t rounding) {
+  return {in.points.const_data_ptr<T>(),
+          in.M.const_data_ptr<T>(),
+          in.K.const_data_ptr<T>(),
+          in.size.const_data_ptr<T>(),
+          in.batch.defined() ? in.batch.const_data_ptr<int64_t>() : nullptr,
+          s.F,
+          s.C,
+          static_cast<T>(min_depth),
+          static_cast<T>(margin),
+          static_cast<int>(rounding)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> project_points_cpu(const Tensor& points,
+                                                      const Tensor& lidar_to_cam,
+                                                      const Tensor& intrinsics,
+                                                      const Tensor& image_size,
+                                                      const std::optional<Tensor>& batch,
+                                                      double min_depth, double margin,
+                                                      int64_t rounding) {
+  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
+  const Inputs in = prepare(points, lidar_to_cam, intrinsics, image_size, batch, s);
+  auto opts = in.points.options();
+  Tensor pixels = at::empty({s.C, s.P, 2}, opts), depth = at::empty({s.C, s.P}, opts);
+  Tensor valid = at::empty({s.C, s.P}, opts.dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(in.points.scalar_type(), "project_points", [&] {
+    const auto proj = make_projector<scalar_t>(in, s, min_depth, margin, rounding);
+    scalar_t* px = pixels.mutable_data_ptr<scalar_t>();
+    scalar_t* dp = depth.mutable_data_ptr<scalar_t>();
+    bool* vd = valid.mutable_data_ptr<bool>();
+    at::parallel_for(0, s.P, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t p = begin; p < end; ++p) {
+          const auto r = proj(p, c);
+          px[(c * s.P + p) * 2] = r.u;
+          px[(c * s.P + p) * 2 + 1] = r.v;
+          dp[c * s.P + p] = r.depth;
+          vd[c * s.P + p] = r.valid;
+        }
+    });
+  });
+  return {pixels, depth, valid};
+}
+
+enum CameraChoice : int { kAll = 0, kFirst = 1, kRandom = 2 };
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
+    const Tensor& points, const Tensor& lidar_to_cam, const Tensor& intrinsics,
+    const Tensor& image_size, const std::optional<Tensor>& batch, double min_depth, double margin,
+    int64_t rounding, int64_t cameras, const std::optional<Tensor>& random) {
+  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
+  TORCH_CHECK_VALUE(rounding != kRoundNone, "point_pixel_pairs needs integer pixels: rounding must be "
+                    "'floor' or 'round', got 'none'");
+  TORCH_CHECK_VALUE(cameras >= 0 && cameras <= 2, "cameras must be 0 (all), 1 (first) or 2 (random)");
+  TORCH_CHECK_VALUE(cameras != kRandom || (random.has_value() && random->dim() == 1 &&
+                                           random->size(0) == s.P),
+                    "cameras='random' needs random [P] uniform numbers in [0, 1)");
+  const Inputs in = prepare(points, lidar_to_cam, intrinsics, image_size, batch, s);
+  const Tensor rnd = cameras == kRandom ? random->to(at::kDouble).contiguous() : Tensor();
+  std::vector<int64_t> offsets(s.P + 1, 0);
+  Tensor point_index, camera_index, row, col;
+  AT_DISPATCH_FLOATING_TYPES(in.points.scalar_type(), "point_pixel_pairs", [&] {
+    const auto proj = make_projector<scalar_t>(in, s, min_depth, margin, rounding);
+    at::parallel_for(0, s.P, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int64_t n = 0;
+        for (int64_t c = 0; c < s.C; ++c) n += proj(p, c).valid ? 1 : 0;
+        offsets[p + 1] = cameras == kAll ? n : std::min<int64_t>(n, 1);
+      }
+    });
+    for (int64_t p = 0; p < s.P; ++p) offsets[p + 1] += offsets[p];
+    const int64_t total = offsets[s.P];
+    auto lopts = points.options().dtype(at::kLong);
+    point_index = at::empty({total}, lopts);
+    camera_index = at::empty({total}, lopts);
+    row = at::empty({total}, lopts);
+    col = at::empty({total}, lopts);
+    int64_t* pi = point_index.mutable_data_ptr<int64_t>();
+    int64_t* ci = camera_index.mutable_data_ptr<int64_t>();
+    int64_t* ri = row.mutable_data_ptr<int64_t>();
+    int64_t* co = col.mutable_data_ptr<int64_t>();
+    const double* r = rnd.defined() ? rnd.const_data_ptr<double>() : nullptr;
+    at::parallel_for(0, s.P, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int64_t o = offsets[p];
+        const int64_t n = offsets[p + 1] - o;
+        if (n == 0) continue;
+        int64_t pick = 0;  // for kRandom: which valid camera
+        if (cameras == kRandom) {
+          int64_t nvalid = 0;
+          for (int64_t c = 0; c < s.C; ++c) nvalid += proj(p, c).valid ? 1 : 0;
+          pick = std::min<int64_t>(nvalid - 1, static_cast<int64_t>(r[p] * double(nvalid)));
+        }
+        int64_t seen = 0;
+        for (int64_t c = 0; c < s.C; ++c) {
+          const auto q = proj(p, c);
+          if (!q.valid) continue;
+          if (cameras == kAll || (cameras == kFirst && seen == 0) || (cameras == kRandom && seen == pick)) {
+            pi[o] = p;
+            ci[o] = c;
+            ri[o] = static_cast<int64_t>(q.v);
+            co[o] = static_cast<int64_t>(q.u);
+            ++o;
+            if (cameras != kAll) break;
+          }
+          ++seen;
+        }
+      }
+    });
+  });
+  return {point_index, camera_index, row, col};
+}
+
+// ---------------------------------------------------------------------------------------------
+// segment_mean: deterministic without atomics (tasks own 16-column slices, rows in order).
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kSlice = 16;
+
+std::tuple<Tensor, Tensor> segment_mean_cpu(const Tensor& values, const Tensor& segment_ids,
+                                            int64_t num_segments, bool deterministic) {
+  check_segments(values, segment_ids, num_segments);
+  const int64_t N = values.size(0), D = values.size(1), S = num_segments;
+  const Tensor ids = segment_ids.contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  Tensor counts = at::zeros({S}, ids.options());
+  int64_t* cnt = counts.mutable_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(id[n] >= -1 && id[n] < S, "segment_ids[", n, "] = ", id[n],
+                      " is out of range: ids must be in [0, num_segments=", S, ") or -1 (ignored)");
+    if (id[n] >= 0) ++cnt[id[n]];
+  }
+  const Tensor v = values.contiguous();
+  Tensor means = at::empty({S, D}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "segment_mean", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<A> sums(static_cast<size_t>(S * D), A(0));
+    const scalar_t* x = v.const_data_ptr<scalar_t>();
+    const int64_t slices = (D + kSlice - 1) / kSlice;
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t sl = begin; sl < end; ++sl) {
+        const int64_t d0 = sl * kSlice, d1 = std::min(D, d0 + kSlice);
+        for (int64_t n = 0; n < N; ++n) {
+          if (id[n] < 0) continue;
+          A* dst = sums.data() + id[n] * D;
+          const scalar_t* src = x + n * D;
+          for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<A>(src[d]);
+        }
+      }
+    });
+    scalar_t* o = means.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, S, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const A inv = cnt[s] > 0 ? A(1) / A(cnt[s]) : A(0);
+        for (int64_t d = 0; d < D; ++d) o[s * D + d] = static_cast<scalar_t>(sums[s * D + d] * inv);
+      }
+    });
+  });
+  return {means, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyssl, m) {
+  m.def("project_points(Tensor points, Tensor lidar_to_cam, Tensor intrinsics, Tensor image_size, Tensor? batch, float min_depth, float margin, int rounding) -> (Tensor pixels, Tensor depth, Tensor valid)");
+  m.def("point_pixel_pairs(Tensor points, Tensor lidar_to_cam, Tensor intrinsics, Tensor image_size, Tensor? batch, float min_depth, float margin, int rounding, int cameras, Tensor? random) -> (Tensor point_index, Tensor camera_index, Tensor row, Tensor col)");
+  m.def("segment_mean(Tensor values, Tensor segment_ids, int num_segments, bool deterministic) -> (Tensor means, Tensor counts)");
+}
+
+TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
+  m.impl("project_points", &project_points_cpu);
+  m.impl("point_pixel_pairs", &point_pixel_pairs_cpu);
+  m.impl("segment_mean", &segment_mean_cpu);
+}
+
+}  // namespace pyssl::projection

@@ -1,0 +1,314 @@
+"""Point-to-pixel projection for image-to-LiDAR distillation (SLidR, ScaLR): LiDAR points to
+multi-camera pixels, compacted point-pixel pairs, pixel-feature gathers, superpixel pooling.
+
+Conventions: LiDAR frame as nuScenes (x forward, y left, z up); ``lidar_to_cam`` [C, 4, 4] maps
+LiDAR-frame points to OpenCV-style camera frames (x right, y down, z forward); ``intrinsics``
+[C, 3, 3] pinhole matrices; pixel (row i, col j) has its centre at u = j, v = i.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+from ._dispatch import check_tensor, has_kernel
+from .sampling import sample_points
+
+__all__ = [
+    "PixelPairs",
+    "Projection",
+    "gather_pixel_features",
+    "point_pixel_pairs",
+    "project_points",
+    "segment_mean",
+]
+
+_ops = torch.ops.pyssl
+_ROUNDING = {"none": 0, "floor": 1, "round": 2}
+_CAMERAS = {"all": 0, "first": 1, "random": 2}
+
+
+class Projection(NamedTuple):
+    pixels: torch.Tensor  # [C, P, 2] (u = column, v = row)
+    depth: torch.Tensor  # [C, P] camera z
+    valid: torch.Tensor  # [C, P] bool
+
+
+class PixelPairs(NamedTuple):
+    point_index: torch.Tensor  # [M] int64
+    camera_index: torch.Tensor  # [M] int64
+    row: torch.Tensor  # [M] int64
+    col: torch.Tensor  # [M] int64
+
+
+def _image_size_tensor(image_size, lidar_to_cam: torch.Tensor, batched: bool) -> torch.Tensor:
+    """(H, W) / [C, 2] / [B, C, 2] -> a tensor of the op's layout. Python sizes are checked
+    here; a size tensor is passed through (a non-positive size simply makes every point
+    invalid, since no pixel satisfies 0 <= u <= W - 1)."""
+    C = lidar_to_cam.shape[-3] if lidar_to_cam.dim() >= 3 else 0
+    if isinstance(image_size, torch.Tensor):
+        size = image_size.to(lidar_to_cam.device)
+    else:
+        def flat(x):
+            if isinstance(x, (list, tuple)):
+                return [v for item in x for v in flat(item)]
+            if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                raise TypeError(f"image_size must be (H, W), [C, 2] or a tensor, got {image_size!r}")
+            return [x]
+
+        if any(v <= 0 for v in flat(image_size)):
+            raise ValueError(f"image_size entries must be positive, got {image_size!r}")
+        size = torch.tensor(image_size, dtype=torch.float64, device=lidar_to_cam.device)
+    if size.dim() == 1:
+        if size.numel() != 2:
+            raise ValueError(f"image_size must be (H, W), got shape {tuple(size.shape)}")
+        size = size.expand(C, 2)
+    if batched and size.dim() == 2:
+        size = size.expand(lidar_to_cam.shape[0], *size.shape)
+    return size
+
+
+def _check_devices(points, **tensors):
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(t, name)
+            if t.device != points.device:
+                raise RuntimeError(f"{name} is on {t.device} but points are on {points.device}; "
+                                   "move them to the same device")
+
+
+def _options(min_depth, margin, rounding):
+    for name, value in (("min_depth", min_depth), ("margin", margin)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if rounding not in _ROUNDING:
+        raise ValueError(f"rounding must be one of {tuple(_ROUNDING)}, got {rounding!r}")
+    return float(min_depth), float(margin), _ROUNDING[rounding]
+
+
+def project_points(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsics: torch.Tensor,
+                   image_size, *, min_depth: float = 1.0, margin: float = 0.0,
+                   rounding: str = "none", batch: torch.Tensor | None = None) -> Projection:
+    """Projects LiDAR points into C calibrated cameras in one pass.
+
+    Args:
+        points: ``[P, 3+]`` (x, y, z in the LiDAR frame; extra columns such as intensity are
+            ignored).
+        lidar_to_cam: ``[C, 4, 4]`` (``[B, C, 4, 4]`` with ``batch``).
+        intrinsics: ``[C, 3, 3]`` (``[B, C, 3, 3]`` with ``batch``).
+        image_size: ``(H, W)``, or ``[C, 2]`` / ``[B, C, 2]`` per camera.
+        min_depth: points at camera depth ``<= min_depth`` are invalid.
+        margin: pixels closer than ``margin`` to the border are invalid.
+        rounding: ``"none"`` | ``"floor"`` (ScaLR) | ``"round"`` (SLidR; half to even).
+        batch: optional ``[P]`` int64 scan index of each point, for several scans at once.
+
+    Computes ``p_cam = R p + t``, ``depth = p_cam.z``, ``(u, v) = (K p_cam)[:2] / depth`` —
+    identical to nuscenes-devkit's ``view_points(..., normalize=True)`` — then
+    ``valid = depth > min_depth and margin <= u <= W-1-margin and margin <= v <= H-1-margin``
+    (after rounding); NaN/inf points are invalid. Math in float32 (float64 if any input is).
+
+    Returns:
+        :class:`Projection` ``(pixels [C, P, 2] (u = column, v = row), depth [C, P],
+        valid bool [C, P])``. Gradients (``rounding="none"``) flow to points, lidar_to_cam and
+        intrinsics.
+    """
+    check_tensor(points, "points")
+    _check_devices(points, lidar_to_cam=lidar_to_cam, intrinsics=intrinsics, batch=batch)
+    md, mg, rd = _options(min_depth, margin, rounding)
+    size = _image_size_tensor(image_size, lidar_to_cam, batch is not None)
+    if has_kernel(points.device):
+        return Projection(*_ops.project_points(points, lidar_to_cam, intrinsics, size, batch, md, mg, rd))
+    if batch is not None:
+        raise NotImplementedError("the batched form needs pyssl's compiled kernels")
+    return Projection(*reference.project_points(points, lidar_to_cam, intrinsics, size, md, mg, rounding))
+
+
+def _acc(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.register_fake("pyssl::project_points")
+def _project_fake(points, lidar_to_cam, intrinsics, image_size, batch, min_depth, margin, rounding):
+    acc = _acc(points, lidar_to_cam, intrinsics)
+    C, P = lidar_to_cam.shape[-3], points.shape[0]
+    return (points.new_empty(C, P, 2, dtype=acc), points.new_empty(C, P, dtype=acc),
+            points.new_empty(C, P, dtype=torch.bool))
+
+
+def _project_setup(ctx, inputs, output):
+    points, lidar_to_cam, intrinsics, image_size, batch, min_depth, margin, rounding = inputs
+    ctx.rounding = rounding
+    ctx.has_batch = batch is not None
+    ctx.save_for_backward(points, lidar_to_cam, intrinsics, *([batch] if batch is not None else []))
+
+
+def _project_backward(ctx, g_pixels, g_depth, _g_valid):
+    """Exact derivatives of the projection, in plain PyTorch (linear algebra, not a hot path).
+    With rounding the pixels are piecewise constant: only depth carries a gradient."""
+    points, lidar_to_cam, intrinsics, *b = ctx.saved_tensors
+    acc = _acc(points, lidar_to_cam, intrinsics)
+    p = points[:, :3].to(acc)
+    M, K = lidar_to_cam.to(acc), intrinsics.to(acc)
+    if ctx.has_batch:
+        M, K = M[b[0]].transpose(0, 1), K[b[0]].transpose(0, 1)  # [C, P, 4, 4], [C, P, 3, 3]
+        q = torch.einsum("cpij,pj->cpi", M[..., :3, :3], p) + M[..., :3, 3]
+        w = torch.einsum("cpij,cpj->cpi", K, q)
+    else:
+        q = torch.einsum("cij,pj->cpi", M[:, :3, :3], p) + M[:, None, :3, 3]
+        w = torch.einsum("cij,cpj->cpi", K, q)
+    z = q[..., 2]
+    g_pixels = torch.zeros_like(w[..., :2]) if (g_pixels is None or ctx.rounding != 0) else g_pixels.to(acc)
+    g_depth = torch.zeros_like(z) if g_depth is None else g_depth.to(acc)
+    gu, gv = g_pixels[..., 0], g_pixels[..., 1]
+    grad_w = torch.stack([gu / z, gv / z, torch.zeros_like(z)], -1)
+    if ctx.has_batch:
+        grad_q = torch.einsum("cpji,cpj->cpi", K, grad_w)
+    else:
+        grad_q = torch.einsum("cji,cpj->cpi", K, grad_w)
+    grad_q = grad_q.clone()
+    grad_q[..., 2] += g_depth - (gu * w[..., 0] + gv * w[..., 1]) / (z * z)
+    grads = [None] * 8
+    if ctx.needs_input_grad[0]:
+        R = M[..., :3, :3]
+        gp = torch.einsum("cpji,cpj->pi", R, grad_q) if ctx.has_batch else torch.einsum("cji,cpj->pi", R, grad_q)
+        full = torch.zeros_like(points, dtype=acc)
+        full[:, :3] = gp
+        grads[0] = full.to(points.dtype)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        gM = torch.cat([torch.einsum("cpi,pj->cpij", grad_q, p), grad_q[..., None]], -1)  # [C,P,3,4]
+        gK = torch.einsum("cpi,cpj->cpij", grad_w, q)  # [C, P, 3, 3]
+        if ctx.has_batch:
+            onehot = torch.nn.functional.one_hot(b[0], lidar_to_cam.shape[0]).to(acc)  # [P, B]
+            gM = torch.einsum("pb,cpij->bcij", onehot, gM)
+            gK = torch.einsum("pb,cpij->bcij", onehot, gK)
+        else:
+            gM, gK = gM.sum(1), gK.sum(1)
+        if ctx.needs_input_grad[1]:
+            full = torch.zeros_like(lidar_to_cam, dtype=acc)
+            full[..., :3, :] = gM
+            grads[1] = full.to(lidar_to_cam.dtype)
+        if ctx.needs_input_grad[2]:
+            grads[2] = gK.to(intrinsics.dtype)
+    return tuple(grads)
+
+
+torch.library.register_autograd("pyssl::project_points", _project_backward,
+                                setup_context=_project_setup)
+
+
+def point_pixel_pairs(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsics: torch.Tensor,
+                      image_size, *, min_depth: float = 1.0, margin: float = 0.0,
+                      rounding: str = "round", cameras: str = "all",
+                      generator: torch.Generator | None = None,
+                      batch: torch.Tensor | None = None) -> PixelPairs:
+    """The valid (point, camera, pixel) pairs of :func:`project_points`, compacted.
+
+    Same geometry and validity as :func:`project_points` with integer pixels (``rounding`` is
+    ``"round"`` (default, the pixel whose centre is nearest) or ``"floor"``). ``cameras``:
+    ``"all"`` every valid camera of each point; ``"first"`` the lowest-index valid camera;
+    ``"random"`` one valid camera drawn uniformly per point from ``generator``.
+
+    Returns:
+        :class:`PixelPairs` ``(point_index, camera_index, row, col)``, int64 [M], ordered by
+        point, then camera (deterministic; the output size is data dependent, so on CUDA this
+        synchronises once).
+    """
+    check_tensor(points, "points")
+    _check_devices(points, lidar_to_cam=lidar_to_cam, intrinsics=intrinsics, batch=batch)
+    md, mg, rd = _options(min_depth, margin, rounding)
+    if cameras not in _CAMERAS:
+        raise ValueError(f"cameras must be one of {tuple(_CAMERAS)}, got {cameras!r}")
+    size = _image_size_tensor(image_size, lidar_to_cam, batch is not None)
+    random = None
+    if cameras == "random":
+        gen_device = generator.device if generator is not None else points.device
+        random = torch.rand(points.shape[0], generator=generator, device=gen_device,
+                            dtype=torch.float64).to(points.device)
+    if not has_kernel(points.device):
+        raise NotImplementedError(f"point_pixel_pairs has no kernel for device {points.device}")
+    return PixelPairs(*_ops.point_pixel_pairs(points, lidar_to_cam, intrinsics, size, batch, md, mg,
+                                              rd, _CAMERAS[cameras], random))
+
+
+@torch.library.register_fake("pyssl::point_pixel_pairs")
+def _pairs_fake(points, lidar_to_cam, intrinsics, image_size, batch, min_depth, margin, rounding,
+                cameras, random):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return tuple(points.new_empty(n, dtype=torch.long) for _ in range(4))
+
+
+def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, row: torch.Tensor,
+                          col: torch.Tensor, *, mode: str = "nearest") -> torch.Tensor:
+    """Reads per-camera image features at point-pixel pairs.
+
+    Args:
+        features: ``[C, D, H, W]`` (channels-last memory format is fastest).
+        camera_index, row, col: ``[M]`` pairs, e.g. from :func:`point_pixel_pairs`. For
+            ``mode="nearest"`` row/col are integer pixels; for ``mode="bilinear"`` they are
+            float pixel coordinates (u = col, v = row), zeros outside the image.
+    Returns:
+        ``[M, D]``. Gradient to ``features`` (a scatter-add: deterministic on the CPU; on CUDA
+        without float atomics when ``torch.are_deterministic_algorithms_enabled()``), and to
+        row/col in bilinear mode.
+    """
+    for name, t in (("features", features), ("camera_index", camera_index), ("row", row), ("col", col)):
+        check_tensor(t, name)
+    if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
+        raise ValueError(f"camera_index, row and col must be 1-D of the same length, got "
+                         f"{tuple(camera_index.shape)}, {tuple(row.shape)}, {tuple(col.shape)}")
+    if mode == "nearest":
+        if row.is_floating_point() or col.is_floating_point():
+            raise TypeError("mode='nearest' takes integer row/col (use mode='bilinear' for float coordinates)")
+        coord_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    elif mode == "bilinear":
+        if not (row.is_floating_point() and col.is_floating_point()):
+            raise TypeError("mode='bilinear' takes floating-point row/col")
+        coord_dtype = torch.promote_types(row.dtype, col.dtype)
+    else:
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+    xy = torch.stack([col.to(coord_dtype), row.to(coord_dtype)], dim=-1)
+    return sample_points(features, xy, camera_index.long(), mode=mode)
+
+
+def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, *,
+                 deterministic: bool = False):
+    """Mean of the rows of ``values`` [N, D] per segment (superpixel pooling, SLidR), without
+    sparse matrices.
+
+    ``segment_ids`` [N] int64 in ``[0, num_segments)``, or -1 for rows to ignore. Returns
+    ``(means [S, D], counts [S] int64)``; empty segments have mean 0. Gradient to ``values``
+    (a gather). The forward sum is deterministic on the CPU; on CUDA it uses float atomics
+    unless ``deterministic`` or ``torch.are_deterministic_algorithms_enabled()``.
+    """
+    check_tensor(values, "values")
+    check_tensor(segment_ids, "segment_ids")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int):
+        raise TypeError(f"num_segments must be an int, got {type(num_segments).__name__}")
+    if not has_kernel(values.device):
+        raise NotImplementedError(f"segment_mean has no kernel for device {values.device}")
+    return tuple(_ops.segment_mean(values, segment_ids, num_segments, bool(deterministic)))
+
+
+@torch.library.register_fake("pyssl::segment_mean")
+def _segment_fake(values, segment_ids, num_segments, deterministic):
+    return (values.new_empty(num_segments, values.shape[1]),
+            segment_ids.new_empty(num_segments, dtype=torch.long))
+
+
+def _segment_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], output[1])
+
+
+def _segment_backward(ctx, grad_means, _grad_counts):
+    ids, counts = ctx.saved_tensors
+    if grad_means.shape[0] == 0:  # no segments: every row was ignored
+        return grad_means.new_zeros(ids.shape[0], grad_means.shape[1]), None, None, None
+    scaled = grad_means / counts.clamp(min=1).to(grad_means.dtype)[:, None]
+    keep = (ids >= 0).to(grad_means.dtype)[:, None]
+    return scaled[ids.clamp(min=0)] * keep, None, None, None
+
+
+torch.library.register_autograd("pyssl::segment_mean", _segment_backward, setup_context=_segment_setup)

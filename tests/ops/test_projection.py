@@ -1,0 +1,464 @@
+"""Point-to-pixel projection ops against float64 references, a geometric round trip, and real
+calibrated stereo data (Middlebury 2014 motorcycle, via scikit-image)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyssl import ops
+from pyssl.ops import reference
+
+
+def random_rig(C, seed, dtype=torch.float64, B=None):
+    """C cameras around the origin looking outwards, nuScenes-like (LiDAR x fwd, y left, z up)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = (B,) if B else ()
+    yaw = torch.rand(*lead, C, generator=g, dtype=torch.float64) * 2 * math.pi
+    # camera axes in LiDAR coordinates: z_cam = (cos, sin, 0), x_cam = (sin, -cos, 0), y_cam = -z_lidar
+    zc = torch.stack([torch.cos(yaw), torch.sin(yaw), torch.zeros_like(yaw)], -1)
+    xc = torch.stack([torch.sin(yaw), -torch.cos(yaw), torch.zeros_like(yaw)], -1)
+    yc = torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64).expand_as(zc)
+    R = torch.stack([xc, yc, zc], -2)  # rows: camera axes -> maps lidar vectors to camera frame
+    t = torch.randn(*lead, C, 3, generator=g, dtype=torch.float64) * 0.5
+    M = torch.zeros(*lead, C, 4, 4, dtype=torch.float64)
+    M[..., :3, :3] = R
+    M[..., :3, 3] = t
+    M[..., 3, 3] = 1
+    f = 200 + torch.rand(*lead, C, generator=g, dtype=torch.float64) * 800
+    K = torch.zeros(*lead, C, 3, 3, dtype=torch.float64)
+    K[..., 0, 0] = f
+    K[..., 1, 1] = f * (0.9 + 0.2 * torch.rand(*lead, C, generator=g, dtype=torch.float64))
+    K[..., 0, 2] = 320 + torch.randn(*lead, C, generator=g, dtype=torch.float64) * 10
+    K[..., 1, 2] = 240 + torch.randn(*lead, C, generator=g, dtype=torch.float64) * 10
+    K[..., 2, 2] = 1
+    return M.to(dtype), K.to(dtype)
+
+
+def random_points(P, seed, dtype=torch.float64, extra=1):
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.randn(P, 3 + extra, generator=g, dtype=torch.float64) * 15
+    return pts.to(dtype)
+
+
+def assert_projection_close(got, want, H, W, margin, tol, raw=None, rounding="none"):
+    """``raw``: the unrounded reference pixels; a rounded pixel may differ by one where the
+    unrounded value lies within rounding error of a rounding boundary."""
+    pix, depth, valid = got
+    rpix, rdepth, rvalid = want
+    torch.testing.assert_close(depth.double(), rdepth.double(), rtol=tol, atol=tol)
+    finite = torch.isfinite(rpix).all(-1) & (rdepth.abs() > 1e-3)
+    if raw is not None and rounding != "none":
+        frac = raw.double() - torch.floor(raw.double())
+        edge = (frac - 0.5).abs() if rounding == "round" else torch.minimum(frac, 1 - frac)
+        finite &= ~(edge < tol * (1 + raw.double().abs())).any(-1)
+    torch.testing.assert_close(pix.double()[finite], rpix.double()[finite], rtol=tol, atol=tol * 1e3)
+    # validity may legitimately differ only for points within rounding error of a border
+    u, v = rpix.double()[..., 0], rpix.double()[..., 1]
+    near = ((u - margin).abs() < 1e-6) | ((u - (W - 1 - margin)).abs() < 1e-6) | \
+           ((v - margin).abs() < 1e-6) | ((v - (H - 1 - margin)).abs() < 1e-6)
+    assert torch.equal(valid[~near], rvalid[~near])
+
+
+@given(P=st.integers(0, 300), C=st.integers(0, 7), seed=st.integers(0, 2**31 - 1),
+       rounding=st.sampled_from(["none", "floor", "round"]), min_depth=st.sampled_from([0.0, 0.5, 1.0]),
+       margin=st.sampled_from([0.0, 2.0]), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_project_points_matches_reference(P, C, seed, rounding, min_depth, margin, dtype):
+    pts = random_points(P, seed, dtype)
+    M, K = random_rig(C, seed + 1, dtype)
+    H, W = 480, 640
+    got = ops.project_points(pts, M, K, (H, W), min_depth=min_depth, margin=margin, rounding=rounding)
+    want = reference.project_points(pts.double(), M.double(), K.double(), (H, W), min_depth, margin, rounding)
+    raw = reference.project_points(pts.double(), M.double(), K.double(), (H, W), min_depth, margin)[0]
+    assert got.pixels.shape == (C, P, 2) and got.valid.dtype == torch.bool
+    assert_projection_close(got, want, H, W, margin, 1e-9 if dtype == torch.float64 else 2e-4,
+                            raw, rounding)
+
+
+def test_non_finite_points_are_invalid_and_do_not_crash():
+    pts = torch.tensor([[5.0, 0, 0], [math.nan, 0, 0], [math.inf, 1, 1], [0, 0, 0]])
+    M, K = random_rig(2, 0, torch.float32)
+    M[0] = torch.tensor([[0.0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])  # looks along +x
+    r = ops.project_points(pts, M, K, (480, 640))
+    assert r.valid[0, 0] and not r.valid[:, 1:3].any()
+    assert not r.valid[:, 3].any()  # depth 0 <= min_depth
+
+
+def test_batched_form_equals_per_scan_calls():
+    B, C, P = 3, 4, 500
+    M, K = random_rig(C, 5, B=B)
+    pts = random_points(P, 6)
+    batch = torch.randint(0, B, (P,), generator=torch.Generator().manual_seed(7))
+    sizes = torch.tensor([[480, 640]] * C).expand(B, C, 2)
+    got = ops.project_points(pts, M, K, sizes, batch=batch)
+    for b in range(B):
+        sel = batch == b
+        want = ops.project_points(pts[sel], M[b], K[b], (480, 640))
+        for g_, w_ in zip(got, want):
+            assert torch.equal(g_[:, sel], w_)
+    pairs = ops.point_pixel_pairs(pts, M, K, (480, 640), batch=batch)
+    for b in range(B):
+        sel = torch.nonzero(batch == b).squeeze(1)
+        want = ops.point_pixel_pairs(pts[sel], M[b], K[b], (480, 640))
+        mine = torch.isin(pairs.point_index, sel)
+        assert torch.equal(sel[want.point_index], pairs.point_index[mine])
+        assert torch.equal(want.camera_index, pairs.camera_index[mine])
+        assert torch.equal(want.row, pairs.row[mine]) and torch.equal(want.col, pairs.col[mine])
+
+
+@given(P=st.integers(0, 400), C=st.integers(0, 6), seed=st.integers(0, 2**31 - 1),
+       rounding=st.sampled_from(["floor", "round"]))
+def test_point_pixel_pairs_all_and_first(P, C, seed, rounding):
+    pts = random_points(P, seed)
+    M, K = random_rig(C, seed + 1)
+    got = ops.point_pixel_pairs(pts, M, K, (480, 640), rounding=rounding)
+    want = reference.point_pixel_pairs(pts, M, K, (480, 640), rounding=rounding)
+    for g_, w_ in zip(got, want):
+        assert torch.equal(g_, w_)
+    first = ops.point_pixel_pairs(pts, M, K, (480, 640), rounding=rounding, cameras="first")
+    pi, keep = torch.unique_consecutive(got.point_index, return_counts=True)
+    starts = torch.cumsum(keep, 0) - keep
+    assert torch.equal(first.point_index, pi)
+    assert torch.equal(first.camera_index, got.camera_index[starts])
+
+
+def test_point_pixel_pairs_random_camera_is_valid_uniform_and_reproducible():
+    C = 6
+    M, K = random_rig(C, 11)
+    # cameras with overlapping views: every point seen by several cameras
+    M[:, :3, :3] = M[0, :3, :3]
+    pts = torch.tensor([[0.0, 0.0, 0.0]]) + torch.stack([M[0, 2, :3] * 20] * 4000) + \
+        torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    allp = ops.point_pixel_pairs(pts, M, K, (480, 640))
+    a = ops.point_pixel_pairs(pts, M, K, (480, 640), cameras="random", generator=torch.Generator().manual_seed(3))
+    b = ops.point_pixel_pairs(pts, M, K, (480, 640), cameras="random", generator=torch.Generator().manual_seed(3))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    valid_set = set(zip(allp.point_index.tolist(), allp.camera_index.tolist()))
+    assert all((p, c) in valid_set for p, c in zip(a.point_index.tolist(), a.camera_index.tolist()))
+    counts = torch.bincount(a.camera_index, minlength=C).double()
+    n_valid = torch.bincount(allp.point_index)
+    assert (n_valid == C).float().mean() > 0.9  # all six see almost every point
+    assert (counts / counts.sum() - 1 / C).abs().max() < 0.03
+
+
+def test_round_trip_back_projected_pixels():
+    C, H, W = 5, 300, 400
+    M, K = random_rig(C, 21)
+    g = torch.Generator().manual_seed(22)
+    n = 2000
+    cam = torch.randint(0, C, (n,), generator=g)
+    u = torch.rand(n, generator=g, dtype=torch.float64) * (W - 1)
+    v = torch.rand(n, generator=g, dtype=torch.float64) * (H - 1)
+    z = 1.5 + torch.rand(n, generator=g, dtype=torch.float64) * 60
+    pix_h = torch.stack([u * z, v * z, z], -1)
+    p_cam = torch.einsum("nij,nj->ni", torch.linalg.inv(K[cam]), pix_h)
+    inv = torch.linalg.inv(M[cam])
+    p_lidar = torch.einsum("nij,nj->ni", inv[:, :3, :3], p_cam) + inv[:, :3, 3]
+    r = ops.project_points(p_lidar, M, K, (H, W))
+    idx = torch.arange(n)
+    torch.testing.assert_close(r.pixels[cam, idx], torch.stack([u, v], -1), rtol=0, atol=1e-8)
+    torch.testing.assert_close(r.depth[cam, idx], z, rtol=0, atol=1e-9)
+    assert r.valid[cam, idx].all()
+
+
+def _motorcycle_points():
+    """Middlebury 2014 'motorcycle' (down-sampled 4x): left-image pixels with ground-truth
+    disparity back-projected to 3D with the published calibration, in a nuScenes-like LiDAR
+    frame; returns points, the pixels, the disparities and a 2-camera rig (left, right)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    _, _, disp = skimage_data.stereo_motorcycle()
+    f, cx, cy, doffs, baseline = 994.978, 311.193, 254.877, 31.086, 0.193001
+    rows, cols = np.nonzero(np.isfinite(disp))
+    d = disp[rows, cols].astype(np.float64)
+    Z = f * baseline / (d + doffs)
+    X = (cols - cx) * Z / f
+    Y = (rows - cy) * Z / f
+    cam_pts = np.stack([X, Y, Z], 1)
+    # LiDAR frame (x forward, y left, z up) = camera (z, -x, -y), LiDAR 1.2 m behind the camera
+    lidar_pts = np.stack([Z + 1.2, -X, -Y], 1)
+    to_cam = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, -1.2], [0, 0, 0, 1.0]])
+    right = to_cam.copy()
+    right[0, 3] -= baseline  # right camera: baseline along camera +x
+    K_left = np.array([[f, 0, cx], [0, f, cy], [0, 0, 1]])
+    K_right = np.array([[f, 0, cx + doffs], [0, f, cy], [0, 0, 1]])
+    M = torch.tensor(np.stack([to_cam, right]))
+    K = torch.tensor(np.stack([K_left, K_right]))
+    return torch.tensor(lidar_pts), rows, cols, d, M, K, disp.shape
+
+
+def test_real_stereo_data_projects_to_left_pixels_and_right_disparity():
+    pts, rows, cols, d, M, K, (H, W) = _motorcycle_points()
+    r = ops.project_points(pts, M, K, (H, W), min_depth=0.1)
+    np.testing.assert_allclose(r.pixels[0, :, 0].numpy(), cols, atol=1e-6)
+    np.testing.assert_allclose(r.pixels[0, :, 1].numpy(), rows, atol=1e-6)
+    np.testing.assert_allclose(r.pixels[1, :, 0].numpy(), cols - d, atol=1e-6)
+    np.testing.assert_allclose(r.pixels[1, :, 1].numpy(), rows, atol=1e-6)
+    # every point is in front of both cameras; borders are decided up to rounding error
+    inner = torch.tensor((cols > 0) & (cols < W - 1) & (rows > 0) & (rows < H - 1))
+    assert r.valid[0][inner].all()
+    right_col = cols - d
+    decided = torch.tensor(np.abs(right_col) > 1e-6) & inner
+    assert torch.equal(r.valid[1][decided], torch.tensor(right_col >= 0)[decided])
+    assert (~torch.tensor(right_col >= 0)).sum() > 100  # the check is not vacuous
+    # float32 data path too
+    r32 = ops.project_points(pts.float(), M.float(), K.float(), (H, W), min_depth=0.1)
+    assert (r32.pixels[1, :, 0].double() - torch.tensor(cols - d)).abs().max() < 2e-3
+
+
+# --------------------------------------------------------------------------------------------
+# gather_pixel_features and segment_mean
+# --------------------------------------------------------------------------------------------
+
+
+@given(C=st.integers(1, 4), D=st.integers(1, 20), H=st.integers(1, 9), W=st.integers(1, 9),
+       M=st.integers(0, 60), seed=st.integers(0, 2**31 - 1), channels_last=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_gather_pixel_features_nearest_and_bilinear(C, D, H, W, M, seed, channels_last, dtype):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(C, D, H, W, generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    cam = torch.randint(0, C, (M,), generator=g)
+    row = torch.randint(0, H, (M,), generator=g)
+    col = torch.randint(0, W, (M,), generator=g)
+    got = ops.gather_pixel_features(feats, cam, row, col)
+    assert torch.equal(got, feats[cam, :, row, col])
+    # bilinear, including coordinates outside the image
+    rowf = torch.rand(M, generator=g, dtype=torch.float64) * (H + 2) - 1.5
+    colf = torch.rand(M, generator=g, dtype=torch.float64) * (W + 2) - 1.5
+    f64 = feats.double().requires_grad_(True)
+    out = ops.gather_pixel_features(f64, cam, rowf, colf, mode="bilinear")
+    grid = torch.stack([2 * colf / max(W - 1, 1) - 1 if W > 1 else colf * 0, 2 * rowf / max(H - 1, 1) - 1 if H > 1 else rowf * 0], -1)
+    if H > 1 and W > 1:
+        want = torch.nn.functional.grid_sample(f64[cam], grid.view(M, 1, 1, 2), mode="bilinear",
+                                               padding_mode="zeros", align_corners=True).view(M, D)
+        torch.testing.assert_close(out, want)
+        gr = torch.randn(M, D, generator=g, dtype=torch.float64)
+        (g1,) = torch.autograd.grad(out, f64, gr)
+        (g2,) = torch.autograd.grad(want, f64, gr)
+        torch.testing.assert_close(g1, g2)
+
+
+def test_gather_gradcheck_opcheck_and_determinism():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    cam = torch.tensor([0, 1, 1, 0, 1])
+    row = torch.tensor([0.5, 2.2, 3.6, 1.7, 3.3], dtype=torch.float64, requires_grad=True)
+    col = torch.tensor([0.1, 4.6, 2.6, 3.3, 4.9], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, r, c: ops.gather_pixel_features(f, cam, r, c, mode="bilinear"),
+                                    (feats, row, col))
+    xy = torch.stack([col, row], -1).detach()
+    torch.library.opcheck(torch.ops.pyssl.sample_points.default, (feats, cam, xy, 0))
+    torch.library.opcheck(torch.ops.pyssl.sample_points.default, (feats.float(), None, xy[:4].float(), 1))
+    many = torch.randint(0, 2, (5000,), generator=g)
+    r = torch.randint(0, 5, (5000,), generator=g)
+    c = torch.randint(0, 6, (5000,), generator=g)
+    f32 = feats.detach().float()
+    grads = []
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            x = f32.clone().requires_grad_(True)
+            ops.gather_pixel_features(x, many, r, c).backward(torch.ones(5000, 3))
+            grads.append(x.grad)
+        finally:
+            torch.set_num_threads(prev)
+    assert torch.equal(grads[0], grads[1])
+    hits = torch.zeros(2, 5, 6).index_put_((many, r, c), torch.ones(5000), accumulate=True)
+    assert torch.equal(grads[0], hits[:, None].expand(2, 3, 5, 6))
+
+
+@given(N=st.integers(0, 200), D=st.integers(1, 40), S=st.integers(0, 30), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_segment_mean_matches_sparse_pooling(N, D, S, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    ids = torch.randint(-1, S, (N,), generator=g) if S else torch.full((N,), -1)
+    means, counts = ops.segment_mean(values, ids, S)
+    rmeans, rcounts = reference.segment_mean(values.double(), ids, S)
+    assert torch.equal(counts, rcounts)
+    tol = 1e-12 if dtype == torch.float64 else (1e-6 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(means.double(), rmeans, rtol=tol, atol=tol)
+
+
+def test_segment_mean_gradcheck_opcheck():
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(30, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(-1, 7, (30,), generator=g)
+    assert torch.autograd.gradcheck(lambda v: ops.segment_mean(v, ids, 7)[0], (v,))
+    torch.library.opcheck(torch.ops.pyssl.segment_mean.default, (v, ids, 7, False))
+    assert ops.segment_mean(v, torch.full((30,), -1), 0)[0].shape == (0, 4)
+
+
+def test_projection_opcheck_and_gradients():
+    M, K = random_rig(3, 31)
+    pts = random_points(40, 32)
+    size = torch.tensor([[480.0, 640.0]] * 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyssl.project_points.default, (pts, M, K, size, None, 1.0, 0.0, 0))
+    torch.library.opcheck(torch.ops.pyssl.point_pixel_pairs.default,
+                          (pts, M, K, size, None, 1.0, 0.0, 2, 0, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    p = pts.clone().requires_grad_(True)
+    Mr = M.clone().requires_grad_(True)
+    Kr = K.clone().requires_grad_(True)
+    front = torch.tensor([[10.0, 1.0, 0.5, 0.0]], dtype=torch.float64).repeat(3, 1) + torch.randn(3, 4, dtype=torch.float64)
+    Mr0 = M.clone()
+    Mr0[:, :3, :3] = torch.tensor([[0.0, -1, 0], [0, 0, -1], [1, 0, 0]], dtype=torch.float64)
+    Mr0 = Mr0.requires_grad_(True)
+    fp = front.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, M, K: ops.project_points(p, M, K, (480, 640))[:2],
+                                    (fp, Mr0, Kr))
+    batch = torch.tensor([0, 1, 1])
+    Mb = torch.stack([Mr0.detach(), Mr0.detach() * 1.01]).requires_grad_(True)
+    Kb = torch.stack([K, K * 1.02]).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda p, M, K: ops.project_points(p, M, K, (480, 640), batch=batch)[:2], (fp, Mb, Kb))
+    del p, Mr
+
+
+def test_compile_fullgraph_projection_and_gather():
+    M, K = random_rig(3, 41, torch.float32)
+    pts = random_points(200, 42, torch.float32)
+    feats = torch.randn(3, 8, 48, 64)
+
+    def f(pts, feats):
+        r = ops.project_points(pts, M, K, (48, 64), rounding="round")
+        cam = r.valid.float().argmax(0)
+        idx = torch.arange(pts.shape[0])
+        pix = r.pixels[cam, idx].clamp(min=0)
+        out = ops.gather_pixel_features(feats, cam, pix[:, 1].long(), pix[:, 0].long())
+        means, _ = ops.segment_mean(out, cam, 3)
+        return means
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(pts, feats), f(pts, feats))
+
+
+def test_compile_point_pixel_pairs_dynamic_output():
+    import torch._dynamo
+
+    M, K = random_rig(3, 51, torch.float32)
+    pts = random_points(300, 52, torch.float32)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        fn = torch.compile(lambda p: ops.point_pixel_pairs(p, M, K, (480, 640)).point_index * 2,
+                           fullgraph=True)
+        torch.testing.assert_close(fn(pts), ops.point_pixel_pairs(pts, M, K, (480, 640)).point_index * 2)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda M, K: ops.project_points(torch.randn(5, 2), M, K, (4, 4)), "points"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M[:2], K, (4, 4)), "cameras"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M, K[..., :2], (4, 4)), "intrinsics"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M[..., :3, :], K, (4, 4)), "lidar_to_cam"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (4, 4, 4)), "image_size"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (0, 4)), "image_size"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (4, 4), rounding="ceil"), "rounding"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M.to("meta"), K, (4, 4)), "lidar_to_cam"),
+        (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (4, 4), batch=torch.tensor([0, 0, 0, 0, 1])), "lidar_to_cam"),
+        (lambda M, K: ops.point_pixel_pairs(torch.randn(5, 3), M, K, (4, 4), rounding="none"), "rounding"),
+        (lambda M, K: ops.point_pixel_pairs(torch.randn(5, 3), M, K, (4, 4), cameras="best"), "cameras"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([5]), torch.tensor([0]), torch.tensor([0])), "image_index"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0]), torch.tensor([0.5]), torch.tensor([0.5])), "nearest"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0])), "same length"),
+        (lambda M, K: ops.segment_mean(torch.randn(4, 2), torch.tensor([0, 1, 5, 0]), 3), "segment_ids"),
+        (lambda M, K: ops.segment_mean(torch.randn(4, 2), torch.tensor([0, 1, 1]), 3), "segment_ids"),
+        (lambda M, K: ops.segment_mean(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), -1), "num_segments"),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    M, K = random_rig(3, 0, torch.float32)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call(M, K)
+
+
+def test_empty_inputs_give_clean_empty_results():
+    M, K = random_rig(3, 0, torch.float32)
+    r = ops.project_points(torch.zeros(0, 3), M, K, (10, 10))
+    assert r.pixels.shape == (3, 0, 2)
+    r = ops.project_points(torch.randn(4, 3), M[:0], K[:0], (10, 10))
+    assert r.pixels.shape == (0, 4, 2) and r.valid.shape == (0, 4)
+    pairs = ops.point_pixel_pairs(torch.randn(4, 3), M[:0], K[:0], (10, 10))
+    assert all(t.shape == (0,) for t in pairs)
+    behind = torch.tensor([[-10.0, 0, 0]]).repeat(5, 1)
+    M1 = M.clone()
+    M1[:, :3, :3] = torch.tensor([[0.0, -1, 0], [0, 0, -1], [1, 0, 0]])
+    assert all(t.shape == (0,) for t in ops.point_pixel_pairs(behind, M1, K, (10, 10)))
+    assert ops.gather_pixel_features(torch.randn(3, 4, 5, 5), torch.zeros(0, dtype=torch.long),
+                                     torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)).shape == (0, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_projection_matches_cpu(dtype):
+    M, K = random_rig(6, 61, dtype)
+    pts = random_points(35000, 62, dtype)
+    for rounding in ("none", "floor", "round"):
+        a = ops.project_points(pts, M, K, (900, 1600), rounding=rounding)
+        b = ops.project_points(pts.cuda(), M.cuda(), K.cuda(), (900, 1600), rounding=rounding)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y.cpu(), rtol=1e-6, atol=1e-3 if dtype == torch.float32 else 1e-9)
+    for cameras in ("all", "first"):
+        a = ops.point_pixel_pairs(pts, M, K, (900, 1600), cameras=cameras)
+        b = ops.point_pixel_pairs(pts.cuda(), M.cuda(), K.cuda(), (900, 1600), cameras=cameras)
+        same = sum(torch.equal(x, y.cpu()) for x, y in zip(a, b))
+        assert same == 4 or dtype == torch.float32  # float32 may round a border pixel differently
+        assert abs(len(a.point_index) - len(b.point_index)) <= 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_gather_and_segment_mean(deterministic):
+    g = torch.Generator().manual_seed(71)
+    feats = torch.randn(6, 64, 90, 160, generator=g)
+    cam = torch.randint(0, 6, (20000,), generator=g)
+    row = torch.rand(20000, generator=g) * 89
+    col = torch.rand(20000, generator=g) * 159
+    fc = feats.cuda().requires_grad_(True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        out = ops.gather_pixel_features(fc, cam.cuda(), row.cuda(), col.cuda(), mode="bilinear")
+        grad = torch.randn(20000, 64, generator=g)
+        out.backward(grad.cuda())
+        fr = feats.clone().requires_grad_(True)
+        ref = ops.gather_pixel_features(fr, cam, row, col, mode="bilinear")
+        ref.backward(grad)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fc.grad.cpu(), fr.grad, rtol=1e-4, atol=1e-4)
+        if deterministic:
+            fc2 = feats.cuda().requires_grad_(True)
+            ops.gather_pixel_features(fc2, cam.cuda(), row.cuda(), col.cuda(), mode="bilinear").backward(grad.cuda())
+            assert torch.equal(fc2.grad, fc.grad)
+        vals = torch.randn(50000, 64, generator=g)
+        ids = torch.randint(-1, 3000, (50000,), generator=g)
+        m_gpu, c_gpu = ops.segment_mean(vals.cuda(), ids.cuda(), 3000, deterministic=deterministic)
+        m_cpu, c_cpu = ops.segment_mean(vals, ids, 3000)
+        assert torch.equal(c_gpu.cpu(), c_cpu)
+        torch.testing.assert_close(m_gpu.cpu(), m_cpu, rtol=1e-5, atol=1e-6)
+        if deterministic:
+            assert torch.equal(ops.segment_mean(vals.cuda(), ids.cuda(), 3000, deterministic=True)[0], m_gpu)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_projection_family():
+    M, K = random_rig(3, 81)
+    pts = random_points(40, 82)
+    size = torch.tensor([[480.0, 640.0]] * 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyssl.project_points.default, (pts.cuda(), M.cuda(), K.cuda(), size.cuda(), None, 1.0, 0.0, 0))
+    feats = torch.randn(2, 3, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    xy = torch.rand(7, 2, dtype=torch.float64, device="cuda") * 5
+    torch.library.opcheck(torch.ops.pyssl.sample_points.default, (feats, torch.tensor([0, 1, 1, 0, 1, 0, 0], device="cuda"), xy, 0))
+    v = torch.randn(30, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssl.segment_mean.default, (v, torch.randint(-1, 7, (30,), device="cuda"), 7, True))
