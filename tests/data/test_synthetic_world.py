@@ -274,3 +274,28 @@ def test_cli_bad_parameters(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert needle in err and "error" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(cameras=1, height=17, width=23, lidar_beams=1, lidar_azimuths=7),
+    dict(cameras=5, height=9, width=40, lidar_beams=3, lidar_azimuths=50, hfov_deg=120.0,
+         lidar_min_range=0.0, lidar_dropout=0.0, lidar_range_noise=0.0, ego_speed=0.0),
+])
+def test_odd_sizes_render_and_pair(overrides):
+    cfg = WorldConfig(seed=9, frames=2, **overrides)
+    p = SyntheticWorld(cfg).pair(0)
+    c, h, w = cfg.cameras, cfg.height, cfg.width
+    assert p["t0"]["images"].shape == (c, 3, h, w) and p["flow_bw"].shape == (c, 2, h, w)
+    assert p["t0"]["points"].shape[0] <= cfg.lidar_beams * cfg.lidar_azimuths
+    if cfg.ego_speed == 0.0:     # a parked ego: static pixels do not move, their flow is 0
+        static = p["flow_fw_valid"].clone()
+        for cls in DYNAMIC_CLASSES:
+            static &= p["t0"]["labels"] != cls
+        assert p["flow_fw"].permute(0, 2, 3, 1)[static].abs().max() < 1e-3
+
+
+def test_cli_data_without_subcommand_prints_help(capsys):
+    from pyssl.cli import main
+
+    assert main(["data"]) == 0
+    assert "synth" in capsys.readouterr().out
