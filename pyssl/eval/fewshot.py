@@ -35,19 +35,19 @@ def fewshot_eval(features: torch.Tensor, labels: torch.Tensor, n_way: int = 5,
                  classifier: str = "prototype", base_mean: torch.Tensor | None = None,
                  seed: int = 0) -> dict:
     """Returns ``{"acc", "ci95", "episodes", "n_way", "n_shot"}`` (accuracies in [0, 1])."""
-    classes = torch.unique(labels)
-    if n_way < 2 or n_way > len(classes):
-        raise ValueError(f"n_way must be in [2, {len(classes)}], got {n_way}")
     if n_shot < 1 or n_query < 1 or episodes < 1:
         raise ValueError("n_shot, n_query and episodes must be positive")
     if classifier not in ("prototype", "logistic"):
         raise ValueError(f"classifier must be 'prototype' or 'logistic', got {classifier!r}")
     x = features.float() - (base_mean if base_mean is not None else features.mean(0))
     x = F.normalize(x, dim=1)
-    by_class = {int(c): torch.nonzero(labels == c).flatten() for c in classes}
-    for c, idx in by_class.items():
-        if len(idx) < n_shot + n_query:
-            raise ValueError(f"class {c} has {len(idx)} samples, fewer than n_shot + n_query")
+    by_class = {int(c): torch.nonzero(labels == c).flatten() for c in torch.unique(labels)}
+    # classes with too few samples for an episode are left out of the draw
+    by_class = {c: idx for c, idx in by_class.items() if len(idx) >= n_shot + n_query}
+    classes = torch.tensor(sorted(by_class))
+    if n_way < 2 or n_way > len(classes):
+        raise ValueError(f"n_way must be in [2, {len(classes)}] (classes with at least "
+                         f"n_shot + n_query = {n_shot + n_query} samples), got {n_way}")
     g = torch.Generator().manual_seed(seed)
     accs = []
     for _ in range(episodes):

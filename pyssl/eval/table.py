@@ -25,7 +25,7 @@ __all__ = ["SETTINGS", "benchmark_recipes", "main"]
 SETTINGS = {
     "rotnet": {"epochs": 3, "overrides": {}},
     "relative_patch": {"epochs": 6, "overrides": {}},
-    "jigsaw": {"epochs": 6, "overrides": {}},
+    "jigsaw": {"epochs": 4, "overrides": {}},
     "inpainting": {"epochs": 4, "overrides": {}},
     "colorization": {"epochs": 4, "overrides": {}},
 }
@@ -33,8 +33,8 @@ COMMON = {"backbone": "resnet_tiny", "backbone_width": "16", "image_size": "28"}
 
 
 def benchmark_recipes(out: str | Path = "runs/recipes_table", recipes: list[str] | None = None,
-                      pretrain_subset: int = 5000, eval_train: int = 6000,
-                      eval_test: int = 3000, epochs: int | None = None, quick: bool = False,
+                      pretrain_subset: int = 4000, eval_train: int = 4000,
+                      eval_test: int = 2000, epochs: int | None = None, quick: bool = False,
                       data: str | None = None, progress: bool = True) -> dict:
     from ..engine.run import pretrain
     from .protocols import markdown_table, run_eval
@@ -63,6 +63,9 @@ def benchmark_recipes(out: str | Path = "runs/recipes_table", recipes: list[str]
         t0 = time.time()
         summary = pretrain(name, data=rdata, epochs=ep, out=run, overrides=ov)
         t_pre = time.time() - t0
+        if summary["status"] != "finished":
+            raise KeyboardInterrupt(f"{name} pretraining was interrupted at step "
+                                    f"{summary['step']}")
         res = {}
         for random_init in (False, True):
             r = run_eval(["linear", "knn"], run / "last.pt", random_init=random_init,
@@ -94,9 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/recipes_table", help="folder for runs and the table")
     p.add_argument("--recipes", nargs="*", default=None, help="subset of recipes (default all)")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
-    p.add_argument("--pretrain-subset", type=int, default=5000)
-    p.add_argument("--eval-train", type=int, default=6000)
-    p.add_argument("--eval-test", type=int, default=3000)
+    p.add_argument("--pretrain-subset", type=int, default=4000)
+    p.add_argument("--eval-train", type=int, default=4000)
+    p.add_argument("--eval-test", type=int, default=2000)
     p.add_argument("--data", default=None, help="evaluation/pretraining data (default "
                    "fashion-mnist, digits when it is absent)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")

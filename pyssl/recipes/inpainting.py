@@ -64,7 +64,7 @@ class _Decoder(nn.Module):
             n = max(32, c // 2)
             layers += [nn.ConvTranspose2d(c, n, 4, 2, 1), nn.BatchNorm2d(n), nn.ReLU(True)]
             c = n
-        layers.append(nn.Conv2d(c, out_chans, 3, 1, 1))
+        layers += [nn.Conv2d(c, out_chans, 3, 1, 1), nn.Tanh()]   # pixels are in [-1, 1]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):

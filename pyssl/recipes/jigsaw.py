@@ -87,6 +87,7 @@ class JigsawConfig(RecipeConfig):
     gap: int = 4
     tile_dim: int = 128
     head_hidden: int = 512
+    flip: bool = True                # random horizontal flip of the image before cutting
 
 
 class Jigsaw(Recipe):
@@ -121,7 +122,7 @@ class Jigsaw(Recipe):
 
     def views(self, image, label):
         img = resize(image, self.canvas)
-        if torch.rand(()) < 0.5:
+        if self.cfg.flip and torch.rand(()) < 0.5:
             img = img.flip(-1)
         tiles = cut_tiles(normalize_pixels(img), self.cfg.tile_size, self.cfg.gap)
         # per-tile normalisation (each tile on its own)

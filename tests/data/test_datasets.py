@@ -1,0 +1,99 @@
+import gzip
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pyssl.data.datasets import (DataError, DigitsDataset, FashionMNIST, ImageFolder, PhotoCrops,
+                                 Subset, resolve_data)
+
+
+def test_digits_splits():
+    tr, te, al = DigitsDataset("train"), DigitsDataset("test"), DigitsDataset("all")
+    assert (len(tr), len(te), len(al)) == (1297, 500, 1797)
+    img, y = tr[0]
+    assert img.dtype == torch.uint8 and img.shape == (1, 8, 8) and 0 <= y < 10
+    assert int(img.max()) > 200 and tr.num_classes == 10
+    with pytest.raises(DataError, match="split='val'"):
+        DigitsDataset("val")
+
+
+def _idx(path, arr, magic_type=0x08):
+    header = bytes([0, 0, magic_type, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files_in_a_user_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (7, 28, 28))
+    labels = rng.integers(0, 10, 7)
+    for prefix in ("train", "t10k"):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    ds = resolve_data(str(tmp_path), "test")
+    assert isinstance(ds, FashionMNIST) and len(ds) == 7 and ds.classes[0] == "T-shirt/top"
+    img, y = ds[3]
+    assert img.shape == (1, 28, 28) and torch.equal(img[0], torch.from_numpy(imgs[3]).to(torch.uint8))
+    assert y == labels[3]
+    # a truncated file is reported, not mis-read
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 7, 28, 28) + b"\0" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        FashionMNIST("train", root=tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        FashionMNIST("train", root=tmp_path / "empty")
+
+
+def _png(path, value, size=(10, 12)):
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+
+
+def test_image_folder_skips_and_counts_corrupt_images(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+    _png(tmp_path / "cat" / "a.png", 10)
+    (tmp_path / "cat" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")      # corrupt
+    _png(tmp_path / "dog" / "c.png", 200)
+    good = (tmp_path / "dog" / "d.jpg")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(good)
+    good.write_bytes(good.read_bytes()[:40])                                      # truncated
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 4
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        items = [ds[i] for i in range(len(ds))]
+    assert len(ds.skipped) == 2
+    assert [int(img[0, 0, 0]) for img, _ in items] == [10, 200, 200, 10]
+    assert [y for _, y in items] == [0, 1, 1, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # warned once per file only
+        ds[1]
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        gray = ImageFolder(tmp_path, channels=1, verify=True)
+    assert len(gray) == 2 and gray[0][0].shape == (1, 10, 12)
+
+
+def test_resolve_data_errors_name_the_argument(tmp_path):
+    with pytest.raises(DataError, match="--data '/no/such/dir': no such path"):
+        resolve_data("/no/such/dir")
+    with pytest.raises(DataError, match="split must be"):
+        resolve_data("digits", "val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        resolve_data(str(tmp_path / "empty"))
+
+
+def test_subset_and_photos_are_deterministic():
+    a, b = Subset(DigitsDataset(), 50, seed=3), Subset(DigitsDataset(), 50, seed=3)
+    assert a.indices == b.indices and len(set(a.indices)) == 50
+    c = Subset(a, indices=[0, 5])
+    assert c.base is a.base and c.indices == [a.indices[0], a.indices[5]]
+    p = PhotoCrops(length=10, size=16)
+    x1, y1 = p[4]
+    x2, _ = PhotoCrops(length=10, size=16)[4]
+    assert x1.shape == (3, 16, 16) and y1 == -1 and torch.equal(x1, x2)
+    assert not torch.equal(p[4][0], PhotoCrops("test", length=10, size=16)[4][0])
