@@ -13,6 +13,14 @@ from pyssl.data.synthetic_world.raycast import (BOX, CYLINDER, ELLIPSOID, Primit
                                                 TileLayout, cast, local_normals)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small tensors: one torch thread is faster, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def _prims(centers, sizes, kinds, yaws=None):
     c = torch.tensor(centers, dtype=torch.float32)
     yaw = torch.tensor(yaws if yaws is not None else [0.0] * len(centers), dtype=torch.float64)
