@@ -126,8 +126,23 @@ def test_project_points_contract_is_the_one_used(world):
     args = (s["points"], s["lidar_to_cam"], s["intrinsics"], (h, w))
     pix, depth, valid = checks.default_projector()(*args, min_depth=0.5)
     pix_r, depth_r, valid_r = reference(*args, min_depth=0.5)
-    assert torch.equal(valid, valid_r)
-    assert torch.allclose(pix[valid], pix_r[valid], atol=1e-3)
+    assert valid_r.sum() > 1000
+    # float32 rounding may flip a point lying exactly on the image border; nothing else
+    assert (valid != valid_r).sum() <= max(1, int(1e-3 * valid_r.sum()))
+    both = valid & valid_r
+    assert torch.allclose(pix[both], pix_r[both], atol=1e-3)
+    assert torch.allclose(depth[both], depth_r[both], rtol=1e-5, atol=1e-4)
+
+
+def test_package_exports():
+    import pyssl.data.synthetic_world as sw
+    if getattr(sw, "__file__", None) is None:
+        pytest.skip("stale editable install maps synthetic_world as a namespace package; "
+                    "`pip install --no-build-isolation -e .` refreshes it")
+    assert sw.SyntheticWorld is SyntheticWorld and sw.WorldConfig is WorldConfig
+    assert sw.SyntheticWorldDataset is SyntheticWorldDataset and sw.collate is collate
+    assert sw.generate_sequence is generate_sequence and callable(sw.save_figure)
+    assert sw.CLASS_NAMES == CLASS_NAMES
 
 
 # ---------------------------------------------------------------- flow
