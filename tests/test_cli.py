@@ -1,0 +1,92 @@
+"""The command line: recipes list, pretrain/eval round trip, bad input before training."""
+
+import json
+
+import pytest
+import torch
+
+from pyssl.cli import main
+
+TINY = ["progress=false", "tensorboard=false", "data_subset=64", "batch_size=32",
+        "image_size=16", "backbone_width=4", "max_steps=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_recipes_lists_every_recipe(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("rotnet", "relative_patch", "jigsaw", "inpainting", "colorization"):
+        assert name in out
+    assert main(["recipes", "-v"]) == 0
+    assert "Gidaris" in capsys.readouterr().out
+
+
+def test_pretrain_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "jigsaw", "--data", "digits", "--epochs", "1", "--out", str(out),
+                 *TINY, "num_permutations=10"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["recipe_config"]["num_permutations"] == 10
+    assert main(["eval", "linear,knn", "--checkpoint", str(out), "probe_epochs=2",
+                 "train_subset=100", "test_subset=50"]) == 0
+    text = capsys.readouterr().out
+    assert "| linear |" in text and "| knn |" in text
+    assert (out / "eval" / "eval_linear_knn.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "simclr9"], "unknown recipe 'simclr9'; valid recipes:"),
+    (["pretrain", "rotnet", "--data", "/no/such/path"], "--data '/no/such/path': no such path"),
+    (["pretrain", "rotnet", "--data", "digits", "lr=fast"], "lr='fast': expected a number"),
+    (["pretrain", "rotnet", "--data", "digits", "epoch=3"],
+     "unknown config key 'epoch'; valid keys: .*epochs"),
+    (["pretrain", "rotnet", "--data", "digits", "optimizer=lbfgs"], "optimizer='lbfgs'"),
+    (["pretrain", "colorization", "--data", "digits"], "needs colour"),
+    (["pretrain", "rotnet", "--resume"], "--resume needs --out"),
+    (["eval", "svm", "--checkpoint", "x.pt"], "unknown evaluation protocol 'svm'"),
+    (["eval", "knn", "--checkpoint", "/no/such.pt"], "does not exist"),
+])
+def test_bad_input_is_a_clear_error_before_training(argv, message, capsys, tmp_path):
+    argv = argv + (["--out", str(tmp_path / "r")] if argv[0] == "pretrain" and
+                   "--resume" not in argv else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_argparse_rejects_wrong_types(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "rotnet", "--epochs", "three"])
+    assert e.value.code == 2 and "--epochs: invalid int value" in capsys.readouterr().err
+
+
+def test_benchmark_recipes_quick(tmp_path, capsys):
+    assert main(["benchmark-recipes", "--quick", "--recipes", "rotnet", "--data", "digits",
+                 "--out", str(tmp_path), "--no-progress", "--eval-train", "200",
+                 "--eval-test", "100"]) == 0
+    res = json.loads((tmp_path / "recipes_table.json").read_text())
+    row = res["rows"][0]
+    assert row["recipe"] == "rotnet" and {"probe", "knn", "random probe", "random knn"} <= set(row)
+    assert "| rotnet |" in (tmp_path / "recipes_table.md").read_text()
+
+
+def test_demo_smoke(tmp_path, capsys):
+    from pyssl.commands.demo import demo
+
+    r = demo(out=str(tmp_path / "demo"), epochs=1, data="digits", subset=64, eval_train=100,
+             eval_test=50, progress=False, probe_epochs=2,
+             overrides={"batch_size": "32", "backbone_width": "4", "image_size": "16",
+                        "tensorboard": "false"})
+    text = capsys.readouterr().out
+    assert "random init" in text and "rotnet pretrained" in text and "| knn |" in text
+    assert len(r["rows"]) == 4 and (tmp_path / "demo" / "demo_table.md").exists()
