@@ -23,6 +23,15 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 TORCHVISION_SPEC=${TORCHVISION_SPEC:-torchvision==0.29.1}
 step() { printf '\n==> %s\n' "$*"; }
 
+# Fashion-MNIST (MIT, 31 MB) from Debian for the demo and the recipes table; without root or
+# apt-get the built-in scikit-learn digits are used instead.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  step "installing dataset-fashion-mnist (Debian package)"
+  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+   { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) ||
+    echo "setup.sh: dataset-fashion-mnist not installed; the demo will use scikit-learn digits"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   step "creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
@@ -37,6 +46,6 @@ step "building pyssl (C++ kernels; CUDA kernels when nvcc is present: PYSSL_WITH
 .venv/bin/pyssl info
 
 if [ "$run_demo" = 1 ]; then
-  step "main job: patch-masking benchmarks on the CPU (pyssl vs MAE/BEiT reference algorithms)"
-  .venv/bin/python -m benchmarks.run masking --device cpu
+  step "main job: pyssl demo (RotNet pretraining on Fashion-MNIST, then linear probe and k-NN vs random init)"
+  .venv/bin/pyssl demo
 fi
