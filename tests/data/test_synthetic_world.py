@@ -6,7 +6,6 @@ Small images and few LiDAR beams keep this fast; the numbers at the default size
 """
 
 import json
-import math
 
 import pytest
 import torch

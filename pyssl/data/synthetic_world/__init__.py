@@ -74,13 +74,23 @@ Pair (``SyntheticWorld.pair``, ``SyntheticWorldDataset`` in ``mode="pair"``)
                                           within 1.5%; see SyntheticWorld.flow)
     flow_bw_valid   bool    [C, H, W]     the same from frame k+1 to frame k
 
-Flow is exact where valid and defined (but unconstrained by visibility) where not; it is 0
-only where the point leaves the image or goes behind the camera. Sky pixels carry the
+Flow is exact (float64 geometry, stored as float32) for every pixel whose surface point stays
+in front of the camera, visible or not, inside the image or not (then it points outside); it
+is 0 only where the point goes behind the camera. Sky pixels carry the
 rotation-only flow of directions at infinity and are valid where they land on sky.
 Batches: :func:`collate` stacks every fixed-size tensor and keeps ``points`` /
 ``point_labels`` as lists (their length varies).
 
 Classes: :mod:`.classes` (``CLASS_NAMES``, ``CLASS_COLORS``), defined once for the package.
+
+Checks and measurements: :mod:`.checks` holds self-consistency checks that only read the
+sample format (LiDAR->camera depth/label agreement, flow warp error, forward-backward
+consistency), so a real-data loader can be held to them too; ``python -m
+pyssl.data.synthetic_world.report`` prints them with render times at any size.
+:func:`.figure.save_figure` draws a pair (what ``pyssl data synth`` writes).
+
+Not modelled: shadows, specular reflections, lens distortion, motion blur, rolling shutter,
+LiDAR motion distortion within a sweep, intersections, turning or lane-changing traffic.
 """
 
 from .classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, class_table

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import classes as CL
 from . import shading as SH
 from .config import WorldConfig
 from .geometry import (F64, camera_rig, intrinsics_matrix, invert_pose, lidar_directions,
@@ -261,7 +260,9 @@ class SyntheticWorld:
         the camera, inside the image (0 <= u' <= W-1, 0 <= v' <= H-1), and visible there: its
         inverse depth agrees with ``dst``'s inverse depth map, bilinearly interpolated at
         (u', v'), within ``tolerance`` (relative; exact for planar surfaces); sky pixels need
-        sky at all four neighbours.
+        sky at all four neighbours. Flow is given wherever the point stays in front of the
+        camera, also where it leaves the image (it then points outside); 0 where it goes
+        behind the camera.
         """
         sc = self.scene
         k = sc.prim_kind.shape[0]
@@ -300,7 +301,7 @@ class SyntheticWorld:
         w_src = torch.where(sky, torch.zeros_like(z), 1.0 / zs)
         visible = (w_dst - w_src).abs() <= tolerance * w_src + 1e-9
         valid = inside & visible
-        flow = torch.where(inside[:, None], flow, torch.zeros_like(flow))
+        flow = torch.where((z > 1e-6)[:, None], flow, torch.zeros_like(flow))
         return flow.float(), valid
 
     def pair(self, frame: int) -> dict:
