@@ -44,6 +44,10 @@ def run_synth(args) -> int:
         print(f"pyssl data synth: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.sequences < 1:
         return fail(f"--sequences must be >= 1, got {args.sequences}")
     if args.seed < 0:
@@ -131,5 +135,7 @@ def register(subparsers) -> None:
     s.add_argument("--no-figure", action="store_true", help="skip the figure")
     s.add_argument("--no-compress", action="store_true", help="write uncompressed npz")
     s.add_argument("--overwrite", action="store_true", help="replace a different sequence in DIR")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     s.add_argument("--quiet", action="store_true", help="no per-frame progress")
     s.set_defaults(func=run_synth)

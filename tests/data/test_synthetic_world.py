@@ -279,7 +279,7 @@ def test_cli_synth_writes_sequence_and_figure(tmp_path, capsys):
     out = tmp_path / "synth"
     rc = main(["data", "synth", "--out", str(out), "--frames", "2", "--seed", "4",
                "--cameras", "3", "--height", "32", "--width", "64", "--beams", "8",
-               "--azimuths", "180", "--quiet"])
+               "--azimuths", "180", "--quiet", "--threads", "1"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "figure:" in text and "class balance" in text
@@ -294,6 +294,7 @@ def test_cli_synth_writes_sequence_and_figure(tmp_path, capsys):
     (["--width", "-4"], "--width"), (["--max-range", "-5"], "--max-range"),
     (["--min-range", "-1"], "--min-range"), (["--frames", "0"], "--frames"),
     (["--dropout", "1.5"], "--dropout"), (["--sequences", "0"], "--sequences"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_cli_bad_parameters(tmp_path, capsys, args, needle):
     from pyssl.cli import main
