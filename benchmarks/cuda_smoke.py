@@ -59,6 +59,8 @@ def projection(dev):
         ops.gather_pixel_features(feats, pairs.camera_index, rows, cols).sum().backward()
         ops.gather_pixel_features(feats, pairs.camera_index, rows.float() + 0.3, cols.float() - 0.2,
                                   mode="bilinear").sum().backward()
+        ops.pixel_to_point_distillation_loss(torch.randn(len(rows), 16, device=dev, requires_grad=True),
+                                             feats, pairs.camera_index, rows, cols).backward()
         v = torch.randn(P, 16, device=dev, requires_grad=True)
         ops.segment_mean(v, torch.randint(-1, 100, (P,), device=dev), 100)[0].sum().backward()
     torch.use_deterministic_algorithms(False)

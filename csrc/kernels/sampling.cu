@@ -19,6 +19,11 @@ __device__ __forceinline__ int64_t tap_pointer(int64_t offset, const SampleArgs&
   return offset < 0 ? -1 : (offset / a.W) * a.sH + (offset % a.W) * a.sW;
 }
 
+__device__ __forceinline__ int64_t grad_pointer(int64_t n, int64_t d, int64_t offset,
+                                                const SampleArgs& a) {
+  return n * a.gN + d * a.gD + (offset / a.W) * a.gH + (offset % a.W) * a.gW;
+}
+
 template <typename F>
 __global__ void forward_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
                                const acc_t<F>* __restrict__ xy, SampleArgs a, F* __restrict__ out) {
@@ -45,7 +50,7 @@ __global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* _
                                        const acc_t<F>* __restrict__ xy, SampleArgs a,
                                        acc_t<F>* __restrict__ gacc) {
   using A = acc_t<F>;
-  const int64_t total = a.M * a.D, HW = a.H * a.W;
+  const int64_t total = a.M * a.D;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = t / a.D, d = t % a.D;
@@ -54,7 +59,8 @@ __global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* _
     const A gv = to_acc(g[t]);
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      if (tp.offset[c] >= 0) atomicAdd(gacc + (n * HW + tp.offset[c]) * a.D + d, tp.weight[c] * gv);
+      if (tp.offset[c] >= 0)
+        atomicAdd(gacc + grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * gv);
   }
 }
 
@@ -96,7 +102,8 @@ __global__ void segment_sum_kernel(const F* __restrict__ g, const int64_t* __res
       const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
       acc += tp.weight[c] * to_acc(g[m * a.D + d]);
     }
-    gacc[target * a.D + d] = acc;
+    const int64_t HW = a.H * a.W;
+    gacc[grad_pointer(target / HW, d, target % HW, a)] = acc;
   }
 }
 
@@ -144,7 +151,155 @@ unsigned grid_for(int64_t work) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), int64_t{1} << 20)));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused distillation loss
+// ---------------------------------------------------------------------------------------------
+
+constexpr double kEps = 1e-12;
+
+template <typename F>
+__device__ __forceinline__ acc_t<F> sample_one(const F* f, const Taps<acc_t<F>>& tp, int64_t n,
+                                               int64_t d, const SampleArgs& a) {
+  acc_t<F> acc = 0;
+  const F* base = f + n * a.sN + d * a.sD;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int64_t po = tap_pointer(tp.offset[c], a);
+    if (po >= 0) acc += tp.weight[c] * to_acc(base[po]);
+  }
+  return acc;
+}
+
+template <typename F>
+__global__ void distill_forward_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+                                       const int64_t* __restrict__ idx,
+                                       const acc_t<F>* __restrict__ xy, SampleArgs a, int loss,
+                                       acc_t<F>* __restrict__ stats, acc_t<F>* __restrict__ per) {
+  using A = acc_t<F>;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t m = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; m < a.M; m += warps) {
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    A ff = 0, gg = 0, fg = 0;
+    for (int64_t d = lane; d < a.D; d += 32) {
+      const A fv = sample_one(f, tp, n, d, a), gv = g[m * a.D + d];
+      ff += fv * fv;
+      gg += gv * gv;
+      fg += fv * gv;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      ff += __shfl_xor_sync(0xffffffffu, ff, off);
+      gg += __shfl_xor_sync(0xffffffffu, gg, off);
+      fg += __shfl_xor_sync(0xffffffffu, fg, off);
+    }
+    if (lane == 0) {
+      const A nfr = sqrt(ff), ngr = sqrt(gg);
+      const A nf = max(nfr, A(kEps)), ng = max(ngr, A(kEps));
+      const A ab = fg / (nf * ng);
+      stats[3 * m] = nfr;
+      stats[3 * m + 1] = ngr;
+      stats[3 * m + 2] = fg;
+      per[m] = loss == 0 ? A(1) - ab : ff / (nf * nf) + gg / (ng * ng) - A(2) * ab;
+    }
+  }
+}
+
+template <typename A>
+__global__ void mean_kernel(const A* __restrict__ per, int64_t M, A* __restrict__ out) {
+  __shared__ A smem[32];
+  A v[1] = {0};
+  for (int64_t m = threadIdx.x; m < M; m += blockDim.x) v[0] += per[m];
+  block_sum(v, smem);
+  if (threadIdx.x == 0) *out = M > 0 ? v[0] / A(M) : A(0);
+}
+
+template <typename A>
+__global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict__ stats, int64_t M,
+                            int loss, A* __restrict__ coef) {
+  const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (m >= M) return;
+  const A scale = grad_loss[0] / A(M);
+  const A nfr = stats[3 * m], ngr = stats[3 * m + 1], fg = stats[3 * m + 2];
+  const A nf = max(nfr, A(kEps)), ng = max(ngr, A(kEps));
+  const A p = loss == 0 ? A(0) : A(2), q = loss == 0 ? A(-1) : A(-2);
+  const A ab = fg / (nf * ng);
+  const A sa = nfr > A(kEps) ? p * nfr * nfr / (nf * nf) + q * ab : A(0);
+  const A sb = ngr > A(kEps) ? p * ngr * ngr / (ng * ng) + q * ab : A(0);
+  coef[4 * m] = scale * (p - sa) / (nf * nf);
+  coef[4 * m + 1] = scale * q / (nf * ng);
+  coef[4 * m + 2] = scale * (p - sb) / (ng * ng);
+  coef[4 * m + 3] = scale * q / (nf * ng);
+}
+
+template <typename F>
+__global__ void distill_grad_points_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+                                           const int64_t* __restrict__ idx,
+                                           const acc_t<F>* __restrict__ xy,
+                                           const acc_t<F>* __restrict__ coef, SampleArgs a,
+                                           acc_t<F>* __restrict__ out) {
+  using A = acc_t<F>;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.M * a.D;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = t / a.D, d = t % a.D;
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    const A fv = sample_one(f, tp, image_of(idx, m, a.per_image), d, a);
+    out[t] = coef[4 * m + 2] * g[t] + coef[4 * m + 3] * fv;
+  }
+}
+
+template <typename F>
+__global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+                                      const int64_t* __restrict__ idx,
+                                      const acc_t<F>* __restrict__ xy,
+                                      const acc_t<F>* __restrict__ coef, SampleArgs a,
+                                      acc_t<F>* __restrict__ gacc) {
+  using A = acc_t<F>;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.M * a.D;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = t / a.D, d = t % a.D;
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    const A df = coef[4 * m] * sample_one(f, tp, n, d, a) + coef[4 * m + 1] * g[t];
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (tp.offset[c] >= 0) atomicAdd(gacc + grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * df);
+  }
+}
+
+template <typename F>
+__global__ void distill_sorted_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+                                      const int64_t* __restrict__ idx,
+                                      const acc_t<F>* __restrict__ xy,
+                                      const acc_t<F>* __restrict__ coef, SampleArgs a,
+                                      const int64_t* __restrict__ order,
+                                      const int64_t* __restrict__ targets,
+                                      const int64_t* __restrict__ starts,
+                                      const int64_t* __restrict__ counts, int64_t segments,
+                                      acc_t<F>* __restrict__ gacc) {
+  using A = acc_t<F>;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < segments * a.D;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t sidx = t / a.D, d = t % a.D;
+    const int64_t target = targets[sidx];
+    if (target < 0) continue;
+    A acc = 0;
+    for (int64_t j = starts[sidx]; j < starts[sidx] + counts[sidx]; ++j) {
+      const int64_t e = order[j];
+      const int64_t m = e >> 2;
+      const int c = static_cast<int>(e & 3);
+      const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+      const A df = coef[4 * m] * sample_one(f, tp, image_of(idx, m, a.per_image), d, a) +
+                   coef[4 * m + 1] * g[m * a.D + d];
+      acc += tp.weight[c] * df;
+    }
+    const int64_t HW = a.H * a.W;
+    gacc[grad_pointer(target / HW, d, target % HW, a)] = acc;
+  }
+}
+
 }  // namespace
+
 
 cudaError_t sample_points(const void* features, DType dtype, const int64_t* image_index,
                           const void* xy, const SampleArgs& a, void* out, cudaStream_t stream) {
@@ -206,6 +361,85 @@ cudaError_t sample_points_backward_xy(const void* grad, const void* features, DT
     backward_xy_kernel<F><<<grid_for(a.M * 32), kThreads, 0, stream>>>(
         static_cast<const F*>(grad), static_cast<const F*>(features), image_index,
         static_cast<const acc_t<F>*>(xy), a, static_cast<acc_t<F>*>(gxy));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t distill_forward(const void* point_features, const void* features, DType dtype,
+                            const int64_t* image_index, const void* xy, const SampleArgs& a,
+                            int loss, void* stats, void* per_pair, void* loss_out,
+                            cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<F>;
+    if (a.M > 0) {
+      distill_forward_kernel<F><<<grid_for(a.M * 32), kThreads, 0, stream>>>(
+          static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+          static_cast<const A*>(xy), a, loss, static_cast<A*>(stats), static_cast<A*>(per_pair));
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    mean_kernel<A><<<1, kThreads, 0, stream>>>(static_cast<const A*>(per_pair), a.M, static_cast<A*>(loss_out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t distill_coefficients(const void* grad_loss, const void* stats, DType acc_dtype,
+                                 int64_t M, int loss, void* coef, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  if (acc_dtype == DType::kFloat64) {
+    coef_kernel<double><<<grid_for(M), kThreads, 0, stream>>>(static_cast<const double*>(grad_loss),
+        static_cast<const double*>(stats), M, loss, static_cast<double*>(coef));
+  } else {
+    coef_kernel<float><<<grid_for(M), kThreads, 0, stream>>>(static_cast<const float*>(grad_loss),
+        static_cast<const float*>(stats), M, loss, static_cast<float*>(coef));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t distill_grad_points(const void* point_features, const void* features, DType dtype,
+                                const int64_t* image_index, const void* xy, const void* coef,
+                                const SampleArgs& a, void* grad, cudaStream_t stream) {
+  if (a.M * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<F>;
+    distill_grad_points_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+        static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+        static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(grad));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t distill_grad_features_atomic(const void* point_features, const void* features,
+                                         DType dtype, const int64_t* image_index, const void* xy,
+                                         const void* coef, const SampleArgs& a, void* gacc,
+                                         cudaStream_t stream) {
+  if (a.M * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<F>;
+    distill_atomic_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+        static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+        static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(gacc));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t distill_grad_features_sorted(const void* point_features, const void* features,
+                                         DType dtype, const int64_t* image_index, const void* xy,
+                                         const void* coef, const SampleArgs& a,
+                                         const int64_t* order, const int64_t* targets,
+                                         const int64_t* starts, const int64_t* counts,
+                                         int64_t segments, void* gacc, cudaStream_t stream) {
+  if (segments * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<F>;
+    distill_sorted_kernel<F><<<grid_for(segments * a.D), kThreads, 0, stream>>>(
+        static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+        static_cast<const A*>(xy), static_cast<const A*>(coef), a, order, targets, starts, counts,
+        segments, static_cast<A*>(gacc));
     return cudaGetLastError();
   });
 }

@@ -12,6 +12,7 @@ namespace pyssl::cuda {
 struct SampleArgs {
   int64_t N, D, H, W, M, per_image;
   int64_t sN, sD, sH, sW;  // feature strides (elements)
+  int64_t gN, gD, gH, gW;  // strides of the gradient accumulator (laid out like the features)
   int mode;                // 0 bilinear, 1 nearest
 };
 
@@ -19,7 +20,7 @@ struct SampleArgs {
 cudaError_t sample_points(const void* features, DType dtype, const int64_t* image_index,
                           const void* xy, const SampleArgs& a, void* out, cudaStream_t stream);
 
-// gacc [N*H*W, D] (acc, zeroed) += scatter of grad [M, D] with float atomics.
+// gacc (acc, zeroed, strides gN..gW) += scatter of grad [M, D] with float atomics.
 cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
                                           const int64_t* image_index, const void* xy,
                                           const SampleArgs& a, void* gacc, cudaStream_t stream);
@@ -39,5 +40,28 @@ cudaError_t sample_points_segment_sum(const void* grad, DType dtype, const int64
 cudaError_t sample_points_backward_xy(const void* grad, const void* features, DType dtype,
                                       const int64_t* image_index, const void* xy,
                                       const SampleArgs& a, void* gxy, cudaStream_t stream);
+
+// Fused distillation loss (see csrc/ops/sampling.cpp). point_features [M, D] and stats [M, 3]
+// and coef [M, 4] in acc; per_pair [M] acc workspace; loss scalar acc.
+cudaError_t distill_forward(const void* point_features, const void* features, DType dtype,
+                            const int64_t* image_index, const void* xy, const SampleArgs& a,
+                            int loss, void* stats, void* per_pair, void* loss_out,
+                            cudaStream_t stream);
+cudaError_t distill_coefficients(const void* grad_loss, const void* stats, DType acc_dtype,
+                                 int64_t M, int loss, void* coef, cudaStream_t stream);
+cudaError_t distill_grad_points(const void* point_features, const void* features, DType dtype,
+                                const int64_t* image_index, const void* xy, const void* coef,
+                                const SampleArgs& a, void* grad, cudaStream_t stream);
+// gacc as in sample_points_backward_*: atomic, or by sorted tap segments (order/targets/...).
+cudaError_t distill_grad_features_atomic(const void* point_features, const void* features,
+                                         DType dtype, const int64_t* image_index, const void* xy,
+                                         const void* coef, const SampleArgs& a, void* gacc,
+                                         cudaStream_t stream);
+cudaError_t distill_grad_features_sorted(const void* point_features, const void* features,
+                                         DType dtype, const int64_t* image_index, const void* xy,
+                                         const void* coef, const SampleArgs& a,
+                                         const int64_t* order, const int64_t* targets,
+                                         const int64_t* starts, const int64_t* counts,
+                                         int64_t segments, void* gacc, cudaStream_t stream);
 
 }  // namespace pyssl::cuda

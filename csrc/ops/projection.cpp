@@ -3,8 +3,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
+#include "cpu/projection.h"
 #include "ops/projection.h"
 
 namespace pyssl::projection {
@@ -34,38 +36,36 @@ Inputs prepare(const Tensor& points, const Tensor& lidar_to_cam, const Tensor& i
   return in;
 }
 
-template <typename T>
-struct Projector {
-  const T* pts;
-  const T* M;
-  const T* K;
-  const T* size;
-  const int64_t* batch;
-  int64_t F, C;
-  T min_depth, margin;
-  int rounding;
+constexpr int64_t kPointBlock = 4096;
 
-  Projection<T> operator()(int64_t p, int64_t c) const {
-    const int64_t bc = (batch ? batch[p] : 0) * C + c;
-    const T* q = pts + p * F;
-    return project_point<T>(q[0], q[1], q[2], M + bc * 16, K + bc * 9, size[bc * 2],
-                            size[bc * 2 + 1], min_depth, margin, rounding);
-  }
-};
-
+// Projects all points into all cameras: pixels [C, P, 2], depth [C, P], valid [C, P]. Tasks are
+// (camera, block of points); within a block, runs of points of the same scan share matrices.
 template <typename T>
-Projector<T> make_projector(const Inputs& in, const ProjShape& s, double min_depth, double margin,
-                            int64_t rounding) {
-  return {in.points.const_data_ptr<T>(),
-          in.M.const_data_ptr<T>(),
-          in.K.const_data_ptr<T>(),
-          in.size.const_data_ptr<T>(),
-          in.batch.defined() ? in.batch.const_data_ptr<int64_t>() : nullptr,
-          s.F,
-          s.C,
-          static_cast<T>(min_depth),
-          static_cast<T>(margin),
-          static_cast<int>(rounding)};
+void project_all(const Inputs& in, const ProjShape& s, double min_depth, double margin,
+                 int64_t rounding, T* px, T* dp, bool* vd) {
+  const T* pts = in.points.const_data_ptr<T>();
+  const T* M = in.M.const_data_ptr<T>();
+  const T* K = in.K.const_data_ptr<T>();
+  const T* size = in.size.const_data_ptr<T>();
+  const int64_t* batch = in.batch.defined() ? in.batch.const_data_ptr<int64_t>() : nullptr;
+  const int64_t blocks = (s.P + kPointBlock - 1) / kPointBlock;
+  at::parallel_for(0, s.C * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / blocks, p1 = std::min(s.P, (task % blocks + 1) * kPointBlock);
+      for (int64_t p = (task % blocks) * kPointBlock; p < p1;) {
+        const int64_t b = batch ? batch[p] : 0;
+        int64_t q = p + 1;
+        while (batch && q < p1 && batch[q] == b) ++q;
+        if (!batch) q = p1;
+        const int64_t bc = b * s.C + c;
+        cpu::project_block(pts + p * s.F, s.F, q - p, M + bc * 16, K + bc * 9, size[bc * 2],
+                           size[bc * 2 + 1], static_cast<T>(min_depth), static_cast<T>(margin),
+                           static_cast<int>(rounding), px + (c * s.P + p) * 2, dp + c * s.P + p,
+                           vd + c * s.P + p);
+        p = q;
+      }
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> project_points_cpu(const Tensor& points,
@@ -81,20 +81,8 @@ std::tuple<Tensor, Tensor, Tensor> project_points_cpu(const Tensor& points,
   Tensor pixels = at::empty({s.C, s.P, 2}, opts), depth = at::empty({s.C, s.P}, opts);
   Tensor valid = at::empty({s.C, s.P}, opts.dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(in.points.scalar_type(), "project_points", [&] {
-    const auto proj = make_projector<scalar_t>(in, s, min_depth, margin, rounding);
-    scalar_t* px = pixels.mutable_data_ptr<scalar_t>();
-    scalar_t* dp = depth.mutable_data_ptr<scalar_t>();
-    bool* vd = valid.mutable_data_ptr<bool>();
-    at::parallel_for(0, s.P, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t c = 0; c < s.C; ++c)
-        for (int64_t p = begin; p < end; ++p) {
-          const auto r = proj(p, c);
-          px[(c * s.P + p) * 2] = r.u;
-          px[(c * s.P + p) * 2 + 1] = r.v;
-          dp[c * s.P + p] = r.depth;
-          vd[c * s.P + p] = r.valid;
-        }
-    });
+    project_all<scalar_t>(in, s, min_depth, margin, rounding, pixels.mutable_data_ptr<scalar_t>(),
+                          depth.mutable_data_ptr<scalar_t>(), valid.mutable_data_ptr<bool>());
   });
   return {pixels, depth, valid};
 }
@@ -117,11 +105,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
   std::vector<int64_t> offsets(s.P + 1, 0);
   Tensor point_index, camera_index, row, col;
   AT_DISPATCH_FLOATING_TYPES(in.points.scalar_type(), "point_pixel_pairs", [&] {
-    const auto proj = make_projector<scalar_t>(in, s, min_depth, margin, rounding);
-    at::parallel_for(0, s.P, 2048, [&](int64_t begin, int64_t end) {
+    // Project once into temporaries, then compact: count per point, scan, write.
+    std::vector<scalar_t> px(s.C * s.P * 2), dp(s.C * s.P);
+    std::unique_ptr<bool[]> vd(new bool[std::max<int64_t>(1, s.C * s.P)]);
+    project_all<scalar_t>(in, s, min_depth, margin, rounding, px.data(), dp.data(), vd.get());
+    const bool* valid = vd.get();
+    at::parallel_for(0, s.P, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         int64_t n = 0;
-        for (int64_t c = 0; c < s.C; ++c) n += proj(p, c).valid ? 1 : 0;
+        for (int64_t c = 0; c < s.C; ++c) n += valid[c * s.P + p] ? 1 : 0;
         offsets[p + 1] = cameras == kAll ? n : std::min<int64_t>(n, 1);
       }
     });
@@ -137,26 +129,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
     int64_t* ri = row.mutable_data_ptr<int64_t>();
     int64_t* co = col.mutable_data_ptr<int64_t>();
     const double* r = rnd.defined() ? rnd.const_data_ptr<double>() : nullptr;
-    at::parallel_for(0, s.P, 2048, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.P, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         int64_t o = offsets[p];
-        const int64_t n = offsets[p + 1] - o;
-        if (n == 0) continue;
-        int64_t pick = 0;  // for kRandom: which valid camera
+        if (offsets[p + 1] == o) continue;
+        int64_t pick = 0;  // kRandom: which of the valid cameras
         if (cameras == kRandom) {
           int64_t nvalid = 0;
-          for (int64_t c = 0; c < s.C; ++c) nvalid += proj(p, c).valid ? 1 : 0;
+          for (int64_t c = 0; c < s.C; ++c) nvalid += valid[c * s.P + p] ? 1 : 0;
           pick = std::min<int64_t>(nvalid - 1, static_cast<int64_t>(r[p] * double(nvalid)));
         }
         int64_t seen = 0;
         for (int64_t c = 0; c < s.C; ++c) {
-          const auto q = proj(p, c);
-          if (!q.valid) continue;
+          if (!valid[c * s.P + p]) continue;
           if (cameras == kAll || (cameras == kFirst && seen == 0) || (cameras == kRandom && seen == pick)) {
             pi[o] = p;
             ci[o] = c;
-            ri[o] = static_cast<int64_t>(q.v);
-            co[o] = static_cast<int64_t>(q.u);
+            co[o] = static_cast<int64_t>(px[(c * s.P + p) * 2]);
+            ri[o] = static_cast<int64_t>(px[(c * s.P + p) * 2 + 1]);
             ++o;
             if (cameras != kAll) break;
           }

@@ -1,11 +1,13 @@
 // Point sampling of image features: schema and CPU kernels. See csrc/ops/sampling.h.
 //
 // The backward into the features is a scatter-add. On the CPU it is always deterministic
-// without atomics: tasks own fixed 16-channel slices of a channels-last accumulation buffer
-// and visit the points in order.
+// without atomics: tasks own fixed 16-channel slices of the accumulation buffer (laid out like
+// the features) and visit the points in order.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "ops/sampling.h"
 
@@ -57,6 +59,14 @@ void forward_impl(const Prepared& p, const SampleShape& s, int64_t mode, Tensor&
         po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
       const F* base = f + n * sN;
       F* row = o + m * s.D;
+      if (mode == kNearest) {  // one tap
+        if (po[0] < 0) {
+          for (int64_t d = 0; d < s.D; ++d) row[d] = F(0);
+        } else {
+          for (int64_t d = 0; d < s.D; ++d) row[d] = base[d * sD + po[0]];
+        }
+        continue;
+      }
       for (int64_t d = 0; d < s.D; ++d) {
         A acc = 0;
         for (int c = 0; c < 4; ++c)
@@ -87,7 +97,10 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const F* g = grad.const_data_ptr<F>();
   const int64_t HW = s.H * s.W;
   if (need_features) {
-    A* acc = gacc.mutable_data_ptr<A>();  // [N, H, W, D], channels last
+    // gacc has the strides of the features (NCHW or channels-last), so autograd takes it as is.
+    A* acc = gacc.mutable_data_ptr<A>();
+    const auto gs = gacc.strides();
+    const int64_t gN = gs[0], gD = gs[1], gH = gs[2], gW = gs[3];
     const int64_t slices = (s.D + kChannelSlice - 1) / kChannelSlice;
     at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
       for (int64_t sl = begin; sl < end; ++sl) {
@@ -98,9 +111,9 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
           const F* gm = g + m * s.D;
           for (int c = 0; c < 4; ++c) {
             if (t.offset[c] < 0) continue;
-            A* dst = acc + (n * HW + t.offset[c]) * s.D;
+            A* dst = acc + n * gN + (t.offset[c] / s.W) * gH + (t.offset[c] % s.W) * gW;
             const A w = t.weight[c];
-            for (int64_t d = d0; d < d1; ++d) dst[d] += w * static_cast<A>(gm[d]);
+            for (int64_t d = d0; d < d1; ++d) dst[d * gD] += w * static_cast<A>(gm[d]);
           }
         }
       }
@@ -149,16 +162,206 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   check_image_index_cpu(image_index, s.N);
   const Prepared p = prepare(features, image_index, xy);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
-  Tensor gacc = features_grad ? at::zeros({s.N, s.H, s.W, s.D}, p.xy.options())
+  Tensor gacc = features_grad ? channels_last_accumulator(p.features, p.xy.options())
                               : at::empty({0}, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
                                   "sample_points_backward", [&] {
     backward_impl<scalar_t>(g, p, s, mode, features_grad, xy_grad, gacc, gxy);
   });
-  Tensor gf = features_grad ? gacc.permute({0, 3, 1, 2}).to(features.scalar_type())
-                            : at::empty({0}, features.options());
+  Tensor gf = features_grad ? like_features(gacc, features) : at::empty({0}, features.options());
   return {gf, xy_grad ? gxy.to(xy.scalar_type()) : at::empty({0}, xy.options())};
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Fused pixel-to-point distillation loss: per pair m, f = features sampled at xy[m] (on the fly,
+// never stored), g = point_features[m]; a = f / max(|f|, eps), b = g / max(|g|, eps);
+// L_m = 1 - a.b (cosine) or |a - b|^2 (l2_normalized); loss = mean_m L_m. Only three scalars per
+// pair (|f|, |g|, f.g) are kept for backward.
+// ---------------------------------------------------------------------------------------------
+
+template <typename A>
+struct DistillCoef {  // d L_m / d f = cf1 f + cf2 g, d L_m / d g = cg1 g + cg2 f
+  A cf1, cf2, cg1, cg2;
+};
+
+template <typename A>
+DistillCoef<A> distill_coef(A nf_raw, A ng_raw, A fg, int64_t loss) {
+  const A eps = static_cast<A>(kNormEps);
+  const A nf = std::max(nf_raw, eps), ng = std::max(ng_raw, eps);
+  const A p = loss == kCosine ? A(0) : A(2), q = loss == kCosine ? A(-1) : A(-2);
+  const A aa = nf_raw * nf_raw / (nf * nf), bb = ng_raw * ng_raw / (ng * ng), ab = fg / (nf * ng);
+  const A sa = nf_raw > eps ? p * aa + q * ab : A(0);
+  const A sb = ng_raw > eps ? p * bb + q * ab : A(0);
+  return {(p - sa) / (nf * nf), q / (nf * ng), (p - sb) / (ng * ng), q / (nf * ng)};
+}
+
+template <typename A>
+A distill_value(A nf_raw, A ng_raw, A fg, int64_t loss) {
+  const A eps = static_cast<A>(kNormEps);
+  const A nf = std::max(nf_raw, eps), ng = std::max(ng_raw, eps);
+  const A ab = fg / (nf * ng);
+  if (loss == kCosine) return A(1) - ab;
+  return nf_raw * nf_raw / (nf * nf) + ng_raw * ng_raw / (ng * ng) - A(2) * ab;
+}
+
+// f[d0:d1] of pair m (bilinear / nearest taps)
+template <typename F, typename A>
+inline void gather_row(const F* base, const Taps<A>& t, const int64_t* po, int64_t sD, int64_t d0,
+                       int64_t d1, A* out) {
+  for (int64_t d = d0; d < d1; ++d) {
+    A acc = 0;
+    for (int c = 0; c < 4; ++c)
+      if (po[c] >= 0) acc += t.weight[c] * static_cast<A>(base[d * sD + po[c]]);
+    out[d - d0] = acc;
+  }
+}
+
+struct DistillInputs {
+  Prepared p;
+  Tensor pf;  // point features in the accumulation dtype
+};
+
+template <typename F>
+void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t mode,
+                          int64_t loss, Tensor& stats, double* total) {
+  using A = at::opmath_type<F>;
+  const F* f = in.p.features.const_data_ptr<F>();
+  const auto st = in.p.features.strides();
+  const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
+  const A* xy = in.p.xy.const_data_ptr<A>();
+  const A* g = in.pf.const_data_ptr<A>();
+  const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
+  A* out = stats.mutable_data_ptr<A>();
+  std::vector<double> per(s.M);
+  at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
+    std::vector<A> row(s.D);
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = idx ? idx[m] : m / s.per_image;
+      const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
+      int64_t po[4];
+      for (int c = 0; c < 4; ++c)
+        po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
+      gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
+      A ff = 0, gg = 0, fg = 0;
+      const A* gm = g + m * s.D;
+      for (int64_t d = 0; d < s.D; ++d) {
+        ff += row[d] * row[d];
+        gg += gm[d] * gm[d];
+        fg += row[d] * gm[d];
+      }
+      out[3 * m] = std::sqrt(ff);
+      out[3 * m + 1] = std::sqrt(gg);
+      out[3 * m + 2] = fg;
+      per[m] = double(distill_value<A>(out[3 * m], out[3 * m + 1], fg, loss));
+    }
+  });
+  double sum = 0;
+  for (int64_t m = 0; m < s.M; ++m) sum += per[m];
+  *total = sum;
+}
+
+std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const Tensor& features,
+                                            const std::optional<Tensor>& image_index,
+                                            const Tensor& xy, int64_t mode, int64_t loss) {
+  const SampleShape s = check_sample(features, image_index, xy, mode);
+  check_distill(point_features, s, loss);
+  check_same_device(point_features, features, "point_features", "features");
+  check_image_index_cpu(image_index, s.N);
+  DistillInputs in{prepare(features, image_index, xy), Tensor()};
+  in.pf = point_features.to(in.p.xy.scalar_type()).contiguous();
+  Tensor stats = at::empty({s.M, 3}, in.p.xy.options());
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss",
+                                  [&] { distill_forward_impl<scalar_t>(in, s, mode, loss, stats, &total); });
+  Tensor value = at::full({}, s.M > 0 ? total / double(s.M) : 0.0, in.p.xy.options());
+  return {value, stats};
+}
+
+template <typename F>
+void distill_backward_impl(double grad, const DistillInputs& in, const SampleShape& s,
+                           const Tensor& stats, int64_t mode, int64_t loss, bool need_pf,
+                           bool need_features, Tensor& gpf, Tensor& gacc) {
+  using A = at::opmath_type<F>;
+  const F* f = in.p.features.const_data_ptr<F>();
+  const auto st = in.p.features.strides();
+  const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
+  const A* xy = in.p.xy.const_data_ptr<A>();
+  const A* g = in.pf.const_data_ptr<A>();
+  const A* sts = stats.const_data_ptr<A>();
+  const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
+  const A scale = static_cast<A>(grad / double(std::max<int64_t>(s.M, 1)));
+  std::vector<DistillCoef<A>> coef(s.M);
+  for (int64_t m = 0; m < s.M; ++m) {
+    DistillCoef<A> c = distill_coef<A>(sts[3 * m], sts[3 * m + 1], sts[3 * m + 2], loss);
+    coef[m] = {c.cf1 * scale, c.cf2 * scale, c.cg1 * scale, c.cg2 * scale};
+  }
+  auto taps_of = [&](int64_t m, int64_t* po) {
+    const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
+    for (int c = 0; c < 4; ++c)
+      po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
+    return t;
+  };
+  if (need_pf) {
+    A* o = gpf.mutable_data_ptr<A>();
+    at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
+      std::vector<A> row(s.D);
+      for (int64_t m = begin; m < end; ++m) {
+        int64_t po[4];
+        const Taps<A> t = taps_of(m, po);
+        const int64_t n = idx ? idx[m] : m / s.per_image;
+        gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
+        for (int64_t d = 0; d < s.D; ++d)
+          o[m * s.D + d] = coef[m].cg1 * g[m * s.D + d] + coef[m].cg2 * row[d];
+      }
+    });
+  }
+  if (need_features) {
+    A* acc = gacc.mutable_data_ptr<A>();
+    const auto gs = gacc.strides();
+    const int64_t gN = gs[0], gD = gs[1], gH = gs[2], gW = gs[3];
+    const int64_t slices = (s.D + kChannelSlice - 1) / kChannelSlice;
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      A row[kChannelSlice];
+      for (int64_t sl = begin; sl < end; ++sl) {
+        const int64_t d0 = sl * kChannelSlice, d1 = std::min(s.D, d0 + kChannelSlice);
+        for (int64_t m = 0; m < s.M; ++m) {
+          int64_t po[4];
+          const Taps<A> t = taps_of(m, po);
+          const int64_t n = idx ? idx[m] : m / s.per_image;
+          gather_row(f + n * sN, t, po, sD, d0, d1, row);
+          for (int64_t d = d0; d < d1; ++d)
+            row[d - d0] = coef[m].cf1 * row[d - d0] + coef[m].cf2 * g[m * s.D + d];
+          for (int c = 0; c < 4; ++c) {
+            if (t.offset[c] < 0) continue;
+            A* dst = acc + n * gN + (t.offset[c] / s.W) * gH + (t.offset[c] % s.W) * gW;
+            for (int64_t d = d0; d < d1; ++d) dst[d * gD] += t.weight[c] * row[d - d0];
+          }
+        }
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
+    const Tensor& grad_loss, const Tensor& point_features, const Tensor& features,
+    const std::optional<Tensor>& image_index, const Tensor& xy, const Tensor& stats, int64_t mode,
+    int64_t loss, bool point_features_grad, bool features_grad, bool deterministic) {
+  const SampleShape s = check_sample(features, image_index, xy, mode);
+  check_distill(point_features, s, loss);
+  check_image_index_cpu(image_index, s.N);
+  DistillInputs in{prepare(features, image_index, xy), Tensor()};
+  in.pf = point_features.to(in.p.xy.scalar_type()).contiguous();
+  const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
+  Tensor gpf = point_features_grad ? at::empty({s.M, s.D}, in.p.xy.options()) : at::empty({0}, in.p.xy.options());
+  Tensor gacc = features_grad ? channels_last_accumulator(in.p.features, in.p.xy.options()) : at::empty({0}, in.p.xy.options());
+  const double g = grad_loss.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
+    distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);
+  });
+  return {point_features_grad ? gpf.to(point_features.scalar_type()) : at::empty({0}, point_features.options()),
+          features_grad ? like_features(gacc, features) : at::empty({0}, features.options())};
 }
 
 }  // namespace
@@ -166,11 +369,15 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
 TORCH_LIBRARY_FRAGMENT(pyssl, m) {
   m.def("sample_points(Tensor features, Tensor? image_index, Tensor xy, int mode) -> Tensor");
   m.def("sample_points_backward(Tensor grad, Tensor features, Tensor? image_index, Tensor xy, int mode, bool features_grad, bool xy_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def("distill_loss(Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, int mode, int loss) -> (Tensor loss, Tensor stats)");
+  m.def("distill_loss_backward(Tensor grad_loss, Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor stats, int mode, int loss, bool point_features_grad, bool features_grad, bool deterministic) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
   m.impl("sample_points", &sample_points_cpu);
   m.impl("sample_points_backward", &sample_points_backward_cpu);
+  m.impl("distill_loss", &distill_loss_cpu);
+  m.impl("distill_loss_backward", &distill_loss_backward_cpu);
 }
 
 }  // namespace pyssl::sampling

@@ -38,9 +38,40 @@ inline SampleShape check_sample(const at::Tensor& features,
   return s;
 }
 
+// Scatter-adds into image features accumulate in a zeroed [N, D, H, W] buffer with
+// channels-last strides: each (pixel, channel-run) write is contiguous, unlike NCHW where every
+// channel is a different page. like_features() then converts it once to the features' dtype and
+// memory format, so autograd accumulates it without another copy.
+inline at::Tensor channels_last_accumulator(const at::Tensor& features, const at::TensorOptions& acc) {
+  return at::zeros({features.size(0), features.size(2), features.size(3), features.size(1)}, acc)
+      .permute({0, 3, 1, 2});
+}
+
+inline at::Tensor like_features(const at::Tensor& acc, const at::Tensor& features) {
+  return acc.to(features.scalar_type()).contiguous(features.suggest_memory_format());
+}
+
 inline at::ScalarType sample_acc(const at::Tensor& features, const at::Tensor& xy) {
   return (features.scalar_type() == at::kDouble || xy.scalar_type() == at::kDouble) ? at::kDouble
                                                                                    : at::kFloat;
+}
+
+}  // namespace pyssl::sampling
+
+namespace pyssl::sampling {
+
+// Fused pixel-to-point distillation loss (sampling + cosine / normalised-L2 loss).
+enum DistillLoss : int { kCosine = 0, kL2Normalized = 1 };
+constexpr double kNormEps = 1e-12;  // F.normalize's eps
+
+inline void check_distill(const at::Tensor& point_features, const SampleShape& s, int64_t loss) {
+  check_dim(point_features, 2, "point_features", "[M, D]");
+  check_floating(point_features, "point_features");
+  TORCH_CHECK_VALUE(point_features.size(0) == s.M && point_features.size(1) == s.D,
+                    "point_features must have shape [M, D] = [", s.M, ", ", s.D,
+                    "] (one row per pair, D = features.shape[1]), got ", point_features.sizes());
+  TORCH_CHECK_VALUE(loss == kCosine || loss == kL2Normalized,
+                    "loss must be 0 (cosine) or 1 (l2_normalized), got ", loss);
 }
 
 }  // namespace pyssl::sampling

@@ -32,7 +32,8 @@ Prepared prepare(const Tensor& features, const std::optional<Tensor>& image_inde
     }
   }
   const auto st = p.features.strides();
-  p.args = {s.N, s.D, s.H, s.W, s.M, s.per_image, st[0], st[1], st[2], st[3], static_cast<int>(mode)};
+  p.args = {s.N, s.D, s.H, s.W, s.M, s.per_image, st[0], st[1], st[2], st[3], 0, 0, 0, 0,
+            static_cast<int>(mode)};
   return p;
 }
 
@@ -65,11 +66,17 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   const cudaStream_t stream = current_stream();
   Tensor gf = at::empty({0}, features.options());
   if (features_grad) {
-    Tensor gacc = at::zeros({s.N, s.H, s.W, s.D}, p.xy.options());
+    Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
+    const auto gs = gacc.strides();
+    cuda::SampleArgs args = p.args;
+    args.gN = gs[0];
+    args.gD = gs[1];
+    args.gH = gs[2];
+    args.gW = gs[3];
     const bool det = deterministic || at::globalContext().deterministicAlgorithms();
     if (!det) {
       PYSSL_CUDA_CHECK(cuda::sample_points_backward_atomic(g.const_data_ptr(), dt, index_ptr(p),
-                                                           p.xy.const_data_ptr(), p.args,
+                                                           p.xy.const_data_ptr(), args,
                                                            gacc.mutable_data_ptr(), stream));
     } else if (s.M > 0) {
       Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
@@ -80,12 +87,12 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
       auto [targets, inverse, counts] = at::unique_consecutive(sorted, false, true);
       const Tensor starts = at::cumsum(counts, 0) - counts;
       PYSSL_CUDA_CHECK(cuda::sample_points_segment_sum(
-          g.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(), p.args,
+          g.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(), args,
           order.const_data_ptr<int64_t>(), targets.const_data_ptr<int64_t>(),
           starts.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(), targets.numel(),
           gacc.mutable_data_ptr(), stream));
     }
-    gf = gacc.permute({0, 3, 1, 2}).to(features.scalar_type());
+    gf = like_features(gacc, features);
   }
   Tensor gxy = at::empty({0}, xy.options());
   if (xy_grad) {
@@ -100,11 +107,91 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   return {gf, gxy};
 }
 
+
+std::tuple<Tensor, Tensor> distill_loss_cuda(const Tensor& point_features, const Tensor& features,
+                                             const std::optional<Tensor>& image_index,
+                                             const Tensor& xy, int64_t mode, int64_t loss) {
+  const SampleShape s = check_sample(features, image_index, xy, mode);
+  check_distill(point_features, s, loss);
+  check_same_device(point_features, features, "point_features", "features");
+  const c10::cuda::CUDAGuard guard(features.device());
+  const Prepared p = prepare(features, image_index, xy, mode, s);
+  const Tensor pf = point_features.to(p.xy.scalar_type()).contiguous();
+  Tensor stats = at::empty({s.M, 3}, p.xy.options());
+  Tensor per = at::empty({s.M}, p.xy.options());
+  Tensor value = at::empty({}, p.xy.options());
+  PYSSL_CUDA_CHECK(cuda::distill_forward(pf.const_data_ptr(), p.features.const_data_ptr(),
+                                         to_dtype(p.features.scalar_type()), index_ptr(p),
+                                         p.xy.const_data_ptr(), p.args, static_cast<int>(loss),
+                                         stats.mutable_data_ptr(), per.mutable_data_ptr(),
+                                         value.mutable_data_ptr(), current_stream()));
+  return {value, stats};
+}
+
+std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
+    const Tensor& grad_loss, const Tensor& point_features, const Tensor& features,
+    const std::optional<Tensor>& image_index, const Tensor& xy, const Tensor& stats, int64_t mode,
+    int64_t loss, bool point_features_grad, bool features_grad, bool deterministic) {
+  const SampleShape s = check_sample(features, image_index, xy, mode);
+  check_distill(point_features, s, loss);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const Prepared p = prepare(features, image_index, xy, mode, s);
+  const auto acc = p.xy.scalar_type();
+  const Tensor pf = point_features.to(acc).contiguous();
+  const Tensor st = stats.to(acc).contiguous();
+  const Tensor g = grad_loss.to(acc).contiguous();
+  const DType dt = to_dtype(p.features.scalar_type());
+  const cudaStream_t stream = current_stream();
+  Tensor coef = at::empty({s.M, 4}, p.xy.options());
+  PYSSL_CUDA_CHECK(cuda::distill_coefficients(g.const_data_ptr(), st.const_data_ptr(), to_dtype(acc),
+                                              s.M, static_cast<int>(loss), coef.mutable_data_ptr(), stream));
+  Tensor gpf = at::empty({0}, point_features.options());
+  if (point_features_grad) {
+    Tensor out = at::empty({s.M, s.D}, p.xy.options());
+    PYSSL_CUDA_CHECK(cuda::distill_grad_points(pf.const_data_ptr(), p.features.const_data_ptr(), dt,
+                                               index_ptr(p), p.xy.const_data_ptr(),
+                                               coef.const_data_ptr(), p.args, out.mutable_data_ptr(),
+                                               stream));
+    gpf = out.to(point_features.scalar_type());
+  }
+  Tensor gf = at::empty({0}, features.options());
+  if (features_grad) {
+    Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
+    const auto gs = gacc.strides();
+    cuda::SampleArgs args = p.args;
+    args.gN = gs[0];
+    args.gD = gs[1];
+    args.gH = gs[2];
+    args.gW = gs[3];
+    if (!(deterministic || at::globalContext().deterministicAlgorithms())) {
+      PYSSL_CUDA_CHECK(cuda::distill_grad_features_atomic(
+          pf.const_data_ptr(), p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
+          coef.const_data_ptr(), args, gacc.mutable_data_ptr(), stream));
+    } else if (s.M > 0) {
+      Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
+      PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(), to_dtype(acc),
+                                                    p.args, keys.mutable_data_ptr<int64_t>(), stream));
+      auto [sorted, order] = at::sort(keys, /*stable=*/true, 0, false);
+      auto [targets, inverse, counts] = at::unique_consecutive(sorted, false, true);
+      const Tensor starts = at::cumsum(counts, 0) - counts;
+      PYSSL_CUDA_CHECK(cuda::distill_grad_features_sorted(
+          pf.const_data_ptr(), p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
+          coef.const_data_ptr(), args, order.const_data_ptr<int64_t>(),
+          targets.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+          counts.const_data_ptr<int64_t>(), targets.numel(), gacc.mutable_data_ptr(), stream));
+    }
+    gf = like_features(gacc, features);
+  }
+  return {gpf, gf};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyssl, CUDA, m) {
   m.impl("sample_points", &sample_points_cuda);
   m.impl("sample_points_backward", &sample_points_backward_cuda);
+  m.impl("distill_loss", &distill_loss_cuda);
+  m.impl("distill_loss_backward", &distill_loss_backward_cuda);
 }
 
 }  // namespace pyssl::sampling

@@ -21,6 +21,7 @@ __all__ = [
     "PixelPairs",
     "Projection",
     "gather_pixel_features",
+    "pixel_to_point_distillation_loss",
     "point_pixel_pairs",
     "project_points",
     "segment_mean",
@@ -259,6 +260,14 @@ def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, ro
     if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
         raise ValueError(f"camera_index, row and col must be 1-D of the same length, got "
                          f"{tuple(camera_index.shape)}, {tuple(row.shape)}, {tuple(col.shape)}")
+    xy = _pair_coordinates(features, row, col, mode)
+    return sample_points(features, xy, camera_index.long(), mode=mode)
+
+
+_LOSSES = {"cosine": 0, "l2_normalized": 1}
+
+
+def _pair_coordinates(features, row, col, mode):
     if mode == "nearest":
         if row.is_floating_point() or col.is_floating_point():
             raise TypeError("mode='nearest' takes integer row/col (use mode='bilinear' for float coordinates)")
@@ -269,8 +278,72 @@ def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, ro
         coord_dtype = torch.promote_types(row.dtype, col.dtype)
     else:
         raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-    xy = torch.stack([col.to(coord_dtype), row.to(coord_dtype)], dim=-1)
-    return sample_points(features, xy, camera_index.long(), mode=mode)
+    return torch.stack([col.to(coord_dtype), row.to(coord_dtype)], dim=-1)
+
+
+def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: torch.Tensor,
+                                     camera_index: torch.Tensor, row: torch.Tensor,
+                                     col: torch.Tensor, *, loss: str = "cosine",
+                                     mode: str = "nearest") -> torch.Tensor:
+    """Image-to-LiDAR distillation loss read straight from the 2D feature maps (SLidR / ScaLR).
+
+    For each pair m (e.g. from :func:`point_pixel_pairs`): ``f`` = ``features[camera_index[m]]``
+    at (``row[m]``, ``col[m]``) (``mode`` as in :func:`gather_pixel_features`), ``g`` =
+    ``point_features[m]``; with ``a = f / max(|f|, 1e-12)``, ``b = g / max(|g|, 1e-12)``
+    (``F.normalize``): ``loss="cosine"``: ``1 - a.b``; ``loss="l2_normalized"``: ``|a - b|^2``
+    (ScaLR). Returns the mean over pairs (a scalar, float32; float64 for float64 inputs).
+
+    Fused: no ``[M, D]`` copy of the pixel features is made in the forward or backward, and
+    only three scalars per pair are kept for backward. Gradients to ``point_features`` and
+    ``features`` (the scatter-add into ``features`` is deterministic on the CPU; on CUDA without
+    atomics under ``torch.use_deterministic_algorithms``); row/col get none.
+    """
+    for name, t in (("point_features", point_features), ("features", features),
+                    ("camera_index", camera_index), ("row", row), ("col", col)):
+        check_tensor(t, name)
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {tuple(_LOSSES)}, got {loss!r}")
+    if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
+        raise ValueError("camera_index, row and col must be 1-D of the same length")
+    xy = _pair_coordinates(features, row, col, mode)
+    code = 0 if mode == "bilinear" else 1
+    if has_kernel(features.device):
+        return _ops.distill_loss(point_features, features, camera_index.long(), xy, code, _LOSSES[loss])[0]
+    return reference.pixel_to_point_distillation_loss(point_features, features, camera_index.long(),
+                                                       xy, code, loss)
+
+
+@torch.library.register_fake("pyssl::distill_loss")
+def _distill_fake(point_features, features, image_index, xy, mode, loss):
+    acc = torch.float64 if torch.float64 in (features.dtype, xy.dtype) else torch.float32
+    return features.new_empty((), dtype=acc), features.new_empty(xy.shape[0], 3, dtype=acc)
+
+
+def _distill_setup(ctx, inputs, output):
+    point_features, features, image_index, xy, mode, loss = inputs
+    ctx.meta = (mode, loss, image_index is not None)
+    ctx.save_for_backward(point_features, features, xy, output[1],
+                          *([image_index] if image_index is not None else []))
+
+
+def _distill_backward(ctx, grad_loss, _grad_stats):
+    point_features, features, xy, stats, *idx = ctx.saved_tensors
+    mode, loss, has_index = ctx.meta
+    need_pf, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gpf, gf = _ops.distill_loss_backward(grad_loss, point_features, features,
+                                         idx[0] if has_index else None, xy, stats, mode, loss,
+                                         need_pf, need_f, False)
+    return (gpf if need_pf else None), (gf if need_f else None), None, None, None, None
+
+
+torch.library.register_autograd("pyssl::distill_loss", _distill_backward, setup_context=_distill_setup)
+
+
+@torch.library.register_fake("pyssl::distill_loss_backward")
+def _distill_backward_fake(grad_loss, point_features, features, image_index, xy, stats, mode, loss,
+                           point_features_grad, features_grad, deterministic):
+    return (torch.empty_like(point_features) if point_features_grad else point_features.new_empty(0),
+            torch.empty_like(features) if features_grad else features.new_empty(0))
 
 
 def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, *,

@@ -462,3 +462,77 @@ def test_cuda_opcheck_projection_family():
     torch.library.opcheck(torch.ops.pyssl.sample_points.default, (feats, torch.tensor([0, 1, 1, 0, 1, 0, 0], device="cuda"), xy, 0))
     v = torch.randn(30, 4, dtype=torch.float64, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.pyssl.segment_mean.default, (v, torch.randint(-1, 7, (30,), device="cuda"), 7, True))
+
+
+# --------------------------------------------------------------------------------------------
+# fused distillation loss
+# --------------------------------------------------------------------------------------------
+
+
+@given(C=st.integers(1, 3), D=st.integers(1, 24), H=st.integers(1, 8), W=st.integers(1, 8),
+       M=st.integers(1, 80), seed=st.integers(0, 2**31 - 1), loss=st.sampled_from(["cosine", "l2_normalized"]),
+       mode=st.sampled_from(["nearest", "bilinear"]), channels_last=st.booleans())
+def test_fused_distillation_loss_matches_gather_then_loss(C, D, H, W, M, seed, loss, mode, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(C, D, H, W, generator=g, dtype=torch.float64)
+    if channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    feats.requires_grad_(True)
+    pf = torch.randn(M, D, generator=g, dtype=torch.float64, requires_grad=True)
+    if seed % 5 == 0:
+        pf.data[0] = 0  # a zero vector (normalised with F.normalize's eps)
+    cam = torch.randint(0, C, (M,), generator=g)
+    if mode == "nearest":
+        row, col = torch.randint(0, H, (M,), generator=g), torch.randint(0, W, (M,), generator=g)
+    else:
+        row = torch.rand(M, generator=g, dtype=torch.float64) * (H + 1) - 1
+        col = torch.rand(M, generator=g, dtype=torch.float64) * (W + 1) - 1
+    got = ops.pixel_to_point_distillation_loss(pf, feats, cam, row, col, loss=loss, mode=mode)
+    pix = ops.gather_pixel_features(feats, cam, row, col, mode=mode)
+    a, b = torch.nn.functional.normalize(pix, dim=1), torch.nn.functional.normalize(pf, dim=1)
+    want = (1 - (a * b).sum(1)).mean() if loss == "cosine" else (a - b).pow(2).sum(1).mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g1 = torch.autograd.grad(got, (pf, feats))
+    g2 = torch.autograd.grad(want, (pf, feats))
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-12)
+
+
+def test_fused_distillation_loss_gradcheck_opcheck_compile():
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    pf = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    cam = torch.randint(0, 2, (9,), generator=g)
+    row = torch.rand(9, generator=g, dtype=torch.float64) * 4
+    col = torch.rand(9, generator=g, dtype=torch.float64) * 5
+    assert torch.autograd.gradcheck(
+        lambda p, f: ops.pixel_to_point_distillation_loss(p, f, cam, row, col, mode="bilinear"), (pf, feats))
+    xy = torch.stack([col, row], -1)
+    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (pf, feats, cam, xy, 0, 0))
+    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (pf.float(), feats.float(), cam, xy.float(), 1, 1))
+    fn = torch.compile(lambda p, f: ops.pixel_to_point_distillation_loss(p, f, cam, row.long(), col.long()), fullgraph=True)
+    torch.testing.assert_close(fn(pf, feats), ops.pixel_to_point_distillation_loss(pf, feats, cam, row.long(), col.long()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_fused_distillation_loss(deterministic):
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(6, 64, 56, 100, generator=g)
+    pf = torch.randn(20000, 64, generator=g)
+    cam = torch.randint(0, 6, (20000,), generator=g)
+    row = torch.randint(0, 56, (20000,), generator=g)
+    col = torch.randint(0, 100, (20000,), generator=g)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        fc, pc = feats.cuda().requires_grad_(True), pf.cuda().requires_grad_(True)
+        out = ops.pixel_to_point_distillation_loss(pc, fc, cam.cuda(), row.cuda(), col.cuda())
+        out.backward()
+        fr, pr = feats.clone().requires_grad_(True), pf.clone().requires_grad_(True)
+        ref = ops.pixel_to_point_distillation_loss(pr, fr, cam, row, col)
+        ref.backward()
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pc.grad.cpu(), pr.grad, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(fc.grad.cpu(), fr.grad, rtol=1e-4, atol=1e-8)
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -5,7 +5,12 @@ fallback on devices that have no compiled kernel. Readable, not fast."""
 
 from .dino_loss import dino_loss, ibot_patch_loss, offset_logsumexp, sinkhorn_knopp
 from .masking import block_masking, random_masking, unshuffle_tokens
-from .projection import point_pixel_pairs, project_points, segment_mean
+from .projection import (
+    pixel_to_point_distillation_loss,
+    point_pixel_pairs,
+    project_points,
+    segment_mean,
+)
 from .sampling import sample_points
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "dino_loss",
     "ibot_patch_loss",
     "offset_logsumexp",
+    "pixel_to_point_distillation_loss",
     "point_pixel_pairs",
     "project_points",
     "random_masking",

@@ -71,3 +71,14 @@ def segment_mean(values, segment_ids, num_segments):
     counts = torch.bincount(segment_ids[keep], minlength=num_segments)
     sums = torch.sparse.mm(one_hot, values)
     return sums / counts.clamp(min=1).to(values.dtype)[:, None], counts
+
+
+def pixel_to_point_distillation_loss(point_features, features, image_index, xy, mode, loss):
+    """Gather the pixel features, then the loss on F.normalize'd vectors (mean over pairs)."""
+    from .sampling import sample_points
+
+    pix = sample_points(features, image_index, xy, mode)
+    a = torch.nn.functional.normalize(pix, dim=1)
+    b = torch.nn.functional.normalize(point_features.to(pix.dtype), dim=1)
+    per = 1 - (a * b).sum(1) if loss == "cosine" else (a - b).pow(2).sum(1)
+    return per.mean()
