@@ -171,7 +171,8 @@ __device__ __forceinline__ acc_t<F> sample_one(const F* f, const Taps<acc_t<F>>&
 }
 
 template <typename F>
-__global__ void distill_forward_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+__global__ void distill_forward_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
+                                       const acc_t<F>* __restrict__ w, const F* __restrict__ f,
                                        const int64_t* __restrict__ idx,
                                        const acc_t<F>* __restrict__ xy, SampleArgs a, int loss,
                                        acc_t<F>* __restrict__ stats, acc_t<F>* __restrict__ per) {
@@ -182,8 +183,9 @@ __global__ void distill_forward_kernel(const acc_t<F>* __restrict__ g, const F* 
     const int64_t n = image_of(idx, m, a.per_image);
     const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
     A ff = 0, gg = 0, fg = 0;
+    const A* gm = g + pl.base(m);
     for (int64_t d = lane; d < a.D; d += 32) {
-      const A fv = sample_one(f, tp, n, d, a), gv = g[m * a.D + d];
+      const A fv = sample_one(f, tp, n, d, a), gv = gm[d * pl.sD];
       ff += fv * fv;
       gg += gv * gv;
       fg += fv * gv;
@@ -200,26 +202,33 @@ __global__ void distill_forward_kernel(const acc_t<F>* __restrict__ g, const F* 
       stats[3 * m] = nfr;
       stats[3 * m + 1] = ngr;
       stats[3 * m + 2] = fg;
-      per[m] = loss == 0 ? A(1) - ab : ff / (nf * nf) + gg / (ng * ng) - A(2) * ab;
+      per[m] = (loss == 0 ? A(1) - ab : ff / (nf * nf) + gg / (ng * ng) - A(2) * ab) * (w ? w[m] : A(1));
     }
   }
 }
 
+// loss = sum(per) / sum(w) (w = 1 without weights), fixed reduction tree.
 template <typename A>
-__global__ void mean_kernel(const A* __restrict__ per, int64_t M, A* __restrict__ out) {
-  __shared__ A smem[32];
-  A v[1] = {0};
-  for (int64_t m = threadIdx.x; m < M; m += blockDim.x) v[0] += per[m];
+__global__ void mean_kernel(const A* __restrict__ per, const A* __restrict__ w, int64_t M,
+                            A* __restrict__ out) {
+  __shared__ A smem[64];
+  A v[2] = {0, 0};
+  for (int64_t m = threadIdx.x; m < M; m += blockDim.x) {
+    v[0] += per[m];
+    v[1] += w ? w[m] : A(1);
+  }
   block_sum(v, smem);
-  if (threadIdx.x == 0) *out = M > 0 ? v[0] / A(M) : A(0);
+  if (threadIdx.x == 0) *out = v[1] != A(0) ? v[0] / v[1] : A(0);
 }
 
 template <typename A>
-__global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict__ stats, int64_t M,
+__global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict__ stats,
+                            const A* __restrict__ w, const A* __restrict__ wsum, int64_t M,
                             int loss, A* __restrict__ coef) {
   const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (m >= M) return;
-  const A scale = grad_loss[0] / A(M);
+  const A total = w ? wsum[0] : A(M);
+  const A scale = total != A(0) ? grad_loss[0] * (w ? w[m] : A(1)) / total : A(0);
   const A nfr = stats[3 * m], ngr = stats[3 * m + 1], fg = stats[3 * m + 2];
   const A nf = max(nfr, A(kEps)), ng = max(ngr, A(kEps));
   const A p = loss == 0 ? A(0) : A(2), q = loss == 0 ? A(-1) : A(-2);
@@ -233,23 +242,25 @@ __global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict
 }
 
 template <typename F>
-__global__ void distill_grad_points_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+__global__ void distill_grad_points_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
+                                           const F* __restrict__ f,
                                            const int64_t* __restrict__ idx,
                                            const acc_t<F>* __restrict__ xy,
                                            const acc_t<F>* __restrict__ coef, SampleArgs a,
-                                           acc_t<F>* __restrict__ out) {
+                                           acc_t<F>* __restrict__ out, RowLayout ol) {
   using A = acc_t<F>;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.M * a.D;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = t / a.D, d = t % a.D;
     const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
     const A fv = sample_one(f, tp, image_of(idx, m, a.per_image), d, a);
-    out[t] = coef[4 * m + 2] * g[t] + coef[4 * m + 3] * fv;
+    out[ol.base(m) + d * ol.sD] = coef[4 * m + 2] * g[pl.base(m) + d * pl.sD] + coef[4 * m + 3] * fv;
   }
 }
 
 template <typename F>
-__global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+__global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
+                                      const F* __restrict__ f,
                                       const int64_t* __restrict__ idx,
                                       const acc_t<F>* __restrict__ xy,
                                       const acc_t<F>* __restrict__ coef, SampleArgs a,
@@ -260,7 +271,7 @@ __global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, const F* _
     const int64_t m = t / a.D, d = t % a.D;
     const int64_t n = image_of(idx, m, a.per_image);
     const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-    const A df = coef[4 * m] * sample_one(f, tp, n, d, a) + coef[4 * m + 1] * g[t];
+    const A df = coef[4 * m] * sample_one(f, tp, n, d, a) + coef[4 * m + 1] * g[pl.base(m) + d * pl.sD];
 #pragma unroll
     for (int c = 0; c < 4; ++c)
       if (tp.offset[c] >= 0) atomicAdd(gacc + grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * df);
@@ -268,7 +279,8 @@ __global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, const F* _
 }
 
 template <typename F>
-__global__ void distill_sorted_kernel(const acc_t<F>* __restrict__ g, const F* __restrict__ f,
+__global__ void distill_sorted_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
+                                      const F* __restrict__ f,
                                       const int64_t* __restrict__ idx,
                                       const acc_t<F>* __restrict__ xy,
                                       const acc_t<F>* __restrict__ coef, SampleArgs a,
@@ -290,7 +302,7 @@ __global__ void distill_sorted_kernel(const acc_t<F>* __restrict__ g, const F* _
       const int c = static_cast<int>(e & 3);
       const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
       const A df = coef[4 * m] * sample_one(f, tp, image_of(idx, m, a.per_image), d, a) +
-                   coef[4 * m + 1] * g[m * a.D + d];
+                   coef[4 * m + 1] * g[pl.base(m) + d * pl.sD];
       acc += tp.weight[c] * df;
     }
     const int64_t HW = a.H * a.W;
@@ -365,54 +377,62 @@ cudaError_t sample_points_backward_xy(const void* grad, const void* features, DT
   });
 }
 
-cudaError_t distill_forward(const void* point_features, const void* features, DType dtype,
-                            const int64_t* image_index, const void* xy, const SampleArgs& a,
-                            int loss, void* stats, void* per_pair, void* loss_out,
-                            cudaStream_t stream) {
+cudaError_t distill_forward(const void* point_features, const RowLayout& pl, const void* weights,
+                            const void* features, DType dtype, const int64_t* image_index,
+                            const void* xy, const SampleArgs& a, int loss, void* stats,
+                            void* per_pair, void* loss_out, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<F>;
     if (a.M > 0) {
       distill_forward_kernel<F><<<grid_for(a.M * 32), kThreads, 0, stream>>>(
-          static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+          static_cast<const A*>(point_features), pl, static_cast<const A*>(weights),
+          static_cast<const F*>(features), image_index,
           static_cast<const A*>(xy), a, loss, static_cast<A*>(stats), static_cast<A*>(per_pair));
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    mean_kernel<A><<<1, kThreads, 0, stream>>>(static_cast<const A*>(per_pair), a.M, static_cast<A*>(loss_out));
+    mean_kernel<A><<<1, kThreads, 0, stream>>>(static_cast<const A*>(per_pair),
+                                              static_cast<const A*>(weights), a.M,
+                                              static_cast<A*>(loss_out));
     return cudaGetLastError();
   });
 }
 
-cudaError_t distill_coefficients(const void* grad_loss, const void* stats, DType acc_dtype,
-                                 int64_t M, int loss, void* coef, cudaStream_t stream) {
+cudaError_t distill_coefficients(const void* grad_loss, const void* stats, const void* weights,
+                                 const void* weight_sum, DType acc_dtype, int64_t M, int loss,
+                                 void* coef, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   if (acc_dtype == DType::kFloat64) {
     coef_kernel<double><<<grid_for(M), kThreads, 0, stream>>>(static_cast<const double*>(grad_loss),
-        static_cast<const double*>(stats), M, loss, static_cast<double*>(coef));
+        static_cast<const double*>(stats), static_cast<const double*>(weights),
+        static_cast<const double*>(weight_sum), M, loss, static_cast<double*>(coef));
   } else {
     coef_kernel<float><<<grid_for(M), kThreads, 0, stream>>>(static_cast<const float*>(grad_loss),
-        static_cast<const float*>(stats), M, loss, static_cast<float*>(coef));
+        static_cast<const float*>(stats), static_cast<const float*>(weights),
+        static_cast<const float*>(weight_sum), M, loss, static_cast<float*>(coef));
   }
   return cudaGetLastError();
 }
 
-cudaError_t distill_grad_points(const void* point_features, const void* features, DType dtype,
-                                const int64_t* image_index, const void* xy, const void* coef,
-                                const SampleArgs& a, void* grad, cudaStream_t stream) {
+cudaError_t distill_grad_points(const void* point_features, const RowLayout& pl,
+                                const void* features, DType dtype, const int64_t* image_index,
+                                const void* xy, const void* coef, const SampleArgs& a, void* grad,
+                                const RowLayout& gl, cudaStream_t stream) {
   if (a.M * a.D == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<F>;
     distill_grad_points_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
-        static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
-        static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(grad));
+        static_cast<const A*>(point_features), pl, static_cast<const F*>(features), image_index,
+        static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(grad), gl);
     return cudaGetLastError();
   });
 }
 
-cudaError_t distill_grad_features_atomic(const void* point_features, const void* features,
-                                         DType dtype, const int64_t* image_index, const void* xy,
+cudaError_t distill_grad_features_atomic(const void* point_features, const RowLayout& pl,
+                                         const void* features, DType dtype,
+                                         const int64_t* image_index, const void* xy,
                                          const void* coef, const SampleArgs& a, void* gacc,
                                          cudaStream_t stream) {
   if (a.M * a.D == 0) return cudaSuccess;
@@ -420,14 +440,15 @@ cudaError_t distill_grad_features_atomic(const void* point_features, const void*
     using F = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<F>;
     distill_atomic_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
-        static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+        static_cast<const A*>(point_features), pl, static_cast<const F*>(features), image_index,
         static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(gacc));
     return cudaGetLastError();
   });
 }
 
-cudaError_t distill_grad_features_sorted(const void* point_features, const void* features,
-                                         DType dtype, const int64_t* image_index, const void* xy,
+cudaError_t distill_grad_features_sorted(const void* point_features, const RowLayout& pl,
+                                         const void* features, DType dtype,
+                                         const int64_t* image_index, const void* xy,
                                          const void* coef, const SampleArgs& a,
                                          const int64_t* order, const int64_t* targets,
                                          const int64_t* starts, const int64_t* counts,
@@ -437,7 +458,7 @@ cudaError_t distill_grad_features_sorted(const void* point_features, const void*
     using F = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<F>;
     distill_sorted_kernel<F><<<grid_for(segments * a.D), kThreads, 0, stream>>>(
-        static_cast<const A*>(point_features), static_cast<const F*>(features), image_index,
+        static_cast<const A*>(point_features), pl, static_cast<const F*>(features), image_index,
         static_cast<const A*>(xy), static_cast<const A*>(coef), a, order, targets, starts, counts,
         segments, static_cast<A*>(gacc));
     return cudaGetLastError();

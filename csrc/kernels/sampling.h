@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/common.h"
+#include "kernels/sampling_math.h"
 
 namespace pyssl::cuda {
 
@@ -41,24 +42,28 @@ cudaError_t sample_points_backward_xy(const void* grad, const void* features, DT
                                       const int64_t* image_index, const void* xy,
                                       const SampleArgs& a, void* gxy, cudaStream_t stream);
 
-// Fused distillation loss (see csrc/ops/sampling.cpp). point_features [M, D] and stats [M, 3]
-// and coef [M, 4] in acc; per_pair [M] acc workspace; loss scalar acc.
-cudaError_t distill_forward(const void* point_features, const void* features, DType dtype,
-                            const int64_t* image_index, const void* xy, const SampleArgs& a,
-                            int loss, void* stats, void* per_pair, void* loss_out,
-                            cudaStream_t stream);
-cudaError_t distill_coefficients(const void* grad_loss, const void* stats, DType acc_dtype,
-                                 int64_t M, int loss, void* coef, cudaStream_t stream);
-cudaError_t distill_grad_points(const void* point_features, const void* features, DType dtype,
-                                const int64_t* image_index, const void* xy, const void* coef,
-                                const SampleArgs& a, void* grad, cudaStream_t stream);
-// gacc as in sample_points_backward_*: atomic, or by sorted tap segments (order/targets/...).
-cudaError_t distill_grad_features_atomic(const void* point_features, const void* features,
-                                         DType dtype, const int64_t* image_index, const void* xy,
+// Fused distillation loss (see csrc/ops/sampling.cpp). Point features (acc) at rows given by
+// a RowLayout; weights [M] (acc) or null; stats [M, 3], coef [M, 4], per_pair [M] in acc.
+cudaError_t distill_forward(const void* point_features, const RowLayout& pl, const void* weights,
+                            const void* features, DType dtype, const int64_t* image_index,
+                            const void* xy, const SampleArgs& a, int loss, void* stats,
+                            void* per_pair, void* loss_out, cudaStream_t stream);
+// weight_sum: device scalar sum of the weights (ignored without weights).
+cudaError_t distill_coefficients(const void* grad_loss, const void* stats, const void* weights,
+                                 const void* weight_sum, DType acc_dtype, int64_t M, int loss,
+                                 void* coef, cudaStream_t stream);
+cudaError_t distill_grad_points(const void* point_features, const RowLayout& pl,
+                                const void* features, DType dtype, const int64_t* image_index,
+                                const void* xy, const void* coef, const SampleArgs& a, void* grad,
+                                const RowLayout& gl, cudaStream_t stream);
+cudaError_t distill_grad_features_atomic(const void* point_features, const RowLayout& pl,
+                                         const void* features, DType dtype,
+                                         const int64_t* image_index, const void* xy,
                                          const void* coef, const SampleArgs& a, void* gacc,
                                          cudaStream_t stream);
-cudaError_t distill_grad_features_sorted(const void* point_features, const void* features,
-                                         DType dtype, const int64_t* image_index, const void* xy,
+cudaError_t distill_grad_features_sorted(const void* point_features, const RowLayout& pl,
+                                         const void* features, DType dtype,
+                                         const int64_t* image_index, const void* xy,
                                          const void* coef, const SampleArgs& a,
                                          const int64_t* order, const int64_t* targets,
                                          const int64_t* starts, const int64_t* counts,

@@ -60,4 +60,16 @@ PYSSL_HD Taps<T> sample_taps(T x, T y, int64_t H, int64_t W, int mode) {
   return t;
 }
 
+// Where channel d of per-point row m lives in a [M, D] matrix (Ho = Wo = 1) or in a dense map
+// [N, D, Ho, Wo] whose pixels are the rows (m = (n * Ho + i) * Wo + j), any strides.
+struct RowLayout {
+  int64_t Ho, Wo;
+  int64_t sN, sD, sH, sW;
+
+  PYSSL_HD int64_t base(int64_t m) const {
+    const int64_t per = Ho * Wo, r = m % per;
+    return (m / per) * sN + (r / Wo) * sH + (r % Wo) * sW;
+  }
+};
+
 }  // namespace pyssl

@@ -220,18 +220,32 @@ inline void gather_row(const F* base, const Taps<A>& t, const int64_t* po, int64
 
 struct DistillInputs {
   Prepared p;
-  Tensor pf;  // point features in the accumulation dtype
+  Tensor pf;  // point features in the accumulation dtype (any strides)
+  RowLayout pl;
+  Tensor w;  // weights in the accumulation dtype, or undefined
 };
+
+DistillInputs prepare_distill(const Tensor& point_features, const Tensor& features,
+                              const std::optional<Tensor>& image_index, const Tensor& xy,
+                              const std::optional<Tensor>& weights) {
+  DistillInputs in{prepare(features, image_index, xy), Tensor(), {}, Tensor()};
+  const auto acc = in.p.xy.scalar_type();
+  in.pf = point_features.scalar_type() == acc ? point_features : point_features.to(acc);
+  in.pl = row_layout(in.pf);
+  if (weights.has_value()) in.w = weights->to(acc).contiguous();
+  return in;
+}
 
 template <typename F>
 void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t mode,
-                          int64_t loss, Tensor& stats, double* total) {
+                          int64_t loss, Tensor& stats, double* total, double* weight_sum) {
   using A = at::opmath_type<F>;
   const F* f = in.p.features.const_data_ptr<F>();
   const auto st = in.p.features.strides();
   const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
   const A* xy = in.p.xy.const_data_ptr<A>();
   const A* g = in.pf.const_data_ptr<A>();
+  const A* w = in.w.defined() ? in.w.const_data_ptr<A>() : nullptr;
   const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
   A* out = stats.mutable_data_ptr<A>();
   std::vector<double> per(s.M);
@@ -245,37 +259,44 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
         po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
       gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
       A ff = 0, gg = 0, fg = 0;
-      const A* gm = g + m * s.D;
+      const A* gm = g + in.pl.base(m);
       for (int64_t d = 0; d < s.D; ++d) {
+        const A gv = gm[d * in.pl.sD];
         ff += row[d] * row[d];
-        gg += gm[d] * gm[d];
-        fg += row[d] * gm[d];
+        gg += gv * gv;
+        fg += row[d] * gv;
       }
       out[3 * m] = std::sqrt(ff);
       out[3 * m + 1] = std::sqrt(gg);
       out[3 * m + 2] = fg;
-      per[m] = double(distill_value<A>(out[3 * m], out[3 * m + 1], fg, loss));
+      per[m] = double(distill_value<A>(out[3 * m], out[3 * m + 1], fg, loss)) * (w ? double(w[m]) : 1.0);
     }
   });
-  double sum = 0;
-  for (int64_t m = 0; m < s.M; ++m) sum += per[m];
+  double sum = 0, wsum = 0;
+  for (int64_t m = 0; m < s.M; ++m) {
+    sum += per[m];
+    wsum += w ? double(w[m]) : 1.0;
+  }
   *total = sum;
+  *weight_sum = wsum;
 }
 
 std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const Tensor& features,
                                             const std::optional<Tensor>& image_index,
-                                            const Tensor& xy, int64_t mode, int64_t loss) {
+                                            const Tensor& xy, const std::optional<Tensor>& weights,
+                                            int64_t mode, int64_t loss) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, s, loss);
+  check_distill(point_features, weights, s, loss);
   check_same_device(point_features, features, "point_features", "features");
+  if (weights.has_value()) check_same_device(*weights, features, "weights", "features");
   check_image_index_cpu(image_index, s.N);
-  DistillInputs in{prepare(features, image_index, xy), Tensor()};
-  in.pf = point_features.to(in.p.xy.scalar_type()).contiguous();
+  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights);
   Tensor stats = at::empty({s.M, 3}, in.p.xy.options());
-  double total = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss",
-                                  [&] { distill_forward_impl<scalar_t>(in, s, mode, loss, stats, &total); });
-  Tensor value = at::full({}, s.M > 0 ? total / double(s.M) : 0.0, in.p.xy.options());
+  double total = 0, wsum = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss", [&] {
+    distill_forward_impl<scalar_t>(in, s, mode, loss, stats, &total, &wsum);
+  });
+  Tensor value = at::full({}, wsum != 0 ? total / wsum : 0.0, in.p.xy.options());
   return {value, stats};
 }
 
@@ -289,11 +310,14 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
   const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
   const A* xy = in.p.xy.const_data_ptr<A>();
   const A* g = in.pf.const_data_ptr<A>();
+  const A* w = in.w.defined() ? in.w.const_data_ptr<A>() : nullptr;
   const A* sts = stats.const_data_ptr<A>();
   const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
-  const A scale = static_cast<A>(grad / double(std::max<int64_t>(s.M, 1)));
+  double wsum = 0;
+  for (int64_t m = 0; m < s.M; ++m) wsum += w ? double(w[m]) : 1.0;
   std::vector<DistillCoef<A>> coef(s.M);
   for (int64_t m = 0; m < s.M; ++m) {
+    const A scale = wsum != 0 ? static_cast<A>(grad * (w ? double(w[m]) : 1.0) / wsum) : A(0);
     DistillCoef<A> c = distill_coef<A>(sts[3 * m], sts[3 * m + 1], sts[3 * m + 2], loss);
     coef[m] = {c.cf1 * scale, c.cf2 * scale, c.cg1 * scale, c.cg2 * scale};
   }
@@ -303,6 +327,7 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
       po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
     return t;
   };
+  const RowLayout gl = row_layout(gpf.defined() && gpf.numel() ? gpf : in.pf);
   if (need_pf) {
     A* o = gpf.mutable_data_ptr<A>();
     at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
@@ -312,8 +337,10 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
         const Taps<A> t = taps_of(m, po);
         const int64_t n = idx ? idx[m] : m / s.per_image;
         gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
+        const A* gm = g + in.pl.base(m);
+        A* om = o + gl.base(m);
         for (int64_t d = 0; d < s.D; ++d)
-          o[m * s.D + d] = coef[m].cg1 * g[m * s.D + d] + coef[m].cg2 * row[d];
+          om[d * gl.sD] = coef[m].cg1 * gm[d * in.pl.sD] + coef[m].cg2 * row[d];
       }
     });
   }
@@ -327,12 +354,14 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
       for (int64_t sl = begin; sl < end; ++sl) {
         const int64_t d0 = sl * kChannelSlice, d1 = std::min(s.D, d0 + kChannelSlice);
         for (int64_t m = 0; m < s.M; ++m) {
+          if (coef[m].cf1 == A(0) && coef[m].cf2 == A(0)) continue;  // zero weight
           int64_t po[4];
           const Taps<A> t = taps_of(m, po);
           const int64_t n = idx ? idx[m] : m / s.per_image;
           gather_row(f + n * sN, t, po, sD, d0, d1, row);
+          const A* gm = g + in.pl.base(m);
           for (int64_t d = d0; d < d1; ++d)
-            row[d - d0] = coef[m].cf1 * row[d - d0] + coef[m].cf2 * g[m * s.D + d];
+            row[d - d0] = coef[m].cf1 * row[d - d0] + coef[m].cf2 * gm[d * in.pl.sD];
           for (int c = 0; c < 4; ++c) {
             if (t.offset[c] < 0) continue;
             A* dst = acc + n * gN + (t.offset[c] / s.W) * gH + (t.offset[c] % s.W) * gW;
@@ -346,16 +375,17 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
 
 std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
     const Tensor& grad_loss, const Tensor& point_features, const Tensor& features,
-    const std::optional<Tensor>& image_index, const Tensor& xy, const Tensor& stats, int64_t mode,
-    int64_t loss, bool point_features_grad, bool features_grad, bool deterministic) {
+    const std::optional<Tensor>& image_index, const Tensor& xy,
+    const std::optional<Tensor>& weights, const Tensor& stats, int64_t mode, int64_t loss,
+    bool point_features_grad, bool features_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, s, loss);
+  check_distill(point_features, weights, s, loss);
   check_image_index_cpu(image_index, s.N);
-  DistillInputs in{prepare(features, image_index, xy), Tensor()};
-  in.pf = point_features.to(in.p.xy.scalar_type()).contiguous();
+  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
-  Tensor gpf = point_features_grad ? at::empty({s.M, s.D}, in.p.xy.options()) : at::empty({0}, in.p.xy.options());
-  Tensor gacc = features_grad ? channels_last_accumulator(in.p.features, in.p.xy.options()) : at::empty({0}, in.p.xy.options());
+  Tensor gpf = point_features_grad ? at::empty_like(in.pf) : at::empty({0}, in.p.xy.options());
+  Tensor gacc = features_grad ? channels_last_accumulator(in.p.features, in.p.xy.options())
+                              : at::empty({0}, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);
@@ -369,8 +399,8 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
 TORCH_LIBRARY_FRAGMENT(pyssl, m) {
   m.def("sample_points(Tensor features, Tensor? image_index, Tensor xy, int mode) -> Tensor");
   m.def("sample_points_backward(Tensor grad, Tensor features, Tensor? image_index, Tensor xy, int mode, bool features_grad, bool xy_grad, bool deterministic) -> (Tensor, Tensor)");
-  m.def("distill_loss(Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, int mode, int loss) -> (Tensor loss, Tensor stats)");
-  m.def("distill_loss_backward(Tensor grad_loss, Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor stats, int mode, int loss, bool point_features_grad, bool features_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def("distill_loss(Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor? weights, int mode, int loss) -> (Tensor loss, Tensor stats)");
+  m.def("distill_loss_backward(Tensor grad_loss, Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor? weights, Tensor stats, int mode, int loss, bool point_features_grad, bool features_grad, bool deterministic) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyssl, CPU, m) {

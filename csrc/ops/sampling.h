@@ -64,14 +64,31 @@ namespace pyssl::sampling {
 enum DistillLoss : int { kCosine = 0, kL2Normalized = 1 };
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
-inline void check_distill(const at::Tensor& point_features, const SampleShape& s, int64_t loss) {
-  check_dim(point_features, 2, "point_features", "[M, D]");
+inline void check_distill(const at::Tensor& point_features, const std::optional<at::Tensor>& weights,
+                          const SampleShape& s, int64_t loss) {
   check_floating(point_features, "point_features");
-  TORCH_CHECK_VALUE(point_features.size(0) == s.M && point_features.size(1) == s.D,
-                    "point_features must have shape [M, D] = [", s.M, ", ", s.D,
-                    "] (one row per pair, D = features.shape[1]), got ", point_features.sizes());
+  if (point_features.dim() == 2) {
+    TORCH_CHECK_VALUE(point_features.size(0) == s.M && point_features.size(1) == s.D,
+                      "point_features must have shape [M, D] = [", s.M, ", ", s.D,
+                      "] (one row per pair, D = features.shape[1]), got ", point_features.sizes());
+  } else {
+    TORCH_CHECK_VALUE(point_features.dim() == 4 && point_features.size(1) == s.D &&
+                          point_features.size(0) * point_features.size(2) * point_features.size(3) == s.M,
+                      "point_features must be [M, D] or a dense map [N, D, Ho, Wo] with N*Ho*Wo = M = ",
+                      s.M, " and D = ", s.D, ", got ", point_features.sizes());
+  }
+  if (weights.has_value()) {
+    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == s.M, "weights must have shape [M] = [",
+                      s.M, "], got ", weights->sizes());
+    check_floating(*weights, "weights");
+  }
   TORCH_CHECK_VALUE(loss == kCosine || loss == kL2Normalized,
                     "loss must be 0 (cosine) or 1 (l2_normalized), got ", loss);
+}
+
+inline RowLayout row_layout(const at::Tensor& pf) {
+  if (pf.dim() == 2) return {1, 1, pf.stride(0), pf.stride(1), 0, 0};
+  return {pf.size(2), pf.size(3), pf.stride(0), pf.stride(1), pf.stride(2), pf.stride(3)};
 }
 
 }  // namespace pyssl::sampling

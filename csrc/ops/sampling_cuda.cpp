@@ -110,17 +110,23 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
 
 std::tuple<Tensor, Tensor> distill_loss_cuda(const Tensor& point_features, const Tensor& features,
                                              const std::optional<Tensor>& image_index,
-                                             const Tensor& xy, int64_t mode, int64_t loss) {
+                                             const Tensor& xy, const std::optional<Tensor>& weights,
+                                             int64_t mode, int64_t loss) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, s, loss);
+  check_distill(point_features, weights, s, loss);
   check_same_device(point_features, features, "point_features", "features");
+  if (weights.has_value()) check_same_device(*weights, features, "weights", "features");
   const c10::cuda::CUDAGuard guard(features.device());
   const Prepared p = prepare(features, image_index, xy, mode, s);
-  const Tensor pf = point_features.to(p.xy.scalar_type()).contiguous();
+  const auto acc = p.xy.scalar_type();
+  const Tensor pf = point_features.scalar_type() == acc ? point_features : point_features.to(acc);
+  const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   Tensor stats = at::empty({s.M, 3}, p.xy.options());
   Tensor per = at::empty({s.M}, p.xy.options());
   Tensor value = at::empty({}, p.xy.options());
-  PYSSL_CUDA_CHECK(cuda::distill_forward(pf.const_data_ptr(), p.features.const_data_ptr(),
+  PYSSL_CUDA_CHECK(cuda::distill_forward(pf.const_data_ptr(), row_layout(pf),
+                                         w.defined() ? w.const_data_ptr() : nullptr,
+                                         p.features.const_data_ptr(),
                                          to_dtype(p.features.scalar_type()), index_ptr(p),
                                          p.xy.const_data_ptr(), p.args, static_cast<int>(loss),
                                          stats.mutable_data_ptr(), per.mutable_data_ptr(),
@@ -130,28 +136,35 @@ std::tuple<Tensor, Tensor> distill_loss_cuda(const Tensor& point_features, const
 
 std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
     const Tensor& grad_loss, const Tensor& point_features, const Tensor& features,
-    const std::optional<Tensor>& image_index, const Tensor& xy, const Tensor& stats, int64_t mode,
-    int64_t loss, bool point_features_grad, bool features_grad, bool deterministic) {
+    const std::optional<Tensor>& image_index, const Tensor& xy,
+    const std::optional<Tensor>& weights, const Tensor& stats, int64_t mode, int64_t loss,
+    bool point_features_grad, bool features_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, s, loss);
+  check_distill(point_features, weights, s, loss);
   const c10::cuda::CUDAGuard guard(features.device());
   const Prepared p = prepare(features, image_index, xy, mode, s);
   const auto acc = p.xy.scalar_type();
-  const Tensor pf = point_features.to(acc).contiguous();
+  const Tensor pf = point_features.scalar_type() == acc ? point_features : point_features.to(acc);
+  const RowLayout pl = row_layout(pf);
+  const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
+  const Tensor wsum = w.defined() ? w.sum() : Tensor();
   const Tensor st = stats.to(acc).contiguous();
   const Tensor g = grad_loss.to(acc).contiguous();
   const DType dt = to_dtype(p.features.scalar_type());
   const cudaStream_t stream = current_stream();
   Tensor coef = at::empty({s.M, 4}, p.xy.options());
-  PYSSL_CUDA_CHECK(cuda::distill_coefficients(g.const_data_ptr(), st.const_data_ptr(), to_dtype(acc),
-                                              s.M, static_cast<int>(loss), coef.mutable_data_ptr(), stream));
+  PYSSL_CUDA_CHECK(cuda::distill_coefficients(g.const_data_ptr(), st.const_data_ptr(),
+                                              w.defined() ? w.const_data_ptr() : nullptr,
+                                              w.defined() ? wsum.const_data_ptr() : nullptr,
+                                              to_dtype(acc), s.M, static_cast<int>(loss),
+                                              coef.mutable_data_ptr(), stream));
   Tensor gpf = at::empty({0}, point_features.options());
   if (point_features_grad) {
-    Tensor out = at::empty({s.M, s.D}, p.xy.options());
-    PYSSL_CUDA_CHECK(cuda::distill_grad_points(pf.const_data_ptr(), p.features.const_data_ptr(), dt,
+    Tensor out = at::empty_like(pf);
+    PYSSL_CUDA_CHECK(cuda::distill_grad_points(pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt,
                                                index_ptr(p), p.xy.const_data_ptr(),
                                                coef.const_data_ptr(), p.args, out.mutable_data_ptr(),
-                                               stream));
+                                               row_layout(out), stream));
     gpf = out.to(point_features.scalar_type());
   }
   Tensor gf = at::empty({0}, features.options());
@@ -165,7 +178,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
     args.gW = gs[3];
     if (!(deterministic || at::globalContext().deterministicAlgorithms())) {
       PYSSL_CUDA_CHECK(cuda::distill_grad_features_atomic(
-          pf.const_data_ptr(), p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
+          pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
           coef.const_data_ptr(), args, gacc.mutable_data_ptr(), stream));
     } else if (s.M > 0) {
       Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
@@ -175,7 +188,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
       auto [targets, inverse, counts] = at::unique_consecutive(sorted, false, true);
       const Tensor starts = at::cumsum(counts, 0) - counts;
       PYSSL_CUDA_CHECK(cuda::distill_grad_features_sorted(
-          pf.const_data_ptr(), p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
+          pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
           coef.const_data_ptr(), args, order.const_data_ptr<int64_t>(),
           targets.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
           counts.const_data_ptr<int64_t>(), targets.numel(), gacc.mutable_data_ptr(), stream));

@@ -308,40 +308,43 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
     xy = _pair_coordinates(features, row, col, mode)
     code = 0 if mode == "bilinear" else 1
     if has_kernel(features.device):
-        return _ops.distill_loss(point_features, features, camera_index.long(), xy, code, _LOSSES[loss])[0]
+        return _ops.distill_loss(point_features, features, camera_index.long(), xy, None, code,
+                                 _LOSSES[loss])[0]
     return reference.pixel_to_point_distillation_loss(point_features, features, camera_index.long(),
                                                        xy, code, loss)
 
 
 @torch.library.register_fake("pyssl::distill_loss")
-def _distill_fake(point_features, features, image_index, xy, mode, loss):
+def _distill_fake(point_features, features, image_index, xy, weights, mode, loss):
     acc = torch.float64 if torch.float64 in (features.dtype, xy.dtype) else torch.float32
     return features.new_empty((), dtype=acc), features.new_empty(xy.shape[0], 3, dtype=acc)
 
 
 def _distill_setup(ctx, inputs, output):
-    point_features, features, image_index, xy, mode, loss = inputs
-    ctx.meta = (mode, loss, image_index is not None)
+    point_features, features, image_index, xy, weights, mode, loss = inputs
+    ctx.meta = (mode, loss, image_index is not None, weights is not None)
     ctx.save_for_backward(point_features, features, xy, output[1],
-                          *([image_index] if image_index is not None else []))
+                          *([image_index] if image_index is not None else []),
+                          *([weights] if weights is not None else []))
 
 
 def _distill_backward(ctx, grad_loss, _grad_stats):
-    point_features, features, xy, stats, *idx = ctx.saved_tensors
-    mode, loss, has_index = ctx.meta
+    point_features, features, xy, stats, *rest = ctx.saved_tensors
+    mode, loss, has_index, has_weights = ctx.meta
+    index = rest.pop(0) if has_index else None
+    weights = rest.pop(0) if has_weights else None
     need_pf, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gpf, gf = _ops.distill_loss_backward(grad_loss, point_features, features,
-                                         idx[0] if has_index else None, xy, stats, mode, loss,
-                                         need_pf, need_f, False)
-    return (gpf if need_pf else None), (gf if need_f else None), None, None, None, None
+    gpf, gf = _ops.distill_loss_backward(grad_loss, point_features, features, index, xy, weights,
+                                         stats, mode, loss, need_pf, need_f, False)
+    return (gpf if need_pf else None), (gf if need_f else None), None, None, None, None, None
 
 
 torch.library.register_autograd("pyssl::distill_loss", _distill_backward, setup_context=_distill_setup)
 
 
 @torch.library.register_fake("pyssl::distill_loss_backward")
-def _distill_backward_fake(grad_loss, point_features, features, image_index, xy, stats, mode, loss,
-                           point_features_grad, features_grad, deterministic):
+def _distill_backward_fake(grad_loss, point_features, features, image_index, xy, weights, stats, mode,
+                           loss, point_features_grad, features_grad, deterministic):
     return (torch.empty_like(point_features) if point_features_grad else point_features.new_empty(0),
             torch.empty_like(features) if features_grad else features.new_empty(0))
 

@@ -508,8 +508,8 @@ def test_fused_distillation_loss_gradcheck_opcheck_compile():
     assert torch.autograd.gradcheck(
         lambda p, f: ops.pixel_to_point_distillation_loss(p, f, cam, row, col, mode="bilinear"), (pf, feats))
     xy = torch.stack([col, row], -1)
-    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (pf, feats, cam, xy, 0, 0))
-    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (pf.float(), feats.float(), cam, xy.float(), 1, 1))
+    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (pf, feats, cam, xy, None, 0, 0))
+    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (pf.float(), feats.float(), cam, xy.float(), torch.rand(9), 1, 1))
     fn = torch.compile(lambda p, f: ops.pixel_to_point_distillation_loss(p, f, cam, row.long(), col.long()), fullgraph=True)
     torch.testing.assert_close(fn(pf, feats), ops.pixel_to_point_distillation_loss(pf, feats, cam, row.long(), col.long()))
 
