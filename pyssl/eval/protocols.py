@@ -89,14 +89,18 @@ def resolve_eval_data(cfg: EvalConfig, meta: dict) -> str:
     return name
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
+PERCENT = {"accuracy", "train_accuracy", "ci95", "probe", "knn", "random probe", "random knn"}
+
+
+def markdown_table(rows: list[dict], columns: list[str], percent=PERCENT) -> str:
+    """A markdown table; columns in ``percent`` (accuracies in [0, 1]) are shown in %."""
+    def fmt(c, v):
         if isinstance(v, float):
-            return f"{100 * v:.2f}" if 0 <= v <= 1 else f"{v:.3g}"
+            return f"{100 * v:.2f}" if c in percent else f"{v:.4g}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

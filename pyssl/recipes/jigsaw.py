@@ -66,13 +66,17 @@ def maximal_hamming_permutations(n: int, tiles: int = 9) -> np.ndarray:
 
 def cut_tiles(img: torch.Tensor, tile: int, gap: int, random_offset: bool = True) -> torch.Tensor:
     """``img`` ``[C, 3*(tile+gap), 3*(tile+gap)]`` -> tiles ``[9, C, tile, tile]`` (row-major),
-    each a crop at a random (or centred) offset inside its cell."""
+    each a crop at a random offset in ``[gap // 4, gap - gap // 4]`` inside its cell (or
+    centred), so that neighbouring tiles never touch."""
     cell = tile + gap
     out = []
     for r in range(3):
         for c in range(3):
             if random_offset and gap > 0:
-                oy, ox = (int(v) for v in torch.randint(0, gap + 1, (2,)))
+                # offsets in [gap/4, 3gap/4]: neighbouring tiles stay >= 2 * (gap // 4) px
+                # apart, so no edge continues from one tile into the next (a shortcut)
+                lo = gap // 4
+                oy, ox = (int(v) for v in torch.randint(lo, gap - lo + 1, (2,)))
             else:
                 oy = ox = gap // 2
             out.append(img[..., r * cell + oy:r * cell + oy + tile,

@@ -15,8 +15,8 @@ Neighbour labels, row-major around the centre::
     5 6 7
 
 Small-scale differences: the image is resized to a 3x3 grid of ``patch_size + gap`` cells
-(default 12 px patches with a 4 px gap, jitter up to 2 px: the paper used 96 px patches, 48 px
-gaps and 7 px jitter on 224 px-scale images), ResNet-10 instead of AlexNet, AdamW + cosine.
+(default 10 px patches with a 6 px gap, jitter up to 1 px, so patches are always >= 4 px apart:
+the paper used 96 px patches, 48 px gaps and 7 px jitter on 224 px-scale images), ResNet-10 instead of AlexNet, AdamW + cosine.
 The encoder is evaluated on whole images at ``image_size``.
 """
 
@@ -65,9 +65,9 @@ def drop_colour(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RelativePatchConfig(RecipeConfig):
-    patch_size: int = 12
-    gap: int = 4
-    jitter: int = 2
+    patch_size: int = 10
+    gap: int = 6
+    jitter: int = 1
     color_drop: bool = True
     head_hidden: int = 256
 
@@ -77,7 +77,7 @@ class RelativePatch(Recipe):
     description = "predict the position (8-way) of a neighbour patch relative to a centre patch"
     paper = ("Doersch et al., Unsupervised Visual Representation Learning by Context "
              "Prediction, ICCV 2015")
-    small_scale = ("12 px patches, 4 px gap, 2 px jitter on a 48 px canvas (paper: 96/48/7 px), "
+    small_scale = ("10 px patches, 6 px gap, 1 px jitter on a 48 px canvas (paper: 96/48/7 px), "
                    "ResNet-10 w32, AdamW + cosine")
     Config = RelativePatchConfig
     train_defaults = {"lr": 2e-3, "weight_decay": 0.05, "batch_size": 128, "epochs": 10}
@@ -86,8 +86,8 @@ class RelativePatch(Recipe):
         super().__init__(cfg, channels)
         if cfg.patch_size < 4:
             raise ConfigError(f"patch_size={cfg.patch_size}: must be >= 4")
-        if cfg.gap < 0 or cfg.jitter < 0 or 2 * cfg.jitter > cfg.gap:
-            raise ConfigError(f"need gap >= 2 * jitter >= 0 so patches never touch; got "
+        if cfg.gap < 0 or cfg.jitter < 0 or 2 * cfg.jitter >= cfg.gap:
+            raise ConfigError(f"need gap > 2 * jitter >= 0 so patches never touch; got "
                               f"gap={cfg.gap}, jitter={cfg.jitter}")
         self.backbone = self.build_encoder()
         d = self.backbone.num_features

@@ -48,9 +48,10 @@ def test_rotnet_views_hold_all_four_rotations():
 
 @pytest.mark.parametrize("label", range(8))
 def test_relative_patch_geometry(label):
-    patch, gap, jitter = 6, 4, 2
+    patch, gap, jitter = 6, 5, 2
     cell = patch + gap
-    img = torch.arange(30 * 30.0).reshape(1, 30, 30)
+    size = 3 * cell
+    img = torch.arange(size * size * 1.0).reshape(1, size, size)
     a, b, offs = patch_pair(img, label, patch, gap, jitter)
     (ya, xa), (yb, xb) = offs.tolist()
     assert torch.equal(a, img[:, ya:ya + patch, xa:xa + patch])
@@ -61,14 +62,14 @@ def test_relative_patch_geometry(label):
     sep_y = abs(yb - ya) - patch if dr else -1
     sep_x = abs(xb - xa) - patch if dc else -1
     assert max(sep_y, sep_x) >= gap - 2 * jitter
-    assert 0 <= min(ya, xa, yb, xb) and max(ya, xa, yb, xb) + patch <= 30
+    assert 0 <= min(ya, xa, yb, xb) and max(ya, xa, yb, xb) + patch <= size
 
 
 def test_relative_patch_views_and_colour_dropping():
     r = _recipe("relative_patch")
     a, b, y = r.views(torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8), 0)
-    assert a.shape == b.shape == (3, 12, 12) and 0 <= int(y) < 8
-    with pytest.raises(ConfigError, match="gap >= 2 \\* jitter"):
+    assert a.shape == b.shape == (3, 10, 10) and 0 <= int(y) < 8
+    with pytest.raises(ConfigError, match="gap > 2 \\* jitter"):
         _recipe("relative_patch", gap=2, jitter=2)
 
 
@@ -173,3 +174,14 @@ def test_each_recipe_trains_one_step(name):
     spec = r.encoder_spec()
     assert spec["backbone"]["name"] == "resnet_tiny" and spec["input"]["channels"] == (
         1 if name == "colorization" else channels)
+
+
+def test_jigsaw_tiles_never_touch():
+    tile, gap = 6, 4
+    size = 3 * (tile + gap)
+    rows = torch.arange(size).view(1, size, 1).expand(1, size, size).float()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        t = cut_tiles(rows, tile, gap)                       # top row of each tile = its y
+        tops = t[:, 0, 0, 0].view(3, 3)
+        assert ((tops[1:] - tops[:-1]) - tile >= 2 * (gap // 4)).all()
