@@ -70,7 +70,7 @@ def test_fewshot_episodes_and_confidence_interval():
     assert abs(r["acc"] - 0.2) < 3 * r["ci95"] + 0.03 and r["ci95"] > 0
     with pytest.raises(ValueError, match="n_way"):
         fewshot_eval(x, y, n_way=7)
-    with pytest.raises(ValueError, match="at least n_shot \+ n_query = 35"):
+    with pytest.raises(ValueError, match=r"at least n_shot \+ n_query = 35"):
         fewshot_eval(x, y, n_shot=20, n_query=15)
 
 
