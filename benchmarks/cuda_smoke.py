@@ -66,7 +66,23 @@ def projection(dev):
     torch.use_deterministic_algorithms(False)
 
 
-FAMILIES = [masking, dino_loss, projection]
+def flow(dev):
+    for dtype in (torch.float32, torch.bfloat16):
+        fw = (torch.randn(2, 2, 40, 60, device=dev) * 3).to(dtype)
+        bw = (-fw.float() + torch.randn(2, 2, 40, 60, device=dev) * 0.3).to(dtype)
+        coords, valid = ops.flow_correspondence(fw, bw)
+        feats = torch.randn(2, 16, 40, 60, device=dev).to(dtype).requires_grad_(True)
+        online = torch.randn(2, 16, 40, 60, device=dev).to(dtype).requires_grad_(True)
+        c = coords.detach().requires_grad_(True)
+        for det in (False, True):
+            torch.use_deterministic_algorithms(det, warn_only=True)
+            ops.sample_features(feats, c).float().sum().backward()
+            ops.dense_correspondence_loss(online, feats, coords, valid).backward()
+        torch.use_deterministic_algorithms(False)
+    ops.affine_correspondence(torch.randn(3, 2, 3, device=dev), (40, 60), (20, 30))
+
+
+FAMILIES = [masking, dino_loss, projection, flow]
 
 
 def main() -> int:

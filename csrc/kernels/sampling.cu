@@ -16,12 +16,12 @@ __device__ __forceinline__ int64_t image_of(const int64_t* idx, int64_t m, int64
 }
 
 __device__ __forceinline__ int64_t tap_pointer(int64_t offset, const SampleArgs& a) {
-  return offset < 0 ? -1 : (offset / a.W) * a.sH + (offset % a.W) * a.sW;
+  return tap_offset(offset, a.W, a.sH, a.sW);
 }
 
 __device__ __forceinline__ int64_t grad_pointer(int64_t n, int64_t d, int64_t offset,
                                                 const SampleArgs& a) {
-  return n * a.gN + d * a.gD + (offset / a.W) * a.gH + (offset % a.W) * a.gW;
+  return n * a.gN + d * a.gD + tap_offset(offset, a.W, a.gH, a.gW);
 }
 
 template <typename F>

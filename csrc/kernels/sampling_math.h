@@ -60,6 +60,13 @@ PYSSL_HD Taps<T> sample_taps(T x, T y, int64_t H, int64_t W, int mode) {
   return t;
 }
 
+// Element offset of tap offset = y * W + x in an image with row / column strides sH, sW; the
+// common dense layouts (NCHW, channels-last) have sH == W * sW and need no division.
+PYSSL_HD int64_t tap_offset(int64_t offset, int64_t W, int64_t sH, int64_t sW) {
+  if (offset < 0) return -1;
+  return sH == W * sW ? offset * sW : (offset / W) * sH + (offset % W) * sW;
+}
+
 // Where channel d of per-point row m lives in a [M, D] matrix (Ho = Wo = 1) or in a dense map
 // [N, D, Ho, Wo] whose pixels are the rows (m = (n * Ho + i) * Wo + j), any strides.
 struct RowLayout {

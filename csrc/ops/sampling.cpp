@@ -41,6 +41,36 @@ Prepared prepare(const Tensor& features, const std::optional<Tensor>& image_inde
   return p;
 }
 
+// Points are processed in blocks of kBlock: their taps are computed once, then, when the
+// channel stride is large (NCHW), channel by channel — a channel plane at a time — so the
+// accesses do not all alias onto the same cache sets (plane strides are powers of two).
+constexpr int kBlock = 64;
+
+template <typename A>
+struct TapBlock {
+  int64_t count;
+  int64_t image[kBlock];
+  int64_t pointer[kBlock][4];  // element offset of the tap in its image (-1: outside)
+  A w[kBlock][4], dx[kBlock][4], dy[kBlock][4];
+};
+
+template <typename A>
+void fill_block(TapBlock<A>& b, int64_t m0, int64_t m1, const A* xy, const int64_t* idx,
+                const SampleShape& s, int64_t mode, int64_t sH, int64_t sW) {
+  b.count = m1 - m0;
+  for (int64_t i = 0; i < b.count; ++i) {
+    const int64_t m = m0 + i;
+    b.image[i] = idx ? idx[m] : m / s.per_image;
+    const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
+    for (int c = 0; c < 4; ++c) {
+      b.pointer[i][c] = tap_offset(t.offset[c], s.W, sH, sW);
+      b.w[i][c] = t.weight[c];
+      b.dx[i][c] = t.dwdx[c];
+      b.dy[i][c] = t.dwdy[c];
+    }
+  }
+}
+
 template <typename F>
 void forward_impl(const Prepared& p, const SampleShape& s, int64_t mode, Tensor& out) {
   using A = at::opmath_type<F>;
@@ -50,28 +80,33 @@ void forward_impl(const Prepared& p, const SampleShape& s, int64_t mode, Tensor&
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   F* o = out.mutable_data_ptr<F>();
-  at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const int64_t n = idx ? idx[m] : m / s.per_image;
-      const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
-      int64_t po[4];
-      for (int c = 0; c < 4; ++c)
-        po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
-      const F* base = f + n * sN;
-      F* row = o + m * s.D;
-      if (mode == kNearest) {  // one tap
-        if (po[0] < 0) {
-          for (int64_t d = 0; d < s.D; ++d) row[d] = F(0);
-        } else {
-          for (int64_t d = 0; d < s.D; ++d) row[d] = base[d * sD + po[0]];
+  const int64_t blocks = (s.M + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    TapBlock<A> b;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t m0 = blk * kBlock;
+      fill_block(b, m0, std::min(s.M, m0 + kBlock), xy, idx, s, mode, sH, sW);
+      if (sD == 1) {  // channels-last: each tap's channels are contiguous
+        for (int64_t i = 0; i < b.count; ++i) {
+          const F* base = f + b.image[i] * sN;
+          F* row = o + (m0 + i) * s.D;
+          for (int64_t d = 0; d < s.D; ++d) {
+            A acc = 0;
+            for (int c = 0; c < 4; ++c)
+              if (b.pointer[i][c] >= 0) acc += b.w[i][c] * static_cast<A>(base[b.pointer[i][c] + d]);
+            row[d] = static_cast<F>(acc);
+          }
         }
         continue;
       }
       for (int64_t d = 0; d < s.D; ++d) {
-        A acc = 0;
-        for (int c = 0; c < 4; ++c)
-          if (po[c] >= 0) acc += t.weight[c] * static_cast<A>(base[d * sD + po[c]]);
-        row[d] = static_cast<F>(acc);
+        for (int64_t i = 0; i < b.count; ++i) {
+          const F* plane = f + b.image[i] * sN + d * sD;
+          A acc = 0;
+          for (int c = 0; c < 4; ++c)
+            if (b.pointer[i][c] >= 0) acc += b.w[i][c] * static_cast<A>(plane[b.pointer[i][c]]);
+          o[(m0 + i) * s.D + d] = static_cast<F>(acc);
+        }
       }
     }
   });
@@ -88,6 +123,58 @@ Tensor sample_points_cpu(const Tensor& features, const std::optional<Tensor>& im
   return out.scalar_type() == features.scalar_type() ? out : out.to(features.scalar_type());
 }
 
+
+// Scatter-add of per-point rows into the feature-gradient accumulator `gacc` ([N, D, H, W],
+// any strides), deterministic without atomics: tasks own fixed 16-channel slices (and, for dense
+// sampling without image_index, one image each) and visit their points in order.
+// row_of(m, d0, d1, out) fills the slice of point m's row; taps_of(m) gives its taps.
+template <typename A, typename TapsFn, typename RowFn>
+void scatter_to_features(const SampleShape& s, const int64_t* idx, Tensor& gacc, TapsFn taps_of,
+                         RowFn row_of) {
+  A* acc = gacc.mutable_data_ptr<A>();
+  const auto gs = gacc.strides();
+  const int64_t gN = gs[0], gD = gs[1], gH = gs[2], gW = gs[3];
+  const int64_t slices = (s.D + kChannelSlice - 1) / kChannelSlice;
+  const int64_t groups = idx ? 1 : s.N;  // dense: points of image n are m in [n*per, (n+1)*per)
+  at::parallel_for(0, groups * slices, 1, [&](int64_t begin, int64_t end) {
+    A rows[kBlock][kChannelSlice];
+    bool keep[kBlock];
+    Taps<A> taps[kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / slices, sl = task % slices;
+      const int64_t d0 = sl * kChannelSlice, d1 = std::min(s.D, d0 + kChannelSlice), nd = d1 - d0;
+      const int64_t m0 = idx ? 0 : grp * s.per_image, m1 = idx ? s.M : m0 + s.per_image;
+      for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
+        const int64_t cnt = std::min<int64_t>(kBlock, m1 - b0);
+        for (int64_t i = 0; i < cnt; ++i) {
+          keep[i] = row_of(b0 + i, d0, d1, rows[i]);
+          if (keep[i]) taps[i] = taps_of(b0 + i);
+        }
+        // channel by channel within the block (see kBlock); points in order within a channel
+        for (int64_t k = 0; k < nd; ++k) {
+          A* plane = acc + (d0 + k) * gD;
+          for (int64_t i = 0; i < cnt; ++i) {
+            if (!keep[i]) continue;
+            const int64_t n = idx ? idx[b0 + i] : grp;
+            const Taps<A>& t = taps[i];
+            for (int c = 0; c < 4; ++c) {
+              if (t.offset[c] < 0) continue;
+              plane[n * gN + tap_offset(t.offset[c], s.W, gH, gW)] += t.weight[c] * rows[i][k];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Accumulator for the feature gradient: for dense sampling (points in raster order, each image's
+// points touching only that image) the features' own layout, written plane by plane; for
+// scattered pairs a channels-last buffer, where each write is one contiguous channel run.
+Tensor feature_accumulator(const Tensor& features, const at::TensorOptions& acc, bool dense) {
+  return dense ? at::zeros_like(features, acc) : channels_last_accumulator(features, acc);
+}
+
 template <typename F>
 void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, int64_t mode,
                    bool need_features, bool need_xy, Tensor& gacc, Tensor& gxy) {
@@ -97,57 +184,46 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const F* g = grad.const_data_ptr<F>();
   const int64_t HW = s.H * s.W;
   if (need_features) {
-    // gacc has the strides of the features (NCHW or channels-last), so autograd takes it as is.
-    A* acc = gacc.mutable_data_ptr<A>();
-    const auto gs = gacc.strides();
-    const int64_t gN = gs[0], gD = gs[1], gH = gs[2], gW = gs[3];
-    const int64_t slices = (s.D + kChannelSlice - 1) / kChannelSlice;
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t sl = begin; sl < end; ++sl) {
-        const int64_t d0 = sl * kChannelSlice, d1 = std::min(s.D, d0 + kChannelSlice);
-        for (int64_t m = 0; m < s.M; ++m) {
-          const int64_t n = idx ? idx[m] : m / s.per_image;
-          const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
-          const F* gm = g + m * s.D;
-          for (int c = 0; c < 4; ++c) {
-            if (t.offset[c] < 0) continue;
-            A* dst = acc + n * gN + (t.offset[c] / s.W) * gH + (t.offset[c] % s.W) * gW;
-            const A w = t.weight[c];
-            for (int64_t d = d0; d < d1; ++d) dst[d * gD] += w * static_cast<A>(gm[d]);
-          }
-        }
-      }
-    });
+    scatter_to_features<A>(
+        s, idx, gacc,
+        [&](int64_t m) { return sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode)); },
+        [&](int64_t m, int64_t d0, int64_t d1, A* row) {
+          for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
+          return true;
+        });
   }
   if (need_xy && mode == kBilinear) {
     const F* f = p.features.const_data_ptr<F>();
     const auto st = p.features.strides();
     const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
     A* gout = gxy.mutable_data_ptr<A>();
-    at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const int64_t n = idx ? idx[m] : m / s.per_image;
-        const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, kBilinear);
-        int64_t po[4];
-        for (int c = 0; c < 4; ++c)
-          po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
-        const F* base = f + n * sN;
-        const F* gm = g + m * s.D;
-        A gx = 0, gy = 0;
-        for (int64_t d = 0; d < s.D; ++d) {
-          A sx = 0, sy = 0;
-          for (int c = 0; c < 4; ++c) {
-            if (po[c] < 0) continue;
-            const A v = static_cast<A>(base[d * sD + po[c]]);
-            sx += t.dwdx[c] * v;
-            sy += t.dwdy[c] * v;
+    const int64_t blocks = (s.M + kBlock - 1) / kBlock;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      TapBlock<A> b;
+      A gx[kBlock], gy[kBlock];
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t m0 = blk * kBlock;
+        fill_block(b, m0, std::min(s.M, m0 + kBlock), xy, idx, s, kBilinear, sH, sW);
+        for (int64_t i = 0; i < b.count; ++i) gx[i] = gy[i] = 0;
+        for (int64_t d = 0; d < s.D; ++d) {  // a channel plane at a time (see kBlock)
+          for (int64_t i = 0; i < b.count; ++i) {
+            const F* plane = f + b.image[i] * sN + d * sD;
+            A sx = 0, sy = 0;
+            for (int c = 0; c < 4; ++c) {
+              if (b.pointer[i][c] < 0) continue;
+              const A v = static_cast<A>(plane[b.pointer[i][c]]);
+              sx += b.dx[i][c] * v;
+              sy += b.dy[i][c] * v;
+            }
+            const A gd = static_cast<A>(g[(m0 + i) * s.D + d]);
+            gx[i] += gd * sx;
+            gy[i] += gd * sy;
           }
-          const A gd = static_cast<A>(gm[d]);
-          gx += gd * sx;
-          gy += gd * sy;
         }
-        gout[2 * m] = gx;
-        gout[2 * m + 1] = gy;
+        for (int64_t i = 0; i < b.count; ++i) {
+          gout[2 * (m0 + i)] = gx[i];
+          gout[2 * (m0 + i) + 1] = gy[i];
+        }
       }
     });
   }
@@ -162,7 +238,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   check_image_index_cpu(image_index, s.N);
   const Prepared p = prepare(features, image_index, xy);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
-  Tensor gacc = features_grad ? channels_last_accumulator(p.features, p.xy.options())
+  Tensor gacc = features_grad ? feature_accumulator(p.features, p.xy.options(), !image_index.has_value())
                               : at::empty({0}, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
@@ -256,7 +332,7 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
       const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
       int64_t po[4];
       for (int c = 0; c < 4; ++c)
-        po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
+        po[c] = tap_offset(t.offset[c], s.W, sH, sW);
       gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
       A ff = 0, gg = 0, fg = 0;
       const A* gm = g + in.pl.base(m);
@@ -324,7 +400,7 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
   auto taps_of = [&](int64_t m, int64_t* po) {
     const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
     for (int c = 0; c < 4; ++c)
-      po[c] = t.offset[c] < 0 ? -1 : (t.offset[c] / s.W) * sH + (t.offset[c] % s.W) * sW;
+      po[c] = tap_offset(t.offset[c], s.W, sH, sW);
     return t;
   };
   const RowLayout gl = row_layout(gpf.defined() && gpf.numel() ? gpf : in.pf);
@@ -345,16 +421,10 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
     });
   }
   if (need_features) {
-    A* acc = gacc.mutable_data_ptr<A>();
-    const auto gs = gacc.strides();
-    const int64_t gN = gs[0], gD = gs[1], gH = gs[2], gW = gs[3];
-    const int64_t slices = (s.D + kChannelSlice - 1) / kChannelSlice;
-    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-      A row[kChannelSlice];
-      for (int64_t sl = begin; sl < end; ++sl) {
-        const int64_t d0 = sl * kChannelSlice, d1 = std::min(s.D, d0 + kChannelSlice);
-        for (int64_t m = 0; m < s.M; ++m) {
-          if (coef[m].cf1 == A(0) && coef[m].cf2 == A(0)) continue;  // zero weight
+    scatter_to_features<A>(
+        s, idx, gacc, [&](int64_t m) { int64_t po[4]; return taps_of(m, po); },
+        [&](int64_t m, int64_t d0, int64_t d1, A* row) {
+          if (coef[m].cf1 == A(0) && coef[m].cf2 == A(0)) return false;  // zero weight
           int64_t po[4];
           const Taps<A> t = taps_of(m, po);
           const int64_t n = idx ? idx[m] : m / s.per_image;
@@ -362,14 +432,8 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
           const A* gm = g + in.pl.base(m);
           for (int64_t d = d0; d < d1; ++d)
             row[d - d0] = coef[m].cf1 * row[d - d0] + coef[m].cf2 * gm[d * in.pl.sD];
-          for (int c = 0; c < 4; ++c) {
-            if (t.offset[c] < 0) continue;
-            A* dst = acc + n * gN + (t.offset[c] / s.W) * gH + (t.offset[c] % s.W) * gW;
-            for (int64_t d = d0; d < d1; ++d) dst[d * gD] += t.weight[c] * row[d - d0];
-          }
-        }
-      }
-    });
+          return true;
+        });
   }
 }
 
@@ -384,7 +448,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? at::empty_like(in.pf) : at::empty({0}, in.p.xy.options());
-  Tensor gacc = features_grad ? channels_last_accumulator(in.p.features, in.p.xy.options())
+  Tensor gacc = features_grad ? feature_accumulator(in.p.features, in.p.xy.options(), !image_index.has_value())
                               : at::empty({0}, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {

@@ -12,6 +12,14 @@ from .dino_loss import (
     sinkhorn_knopp,
     sinkhorn_knopp_center,
 )
+from .flow import (
+    FlowCorrespondence,
+    affine_correspondence,
+    crop_theta,
+    dense_correspondence_loss,
+    flow_correspondence,
+    sample_features,
+)
 from .masking import MaskingResult, block_masking, random_masking, unshuffle_tokens
 from .projection import (
     PixelPairs,
@@ -25,6 +33,12 @@ from .projection import (
 from .sampling import sample_points
 
 __all__ = [
+    "FlowCorrespondence",
+    "affine_correspondence",
+    "crop_theta",
+    "dense_correspondence_loss",
+    "flow_correspondence",
+    "sample_features",
     "DinoLossResult",
     "MaskingResult",
     "PixelPairs",

@@ -1,0 +1,151 @@
+"""Flow correspondence + feature warping vs the grid_sample pipeline public unsupervised-flow
+and dense-SSL code uses (UnFlow / ARFlow style), on the same inputs.
+
+  * warp: pixel correspondence with the forward-backward occlusion check, then sampling of the
+    target features at the matches — pyssl (flow_correspondence + sample_features) vs
+    grid_sample of the backward flow, the elementwise check, grid_sample of the features.
+    B in {2, 8}, 256x512, C in {3, 64, 256}, fp32 and bf16, forward and forward+backward
+    (gradients to the features and the forward flow). On CUDA also pyssl's deterministic mode.
+  * dense loss: dense_correspondence_loss (fused, no warped map) vs sample_features + masked
+    cosine loss vs grid_sample + masked cosine loss.
+The CPU run here keeps B=2 and C <= 64 (the full grid is minutes per point on 2 cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyssl import ops
+from pyssl.ops import reference
+from pyssl.ops.reference import flow as reference_flow
+
+from .common import PYSSL, peak_memory, run, saved_bytes
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+H, W = 256, 512
+
+
+def grid_sample_pipeline(flow_fw, flow_bw, feats, alpha1=0.01, alpha2=0.5):
+    B, _, h, w = flow_fw.shape
+    base = reference_flow.pixel_grid(B, h, w, flow_fw.device, flow_fw.dtype)
+    coords = base + flow_fw.permute(0, 2, 3, 1)
+    grid = reference_flow.normalise(coords, h, w)
+    bw = F.grid_sample(flow_bw, grid, align_corners=True, padding_mode="zeros")
+    lhs = ((flow_fw + bw) ** 2).sum(1)
+    rhs = alpha1 * ((flow_fw ** 2).sum(1) + (bw ** 2).sum(1)) + alpha2
+    x, y = coords[..., 0], coords[..., 1]
+    valid = (lhs <= rhs) & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    if feats.dtype == torch.bfloat16 and feats.device.type == "cpu":
+        # torch 2.14.1's CPU grid_sample segfaults on bf16 input + bf16 grid for this flow field
+        # (benchmarks/RESULTS.md): sample in fp32 as a user would have to
+        warped = F.grid_sample(feats.float(), grid, align_corners=True, padding_mode="zeros").to(feats.dtype)
+    else:
+        warped = F.grid_sample(feats, grid.to(feats.dtype), align_corners=True, padding_mode="zeros")
+    return warped, valid
+
+
+def pyssl_pipeline(flow_fw, flow_bw, feats):
+    coords, valid = ops.flow_correspondence(flow_fw, flow_bw)
+    return ops.sample_features(feats, coords), valid
+
+
+def _inputs(B, C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a smooth flow field (a zoom + shear) with noise, and a consistent backward flow
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    u = 12 * xs + 4 * ys + torch.randn(B, H, W, generator=g)
+    v = -6 * ys + torch.randn(B, H, W, generator=g)
+    fw = torch.stack([u, v], 1)
+    bw = -fw + 0.5 * torch.randn(B, 2, H, W, generator=g)
+    feats = torch.randn(B, C, H, W, generator=g).to(dtype)
+    return fw.to(device), bw.to(device), feats.to(device)
+
+
+def _skip_large(device, B, C):
+    if torch.device(device).type == "cpu" and (B > 2 or C > 64):
+        pytest.skip("CPU run keeps B=2, C<=64")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("C", [3, 64, 256])
+@pytest.mark.parametrize("B", [2, 8])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", [PYSSL, "pyssl_deterministic", "grid_sample"])
+def test_warp(benchmark, device, quick, dtype, C, B, mode, impl):
+    _skip_large(device, B, C)
+    if quick and (C != 64 or dtype != "fp32"):
+        pytest.skip("--bench-quick")
+    if impl == "pyssl_deterministic" and torch.device(device).type != "cuda":
+        pytest.skip("the CPU path is always deterministic")
+    fw, bw, feats = _inputs(B, C, DTYPES[dtype], device)
+    fw.requires_grad_(mode == "fwd+bwd")
+    feats.requires_grad_(mode == "fwd+bwd")
+    pipeline = grid_sample_pipeline if impl == "grid_sample" else pyssl_pipeline
+
+    def forward():
+        return pipeline(fw, bw, feats)
+
+    if mode == "fwd":
+        fn = forward
+    else:
+        def fn():
+            fw.grad = feats.grad = None
+            warped, valid = forward()
+            (warped.float().sum(1) * valid).sum().backward()
+    det = impl == "pyssl_deterministic"
+
+    def timed():
+        ctx = torch.use_deterministic_algorithms if det else None
+        if ctx:
+            ctx(True)
+        try:
+            return fn()
+        finally:
+            if ctx:
+                ctx(False)
+    extra = {}
+    if mode == "fwd+bwd":
+        extra["saved_bytes"] = saved_bytes(lambda: forward()[0], inputs=(fw, bw, feats))
+        extra["peak_bytes"] = peak_memory(timed, device)
+    run(benchmark, timed, device, impl=impl,
+        group=f"flow warp {mode} B={B} C={C} {H}x{W} {dtype} [{device}]", **extra)
+
+
+def _cosine(online, warped, valid):
+    per = 1 - (F.normalize(online, dim=1) * F.normalize(warped.to(online.dtype), dim=1)).sum(1)
+    w = valid.to(per.dtype)
+    return (per * w).sum() / w.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("C", [64, 256])
+@pytest.mark.parametrize("impl", [PYSSL, "pyssl_sample_then_loss", "grid_sample_then_loss"])
+def test_dense_loss(benchmark, device, quick, C, impl):
+    B = 2
+    _skip_large(device, B, C)
+    if quick and C != 64:
+        pytest.skip("--bench-quick")
+    fw, bw, target = _inputs(B, C, torch.float32, device)
+    coords, valid = ops.flow_correspondence(fw, bw)
+    online = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    target.requires_grad_(True)
+    if impl == PYSSL:
+        def forward():
+            return ops.dense_correspondence_loss(online, target, coords, valid)
+    elif impl == "pyssl_sample_then_loss":
+        def forward():
+            return _cosine(online, ops.sample_features(target, coords), valid)
+    else:
+        def forward():
+            return _cosine(online, reference.sample_features(target, coords), valid)
+
+    def fn():
+        online.grad = target.grad = None
+        forward().backward()
+    run(benchmark, fn, device, impl=impl,
+        group=f"dense correspondence loss fwd+bwd B={B} C={C} {H}x{W} fp32 [{device}]",
+        saved_bytes=saved_bytes(forward, inputs=(online, target, coords, valid)),
+        peak_bytes=peak_memory(fn, device))

@@ -1,0 +1,219 @@
+"""Optical-flow pixel correspondence for pixel-wise SSL from video (flow-equivariant features,
+FlowE; Xiong et al., ICCV 2021), and the exact correspondence of affine views of one image, so
+one dense loss serves both.
+
+Pixel units throughout: pixel (row i, col j) is centred at x = j, y = i; flow channel 0 = u
+(x), 1 = v (y). Bilinear sampling with zeros outside equals
+``grid_sample(align_corners=True, padding_mode="zeros")`` after normalisation.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+from ._dispatch import check_tensor, has_kernel
+from .sampling import sample_points
+
+__all__ = [
+    "FlowCorrespondence",
+    "affine_correspondence",
+    "crop_theta",
+    "dense_correspondence_loss",
+    "flow_correspondence",
+    "sample_features",
+]
+
+_ops = torch.ops.pyssl
+
+
+class FlowCorrespondence(NamedTuple):
+    coords: torch.Tensor  # [B, H, W, 2] (x + u, y + v)
+    valid: torch.Tensor  # [B, H, W] bool
+
+
+def _number(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def flow_correspondence(flow_fw: torch.Tensor, flow_bw: torch.Tensor | None = None, *,
+                        alpha1: float = 0.01, alpha2: float = 0.5) -> FlowCorrespondence:
+    """Pairs every pixel of frame 1 with its match in frame 2.
+
+    Args:
+        flow_fw: ``[B, 2, H, W]`` forward flow (frame 1 -> 2), pixels; fp32, fp16, bf16, fp64.
+        flow_bw: optional ``[B, 2, H, W]`` backward flow (frame 2 -> 1).
+        alpha1, alpha2: forward-backward check constants (UnFlow's defaults).
+
+    Returns:
+        :class:`FlowCorrespondence` ``(coords [B, H, W, 2] = (x + u, y + v), valid [B, H, W])``;
+        ``valid`` = finite flow, target inside the frame (``0 <= x' <= W-1``,
+        ``0 <= y' <= H-1``) and, with ``flow_bw``, forward-backward consistent:
+        ``|F + B~|^2 <= alpha1 (|F|^2 + |B~|^2) + alpha2`` with ``B~`` = ``flow_bw`` sampled
+        bilinearly at ``coords`` (Sundaram et al., 2010). ``coords`` is float32 (float64 for a
+        float64 flow) and differentiable w.r.t. ``flow_fw``.
+    """
+    check_tensor(flow_fw, "flow_fw")
+    if flow_bw is not None:
+        check_tensor(flow_bw, "flow_bw")
+    a1, a2 = _number(alpha1, "alpha1"), _number(alpha2, "alpha2")
+    if has_kernel(flow_fw.device):
+        return FlowCorrespondence(*_ops.flow_correspondence(flow_fw, flow_bw, a1, a2))
+    return FlowCorrespondence(*reference.flow_correspondence(flow_fw, flow_bw, a1, a2))
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pyssl::flow_correspondence")
+def _flow_fake(flow_fw, flow_bw, alpha1, alpha2):
+    B, _, H, W = flow_fw.shape
+    return (flow_fw.new_empty(B, H, W, 2, dtype=_acc(flow_fw)),
+            flow_fw.new_empty(B, H, W, dtype=torch.bool))
+
+
+def _flow_setup(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+
+
+def _flow_backward(ctx, grad_coords, _grad_valid):
+    return grad_coords.permute(0, 3, 1, 2).to(ctx.dtype), None, None, None
+
+
+torch.library.register_autograd("pyssl::flow_correspondence", _flow_backward, setup_context=_flow_setup)
+
+
+def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling of ``features`` ``[B, C, H, W]`` at pixel coordinates ``coords``
+    ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]`` (channels-last memory format),
+    equal to ``grid_sample(features, normalised coords, align_corners=True,
+    padding_mode="zeros")`` when H, W > 1 (grid_sample maps every coordinate of a size-1 axis
+    onto its pixel; here pixel coordinates keep their meaning). Gradients to ``features`` and ``coords``; the scatter into
+    ``features`` uses no float atomics when ``torch.are_deterministic_algorithms_enabled()``
+    (and never on the CPU)."""
+    check_tensor(features, "features")
+    check_tensor(coords, "coords")
+    if features.dim() != 4:
+        raise ValueError(f"features must be a 4-D tensor [B, C, H, W], got shape {tuple(features.shape)}")
+    if coords.dim() != 4 or coords.shape[-1] != 2 or coords.shape[0] != features.shape[0]:
+        raise ValueError(f"coords must have shape [B, Ho, Wo, 2] with B = {features.shape[0]}, "
+                         f"got {tuple(coords.shape)}")
+    B, Ho, Wo, _ = coords.shape
+    out = sample_points(features, coords.reshape(B * Ho * Wo, 2))
+    return out.view(B, Ho, Wo, features.shape[1]).permute(0, 3, 1, 2)
+
+
+def affine_correspondence(theta: torch.Tensor, size_in, size_out) -> torch.Tensor:
+    """Source-image pixel coordinates ``[B, Ho, Wo, 2]`` of every pixel of views made by the
+    affine maps ``theta`` ``[B, 2, 3]`` — i.e. views ``grid_sample(image,
+    affine_grid(theta, (B, C, Ho, Wo), align_corners=True), align_corners=True)`` of images of
+    size ``size_in`` = (H, W): the exact correspondence of crops, flips and scales
+    (:func:`crop_theta`), usable wherever a flow correspondence is. Differentiable w.r.t.
+    ``theta``."""
+    check_tensor(theta, "theta")
+    hin, win = _size(size_in, "size_in")
+    hout, wout = _size(size_out, "size_out")
+    if has_kernel(theta.device):
+        return _ops.affine_correspondence(theta, hin, win, hout, wout)
+    return reference.affine_correspondence(theta, (hin, win), (hout, wout))
+
+
+def _size(size, name):
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be (H, W), got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be positive (H, W), got {tuple(size)}")
+    return h, w
+
+
+@torch.library.register_fake("pyssl::affine_correspondence")
+def _affine_fake(theta, height_in, width_in, height_out, width_out):
+    return theta.new_empty(theta.shape[0], height_out, width_out, 2, dtype=_acc(theta))
+
+
+def _affine_setup(ctx, inputs, output):
+    theta, hin, win, hout, wout = inputs
+    ctx.sizes = (hin, win, hout, wout)
+    ctx.dtype = theta.dtype
+
+
+def _affine_backward(ctx, grad):
+    hin, win, hout, wout = ctx.sizes
+    dev = grad.device
+    xn = torch.linspace(-1, 1, wout, device=dev, dtype=grad.dtype) if wout > 1 else torch.zeros(1, device=dev, dtype=grad.dtype)
+    yn = torch.linspace(-1, 1, hout, device=dev, dtype=grad.dtype) if hout > 1 else torch.zeros(1, device=dev, dtype=grad.dtype)
+    base = torch.stack([xn[None, :].expand(hout, wout), yn[:, None].expand(hout, wout),
+                        torch.ones(hout, wout, device=dev, dtype=grad.dtype)], -1)  # [Ho, Wo, 3]
+    scale = torch.tensor([(win - 1) / 2, (hin - 1) / 2], device=dev, dtype=grad.dtype)
+    gtheta = torch.einsum("bhwc,hwk->bck", grad * scale, base)
+    return gtheta.to(ctx.dtype), None, None, None, None
+
+
+torch.library.register_autograd("pyssl::affine_correspondence", _affine_backward,
+                                setup_context=_affine_setup)
+
+
+def crop_theta(boxes: torch.Tensor, size_in, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """``theta`` [B, 2, 3] of views that crop ``boxes`` [B, 4] = (x0, y0, x1, y1) (source pixel
+    coordinates of the view's first and last pixel centres) and optionally flip horizontally
+    (``flip`` [B] bool), for :func:`affine_correspondence` and ``F.affine_grid``."""
+    check_tensor(boxes, "boxes")
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [B, 4] (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+    h, w = _size(size_in, "size_in")
+    boxes = boxes.to(torch.float64 if boxes.dtype == torch.float64 else torch.float32)
+    x0, y0, x1, y1 = boxes.unbind(1)
+    ax, bx = (x1 - x0) / max(w - 1, 1), (x0 + x1) / max(w - 1, 1) - 1
+    ay, by = (y1 - y0) / max(h - 1, 1), (y0 + y1) / max(h - 1, 1) - 1
+    if flip is not None:
+        ax = torch.where(flip.to(boxes.device), -ax, ax)
+    zero = torch.zeros_like(ax)
+    return torch.stack([torch.stack([ax, zero, bx], -1), torch.stack([zero, ay, by], -1)], 1)
+
+
+_LOSSES = {"cosine": 0, "l2_normalized": 1}
+
+
+def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords: torch.Tensor,
+                              valid: torch.Tensor, *, loss: str = "cosine") -> torch.Tensor:
+    """Mean over valid pixels of the loss between the online prediction at pixel p and the
+    target features sampled (bilinearly) at ``coords(p)``.
+
+    Args:
+        online: ``[B, C, H, W]`` predictions on frame 1 / view 1 (any memory format).
+        target: ``[B, C, Ht, Wt]`` target features of frame 2 / view 2.
+        coords: ``[B, H, W, 2]`` matches in the target (:func:`flow_correspondence`,
+            :func:`affine_correspondence`).
+        valid: ``[B, H, W]`` bool (or float weights).
+        loss: ``"cosine"`` (``1 - cos``) or ``"l2_normalized"`` (``|a - b|^2`` of unit vectors).
+    Returns:
+        A scalar (0 when no pixel is valid). Fused: the warped target map is never materialised,
+        forward or backward; gradients to ``online`` and ``target`` (deterministic on the CPU; on
+        CUDA without atomics under ``torch.use_deterministic_algorithms``).
+    """
+    for name, t in (("online", online), ("target", target), ("coords", coords), ("valid", valid)):
+        check_tensor(t, name)
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {tuple(_LOSSES)}, got {loss!r}")
+    if online.dim() != 4 or target.dim() != 4:
+        raise ValueError("online and target must be 4-D [B, C, H, W]")
+    B, C, H, W = online.shape
+    if target.shape[:2] != (B, C):
+        raise ValueError(f"target must have B={B}, C={C}, got {tuple(target.shape)}")
+    if tuple(coords.shape) != (B, H, W, 2):
+        raise ValueError(f"coords must have shape [B, H, W, 2] = {(B, H, W, 2)}, got {tuple(coords.shape)}")
+    if tuple(valid.shape) != (B, H, W):
+        raise ValueError(f"valid must have shape [B, H, W] = {(B, H, W)}, got {tuple(valid.shape)}")
+    xy = coords.reshape(B * H * W, 2)
+    weights = valid.reshape(B * H * W).to(xy.dtype if xy.is_floating_point() else torch.float32)
+    if has_kernel(online.device):
+        return _ops.distill_loss(online, target, None, xy, weights, 0, _LOSSES[loss])[0]
+    return reference.dense_correspondence_loss(online, target, coords, valid, loss)

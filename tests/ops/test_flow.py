@@ -1,0 +1,341 @@
+"""Optical-flow correspondence ops against grid_sample references, a synthetic occlusion with a
+known answer, and real stereo data with ground-truth disparity (Middlebury motorcycle)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyssl import ops
+from pyssl.ops import reference
+
+
+@st.composite
+def flows(draw, max_b=3, max_hw=12):
+    B = draw(st.integers(0, max_b))
+    H, W = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([0.3, 2.0, 6.0]))
+    fw = torch.randn(B, 2, H, W, generator=g, dtype=torch.float64) * scale
+    noise = draw(st.sampled_from([0.0, 0.2, 3.0]))
+    bw = -fw + torch.randn(B, 2, H, W, generator=g, dtype=torch.float64) * noise
+    if draw(st.booleans()) and B:
+        fw[0, 0, 0, 0] = math.nan
+    return fw, bw
+
+
+def _assert_match(got, want, tol):
+    coords, valid = got
+    rc, rv = want
+    torch.testing.assert_close(coords.double(), rc.double(), rtol=tol, atol=tol, equal_nan=True)
+    assert torch.equal(valid, rv)
+
+
+@given(f=flows(), use_bw=st.booleans(), alpha=st.sampled_from([(0.01, 0.5), (0.1, 0.0)]))
+def test_flow_correspondence_matches_reference(f, use_bw, alpha):
+    fw, bw = f
+    got = ops.flow_correspondence(fw, bw if use_bw else None, alpha1=alpha[0], alpha2=alpha[1])
+    want = reference.flow_correspondence(fw, bw if use_bw else None, *alpha)
+    # valid may only differ where the check is within rounding error of its threshold
+    _assert_match((got.coords, got.valid), (want[0], got.valid), 1e-12)
+    if use_bw:
+        warped = reference.sample_features(bw, torch.nan_to_num(want[0]))
+        lhs = ((fw + warped) ** 2).sum(1)
+        rhs = alpha[0] * ((fw ** 2).sum(1) + (warped ** 2).sum(1)) + alpha[1]
+        near = (lhs - rhs).abs() < 1e-9
+        assert torch.equal(got.valid[~near], want[1][~near])
+    else:
+        assert torch.equal(got.valid, want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_flow_correspondence_reduced_precision(dtype):
+    g = torch.Generator().manual_seed(1)
+    fw = (torch.randn(2, 2, 30, 40, generator=g) * 4).to(dtype)
+    bw = (-fw.float() + torch.randn(2, 2, 30, 40, generator=g) * 0.3).to(dtype)
+    got = ops.flow_correspondence(fw, bw)
+    want = reference.flow_correspondence(fw.float(), bw.float())
+    assert got.coords.dtype == torch.float32
+    torch.testing.assert_close(got.coords, want[0])
+    assert (got.valid == want[1]).float().mean() > 0.995
+
+
+def test_non_finite_flow_is_invalid_not_a_crash():
+    fw = torch.zeros(1, 2, 4, 5)
+    fw[0, 0, 1, 1] = math.nan
+    fw[0, 1, 2, 2] = math.inf
+    bw = torch.zeros(1, 2, 4, 5)
+    bw[0, :, 3, 3] = math.nan
+    c, v = ops.flow_correspondence(fw, bw)
+    assert not v[0, 1, 1] and not v[0, 2, 2] and not v[0, 3, 3]
+    assert v.sum() == 20 - 3
+
+
+def test_forward_backward_check_flags_exactly_the_occluded_region():
+    # static background; a 10x10 square moves right by k pixels between the frames
+    H, W, k = 40, 60, 4
+    top, left = 12, 20
+    fw = torch.zeros(1, 2, H, W, dtype=torch.float64)
+    fw[0, 0, top:top + 10, left:left + 10] = k
+    bw = torch.zeros(1, 2, H, W, dtype=torch.float64)
+    bw[0, 0, top:top + 10, left + k:left + k + 10] = -k
+    occluded = torch.zeros(H, W, dtype=torch.bool)
+    occluded[top:top + 10, left + 10:left + 10 + k] = True  # background covered in frame 2
+    _, valid = ops.flow_correspondence(fw, bw)
+    assert torch.equal(~valid[0], occluded)
+    # without the backward flow nothing is flagged: every target is inside the frame
+    assert ops.flow_correspondence(fw).valid.all()
+
+
+@given(B=st.integers(1, 3), C=st.integers(1, 9), H=st.integers(1, 9), W=st.integers(1, 9),
+       Ho=st.integers(1, 6), Wo=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       channels_last=st.booleans())
+def test_sample_features_equals_grid_sample(B, C, H, W, Ho, Wo, seed, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    if channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    feats.requires_grad_(True)
+    coords = (torch.rand(B, Ho, Wo, 2, generator=g, dtype=torch.float64) *
+              torch.tensor([W + 2.0, H + 2.0], dtype=torch.float64) - 1.5).requires_grad_(True)
+    out = ops.sample_features(feats, coords)
+    if H > 1 and W > 1:
+        want = reference.sample_features(feats, coords)
+    else:  # grid_sample maps every coordinate of a size-1 axis onto its single pixel
+        want = reference.sample_points(feats, None, coords.reshape(-1, 2)).view(B, Ho, Wo, C).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, want)
+    gr = torch.randn(B, C, Ho, Wo, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad(out, (feats, coords), gr)
+    g2 = torch.autograd.grad(want, (feats, coords), gr)
+    torch.testing.assert_close(g1[0], g2[0])
+    torch.testing.assert_close(g1[1], g2[1])
+
+
+def test_sample_features_gradcheck_and_determinism():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    coords = (torch.rand(2, 3, 4, 2, generator=g, dtype=torch.float64) * torch.tensor([4.6, 3.6], dtype=torch.float64)
+              + 0.2).requires_grad_(True)
+    assert torch.autograd.gradcheck(ops.sample_features, (feats, coords))
+    big = torch.randn(4, 16, 32, 48, generator=g)
+    c = torch.rand(4, 32, 48, 2, generator=g) * torch.tensor([47.0, 31.0])
+    grads = []
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            x = big.clone().requires_grad_(True)
+            ops.sample_features(x, c).sum().backward()
+            grads.append(x.grad)
+        finally:
+            torch.set_num_threads(prev)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_affine_correspondence_and_crop_views():
+    g = torch.Generator().manual_seed(4)
+    theta = torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ops.affine_correspondence(theta, (20, 30), (7, 9)),
+                               reference.affine_correspondence(theta, (20, 30), (7, 9)))
+    theta.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops.affine_correspondence(t, (20, 30), (7, 9)), (theta,))
+    # a crop + horizontal flip made with affine_grid: sampling the source at the coordinates
+    # reproduces the view exactly, and integer crops equal plain slicing
+    img = torch.randn(2, 3, 40, 50, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[5.0, 8.0, 24.0, 27.0], [10.0, 0.0, 49.0, 39.0]], dtype=torch.float64)
+    flip = torch.tensor([True, False])
+    th = ops.crop_theta(boxes, (40, 50), flip)
+    view = torch.nn.functional.grid_sample(
+        img, torch.nn.functional.affine_grid(th, (2, 3, 20, 40), align_corners=True), align_corners=True)
+    coords = ops.affine_correspondence(th, (40, 50), (20, 40))
+    torch.testing.assert_close(ops.sample_features(img, coords), view)
+    # box 0 spans 20 source pixels onto 40 output pixels, flipped: every other output pixel is a
+    # source pixel, in reverse column order
+    torch.testing.assert_close(view[0][:, ::19, ::39], img[0, :, 8:28:19, 5:25:19].flip(-1))
+    th1 = ops.crop_theta(torch.tensor([[5.0, 8.0, 24.0, 27.0]], dtype=torch.float64), (40, 50))
+    v1 = torch.nn.functional.grid_sample(
+        img[:1], torch.nn.functional.affine_grid(th1, (1, 3, 20, 20), align_corners=True), align_corners=True)
+    torch.testing.assert_close(v1[0], img[0, :, 8:28, 5:25])
+
+
+@given(B=st.integers(1, 3), C=st.integers(1, 12), H=st.integers(1, 7), W=st.integers(1, 7),
+       seed=st.integers(0, 2**31 - 1), loss=st.sampled_from(["cosine", "l2_normalized"]),
+       channels_last=st.booleans())
+def test_dense_correspondence_loss_matches_sample_then_loss(B, C, H, W, seed, loss, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    online = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    if channels_last:
+        online = online.contiguous(memory_format=torch.channels_last)
+    online.requires_grad_(True)
+    target = torch.randn(B, C, H + 2, W + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(B, H, W, 2, generator=g, dtype=torch.float64) * torch.tensor([W + 1.0, H + 2.0], dtype=torch.float64) - 0.5
+    valid = torch.rand(B, H, W, generator=g) > 0.3
+    got = ops.dense_correspondence_loss(online, target, coords, valid, loss=loss)
+    want = reference.dense_correspondence_loss(online, target, coords, valid, loss)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g1 = torch.autograd.grad(got, (online, target))
+    g2 = torch.autograd.grad(want, (online, target))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_dense_loss_with_no_valid_pixel_is_zero_with_zero_gradients():
+    online = torch.randn(1, 3, 4, 4, requires_grad=True)
+    target = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = ops.dense_correspondence_loss(online, target, torch.zeros(1, 4, 4, 2), torch.zeros(1, 4, 4, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0 and online.grad.abs().sum() == 0 and target.grad.abs().sum() == 0
+
+
+def test_opcheck_gradcheck_compile():
+    g = torch.Generator().manual_seed(5)
+    fw = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    bw = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyssl.flow_correspondence.default, (fw, bw, 0.01, 0.5))
+    torch.library.opcheck(torch.ops.pyssl.flow_correspondence.default, (fw.float(), None, 0.01, 0.5))
+    theta = torch.randn(2, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssl.affine_correspondence.default, (theta, 6, 7, 3, 4))
+    assert torch.autograd.gradcheck(lambda f: ops.flow_correspondence(f, bw).coords, (fw,))
+    online = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    xy = (torch.rand(60, 2, generator=g, dtype=torch.float64) * 4)
+    torch.library.opcheck(torch.ops.pyssl.distill_loss.default, (online, target, None, xy, torch.rand(60, dtype=torch.float64), 0, 0))
+    assert torch.autograd.gradcheck(
+        lambda o, t: ops.dense_correspondence_loss(o, t, ops.flow_correspondence(fw.detach() * 0.3).coords,
+                                                   torch.ones(2, 5, 6, dtype=torch.bool)), (online, target))
+
+    def step(online, target, flow_fw, flow_bw):
+        coords, valid = ops.flow_correspondence(flow_fw, flow_bw)
+        return ops.dense_correspondence_loss(online, target, coords, valid)
+
+    args = (online.float(), target.float(), fw.detach().float() * 0.3, -fw.detach().float() * 0.3)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(*args), step(*args))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ops.flow_correspondence(torch.randn(1, 3, 4, 4)), "flow_fw"),
+        (lambda: ops.flow_correspondence(torch.randn(2, 4, 4)), "flow_fw"),
+        (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 5)), "flow_bw"),
+        (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4).long()), "flow_fw"),
+        (lambda: ops.sample_features(torch.randn(2, 3, 4, 4), torch.randn(3, 4, 4, 2)), "coords"),
+        (lambda: ops.sample_features(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 3)), "coords"),
+        (lambda: ops.affine_correspondence(torch.randn(2, 3, 3), (4, 4), (4, 4)), "theta"),
+        (lambda: ops.affine_correspondence(torch.randn(2, 2, 3), (0, 4), (4, 4)), "size_in"),
+        (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4)), "target"),
+        (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 5, 2), torch.ones(1, 4, 4)), "coords"),
+        (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4), loss="l1"), "loss"),
+    ],
+)
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# Real data: Middlebury 2014 motorcycle (scikit-image), flow left -> right is u = -disparity
+# --------------------------------------------------------------------------------------------
+
+
+def _motorcycle():
+    data = pytest.importorskip("skimage.data")
+    left, right, disp = data.stereo_motorcycle()
+    to_t = lambda im: torch.tensor(im, dtype=torch.float32).permute(2, 0, 1)[None] / 255  # noqa: E731
+    return to_t(left), to_t(right), torch.tensor(disp, dtype=torch.float32)
+
+
+def test_real_stereo_flow_warps_right_image_onto_left():
+    left, right, disp = _motorcycle()
+    H, W = disp.shape
+    fw = torch.zeros(1, 2, H, W)
+    fw[0, 0] = -disp  # inf disparity -> non-finite flow -> invalid
+    coords, valid = ops.flow_correspondence(fw)
+    warped = ops.sample_features(right, coords)
+    err_warp = (warped - left).abs().mean(1)[0][valid[0]].mean().item()
+    err_none = (right - left).abs().mean(1)[0][valid[0]].mean().item()
+    print(f"motorcycle photometric error on {valid.float().mean():.1%} valid pixels: "
+          f"warped {err_warp:.4f} vs no warp {err_none:.4f}")
+    assert err_warp < 0.4 * err_none
+    assert not valid[0][~torch.isfinite(disp)].any()
+
+
+def test_real_stereo_pixels_without_a_match_are_flagged_by_the_backward_check():
+    _, _, disp = _motorcycle()
+    H, W = disp.shape
+    finite = torch.isfinite(disp)
+    # Backward flow right -> left by z-buffered splatting of the left pixels that have a match
+    # (nearest disparity wins); right pixels nobody lands on get no flow (NaN).
+    rows, cols = torch.nonzero(finite, as_tuple=True)
+    d = disp[rows, cols]
+    x = cols - d
+    # each left pixel lands between two right pixels: splat to both so the map has no holes
+    rows, d, target = rows.repeat(2), d.repeat(2), torch.cat([torch.floor(x), torch.ceil(x)]).long()
+    inside = (target >= 0) & (target < W)
+    rows, d, target = rows[inside], d[inside], target[inside]
+    zbuf = torch.full((H * W,), -math.inf).scatter_reduce(0, rows * W + target, d, "amax")  # nearest wins
+    bw = torch.zeros(1, 2, H, W)
+    bw[0, 0] = torch.where(torch.isfinite(zbuf), zbuf, torch.full_like(zbuf, math.nan)).view(H, W)
+    # Forward flow with the holes filled as a flow method would (nearest valid disparity to the
+    # right on the same row): wrong for occluded pixels, which have no true match.
+    filled = disp.clone()
+    for c in range(W - 2, -1, -1):
+        hole = ~torch.isfinite(filled[:, c])
+        filled[hole, c] = filled[hole, c + 1]
+    fw = torch.zeros(1, 2, H, W)
+    fw[0, 0] = -torch.nan_to_num(filled, nan=0.0, posinf=0.0)
+    coords, valid = ops.flow_correspondence(fw, bw)
+    inside_t = (coords[0, ..., 0] >= 0) & (coords[0, ..., 0] <= W - 1)
+    no_match = ~finite & inside_t
+    match = finite & inside_t
+    flagged = (~valid[0][no_match]).float().mean().item()
+    kept = valid[0][match].float().mean().item()
+    print(f"backward check: {flagged:.1%} of unmatched pixels flagged, {kept:.1%} of matched kept")
+    assert no_match.sum() > 1000
+    # Middlebury leaves some visible pixels without ground truth too, so not every one of them
+    # is an occlusion the check can see
+    assert flagged > 0.75 and kept > 0.9
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_flow_ops_match_cpu(dtype):
+    g = torch.Generator().manual_seed(7)
+    fw = (torch.randn(2, 2, 64, 96, generator=g) * 5).to(dtype)
+    bw = (-fw.float() + torch.randn(2, 2, 64, 96, generator=g) * 0.3).to(dtype)
+    a = ops.flow_correspondence(fw, bw)
+    b = ops.flow_correspondence(fw.cuda(), bw.cuda())
+    torch.testing.assert_close(b.coords.cpu(), a.coords)
+    assert (b.valid.cpu() == a.valid).float().mean() > 0.999
+    feats = torch.randn(2, 32, 64, 96, generator=g).to(dtype)
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det, warn_only=True)
+        try:
+            fc = feats.cuda().requires_grad_(True)
+            cc = a.coords.cuda().requires_grad_(True)
+            out = ops.sample_features(fc, cc)
+            out.float().sum().backward()
+            fr = feats.clone().requires_grad_(True)
+            cr = a.coords.clone().requires_grad_(True)
+            ref = ops.sample_features(fr, cr)
+            ref.float().sum().backward()
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(fc.grad.cpu().float(), fr.grad.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(cc.grad.cpu().float(), cr.grad.float(), rtol=tol, atol=tol * 10)
+            online = torch.randn(2, 32, 64, 96, generator=g).to(dtype)
+            oc = online.cuda().requires_grad_(True)
+            l1 = ops.dense_correspondence_loss(oc, fc, cc.detach(), b.valid)
+            l1.backward()
+            l2 = ops.dense_correspondence_loss(online, feats, a.coords, b.valid.cpu())
+            torch.testing.assert_close(l1.cpu(), l2, rtol=1e-4, atol=1e-5)
+        finally:
+            torch.use_deterministic_algorithms(False)
