@@ -21,8 +21,11 @@ loop. To add a method, subclass :class:`Recipe`, set the class attributes, imple
 Optional: ``collate(samples)`` (default: ``torch.utils.data.default_collate``),
 ``param_groups()`` (default: no weight decay on norms, biases, tokens), ``on_train_start(ctx)``
 (e.g. estimate a colour prior from ``ctx.dataset``; set EMA schedule lengths from
-``ctx.total_steps``), ``on_epoch_start(ctx)``, ``on_after_optimizer_step(ctx)`` (EMA teacher
-update, freezing a last layer), ``fsdp_modules()`` (modules to shard under FSDP).
+``ctx.total_steps``), ``on_epoch_start(ctx)``, ``on_before_optimizer_step(ctx)`` (after backward
+and gradient clipping: e.g. drop a frozen last layer's gradients), ``on_after_optimizer_step(ctx)``
+(EMA teacher update), ``on_epoch_end(ctx)`` (after a complete epoch, before its checkpoint: e.g.
+a k-NN monitor, figures), ``on_train_end(ctx)`` (once, when the loop stops: finished or
+interrupted), ``fsdp_modules()`` (modules to shard under FSDP).
 
 The encoder that evaluation reads is ``self.encoder`` (a backbone from
 :func:`pyssl.models.build_backbone`); ``encoder_spec()`` records how to rebuild it and how to
@@ -182,5 +185,14 @@ class Recipe(nn.Module):
     def on_epoch_start(self, ctx: StepContext) -> None:
         pass
 
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        pass
+
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
+        pass
+
+    def on_epoch_end(self, ctx: StepContext) -> None:
+        pass
+
+    def on_train_end(self, ctx: StepContext) -> None:
         pass

@@ -242,6 +242,7 @@ class Trainer:
                             gnorm = torch.nn.utils.clip_grad_norm_(
                                 [p for g in self.optimizer.param_groups for p in g["params"]],
                                 cfg.clip_grad)
+                        recipe.on_before_optimizer_step(ctx)
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
                         recipe.on_after_optimizer_step(ctx)
@@ -290,6 +291,7 @@ class Trainer:
                     if status != "finished":
                         break
                     if self.batch_in_epoch >= spe:   # epoch complete
+                        recipe.on_epoch_end(ctx)
                         self.save_checkpoint()
                         if cfg.keep_every_epochs and (ep + 1) % cfg.keep_every_epochs == 0:
                             self.save_checkpoint(f"checkpoint_epoch{ep + 1:04d}.pt")
@@ -299,6 +301,7 @@ class Trainer:
                     elif self.step >= total:
                         break
                 self.save_checkpoint()
+                recipe.on_train_end(ctx)
         finally:
             if pbar is not None:
                 pbar.close()
