@@ -82,6 +82,8 @@ def test_resolve_data_errors_name_the_argument(tmp_path):
         resolve_data("/no/such/dir")
     with pytest.raises(DataError, match="split must be"):
         resolve_data("digits", "val")
+    with pytest.raises(DataError, match="torchvision dataset 'cifar10' not found"):
+        resolve_data("cifar10", root=str(tmp_path))      # never downloads
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
         resolve_data(str(tmp_path / "empty"))
