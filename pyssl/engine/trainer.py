@@ -286,8 +286,6 @@ class Trainer:
                             break
                         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                             self.save_checkpoint()
-                    else:
-                        pass
                     if status != "finished":
                         break
                     if self.batch_in_epoch >= spe:   # epoch complete
