@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/sample_dense.h"
 #include "ops/sampling.h"
 
 namespace pyssl::sampling {
@@ -458,11 +459,128 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
           features_grad ? like_features(gacc, features) : at::empty({0}, features.options())};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Dense sampling fast path (CPU, float32, NCHW): pyssl.ops.sample_features on the CPU. Output and
+// incoming gradients are NCHW planes, so the per-channel loops vectorise over points (gathers),
+// and the feature-gradient scatter runs one channel plane per task.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kDenseBlock = 256;
+
+void check_dense(const Tensor& features, const Tensor& coords) {
+  check_dim(features, 4, "features", "[B, C, H, W]");
+  check_dim(coords, 4, "coords", "[B, Ho, Wo, 2]");
+  check_dtype(features, {at::kFloat}, "features");
+  check_dtype(coords, {at::kFloat}, "coords");
+  TORCH_CHECK_VALUE(coords.size(0) == features.size(0) && coords.size(3) == 2,
+                    "coords must have shape [B, Ho, Wo, 2] with B = ", features.size(0), ", got ",
+                    coords.sizes());
+  TORCH_CHECK_VALUE(features.size(2) * features.size(3) < (int64_t{1} << 31),
+                    "features are too large for the dense path (H*W >= 2^31)");
+}
+
+struct DenseTapBuffer {
+  std::vector<int32_t> index;
+  std::vector<float> weight, dwdx, dwdy;
+  cpu::DenseTaps taps(int64_t offset, bool grads) {
+    return {index.data() + offset, weight.data() + offset, grads ? dwdx.data() + offset : nullptr,
+            grads ? dwdy.data() + offset : nullptr};
+  }
+};
+
+Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
+  check_dense(features, coords);
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t P = coords.size(1) * coords.size(2);
+  const Tensor f = features.contiguous(), xy = coords.contiguous();
+  Tensor out = at::empty({B, C, coords.size(1), coords.size(2)}, f.options());
+  const float* fp = f.const_data_ptr<float>();
+  const float* cp = xy.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    DenseTapBuffer buf{std::vector<int32_t>(4 * kDenseBlock), std::vector<float>(4 * kDenseBlock), {}, {}};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
+      const int64_t n = std::min(kDenseBlock, P - p0);
+      cpu::DenseTaps t{buf.index.data(), buf.weight.data(), nullptr, nullptr};
+      cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
+      cpu::dense_gather(fp + b * C * H * W, C, H * W, t, n, op + b * C * P + p0, P);
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad,
+                                                              const Tensor& features,
+                                                              const Tensor& coords,
+                                                              bool features_grad, bool coords_grad) {
+  check_dense(features, coords);
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t P = coords.size(1) * coords.size(2);
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C &&
+                        grad.size(2) * grad.size(3) == P,
+                    "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
+  const Tensor f = features.contiguous(), xy = coords.contiguous();
+  const Tensor g = grad.to(at::kFloat).contiguous();
+  const float* fp = f.const_data_ptr<float>();
+  const float* cp = xy.const_data_ptr<float>();
+  const float* gp = g.const_data_ptr<float>();
+  // taps of every point of every image (shared by the channel tasks)
+  DenseTapBuffer buf{std::vector<int32_t>(4 * B * P), std::vector<float>(4 * B * P),
+                     std::vector<float>(coords_grad ? 4 * B * P : 0),
+                     std::vector<float>(coords_grad ? 4 * B * P : 0)};
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      cpu::dense_taps(cp + b * P * 2, P, H, W, buf.taps(4 * b * P, coords_grad));
+  });
+  Tensor gf = at::empty({0}, f.options());
+  if (features_grad) {
+    gf = at::zeros_like(f);
+    float* gfp = gf.mutable_data_ptr<float>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        const int64_t b = bc / C;
+        cpu::dense_scatter(gp + bc * P, buf.taps(4 * b * P, false), P, gfp + bc * H * W);
+      }
+    });
+  }
+  Tensor gc = at::empty({0}, xy.options());
+  if (coords_grad) {
+    gc = at::zeros_like(xy);
+    float* gcp = gc.mutable_data_ptr<float>();
+    const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
+        const int64_t n = std::min(kDenseBlock, P - p0);
+        // the block's taps, re-laid out [4][n] for the kernel
+        DenseTapBuffer blk{std::vector<int32_t>(4 * n), std::vector<float>(4 * n),
+                           std::vector<float>(4 * n), std::vector<float>(4 * n)};
+        for (int k = 0; k < 4; ++k)
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t src = 4 * b * P + k * P + p0 + j;
+            blk.index[k * n + j] = buf.index[src];
+            blk.weight[k * n + j] = buf.weight[src];
+            blk.dwdx[k * n + j] = buf.dwdx[src];
+            blk.dwdy[k * n + j] = buf.dwdy[src];
+          }
+        cpu::dense_coord_grad(fp + b * C * H * W, C, H * W, gp + b * C * P + p0, P, blk.taps(0, true), n,
+                              gcp + (b * P + p0) * 2);
+      }
+    });
+  }
+  return {gf, gc};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyssl, m) {
   m.def("sample_points(Tensor features, Tensor? image_index, Tensor xy, int mode) -> Tensor");
   m.def("sample_points_backward(Tensor grad, Tensor features, Tensor? image_index, Tensor xy, int mode, bool features_grad, bool xy_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def("sample_features_dense(Tensor features, Tensor coords) -> Tensor");
+  m.def("sample_features_dense_backward(Tensor grad, Tensor features, Tensor coords, bool features_grad, bool coords_grad) -> (Tensor, Tensor)");
   m.def("distill_loss(Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor? weights, int mode, int loss) -> (Tensor loss, Tensor stats)");
   m.def("distill_loss_backward(Tensor grad_loss, Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor? weights, Tensor stats, int mode, int loss, bool point_features_grad, bool features_grad, bool deterministic) -> (Tensor, Tensor)");
 }
@@ -470,6 +588,8 @@ TORCH_LIBRARY_FRAGMENT(pyssl, m) {
 TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
   m.impl("sample_points", &sample_points_cpu);
   m.impl("sample_points_backward", &sample_points_backward_cpu);
+  m.impl("sample_features_dense", &sample_features_dense_cpu);
+  m.impl("sample_features_dense_backward", &sample_features_dense_backward_cpu);
   m.impl("distill_loss", &distill_loss_cpu);
   m.impl("distill_loss_backward", &distill_loss_backward_cpu);
 }

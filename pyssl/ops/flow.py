@@ -105,8 +105,68 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
         raise ValueError(f"coords must have shape [B, Ho, Wo, 2] with B = {features.shape[0]}, "
                          f"got {tuple(coords.shape)}")
     B, Ho, Wo, _ = coords.shape
+    if (features.device.type == "cpu" and features.dtype == torch.float32
+            and coords.dtype == torch.float32 and features.is_contiguous()):
+        # CPU fast path: NCHW in and out, gathers vectorised over points
+        return _ops.sample_features_dense(features, coords)
     out = sample_points(features, coords.reshape(B * Ho * Wo, 2))
     return out.view(B, Ho, Wo, features.shape[1]).permute(0, 3, 1, 2)
+
+
+@torch.library.register_fake("pyssl::sample_features_dense")
+def _dense_fake(features, coords):
+    return features.new_empty(features.shape[0], features.shape[1], coords.shape[1], coords.shape[2])
+
+
+def _dense_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _dense_backward(ctx, grad):
+    features, coords = ctx.saved_tensors
+    need_f, need_c = ctx.needs_input_grad
+    gf, gc = _ops.sample_features_dense_backward(grad, features, coords, need_f, need_c)
+    return (gf if need_f else None), (gc if need_c else None)
+
+
+torch.library.register_autograd("pyssl::sample_features_dense", _dense_backward, setup_context=_dense_setup)
+
+
+@torch.library.register_fake("pyssl::sample_features_dense_backward")
+def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
+    return (torch.empty_like(features) if features_grad else features.new_empty(0),
+            torch.empty_like(coords) if coords_grad else coords.new_empty(0))
+
+
+def _dense_bw_setup(ctx, inputs, output):
+    grad, features, coords, features_grad, coords_grad = inputs
+    ctx.flags = (features_grad, coords_grad)
+    ctx.save_for_backward(grad, features, coords)
+
+
+def _dense_double_backward(ctx, gg_features, gg_coords):
+    """Second derivatives through the generic (differentiable) path; rarely needed."""
+    grad, features, coords = ctx.saved_tensors
+    with torch.enable_grad():
+        g = grad.detach().requires_grad_(True)
+        f = features.detach().requires_grad_(True)
+        c = coords.detach().requires_grad_(True)
+        B, Ho, Wo, _ = c.shape
+        out = reference.sample_points(f, None, c.reshape(-1, 2), 0).view(B, Ho, Wo, -1).permute(0, 3, 1, 2)
+        gf, gc = torch.autograd.grad(out, (f, c), g, create_graph=True)
+        total = 0
+        if ctx.flags[0] and gg_features is not None and gg_features.numel():
+            total = total + (gf * gg_features).sum()
+        if ctx.flags[1] and gg_coords is not None and gg_coords.numel():
+            total = total + (gc * gg_coords).sum()
+        if not torch.is_tensor(total):
+            return None, None, None, None, None
+        dg, df, dc = torch.autograd.grad(total, (g, f, c), allow_unused=True)
+    return dg, df, dc, None, None
+
+
+torch.library.register_autograd("pyssl::sample_features_dense_backward", _dense_double_backward,
+                                setup_context=_dense_bw_setup)
 
 
 def affine_correspondence(theta: torch.Tensor, size_in, size_out) -> torch.Tensor:

@@ -114,12 +114,35 @@ def test_sample_features_equals_grid_sample(B, C, H, W, Ho, Wo, seed, channels_l
     torch.testing.assert_close(g1[1], g2[1])
 
 
+@given(B=st.integers(1, 3), C=st.integers(1, 9), H=st.integers(1, 9), W=st.integers(1, 9),
+       Ho=st.integers(1, 6), Wo=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_cpu_float32_fast_path_equals_the_generic_kernel(B, C, H, W, Ho, Wo, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, C, H, W, generator=g)
+    coords = torch.rand(B, Ho, Wo, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1.5
+    if seed % 7 == 0:
+        coords[0, 0, 0] = torch.tensor([math.nan, 1.0])
+        feats[0, :, 0, 0] = math.inf  # only read by points that actually touch pixel (0, 0)
+    f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    fast = torch.ops.pyssl.sample_features_dense(f1, c1)
+    f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    generic = ops.sample_points(f2, c2.reshape(-1, 2)).view(B, Ho, Wo, C).permute(0, 3, 1, 2)
+    assert torch.equal(fast, generic)
+    gr = torch.randn(B, C, Ho, Wo, generator=g)
+    g1 = torch.autograd.grad(fast, (f1, c1), gr)
+    g2 = torch.autograd.grad(generic, (f2, c2), gr)
+    torch.testing.assert_close(g1[0], g2[0], equal_nan=True)
+    torch.testing.assert_close(g1[1], g2[1], equal_nan=True)
+    assert ops.sample_features(feats, coords).is_contiguous()  # the fast path is what users get
+
+
 def test_sample_features_gradcheck_and_determinism():
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     coords = (torch.rand(2, 3, 4, 2, generator=g, dtype=torch.float64) * torch.tensor([4.6, 3.6], dtype=torch.float64)
               + 0.2).requires_grad_(True)
     assert torch.autograd.gradcheck(ops.sample_features, (feats, coords))
+    torch.library.opcheck(torch.ops.pyssl.sample_features_dense.default, (feats.float(), coords.float()))
     big = torch.randn(4, 16, 32, 48, generator=g)
     c = torch.rand(4, 32, 48, 2, generator=g) * torch.tensor([47.0, 31.0])
     grads = []

@@ -1,0 +1,159 @@
+// Torch-free dense bilinear sampling kernels; see csrc/cpu/sample_dense.h. Semantics equal
+// kernels/sampling_math.h (sample_taps): far or non-finite coordinates touch nothing; corners
+// outside the image contribute nothing (not even 0 * NaN); inside corners contribute w * v.
+#include "cpu/sample_dense.h"
+
+#include "cpu/simd.h"
+
+namespace pyssl::cpu {
+namespace {
+
+// Branch-free, one point per iteration, so the loop vectorises; `grads` is a compile-time
+// choice (two instantiations) rather than a test inside the loop.
+template <bool grads>
+PYSSL_INLINE void taps_loop(const float* __restrict coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
+  const float Wf = static_cast<float>(W), Hf = static_cast<float>(H);
+  const int32_t Wi = static_cast<int32_t>(W), Hi = static_cast<int32_t>(H);
+  int32_t* __restrict i0 = t.index;
+  int32_t* __restrict i1 = t.index + n;
+  int32_t* __restrict i2 = t.index + 2 * n;
+  int32_t* __restrict i3 = t.index + 3 * n;
+  float* __restrict w0 = t.weight;
+  float* __restrict w1 = t.weight + n;
+  float* __restrict w2 = t.weight + 2 * n;
+  float* __restrict w3 = t.weight + 3 * n;
+  float* __restrict dx = t.dwdx;
+  float* __restrict dy = t.dwdy;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = coords[2 * j], y = coords[2 * j + 1];
+    const bool near = x > -2.0f & x < Wf + 1.0f & y > -2.0f & y < Hf + 1.0f;  // false for NaN
+    const float xs = near ? x : 0.0f, ys = near ? y : 0.0f;
+    const float fx = std::floor(xs), fy = std::floor(ys);
+    const float ax = xs - fx, ay = ys - fy;
+    const int32_t x0 = static_cast<int32_t>(fx), y0 = static_cast<int32_t>(fy);
+    const bool vx0 = x0 >= 0 & x0 < Wi, vx1 = x0 + 1 >= 0 & x0 + 1 < Wi;
+    const bool vy0 = y0 >= 0 & y0 < Hi, vy1 = y0 + 1 >= 0 & y0 + 1 < Hi;
+    const bool in0 = near & vx0 & vy0, in1 = near & vx1 & vy0;
+    const bool in2 = near & vx0 & vy1, in3 = near & vx1 & vy1;
+    const int32_t base = y0 * Wi + x0;
+    i0[j] = in0 ? base : -1;
+    i1[j] = in1 ? base + 1 : -1;
+    i2[j] = in2 ? base + Wi : -1;
+    i3[j] = in3 ? base + Wi + 1 : -1;
+    w0[j] = in0 ? (1.0f - ax) * (1.0f - ay) : 0.0f;
+    w1[j] = in1 ? ax * (1.0f - ay) : 0.0f;
+    w2[j] = in2 ? (1.0f - ax) * ay : 0.0f;
+    w3[j] = in3 ? ax * ay : 0.0f;
+    if constexpr (grads) {
+      dx[j] = in0 ? -(1.0f - ay) : 0.0f;
+      dx[n + j] = in1 ? 1.0f - ay : 0.0f;
+      dx[2 * n + j] = in2 ? -ay : 0.0f;
+      dx[3 * n + j] = in3 ? ay : 0.0f;
+      dy[j] = in0 ? -(1.0f - ax) : 0.0f;
+      dy[n + j] = in1 ? -ax : 0.0f;
+      dy[2 * n + j] = in2 ? 1.0f - ax : 0.0f;
+      dy[3 * n + j] = in3 ? ax : 0.0f;
+    }
+  }
+}
+
+PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
+  if (t.dwdx) {
+    taps_loop<true>(coords, n, H, W, t);
+  } else {
+    taps_loop<false>(coords, n, H, W, t);
+  }
+}
+
+PYSSL_INLINE float tap(const float* plane, const DenseTaps& t, int64_t n, int k, int64_t j,
+                       const float* w) {
+  const int32_t i = t.index[k * n + j];
+  const float v = plane[i < 0 ? 0 : i];
+  return i < 0 ? 0.0f : w[k * n + j] * v;
+}
+
+PYSSL_INLINE void gather_body(const float* f, int64_t C, int64_t HW, const DenseTaps& t,
+                              int64_t n, float* out, int64_t out_stride) {
+  const int32_t* __restrict i0 = t.index;
+  const int32_t* __restrict i1 = t.index + n;
+  const int32_t* __restrict i2 = t.index + 2 * n;
+  const int32_t* __restrict i3 = t.index + 3 * n;
+  const float* __restrict w0 = t.weight;
+  const float* __restrict w1 = t.weight + n;
+  const float* __restrict w2 = t.weight + 2 * n;
+  const float* __restrict w3 = t.weight + 3 * n;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict plane = f + c * HW;
+    float* __restrict o = out + c * out_stride;
+    for (int64_t j = 0; j < n; ++j) {
+      // corners outside the image (index -1) read pixel 0 and are masked out
+      const float v0 = plane[i0[j] < 0 ? 0 : i0[j]], v1 = plane[i1[j] < 0 ? 0 : i1[j]];
+      const float v2 = plane[i2[j] < 0 ? 0 : i2[j]], v3 = plane[i3[j] < 0 ? 0 : i3[j]];
+      float acc = 0.0f;
+      acc += i0[j] < 0 ? 0.0f : w0[j] * v0;
+      acc += i1[j] < 0 ? 0.0f : w1[j] * v1;
+      acc += i2[j] < 0 ? 0.0f : w2[j] * v2;
+      acc += i3[j] < 0 ? 0.0f : w3[j] * v3;
+      o[j] = acc;
+    }
+  }
+}
+
+PYSSL_INLINE void scatter_body(const float* g, const DenseTaps& t, int64_t n, float* grad_f) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float gj = g[j];
+    for (int k = 0; k < 4; ++k) {
+      const int32_t i = t.index[k * n + j];
+      if (i >= 0) grad_f[i] += t.weight[k * n + j] * gj;
+    }
+  }
+}
+
+PYSSL_INLINE void coord_grad_body(const float* f, int64_t C, int64_t HW, const float* g,
+                                  int64_t g_stride, const DenseTaps& t, int64_t n, float* gxy) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float* plane = f + c * HW;
+    const float* gc = g + c * g_stride;
+    for (int64_t j = 0; j < n; ++j) {
+      float sx = 0.0f, sy = 0.0f;
+      for (int k = 0; k < 4; ++k) {
+        sx += tap(plane, t, n, k, j, t.dwdx);
+        sy += tap(plane, t, n, k, j, t.dwdy);
+      }
+      gxy[2 * j] += gc[j] * sx;
+      gxy[2 * j + 1] += gc[j] * sy;
+    }
+  }
+}
+
+PYSSL_MULTIVERSION(void, taps_v, (const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t),
+                   (coords, n, H, W, t), taps_body)
+PYSSL_MULTIVERSION(void, gather_v,
+                   (const float* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
+                    float* out, int64_t os),
+                   (f, C, HW, t, n, out, os), gather_body)
+PYSSL_MULTIVERSION(void, scatter_v, (const float* g, const DenseTaps& t, int64_t n, float* gf),
+                   (g, t, n, gf), scatter_body)
+PYSSL_MULTIVERSION(void, coord_v,
+                   (const float* f, int64_t C, int64_t HW, const float* g, int64_t gs,
+                    const DenseTaps& t, int64_t n, float* gxy),
+                   (f, C, HW, g, gs, t, n, gxy), coord_grad_body)
+
+}  // namespace
+
+void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps taps) {
+  taps_v(coords, n, H, W, taps);
+}
+void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
+                  float* out, int64_t out_stride) {
+  gather_v(f, C, HW, taps, n, out, out_stride);
+}
+void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad_f) {
+  scatter_v(g, taps, n, grad_f);
+}
+void dense_coord_grad(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                      const DenseTaps& taps, int64_t n, float* gxy) {
+  coord_v(f, C, HW, g, g_stride, taps, n, gxy);
+}
+
+}  // namespace pyssl::cpu
