@@ -5,7 +5,8 @@ A checkpoint stores the encoder as ``{"spec": {"name", "in_chans", "image_size",
 
 Names: ``resnet_tiny`` (ResNet-10, width 32: CPU-sized), ``resnet10``, ``resnet18``,
 ``resnet34``, ``resnet50``, ``resnet101``; ``vit_micro`` (2 blocks, dim 64: tests),
-``vit_tiny``, ``vit_small``, ``vit_base``, ``vit_large``. ResNets use the small-image stem when
+``vit_tiny``, ``vit_small``, ``vit_base``, ``vit_large``; ``vq_encoder`` (the VQ tokenizer's
+encoder). ResNets use the small-image stem when
 ``image_size <= 64``; ViTs use 4 px patches when ``image_size <= 64`` and 16 px otherwise.
 """
 
@@ -30,6 +31,8 @@ BACKBONES = {
     "vit_small": "ViT-S: dim 384, 12 blocks, 6 heads",
     "vit_base": "ViT-B: dim 768, 12 blocks, 12 heads",
     "vit_large": "ViT-L: dim 1024, 24 blocks, 16 heads",
+    "vq_encoder": "VQ-VAE tokenizer encoder (pyssl.models.tokenizer.VQEncoder; features before "
+                  "quantisation)",
 }
 
 
@@ -45,6 +48,10 @@ def build_backbone(name: str, in_chans: int = 3, image_size: int = 224,
     ResNet, ``{"patch_size": 8, "depth": 4}`` for a ViT, ``{"norm": "group"}``)."""
     parse_backbone(name)
     kw = dict(kwargs or {})
+    if name == "vq_encoder":
+        from .tokenizer import VQEncoder
+
+        return VQEncoder(in_chans=in_chans, **kw)
     if name.startswith("resnet"):
         depth, width = (10, 32) if name == "resnet_tiny" else (int(name[6:]), 64)
         args = {"depth": depth, "width": width, "small_stem": image_size <= 64}

@@ -1,0 +1,223 @@
+"""Contrastive losses that stay correct under data parallelism: InfoNCE (one direction or
+symmetric, CLIP-style) and SimCLR's NT-Xent, with the negatives gathered from every rank and the
+gradients flowing back to the rank that produced them.
+
+Why the gather needs gradients. With ``W`` processes each holding ``n`` rows of a global batch
+of ``N = W n``, rank ``r`` scores its own queries against all ``N`` keys. A plain
+``torch.distributed.all_gather`` returns tensors without a graph, so the other ranks' keys are
+constants and rank ``s`` never learns how its keys should move to help rank ``r``'s queries:
+the summed gradient is missing every cross-rank term (and, if one then "fixes" it by putting the
+local slice back, it is still missing them). :func:`gather_with_grad` uses
+``torch.distributed.nn.functional.all_gather``, whose backward sums the gradient of each
+gathered slice over all ranks and returns it to its owner. Each rank's loss is the mean over its
+own queries; DDP then averages the ranks' gradients, which gives exactly the gradient of the
+single-process loss on the global batch (``tests/losses/test_contrastive.py`` checks world size
+2 against world size 1 on the same batch).
+
+Rows of a gathered tensor are rank-major: rank ``r`` owns rows ``r*n .. r*n + n - 1``, so local
+row ``i`` of rank ``r`` is global row ``r*n + i`` (every rank must hold the same ``n``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "gather_with_grad", "info_nce", "nt_xent",
+           "rank_and_world"]
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` of ``group`` when torch.distributed is initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``x`` ``[n, ...]`` from every rank along dim 0 (rank-major), differentiably:
+    the backward pass sends each rank the sum over ranks of the gradient of its slice. Identity
+    on a single process."""
+    _, world = rank_and_world(group)
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous(), group=group or dist.group.WORLD), dim=0)
+
+
+def _gather_ids(ids: torch.Tensor, group=None) -> torch.Tensor:
+    out = [torch.empty_like(ids) for _ in range(rank_and_world(group)[1])]
+    dist.all_gather(out, ids.contiguous(), group=group)
+    return torch.cat(out)
+
+
+def _check_pair(query: torch.Tensor, key: torch.Tensor, qname: str, kname: str) -> None:
+    if query.dim() != 2 or key.dim() != 2:
+        raise ValueError(f"{qname} and {kname} must be 2-D [n, D], got {tuple(query.shape)} and "
+                         f"{tuple(key.shape)}")
+    if query.shape != key.shape:
+        raise ValueError(f"{qname} and {kname} must have the same shape (row i of one is the "
+                         f"positive of row i of the other), got {tuple(query.shape)} and "
+                         f"{tuple(key.shape)}")
+
+
+def _scale(temperature: float | None, logit_scale: torch.Tensor | None) -> torch.Tensor | float:
+    if logit_scale is not None:
+        return logit_scale
+    if temperature is None or not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return 1.0 / temperature
+
+
+def _soft_targets(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Row-normalised equality matrix ``[len(rows), len(cols)]`` (multi-positive targets)."""
+    eq = (rows[:, None] == cols[None, :]).float()
+    return eq / eq.sum(1, keepdim=True).clamp_min(1)
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float | None = 0.1, *,
+             logit_scale: torch.Tensor | None = None, symmetric: bool = False,
+             normalize: bool = True, gather: bool = True, group=None,
+             positive_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE (van den Oord et al. 2018; CLIP's loss when ``symmetric``).
+
+    ``query`` and ``key`` are ``[n, D]`` on each rank; row ``i`` of ``key`` is the positive of row
+    ``i`` of ``query`` and every other key of the global batch (all ranks, when ``gather``) is a
+    negative. Logits are ``scale * <q, k>`` with ``scale = 1 / temperature`` or ``logit_scale``
+    (a tensor, e.g. CLIP's learnable ``exp(t)``), on L2-normalised rows when ``normalize``.
+
+    * ``symmetric=False``: ``mean_i CE(q_i -> all keys)``.
+    * ``symmetric=True``: ``(mean_i CE(q_i -> all keys) + mean_j CE(k_j -> all queries)) / 2``.
+
+    ``positive_ids`` (optional int ``[n]``): rows that share an id are all positives of each other
+    (e.g. identical captions); the target of row ``i`` is then uniform over the columns with
+    ``i``'s id, instead of one-hot. The result is the loss of this rank's rows (mean over them);
+    under DDP the averaged gradients equal those of the single-process loss on the global batch.
+    """
+    _check_pair(query, key, "query", "key")
+    scale = _scale(temperature, logit_scale)
+    if normalize:
+        query, key = F.normalize(query.float(), dim=-1), F.normalize(key.float(), dim=-1)
+    rank, world = rank_and_world(group) if gather else (0, 1)
+    n = query.shape[0]
+    all_k = gather_with_grad(key, group) if world > 1 else key
+    logits = scale * (query @ all_k.T)                                  # [n, N]
+    if positive_ids is not None:
+        ids = positive_ids.reshape(-1)
+        all_ids = _gather_ids(ids, group) if world > 1 else ids
+        own = all_ids[rank * n: rank * n + n]
+        tgt = _soft_targets(own, all_ids)
+        loss = -(tgt * logits.log_softmax(-1)).sum(-1).mean()
+    else:
+        labels = torch.arange(rank * n, rank * n + n, device=query.device)
+        loss = F.cross_entropy(logits, labels)
+    if not symmetric:
+        return loss
+    all_q = gather_with_grad(query, group) if world > 1 else query
+    logits_t = scale * (key @ all_q.T)
+    if positive_ids is not None:
+        loss_t = -(tgt * logits_t.log_softmax(-1)).sum(-1).mean()
+    else:
+        loss_t = F.cross_entropy(logits_t, labels)
+    return 0.5 * (loss + loss_t)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
+            normalize: bool = True, gather: bool = True, group=None) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020): for the ``2N`` views of a global batch of ``N``
+    images (``z1[i]`` and ``z2[i]`` are two views of image ``i``), each view's positive is the
+    other view of its image and the other ``2N - 2`` views are negatives:
+    ``l(a) = -log( exp(s(a, a+)/t) / sum_{b != a} exp(s(a, b)/t) )`` with cosine similarity
+    ``s``, averaged over this rank's ``2n`` views (``gather``: negatives from every rank)."""
+    _check_pair(z1, z2, "z1", "z2")
+    scale = _scale(temperature, None)
+    if normalize:
+        z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    rank, world = rank_and_world(group) if gather else (0, 1)
+    n = z1.shape[0]
+    g1 = gather_with_grad(z1, group) if world > 1 else z1
+    g2 = gather_with_grad(z2, group) if world > 1 else z2
+    N = g1.shape[0]
+    keys = torch.cat([g1, g2])                                         # [2N, D]
+    queries = torch.cat([z1, z2])                                      # [2n, D]
+    logits = scale * (queries @ keys.T)                                # [2n, 2N]
+    own = torch.arange(rank * n, rank * n + n, device=z1.device)
+    self_idx = torch.cat([own, own + N])                               # each query's own column
+    pos_idx = torch.cat([own + N, own])                                # the other view
+    is_self = torch.zeros_like(logits, dtype=torch.bool)
+    is_self[torch.arange(2 * n, device=z1.device), self_idx] = True
+    return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), pos_idx)
+
+
+class InfoNCELoss(nn.Module):
+    """:func:`info_nce` as a module with a fixed temperature (``symmetric`` for CLIP-style)."""
+
+    def __init__(self, temperature: float = 0.1, symmetric: bool = False,
+                 normalize: bool = True, gather: bool = True, group=None):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.symmetric = float(temperature), bool(symmetric)
+        self.normalize, self.gather, self.group = bool(normalize), bool(gather), group
+
+    def forward(self, query, key, positive_ids=None):
+        return info_nce(query, key, self.temperature, symmetric=self.symmetric,
+                        normalize=self.normalize, gather=self.gather, group=self.group,
+                        positive_ids=positive_ids)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, symmetric={self.symmetric}"
+
+
+class NTXentLoss(nn.Module):
+    """:func:`nt_xent` as a module (SimCLR)."""
+
+    def __init__(self, temperature: float = 0.5, normalize: bool = True, gather: bool = True,
+                 group=None):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.normalize, self.gather, self.group = (
+            float(temperature), bool(normalize), bool(gather), group)
+
+    def forward(self, z1, z2):
+        return nt_xent(z1, z2, self.temperature, normalize=self.normalize, gather=self.gather,
+                       group=self.group)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric InfoNCE with a learnable temperature (Radford et al. 2021): the
+    parameter ``log_scale`` starts at ``log(1 / init_temperature)`` and the logit scale
+    ``exp(log_scale)`` is clamped to at most ``max_scale`` (CLIP: 0.07 and 100)."""
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0,
+                 learnable: bool = True, gather: bool = True, group=None):
+        super().__init__()
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        if not max_scale >= 1 / init_temperature:
+            raise ValueError(f"max_scale ({max_scale}) must be >= 1 / init_temperature "
+                             f"({1 / init_temperature:.4g})")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)),
+                                      requires_grad=learnable)
+        self.max_log_scale = math.log(max_scale)
+        self.gather, self.group = bool(gather), group
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, image_emb, text_emb, positive_ids=None):
+        return info_nce(image_emb, text_emb, None, logit_scale=self.logit_scale(),
+                        symmetric=True, gather=self.gather, group=self.group,
+                        positive_ids=positive_ids)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"log_scale"}
