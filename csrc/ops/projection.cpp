@@ -14,27 +14,7 @@ namespace {
 
 using at::Tensor;
 
-struct Inputs {
-  Tensor points, M, K, size, batch;
-};
-
-Inputs prepare(const Tensor& points, const Tensor& lidar_to_cam, const Tensor& intrinsics,
-               const Tensor& image_size, const std::optional<Tensor>& batch, const ProjShape& s) {
-  const auto acc = projection_acc(points, lidar_to_cam, intrinsics);
-  Inputs in;
-  in.points = points.to(acc).contiguous();
-  in.M = lidar_to_cam.to(acc).contiguous();
-  in.K = intrinsics.to(acc).contiguous();
-  in.size = image_size.to(acc).contiguous();
-  if (batch.has_value()) {
-    in.batch = batch->contiguous();
-    const int64_t* b = in.batch.const_data_ptr<int64_t>();
-    for (int64_t p = 0; p < s.P; ++p)
-      TORCH_CHECK_VALUE(b[p] >= 0 && b[p] < s.B, "batch[", p, "] = ", b[p], " is out of range for ",
-                        s.B, " scans (lidar_to_cam.shape[0])");
-  }
-  return in;
-}
+using Inputs = ProjInputs;
 
 constexpr int64_t kPointBlock = 4096;
 
@@ -76,7 +56,7 @@ std::tuple<Tensor, Tensor, Tensor> project_points_cpu(const Tensor& points,
                                                       double min_depth, double margin,
                                                       int64_t rounding) {
   const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
-  const Inputs in = prepare(points, lidar_to_cam, intrinsics, image_size, batch, s);
+  const Inputs in = prepare_projection(points, lidar_to_cam, intrinsics, image_size, batch, s);
   auto opts = in.points.options();
   Tensor pixels = at::empty({s.C, s.P, 2}, opts), depth = at::empty({s.C, s.P}, opts);
   Tensor valid = at::empty({s.C, s.P}, opts.dtype(at::kBool));
@@ -100,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
   TORCH_CHECK_VALUE(cameras != kRandom || (random.has_value() && random->dim() == 1 &&
                                            random->size(0) == s.P),
                     "cameras='random' needs random [P] uniform numbers in [0, 1)");
-  const Inputs in = prepare(points, lidar_to_cam, intrinsics, image_size, batch, s);
+  const Inputs in = prepare_projection(points, lidar_to_cam, intrinsics, image_size, batch, s);
   const Tensor rnd = cameras == kRandom ? random->to(at::kDouble).contiguous() : Tensor();
   std::vector<int64_t> offsets(s.P + 1, 0);
   Tensor point_index, camera_index, row, col;

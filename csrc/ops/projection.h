@@ -60,6 +60,24 @@ inline at::ScalarType projection_acc(const at::Tensor& points, const at::Tensor&
              : at::kFloat;
 }
 
+// Geometry converted to the accumulation dtype, contiguous; scan indices range-checked.
+struct ProjInputs {
+  at::Tensor points, M, K, size, batch;
+};
+
+inline ProjInputs prepare_projection(const at::Tensor& points, const at::Tensor& lidar_to_cam,
+                                     const at::Tensor& intrinsics, const at::Tensor& image_size,
+                                     const std::optional<at::Tensor>& batch, const ProjShape& s) {
+  const auto acc = projection_acc(points, lidar_to_cam, intrinsics);
+  ProjInputs in{points.to(acc).contiguous(), lidar_to_cam.to(acc).contiguous(),
+                intrinsics.to(acc).contiguous(), image_size.to(acc).contiguous(), at::Tensor()};
+  if (batch.has_value()) {
+    in.batch = batch->contiguous();
+    check_index_range(in.batch, s.B, "batch", "scans, lidar_to_cam.shape[0]");
+  }
+  return in;
+}
+
 inline void check_segments(const at::Tensor& values, const at::Tensor& segment_ids,
                            int64_t num_segments) {
   check_dim(values, 2, "values", "[N, D]");

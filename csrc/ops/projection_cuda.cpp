@@ -10,8 +10,7 @@ namespace {
 
 using at::Tensor;
 
-struct Inputs {
-  Tensor points, M, K, size, batch;
+struct Inputs : ProjInputs {
   cuda::ProjArgs args;
   DType acc;
 };
@@ -19,23 +18,9 @@ struct Inputs {
 Inputs prepare(const Tensor& points, const Tensor& lidar_to_cam, const Tensor& intrinsics,
                const Tensor& image_size, const std::optional<Tensor>& batch, const ProjShape& s,
                double min_depth, double margin, int64_t rounding) {
-  const auto acc = projection_acc(points, lidar_to_cam, intrinsics);
-  Inputs in;
-  in.points = points.to(acc).contiguous();
-  in.M = lidar_to_cam.to(acc).contiguous();
-  in.K = intrinsics.to(acc).contiguous();
-  in.size = image_size.to(acc).contiguous();
-  if (batch.has_value()) {
-    in.batch = batch->contiguous();
-    if (in.batch.numel() > 0) {  // one host sync
-      const auto [lo, hi] = at::aminmax(in.batch);
-      const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
-      TORCH_CHECK_VALUE(l >= 0 && h < s.B, "batch values must be in [0, ", s.B,
-                        ") (lidar_to_cam.shape[0]), got values in [", l, ", ", h, "]");
-    }
-  }
+  Inputs in{prepare_projection(points, lidar_to_cam, intrinsics, image_size, batch, s), {}, {}};
   in.args = {s.P, s.F, s.C, min_depth, margin, static_cast<int>(rounding)};
-  in.acc = to_dtype(acc);
+  in.acc = to_dtype(in.points.scalar_type());
   return in;
 }
 

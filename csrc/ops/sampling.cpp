@@ -19,28 +19,7 @@ using at::Tensor;
 
 constexpr int64_t kChannelSlice = 16;
 
-void check_image_index_cpu(const std::optional<Tensor>& image_index, int64_t N) {
-  if (!image_index.has_value()) return;
-  const Tensor idx = image_index->contiguous();
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  for (int64_t m = 0; m < idx.numel(); ++m)
-    TORCH_CHECK_VALUE(p[m] >= 0 && p[m] < N, "image_index[", m, "] = ", p[m],
-                      " is out of range for ", N, " images");
-}
-
-struct Prepared {
-  Tensor features, xy, index;
-};
-
-Prepared prepare(const Tensor& features, const std::optional<Tensor>& image_index,
-                 const Tensor& xy) {
-  const auto acc = sample_acc(features, xy);
-  Prepared p;
-  p.features = (acc == at::kDouble && features.scalar_type() != at::kDouble) ? features.to(acc) : features;
-  p.xy = xy.to(acc).contiguous();
-  if (image_index.has_value()) p.index = image_index->contiguous();
-  return p;
-}
+using Prepared = SamplePrepared;
 
 // Points are processed in blocks of kBlock: their taps are computed once, then, when the
 // channel stride is large (NCHW), channel by channel — a channel plane at a time — so the
@@ -116,8 +95,7 @@ void forward_impl(const Prepared& p, const SampleShape& s, int64_t mode, Tensor&
 Tensor sample_points_cpu(const Tensor& features, const std::optional<Tensor>& image_index,
                          const Tensor& xy, int64_t mode) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_image_index_cpu(image_index, s.N);
-  const Prepared p = prepare(features, image_index, xy);
+  const Prepared p = prepare_sampling(features, image_index, xy, s);
   Tensor out = at::empty({s.M, s.D}, p.features.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(), "sample_points",
                                   [&] { forward_impl<scalar_t>(p, s, mode, out); });
@@ -236,8 +214,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   const SampleShape s = check_sample(features, image_index, xy, mode);
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.M && grad.size(1) == s.D,
                     "grad must have shape [M, D] = [", s.M, ", ", s.D, "], got ", grad.sizes());
-  check_image_index_cpu(image_index, s.N);
-  const Prepared p = prepare(features, image_index, xy);
+  const Prepared p = prepare_sampling(features, image_index, xy, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
   Tensor gacc = features_grad ? feature_accumulator(p.features, p.xy.options(), !image_index.has_value())
                               : at::empty({0}, p.xy.options());
@@ -304,8 +281,8 @@ struct DistillInputs {
 
 DistillInputs prepare_distill(const Tensor& point_features, const Tensor& features,
                               const std::optional<Tensor>& image_index, const Tensor& xy,
-                              const std::optional<Tensor>& weights) {
-  DistillInputs in{prepare(features, image_index, xy), Tensor(), {}, Tensor()};
+                              const std::optional<Tensor>& weights, const SampleShape& s) {
+  DistillInputs in{prepare_sampling(features, image_index, xy, s), Tensor(), {}, Tensor()};
   const auto acc = in.p.xy.scalar_type();
   in.pf = point_features.scalar_type() == acc ? point_features : point_features.to(acc);
   in.pl = row_layout(in.pf);
@@ -366,8 +343,7 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
   check_distill(point_features, weights, s, loss);
   check_same_device(point_features, features, "point_features", "features");
   if (weights.has_value()) check_same_device(*weights, features, "weights", "features");
-  check_image_index_cpu(image_index, s.N);
-  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights);
+  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   Tensor stats = at::empty({s.M, 3}, in.p.xy.options());
   double total = 0, wsum = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss", [&] {
@@ -445,8 +421,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
     bool point_features_grad, bool features_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
   check_distill(point_features, weights, s, loss);
-  check_image_index_cpu(image_index, s.N);
-  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights);
+  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? at::empty_like(in.pf) : at::empty({0}, in.p.xy.options());
   Tensor gacc = features_grad ? feature_accumulator(in.p.features, in.p.xy.options(), !image_index.has_value())

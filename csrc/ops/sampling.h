@@ -56,6 +56,26 @@ inline at::ScalarType sample_acc(const at::Tensor& features, const at::Tensor& x
                                                                                    : at::kFloat;
 }
 
+// Inputs converted for the kernels: features (fp64 when the coordinates are), coordinates in the
+// accumulation dtype, contiguous; image indices range-checked.
+struct SamplePrepared {
+  at::Tensor features, xy, index;
+};
+
+inline SamplePrepared prepare_sampling(const at::Tensor& features,
+                                       const std::optional<at::Tensor>& image_index,
+                                       const at::Tensor& xy, const SampleShape& s) {
+  const auto acc = sample_acc(features, xy);
+  SamplePrepared p;
+  p.features = (acc == at::kDouble && features.scalar_type() != at::kDouble) ? features.to(acc) : features;
+  p.xy = xy.to(acc).contiguous();
+  if (image_index.has_value()) {
+    p.index = image_index->contiguous();
+    check_index_range(p.index, s.N, "image_index", "images, features.shape[0]");
+  }
+  return p;
+}
+
 }  // namespace pyssl::sampling
 
 namespace pyssl::sampling {

@@ -11,30 +11,27 @@ namespace {
 
 using at::Tensor;
 
-struct Prepared {
-  Tensor features, xy, index;
+struct Prepared : SamplePrepared {
   cuda::SampleArgs args;
 };
 
 Prepared prepare(const Tensor& features, const std::optional<Tensor>& image_index,
                  const Tensor& xy, int64_t mode, const SampleShape& s) {
-  const auto acc = sample_acc(features, xy);
-  Prepared p;
-  p.features = (acc == at::kDouble && features.scalar_type() != at::kDouble) ? features.to(acc) : features;
-  p.xy = xy.to(acc).contiguous();
-  if (image_index.has_value()) {
-    p.index = image_index->contiguous();
-    if (p.index.numel() > 0) {  // one host sync: indices must address existing images
-      const auto [lo, hi] = at::aminmax(p.index);
-      const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
-      TORCH_CHECK_VALUE(l >= 0 && h < s.N, "image_index values must be in [0, ", s.N,
-                        "), got values in [", l, ", ", h, "]");
-    }
-  }
+  Prepared p{prepare_sampling(features, image_index, xy, s), {}};
   const auto st = p.features.strides();
   p.args = {s.N, s.D, s.H, s.W, s.M, s.per_image, st[0], st[1], st[2], st[3], 0, 0, 0, 0,
             static_cast<int>(mode)};
   return p;
+}
+
+// Kernel arguments with the strides of a feature-gradient accumulator.
+cuda::SampleArgs with_accumulator(const Prepared& p, const Tensor& gacc) {
+  cuda::SampleArgs args = p.args;
+  args.gN = gacc.stride(0);
+  args.gD = gacc.stride(1);
+  args.gH = gacc.stride(2);
+  args.gW = gacc.stride(3);
+  return args;
 }
 
 const int64_t* index_ptr(const Prepared& p) {
@@ -67,12 +64,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   Tensor gf = at::empty({0}, features.options());
   if (features_grad) {
     Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
-    const auto gs = gacc.strides();
-    cuda::SampleArgs args = p.args;
-    args.gN = gs[0];
-    args.gD = gs[1];
-    args.gH = gs[2];
-    args.gW = gs[3];
+    const cuda::SampleArgs args = with_accumulator(p, gacc);
     const bool det = deterministic || at::globalContext().deterministicAlgorithms();
     if (!det) {
       PYSSL_CUDA_CHECK(cuda::sample_points_backward_atomic(g.const_data_ptr(), dt, index_ptr(p),
@@ -170,12 +162,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
   Tensor gf = at::empty({0}, features.options());
   if (features_grad) {
     Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
-    const auto gs = gacc.strides();
-    cuda::SampleArgs args = p.args;
-    args.gN = gs[0];
-    args.gD = gs[1];
-    args.gH = gs[2];
-    args.gW = gs[3];
+    const cuda::SampleArgs args = with_accumulator(p, gacc);
     if (!(deterministic || at::globalContext().deterministicAlgorithms())) {
       PYSSL_CUDA_CHECK(cuda::distill_grad_features_atomic(
           pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
