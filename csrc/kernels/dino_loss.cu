@@ -47,7 +47,7 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
                     acc_t<T>* __restrict__ colsum) {
   using A = acc_t<T>;
   __shared__ A smem[32 * (kMaxT + 1)];
-  const int64_t kc = blockIdx.x, group = blockIdx.y;
+  const int64_t group = blockIdx.x, kc = blockIdx.y;  // images on x (up to 2^31 - 1 blocks)
   const int64_t k0 = kc * kChunk;
   int64_t kk[kElems];
   bool ok[kElems];
@@ -194,7 +194,7 @@ dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict
                      int64_t n_terms, acc_t<T> inv_ts, acc_t<T> inv_tt, bool skip,
                      T* __restrict__ grad) {
   using A = acc_t<T>;
-  const int64_t kc = blockIdx.x, b = blockIdx.y;
+  const int64_t b = blockIdx.x, kc = blockIdx.y;  // images on x (iBOT: one row per patch)
   const int64_t k0 = kc * kChunk;
   int64_t kk[kElems];
   bool ok[kElems];
@@ -292,7 +292,7 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   A* dots = sz + a.S * a.B * nk;
   A* colsum = dots + a.T * a.S * a.B * nk;
   double* loss_b = reinterpret_cast<double*>(ws + dino_loss_b_offset(a));
-  const dim3 grid(static_cast<unsigned>(nk), static_cast<unsigned>(groups));
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(nk));
   const auto* s = static_cast<const T*>(student);
   const auto* t = static_cast<const T*>(teacher);
   const auto* c = static_cast<const A*>(center);
@@ -326,7 +326,7 @@ cudaError_t backward_typed(const void* grad_loss, const void* student, const voi
                            const void* tlse, const DinoArgs& a, void* grad, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t nk = ceil_div(a.K, kChunk);
-  const dim3 grid(static_cast<unsigned>(nk), static_cast<unsigned>(a.B));
+  const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(nk));
 #define PYSSL_DINO_BW(MAXT)                                                                    \
   dino_backward_kernel<T, MAXT><<<grid, kThreads, 0, stream>>>(                                \
       static_cast<const A*>(grad_loss), static_cast<const T*>(student),                        \

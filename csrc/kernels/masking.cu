@@ -136,8 +136,8 @@ template <typename T>
 __global__ void masked_row_partial_kernel(const T* __restrict__ grad,
                                           const int64_t* __restrict__ ids, int64_t rows,
                                           int64_t D, int64_t K, acc_t<T>* __restrict__ partial) {
-  const int64_t d = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const int64_t c = blockIdx.y;
+  const int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = blockIdx.x;  // chunks on x: up to 2^31 - 1 blocks
   if (d >= D) return;
   const int64_t r1 = min(rows, (c + 1) * kRowChunk);
   acc_t<T> acc = 0;
@@ -243,7 +243,7 @@ cudaError_t masked_row_sum(const void* grad, DType dtype, const int64_t* ids, in
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     auto* part = static_cast<acc_t<T>*>(partial);
-    dim3 grid(static_cast<unsigned>(ceil_div(D, kThreads)), static_cast<unsigned>(chunks));
+    dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(ceil_div(D, kThreads)));
     masked_row_partial_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), ids,
                                                                 rows, D, K, part);
     cudaError_t err = cudaGetLastError();
