@@ -85,10 +85,17 @@ def flow(dev):
 FAMILIES = [masking, dino_loss, projection, flow]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    names = argv[0].split(",") if argv else [f.__name__ for f in FAMILIES]
+    unknown = set(names) - {f.__name__ for f in FAMILIES}
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; known: {[f.__name__ for f in FAMILIES]}")
     assert torch.cuda.is_available(), "no CUDA device"
     assert pyssl.has_cuda_kernels(), "pyssl was built without CUDA kernels"
-    for fam in FAMILIES:
+    for fam in [f for f in FAMILIES if f.__name__ in names]:
         fam(torch.device("cuda"))
         torch.cuda.synchronize()
         print(f"{fam.__name__}: ok")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should check, in one go (< 8 minutes on an H100/H200):
+# Everything a GPU machine should check, in one go (< 8 minutes on an H100/H200; each step has a
+# timeout, and a step that fails or times out is reported in the summary, not fatal):
 #   build with CUDA kernels, CUDA tests, compute-sanitizer (memcheck + racecheck) over a small
 #   CUDA program, the benchmarks on the GPU, and a summary table (OUTDIR/summary.md, printed last).
 #
@@ -30,21 +31,22 @@ else
 fi
 $PY -m pyssl info 2>&1 | tee -a "$OUT/build.log"
 
-# 2. CUDA tests (and the CPU tests of the ops: cheap on 16 cores).
+# 2. The CUDA tests (the CPU tests run in CI).
 s=$(date +%s)
-timeout 240 $PY -m pytest tests/ops -q -p no:cacheprovider -x --no-header -rfE \
+timeout 180 $PY -m pytest tests/ops tests/losses -m cuda -q -p no:cacheprovider --no-header -rfE \
   >"$OUT/tests.log" 2>&1
 rc=$?
 line=$(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)
-status "tests (tests/ops, CUDA + CPU)" "$([ $rc = 0 ] && echo ok || echo FAILED)" "${line:-rc=$rc}, $(elapsed $s)"
-ncuda=$(timeout 120 $PY -m pytest tests/ops -q -m cuda --co -p no:cacheprovider 2>/dev/null | grep -c "::")
-status "  of which CUDA tests" "" "$ncuda collected"
+status "CUDA tests (-m cuda)" "$([ $rc = 0 ] && echo ok || echo FAILED)" "${line:-rc=$rc}, $(elapsed $s)"
 
 # 3. compute-sanitizer over a small program that runs every CUDA kernel.
+# racecheck only looks at shared memory: the kernels that use it are in these two families.
 for tool in memcheck racecheck; do
   s=$(date +%s)
+  fams=""
+  [ $tool = racecheck ] && fams="masking,dino_loss"
   if command -v compute-sanitizer >/dev/null; then
-    timeout 150 compute-sanitizer --tool $tool --error-exitcode 3 $PY benchmarks/cuda_smoke.py \
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 $PY benchmarks/cuda_smoke.py $fams \
       >>"$OUT/sanitizer.log" 2>&1
     rc=$?
     errs=$(grep -Eo "ERROR SUMMARY: [0-9]+" "$OUT/sanitizer.log" | tail -1)
@@ -56,7 +58,7 @@ done
 
 # 4. Benchmarks on the GPU.
 s=$(date +%s)
-timeout 240 $PY -m benchmarks.run --device cuda --json "$OUT/bench.json" --max-time 0.25 \
+timeout 270 $PY -m benchmarks.run --device cuda --json "$OUT/bench.json" --max-time 0.1 \
   >"$OUT/bench.txt" 2>&1
 rc=$?
 status benchmarks "$([ $rc = 0 ] && echo ok || echo FAILED)" "bench.txt, $(elapsed $s)"
