@@ -7,9 +7,9 @@ of ``N = W n``, rank ``r`` scores its own queries against all ``N`` keys. A plai
 ``torch.distributed.all_gather`` returns tensors without a graph, so the other ranks' keys are
 constants and rank ``s`` never learns how its keys should move to help rank ``r``'s queries:
 the summed gradient is missing every cross-rank term (and, if one then "fixes" it by putting the
-local slice back, it is still missing them). :func:`gather_with_grad` uses
-``torch.distributed.nn.functional.all_gather``, whose backward sums the gradient of each
-gathered slice over all ranks and returns it to its owner. Each rank's loss is the mean over its
+local slice back, it is still missing them). :func:`gather_with_grad` is an all-gather whose
+backward all-reduces (sums) the gradient of the gathered tensor over the ranks and returns each
+rank its own slice. Each rank's loss is the mean over its
 own queries; DDP then averages the ranks' gradients, which gives exactly the gradient of the
 single-process loss on the global batch (``tests/losses/test_contrastive.py`` checks world size
 2 against world size 1 on the same batch).
@@ -38,16 +38,39 @@ def rank_and_world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward: the sum over ranks of the gathered tensor's gradient
+    (all_reduce), sliced back to this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        rank, world = rank_and_world(group)
+        ctx.group, ctx.rows = group, (rank * x.shape[0], (rank + 1) * x.shape[0])
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        a, b = ctx.rows
+        return grad[a:b], None
+
+
 def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenate ``x`` ``[n, ...]`` from every rank along dim 0 (rank-major), differentiably:
-    the backward pass sends each rank the sum over ranks of the gradient of its slice. Identity
-    on a single process."""
+    """Concatenate ``x`` ``[n, ...]`` from every rank along dim 0 (rank-major; every rank must
+    hold the same ``n``), differentiably: the backward pass sends each rank the sum over ranks
+    of the gradient of its slice. Identity on a single process."""
     _, world = rank_and_world(group)
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(x, group)
 
-    return torch.cat(all_gather(x.contiguous(), group=group or dist.group.WORLD), dim=0)
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Compute in float32 at least (float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _gather_ids(ids: torch.Tensor, group=None) -> torch.Tensor:
@@ -102,7 +125,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float | None =
     _check_pair(query, key, "query", "key")
     scale = _scale(temperature, logit_scale)
     if normalize:
-        query, key = F.normalize(query.float(), dim=-1), F.normalize(key.float(), dim=-1)
+        query, key = F.normalize(_acc(query), dim=-1), F.normalize(_acc(key), dim=-1)
     rank, world = rank_and_world(group) if gather else (0, 1)
     n = query.shape[0]
     all_k = gather_with_grad(key, group) if world > 1 else key
@@ -137,7 +160,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
     _check_pair(z1, z2, "z1", "z2")
     scale = _scale(temperature, None)
     if normalize:
-        z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+        z1, z2 = F.normalize(_acc(z1), dim=-1), F.normalize(_acc(z2), dim=-1)
     rank, world = rank_and_world(group) if gather else (0, 1)
     n = z1.shape[0]
     g1 = gather_with_grad(z1, group) if world > 1 else z1

@@ -25,7 +25,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8, normalize: bool = True) -> to
         raise ValueError(f"x must be 2-D [n, D], got shape {tuple(x.shape)}")
     if x.shape[0] < 2:
         raise ValueError(f"KoLeo needs at least 2 rows (a nearest neighbour), got {x.shape[0]}")
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     if normalize:
         x = F.normalize(x, dim=-1, eps=eps)
     with torch.no_grad():
