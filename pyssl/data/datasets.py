@@ -356,7 +356,8 @@ _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
 def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int = 0,
                  root: str | None = None, image_size: int = 32) -> ImageDataset:
     """``data``: a built-in name (see ``BUILTIN_DATASETS``) or a path: a folder with
-    Fashion-MNIST idx files, or an image folder (``<path>/train`` and ``<path>/val`` are used
+    Fashion-MNIST idx files, a captions file (``.jsonl``/``.csv``/``.tsv``, see
+    :mod:`pyssl.data.captions`), or an image folder (``<path>/train`` and ``<path>/val`` are used
     for the splits when present). ``subset`` > 0 keeps a fixed random subset of that size."""
     if not isinstance(data, str) or not data:
         raise DataError(f"--data must be a dataset name or a path, got {data!r}")
@@ -376,7 +377,11 @@ def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int 
         if not p.exists():
             raise DataError(f"--data {data!r}: no such path and not a built-in dataset "
                             f"(built-in: {', '.join(BUILTIN_DATASETS)})")
-        if find_fashion_mnist(p) is not None:
+        if p.is_file() and p.suffix.lower() in (".jsonl", ".csv", ".tsv"):
+            from .captions import ImageTextDataset   # images with captions (image-text recipes)
+
+            ds = ImageTextDataset(p)
+        elif find_fashion_mnist(p) is not None:
             ds = FashionMNIST("test" if split == "test" else "train", root=p)
         else:
             sub = {"train": ["train"], "test": ["val", "test"]}.get(split, [])

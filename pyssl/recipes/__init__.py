@@ -5,13 +5,22 @@ the valid names. See :mod:`pyssl.engine.recipe` for the interface a recipe imple
 
 from __future__ import annotations
 
+from .beit import BEiT
+from .clip import CLIP
 from .colorization import Colorization
+from .dino import DINO, DINOv2
 from .inpainting import Inpainting
 from .jigsaw import Jigsaw
+from .mae import MAE
 from .relative_patch import RelativePatch
 from .rotnet import RotNet
+from .simclr import SimCLR
+from .tokenizer import VQTokenizerRecipe
 
 RECIPES = {cls.name: cls for cls in (RotNet, RelativePatch, Jigsaw, Inpainting, Colorization)}
+# modern recipes (issue 7): contrastive, image-text, DINO/DINOv2, MAE, BEiT and its tokenizer
+RECIPES.update({cls.name: cls for cls in (SimCLR, CLIP, DINO, DINOv2, MAE, BEiT,
+                                          VQTokenizerRecipe)})
 
 __all__ = ["RECIPES", "get_recipe", "register_recipe"]
 
