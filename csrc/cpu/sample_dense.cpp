@@ -5,6 +5,11 @@
 
 #include "cpu/simd.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYSSL_HAVE_AVX2_TAPS 1
+#endif
+
 namespace pyssl::cpu {
 namespace {
 
@@ -56,6 +61,84 @@ PYSSL_INLINE void taps_loop(const float* __restrict coords, int64_t n, int64_t H
     }
   }
 }
+
+
+#ifdef PYSSL_HAVE_AVX2_TAPS
+// The taps of 8 points at a time with AVX2 intrinsics (GCC does not vectorise taps_loop): the same
+// operations in the same order as taps_loop (no FMA contraction), hence bitwise identical.
+__attribute__((target("avx2,fma"))) inline __m256i inside8(__m256i v, __m256i bound) {
+  return _mm256_and_si256(_mm256_cmpgt_epi32(v, _mm256_set1_epi32(-1)), _mm256_cmpgt_epi32(bound, v));
+}  // 0 <= v < bound, lane-wise
+
+template <bool grads>
+__attribute__((target("avx2,fma"))) void taps_avx2(const float* coords, int64_t n, int64_t H,
+                                                   int64_t W, DenseTaps t) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 lo = _mm256_set1_ps(-2.0f);
+  const __m256 xhi = _mm256_set1_ps(static_cast<float>(W) + 1.0f);
+  const __m256 yhi = _mm256_set1_ps(static_cast<float>(H) + 1.0f);
+  const __m256i Wi = _mm256_set1_epi32(static_cast<int32_t>(W));
+  const __m256i Hi = _mm256_set1_epi32(static_cast<int32_t>(H));
+  const __m256i minus1 = _mm256_set1_epi32(-1), ione = _mm256_set1_epi32(1);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 a = _mm256_loadu_ps(coords + 2 * j), b = _mm256_loadu_ps(coords + 2 * j + 8);
+    const __m256 xp = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 yp = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m256 x = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xp), _MM_SHUFFLE(3, 1, 2, 0)));
+    const __m256 y = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(yp), _MM_SHUFFLE(3, 1, 2, 0)));
+    const __m256 near = _mm256_and_ps(
+        _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, xhi, _CMP_LT_OQ)),
+        _mm256_and_ps(_mm256_cmp_ps(y, lo, _CMP_GT_OQ), _mm256_cmp_ps(y, yhi, _CMP_LT_OQ)));
+    const __m256 xs = _mm256_and_ps(near, x), ys = _mm256_and_ps(near, y);
+    const __m256 fx = _mm256_floor_ps(xs), fy = _mm256_floor_ps(ys);
+    const __m256 ax = _mm256_sub_ps(xs, fx), ay = _mm256_sub_ps(ys, fy);
+    const __m256i x0 = _mm256_cvttps_epi32(fx), y0 = _mm256_cvttps_epi32(fy);
+    const __m256i x1 = _mm256_add_epi32(x0, ione), y1 = _mm256_add_epi32(y0, ione);
+    const __m256i nearm = _mm256_castps_si256(near);
+    const __m256i vx0 = inside8(x0, Wi), vx1 = inside8(x1, Wi), vy0 = inside8(y0, Hi), vy1 = inside8(y1, Hi);
+    const __m256i in[4] = {_mm256_and_si256(nearm, _mm256_and_si256(vx0, vy0)),
+                           _mm256_and_si256(nearm, _mm256_and_si256(vx1, vy0)),
+                           _mm256_and_si256(nearm, _mm256_and_si256(vx0, vy1)),
+                           _mm256_and_si256(nearm, _mm256_and_si256(vx1, vy1))};
+    const __m256i base = _mm256_add_epi32(_mm256_mullo_epi32(y0, Wi), x0);
+    const __m256i offs[4] = {base, _mm256_add_epi32(base, ione), _mm256_add_epi32(base, Wi),
+                             _mm256_add_epi32(_mm256_add_epi32(base, Wi), ione)};
+    const __m256 omx = _mm256_sub_ps(one, ax), omy = _mm256_sub_ps(one, ay);
+    const __m256 w[4] = {_mm256_mul_ps(omx, omy), _mm256_mul_ps(ax, omy), _mm256_mul_ps(omx, ay),
+                         _mm256_mul_ps(ax, ay)};
+    for (int k = 0; k < 4; ++k) {
+      const __m256i idx = _mm256_blendv_epi8(minus1, offs[k], in[k]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.index + k * n + j), idx);
+      _mm256_storeu_ps(t.weight + k * n + j, _mm256_and_ps(_mm256_castsi256_ps(in[k]), w[k]));
+    }
+    if constexpr (grads) {
+      const __m256 dxv[4] = {_mm256_sub_ps(zero, omy), omy, _mm256_sub_ps(zero, ay), ay};
+      const __m256 dyv[4] = {_mm256_sub_ps(zero, omx), _mm256_sub_ps(zero, ax), omx, ax};
+      for (int k = 0; k < 4; ++k) {
+        const __m256 m = _mm256_castsi256_ps(in[k]);
+        _mm256_storeu_ps(t.dwdx + k * n + j, _mm256_and_ps(m, dxv[k]));
+        _mm256_storeu_ps(t.dwdy + k * n + j, _mm256_and_ps(m, dyv[k]));
+      }
+    }
+  }
+  if (j < n) {  // the tail, scalar, into the same [4][n] layout
+    const int64_t r = n - j;
+    int32_t ti[4 * 8];
+    float tw[4 * 8], tdx[4 * 8], tdy[4 * 8];
+    taps_loop<grads>(coords + 2 * j, r, H, W, DenseTaps{ti, tw, grads ? tdx : nullptr, grads ? tdy : nullptr});
+    for (int k = 0; k < 4; ++k)
+      for (int64_t q = 0; q < r; ++q) {
+        t.index[k * n + j + q] = ti[k * r + q];
+        t.weight[k * n + j + q] = tw[k * r + q];
+        if (grads) {
+          t.dwdx[k * n + j + q] = tdx[k * r + q];
+          t.dwdy[k * n + j + q] = tdy[k * r + q];
+        }
+      }
+  }
+}
+#endif
 
 PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
   if (t.dwdx) {
@@ -142,6 +225,16 @@ PYSSL_MULTIVERSION(void, coord_v,
 }  // namespace
 
 void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps taps) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) {
+    if (taps.dwdx) {
+      taps_avx2<true>(coords, n, H, W, taps);
+    } else {
+      taps_avx2<false>(coords, n, H, W, taps);
+    }
+    return;
+  }
+#endif
   taps_v(coords, n, H, W, taps);
 }
 void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,

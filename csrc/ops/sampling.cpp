@@ -455,15 +455,6 @@ void check_dense(const Tensor& features, const Tensor& coords) {
                     "features are too large for the dense path (H*W >= 2^31)");
 }
 
-struct DenseTapBuffer {
-  std::vector<int32_t> index;
-  std::vector<float> weight, dwdx, dwdy;
-  cpu::DenseTaps taps(int64_t offset, bool grads) {
-    return {index.data() + offset, weight.data() + offset, grads ? dwdx.data() + offset : nullptr,
-            grads ? dwdy.data() + offset : nullptr};
-  }
-};
-
 Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
   check_dense(features, coords);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
@@ -475,11 +466,12 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
   float* op = out.mutable_data_ptr<float>();
   const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    DenseTapBuffer buf{std::vector<int32_t>(4 * kDenseBlock), std::vector<float>(4 * kDenseBlock), {}, {}};
+    int32_t index[4 * kDenseBlock];
+    float weight[4 * kDenseBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
       const int64_t n = std::min(kDenseBlock, P - p0);
-      cpu::DenseTaps t{buf.index.data(), buf.weight.data(), nullptr, nullptr};
+      const cpu::DenseTaps t{index, weight, nullptr, nullptr};
       cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
       cpu::dense_gather(fp + b * C * H * W, C, H * W, t, n, op + b * C * P + p0, P);
     }
@@ -502,22 +494,25 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   const float* fp = f.const_data_ptr<float>();
   const float* cp = xy.const_data_ptr<float>();
   const float* gp = g.const_data_ptr<float>();
-  // taps of every point of every image (shared by the channel tasks)
-  DenseTapBuffer buf{std::vector<int32_t>(4 * B * P), std::vector<float>(4 * B * P),
-                     std::vector<float>(coords_grad ? 4 * B * P : 0),
-                     std::vector<float>(coords_grad ? 4 * B * P : 0)};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      cpu::dense_taps(cp + b * P * 2, P, H, W, buf.taps(4 * b * P, coords_grad));
-  });
   Tensor gf = at::empty({0}, f.options());
   if (features_grad) {
+    // taps of every point of every image, computed once and shared by the channel tasks
+    // (uninitialised tensors: no zero-fill of a buffer that is fully written)
+    Tensor index = at::empty({B, 4, P}, f.options().dtype(at::kInt));
+    Tensor weight = at::empty({B, 4, P}, f.options());
+    int32_t* ip = index.mutable_data_ptr<int32_t>();
+    float* wp = weight.mutable_data_ptr<float>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        cpu::dense_taps(cp + b * P * 2, P, H, W, {ip + 4 * b * P, wp + 4 * b * P, nullptr, nullptr});
+    });
     gf = at::zeros_like(f);
     float* gfp = gf.mutable_data_ptr<float>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C;
-        cpu::dense_scatter(gp + bc * P, buf.taps(4 * b * P, false), P, gfp + bc * H * W);
+        cpu::dense_scatter(gp + bc * P, {ip + 4 * b * P, wp + 4 * b * P, nullptr, nullptr}, P,
+                           gfp + bc * H * W);
       }
     });
   }
@@ -527,21 +522,14 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
     float* gcp = gc.mutable_data_ptr<float>();
     const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      int32_t index[4 * kDenseBlock];
+      float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
         const int64_t n = std::min(kDenseBlock, P - p0);
-        // the block's taps, re-laid out [4][n] for the kernel
-        DenseTapBuffer blk{std::vector<int32_t>(4 * n), std::vector<float>(4 * n),
-                           std::vector<float>(4 * n), std::vector<float>(4 * n)};
-        for (int k = 0; k < 4; ++k)
-          for (int64_t j = 0; j < n; ++j) {
-            const int64_t src = 4 * b * P + k * P + p0 + j;
-            blk.index[k * n + j] = buf.index[src];
-            blk.weight[k * n + j] = buf.weight[src];
-            blk.dwdx[k * n + j] = buf.dwdx[src];
-            blk.dwdy[k * n + j] = buf.dwdy[src];
-          }
-        cpu::dense_coord_grad(fp + b * C * H * W, C, H * W, gp + b * C * P + p0, P, blk.taps(0, true), n,
+        const cpu::DenseTaps t{index, weight, dwdx, dwdy};
+        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
+        cpu::dense_coord_grad(fp + b * C * H * W, C, H * W, gp + b * C * P + p0, P, t, n,
                               gcp + (b * P + p0) * 2);
       }
     });
