@@ -100,6 +100,30 @@ class _CallableEncoder(nn.Module):
         return self.module(list(texts))
 
 
+def is_torchscript(path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``code/`` folder), as opposed to
+    a ``torch.save`` file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_module_file(path) -> object:
+    """A TorchScript archive (``torch.jit.load``) or a ``torch.save``-d object
+    (``weights_only=False``: only files you trust), on the CPU."""
+    import warnings
+
+    if is_torchscript(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _finish(enc: nn.Module) -> nn.Module:
     if not callable(getattr(enc, "encode", None)):
         if not isinstance(enc, nn.Module):
@@ -140,11 +164,8 @@ def load_text_encoder(spec) -> nn.Module:
         raise TextEncoderError(f"text_encoder={spec!r}: not 'minilm', 'hashing[:DIM]' or an "
                                "existing file")
     try:
-        module = torch.jit.load(str(p), map_location="cpu")
-    except Exception:  # noqa: BLE001  (not TorchScript: try a pickled module)
-        try:
-            module = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise TextEncoderError(f"text_encoder={spec!r}: cannot load ({type(e).__name__}: "
-                                   f"{e})") from None
+        module = load_module_file(p)
+    except Exception as e:  # noqa: BLE001  (torch.load raises many types)
+        raise TextEncoderError(f"text_encoder={spec!r}: cannot load ({type(e).__name__}: "
+                               f"{e})") from None
     return _finish(module)

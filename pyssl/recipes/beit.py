@@ -105,16 +105,14 @@ def load_tokenizer(path: str | Path) -> nn.Module:
         raise ConfigError(f"tokenizer={str(path)!r}: no such file (give a vq_tokenizer run "
                           "folder or checkpoint, a TorchScript file or a saved module; or "
                           "tokenizer=auto)")
+    from ..models.text import load_module_file
+
     try:
-        return torch.jit.load(str(p), map_location="cpu")
-    except Exception:  # noqa: BLE001  (not TorchScript)
-        pass
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        obj = load_module_file(p)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"tokenizer={str(path)!r}: cannot load ({type(e).__name__}: {e})") \
             from None
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, (nn.Module, torch.jit.ScriptModule)):
         return obj
     if isinstance(obj, dict) and obj.get("recipe") == "vq_tokenizer":
         from ..engine.config import config_from_dict
@@ -222,7 +220,8 @@ class BEiT(ModernRecipe):
                   "data_subset": str(tc.data_subset), "seed": str(tc.seed),
                   "progress": str(tc.progress), "tensorboard": str(tc.tensorboard),
                   "data_root": tc.data_root, "device": tc.device, "log_every": str(tc.log_every),
-                  "num_workers": str(tc.num_workers)}
+                  "num_workers": str(tc.num_workers), "batch_size": str(tc.batch_size),
+                  "precision": tc.precision}
             if ctx.rank == 0:
                 print(f"[pyssl] beit: training the tokenizer (vq_tokenizer, "
                       f"{self.cfg.tokenizer_epochs} epochs) into {run}", flush=True)

@@ -130,7 +130,7 @@ class DINOConfig(ModernConfig):
     mask_probability: float = 0.5
     koleo_weight: float = 0.0        # DINOv2: 0.1
     eval_teacher: bool = True
-    compile: bool = False            # torch.compile the forward + loss
+    compile: bool = False            # torch.compile the networks' forward (fullgraph)
 
 
 class DINO(ModernRecipe):
@@ -167,7 +167,8 @@ class DINO(ModernRecipe):
                                        channels, cfg.global_scale, cfg.local_scale,
                                        cfg.n_global_crops, input_spec(cfg.image_size, channels),
                                        blur_sigma=cfg.blur_sigma, jitter=cfg.jitter)
-        self._compute = torch.compile(self._losses) if cfg.compile else self._losses
+        self._networks = (torch.compile(self.forward_networks, fullgraph=True) if cfg.compile
+                          else self.forward_networks)
 
     def _check(self, cfg: DINOConfig) -> None:
         for k in ("out_dim", "head_hidden", "head_bottleneck", "head_layers", "local_size"):
@@ -234,10 +235,12 @@ class DINO(ModernRecipe):
             net.backbone.forward_features(x)
         return f["pooled"] if "cls" not in f else f["cls"], f.get("patch")
 
-    def _losses(self, glob: torch.Tensor, loc: torch.Tensor | None, masks: torch.Tensor | None,
-                epoch: int):
-        cfg = self.cfg
-        n_glob = glob.shape[0]
+    def forward_networks(self, glob: torch.Tensor, loc: torch.Tensor | None,
+                         masks: torch.Tensor | None):
+        """Teacher on the global crops, student on all crops (masked global crops for iBOT):
+        ``(student logits [S*B, K], teacher logits [T*B, K], student global CLS features,
+        student patch tokens, teacher patch tokens)``. This is the part ``compile=true``
+        compiles (``fullgraph``)."""
         with torch.no_grad():
             t_cls, t_patch = self._features(self.teacher.module, glob)
             t_out = self.teacher.module.head(t_cls)
@@ -246,7 +249,15 @@ class DINO(ModernRecipe):
         if loc is not None:
             l_cls, _ = self._features(self.student, loc)
             cls_all = torch.cat([s_cls, l_cls])
-        s_out = self.student.head(cls_all)
+        return self.student.head(cls_all), t_out, s_cls, s_patch, t_patch
+
+    def _losses(self, glob: torch.Tensor, loc: torch.Tensor | None, masks: torch.Tensor | None,
+                epoch: int):
+        cfg = self.cfg
+        s_out, t_out, s_cls, s_patch, t_patch = self._networks(glob, loc, masks)
+        # The losses run eagerly: DINOLoss updates its centre buffer in place after the fused
+        # op has saved a copy of it for backward, and inductor then miscompiles the backward
+        # (wrong student gradients; aot_eager is right) — see the README's DINO section.
         out = {}
         loss = self.dino_loss(s_out, t_out, epoch)
         out["dino_loss"] = loss.detach()
@@ -260,7 +271,7 @@ class DINO(ModernRecipe):
             loss = loss + cfg.ibot_weight * ib
             out["ibot_loss"] = ib.detach()
         if cfg.koleo_weight > 0:
-            B = n_glob // cfg.n_global_crops
+            B = glob.shape[0] // cfg.n_global_crops
             ko = sum(koleo_loss(s_cls[c * B:(c + 1) * B]) for c in range(cfg.n_global_crops))
             loss = loss + cfg.koleo_weight * ko
             out["koleo"] = ko.detach()
@@ -279,7 +290,7 @@ class DINO(ModernRecipe):
             masks = sample_ibot_masks(glob.shape[0], gh, gw, cfg.mask_ratio_min,
                                       cfg.mask_ratio_max, cfg.mask_probability,
                                       device=glob.device)
-        out, t_out = self._compute(glob, loc, masks, int(ctx.epoch))
+        out, t_out = self._losses(glob, loc, masks, int(ctx.epoch))
         with torch.no_grad():
             # teacher entropy / prototype usage: collapse diagnostics
             probs = torch.softmax((t_out.float() - self.dino_loss.center) /

@@ -57,7 +57,7 @@ class MAEConfig(ModernConfig):
     decoder_depth: int = 2
     decoder_heads: int = 4
     crop_scale_min: float = 0.2
-    compile: bool = False            # torch.compile the forward + loss
+    compile: bool = False            # torch.compile forward + loss (fullgraph)
 
 
 class MAE(ModernRecipe):
@@ -86,7 +86,8 @@ class MAE(ModernRecipe):
                                   cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
         self.aug = TensorAugment(cfg.image_size, channels, (cfg.crop_scale_min, 1.0),
                                  jitter=0.0, gray_p=0.0)
-        self._compute = torch.compile(self.forward_loss) if cfg.compile else self.forward_loss
+        self._compute = (torch.compile(self.forward_loss, fullgraph=True) if cfg.compile
+                         else self.forward_loss)
 
     @property
     def encoder(self):
