@@ -29,6 +29,7 @@ PROTOCOLS = {
     "knn": "weighted k-NN on frozen features (cosine, k=20, T=0.07 as in DINO)",
     "fewshot": "n-way n-shot episodes, nearest prototype (or logistic regression), 95% CI",
     "finetune": "end-to-end fine-tuning with a fraction of the labels",
+    "zeroshot": "image-text checkpoints (clip): classify by text prompts, no labelled training",
 }
 
 
@@ -165,6 +166,15 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
                              "accuracy": r["acc"], "ci95": r["ci95"]})
         elif p == "finetune":
             rows.append(_finetune(ck, spec, random_init, train, test, cfg, out, checkpoint))
+        elif p == "zeroshot":
+            from .zeroshot import zeroshot_eval
+
+            z = zeroshot_eval(ck, test, random_init=random_init, seed=cfg.seed,
+                              batch_size=cfg.batch_size)
+            rows.append({"protocol": "zeroshot",
+                         "setting": f"{len(z['templates'])} prompt templates, "
+                                    f"{len(z['classes'])} classes",
+                         "accuracy": z["accuracy"]})
     md = markdown_table([{**r, "encoder": tag} for r in rows],
                         ["protocol", "setting", "encoder", "accuracy"] +
                         (["ci95"] if any("ci95" in r for r in rows) else []))

@@ -97,6 +97,11 @@ def test_clip_captions_file_and_zero_shot(tmp_path):
     # zero-shot runs from the checkpoint on a labelled set (3-channel images, prompts)
     r = zeroshot_eval(tmp_path / "run" / "last.pt", Subset(DigitsDataset("test"), 40))
     assert 0 <= r["accuracy"] <= 1 and len(r["classes"]) == 10
+    from pyssl.eval.protocols import run_eval           # `pyssl eval zeroshot`
+
+    res = run_eval(["zeroshot"], tmp_path / "run" / "last.pt", verbose=False,
+                   overrides=["data=digits", "test_subset=40", "train_subset=20"])
+    assert res["rows"][0]["protocol"] == "zeroshot" and 0 <= res["rows"][0]["accuracy"] <= 1
 
 
 def test_clip_zero_shot_on_a_trivially_separable_task(tmp_path):
