@@ -67,7 +67,7 @@ def test_dino_loss(benchmark, device, quick, dtype, K, B, mode, impl):
     g = torch.Generator().manual_seed(0)
     student = torch.randn(crops * B, K, generator=g).to(DTYPES[dtype]).to(device)
     teacher = torch.randn(N_GLOBAL * B, K, generator=g).to(DTYPES[dtype]).to(device)
-    center = torch.zeros(K, device=device)
+    center = torch.zeros(K, device=device, dtype=DTYPES[dtype])  # the baselines need one dtype
     student.requires_grad_(mode == "fwd+bwd")
     fn_loss = IMPLS[impl]
 

@@ -47,8 +47,11 @@ def rows(data: dict) -> list[dict]:
 
 def format_table(data: dict) -> str:
     mi = data.get("machine_info", {})
+    import os
+
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
     header = (f"machine: {mi.get('node', platform.node())}, {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
-              f"python {mi.get('python_version', '')}; date {data.get('datetime', '')[:10]}")
+              f"python {mi.get('python_version', '')}; CPU threads: {threads}; date {data.get('datetime', '')[:10]}")
     lines = [header, "",
              "| configuration | impl | median ms | time / pyssl time | saved for backward MB | peak MB |",
              "|---|---|---:|---:|---:|---:|"]

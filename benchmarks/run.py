@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     p.add_argument("--json", help="also keep pytest-benchmark's JSON here")
     p.add_argument("--max-time", default="0.5", help="seconds per benchmark (pytest-benchmark)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and pyssl (OMP_NUM_THREADS); "
+                   "1 gives stable figures on a shared machine")
     args = p.parse_args(argv)
     files = ([str(HERE / f"bench_{f}.py") for f in args.families] if args.families
              else sorted(str(f) for f in HERE.glob("bench_*.py")))
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
            "--benchmark-columns=median,iqr,rounds"]
     if args.quick:
         cmd.append("--bench-quick")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the benchmark process and the report
     rc = subprocess.call(cmd, cwd=HERE.parent)
     if rc not in (0, 5):
         return rc

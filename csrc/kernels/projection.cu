@@ -143,6 +143,18 @@ __global__ void segment_divide_kernel(const acc_t<F>* __restrict__ sums,
 }
 
 template <typename F>
+__global__ void segment_gather_kernel(const F* __restrict__ g, const int64_t* __restrict__ ids,
+                                      const int64_t* __restrict__ counts, int64_t N, int64_t S,
+                                      int64_t D, F* __restrict__ out) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < N * D;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = ids[t / D];
+    out[t] = (s < 0 || s >= S) ? F(0.0f)
+             : from_acc<F>(to_acc(g[s * D + t % D]) / acc_t<F>(counts[s] > 0 ? counts[s] : 1));
+  }
+}
+
+template <typename F>
 cudaError_t with_geometry(DType acc, F&& f) {
   if (acc == DType::kFloat64) return f(static_cast<double*>(nullptr));
   return f(static_cast<float*>(nullptr));
@@ -232,6 +244,18 @@ cudaError_t segment_divide(const void* sums, const int64_t* counts, DType dtype,
     using F = std::remove_pointer_t<decltype(tag)>;
     segment_divide_kernel<F><<<grid_for(S * D), kThreads, 0, stream>>>(
         static_cast<const acc_t<F>*>(sums), counts, S, D, static_cast<F*>(means));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t segment_gather(const void* grad, DType dtype, const int64_t* ids,
+                           const int64_t* counts, int64_t N, int64_t S, int64_t D, void* out,
+                           cudaStream_t stream) {
+  if (N * D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    segment_gather_kernel<F><<<grid_for(N * D), kThreads, 0, stream>>>(
+        static_cast<const F*>(grad), ids, counts, N, S, D, static_cast<F*>(out));
     return cudaGetLastError();
   });
 }

@@ -48,4 +48,9 @@ cudaError_t segment_sum_sorted(const void* values, DType dtype, const int64_t* o
 cudaError_t segment_divide(const void* sums, const int64_t* counts, DType dtype, int64_t S,
                            int64_t D, void* means, cudaStream_t stream);
 
+// out [N, D] = grad [S, D][ids] / counts[ids] (0 for ids < 0).
+cudaError_t segment_gather(const void* grad, DType dtype, const int64_t* ids,
+                           const int64_t* counts, int64_t N, int64_t S, int64_t D, void* out,
+                           cudaStream_t stream);
+
 }  // namespace pyssl::cuda

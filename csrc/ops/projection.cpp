@@ -163,10 +163,14 @@ std::tuple<Tensor, Tensor> segment_mean_cpu(const Tensor& values, const Tensor& 
     using A = at::opmath_type<scalar_t>;
     std::vector<A> sums(static_cast<size_t>(S * D), A(0));
     const scalar_t* x = v.const_data_ptr<scalar_t>();
-    const int64_t slices = (D + kSlice - 1) / kSlice;
+    // Every (segment, column) sums its rows in row order whatever the slicing, so the result does
+    // not depend on it: use as few column slices as there are threads (each slice reads every
+    // row once), but at least 16 columns per slice.
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (D + kSlice - 1) / kSlice));
+    const int64_t width = (D + slices - 1) / slices;
     at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
       for (int64_t sl = begin; sl < end; ++sl) {
-        const int64_t d0 = sl * kSlice, d1 = std::min(D, d0 + kSlice);
+        const int64_t d0 = sl * width, d1 = std::min(D, d0 + width);
         for (int64_t n = 0; n < N; ++n) {
           if (id[n] < 0) continue;
           A* dst = sums.data() + id[n] * D;
@@ -186,18 +190,51 @@ std::tuple<Tensor, Tensor> segment_mean_cpu(const Tensor& values, const Tensor& 
   return {means, counts};
 }
 
+// grad_values[n] = grad_means[id[n]] / counts[id[n]] (0 for ignored rows): a gather, no atomics.
+Tensor segment_mean_backward_cpu(const Tensor& grad_means, const Tensor& segment_ids,
+                                 const Tensor& counts) {
+  check_dim(grad_means, 2, "grad_means", "[S, D]");
+  check_dim(segment_ids, 1, "segment_ids", "[N]");
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad_means.size(0),
+                    "counts must have shape [S] = [", grad_means.size(0), "]");
+  const int64_t N = segment_ids.size(0), D = grad_means.size(1), S = grad_means.size(0);
+  const Tensor g = grad_means.contiguous(), ids = segment_ids.contiguous(), cnt = counts.contiguous();
+  Tensor out = at::empty({N, D}, g.options());
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const int64_t* c = cnt.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "segment_mean_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t sgm = id[n];
+        if (sgm < 0 || sgm >= S) {
+          for (int64_t d = 0; d < D; ++d) o[n * D + d] = scalar_t(0);
+          continue;
+        }
+        const A inv = A(1) / A(std::max<int64_t>(c[sgm], 1));
+        for (int64_t d = 0; d < D; ++d) o[n * D + d] = static_cast<scalar_t>(static_cast<A>(gp[sgm * D + d]) * inv);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyssl, m) {
   m.def("project_points(Tensor points, Tensor lidar_to_cam, Tensor intrinsics, Tensor image_size, Tensor? batch, float min_depth, float margin, int rounding) -> (Tensor pixels, Tensor depth, Tensor valid)");
   m.def("point_pixel_pairs(Tensor points, Tensor lidar_to_cam, Tensor intrinsics, Tensor image_size, Tensor? batch, float min_depth, float margin, int rounding, int cameras, Tensor? random) -> (Tensor point_index, Tensor camera_index, Tensor row, Tensor col)");
   m.def("segment_mean(Tensor values, Tensor segment_ids, int num_segments, bool deterministic) -> (Tensor means, Tensor counts)");
+  m.def("segment_mean_backward(Tensor grad_means, Tensor segment_ids, Tensor counts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
   m.impl("project_points", &project_points_cpu);
   m.impl("point_pixel_pairs", &point_pixel_pairs_cpu);
   m.impl("segment_mean", &segment_mean_cpu);
+  m.impl("segment_mean_backward", &segment_mean_backward_cpu);
 }
 
 }  // namespace pyssl::projection

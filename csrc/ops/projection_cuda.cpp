@@ -120,12 +120,29 @@ std::tuple<Tensor, Tensor> segment_mean_cuda(const Tensor& values, const Tensor&
   return {means, counts};
 }
 
+Tensor segment_mean_backward_cuda(const Tensor& grad_means, const Tensor& segment_ids,
+                                  const Tensor& counts) {
+  check_dim(grad_means, 2, "grad_means", "[S, D]");
+  check_dim(segment_ids, 1, "segment_ids", "[N]");
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad_means.size(0),
+                    "counts must have shape [S] = [", grad_means.size(0), "]");
+  const c10::cuda::CUDAGuard guard(grad_means.device());
+  const Tensor g = grad_means.contiguous(), ids = segment_ids.contiguous(), cnt = counts.contiguous();
+  Tensor out = at::empty({ids.size(0), g.size(1)}, g.options());
+  PYSSL_CUDA_CHECK(cuda::segment_gather(g.const_data_ptr(), to_dtype(g.scalar_type()),
+                                        ids.const_data_ptr<int64_t>(), cnt.const_data_ptr<int64_t>(),
+                                        ids.size(0), g.size(0), g.size(1), out.mutable_data_ptr(),
+                                        current_stream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyssl, CUDA, m) {
   m.impl("project_points", &project_points_cuda);
   m.impl("point_pixel_pairs", &point_pixel_pairs_cuda);
   m.impl("segment_mean", &segment_mean_cuda);
+  m.impl("segment_mean_backward", &segment_mean_backward_cuda);
 }
 
 }  // namespace pyssl::projection

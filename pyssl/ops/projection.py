@@ -380,11 +380,27 @@ def _segment_setup(ctx, inputs, output):
 
 def _segment_backward(ctx, grad_means, _grad_counts):
     ids, counts = ctx.saved_tensors
-    if grad_means.shape[0] == 0:  # no segments: every row was ignored
-        return grad_means.new_zeros(ids.shape[0], grad_means.shape[1]), None, None, None
-    scaled = grad_means / counts.clamp(min=1).to(grad_means.dtype)[:, None]
-    keep = (ids >= 0).to(grad_means.dtype)[:, None]
-    return scaled[ids.clamp(min=0)] * keep, None, None, None
+    return _ops.segment_mean_backward(grad_means, ids, counts), None, None, None
+
+
+@torch.library.register_fake("pyssl::segment_mean_backward")
+def _segment_backward_fake(grad_means, segment_ids, counts):
+    return grad_means.new_empty(segment_ids.shape[0], grad_means.shape[1])
+
+
+def _segment_bw_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _segment_double_backward(ctx, grad):
+    # the backward is linear in grad_means: its adjoint is the segment sum divided by the counts
+    ids, counts = ctx.saved_tensors
+    means, _ = _ops.segment_mean(grad, ids, counts.shape[0], False)
+    return means, None, None
+
+
+torch.library.register_autograd("pyssl::segment_mean_backward", _segment_double_backward,
+                                setup_context=_segment_bw_setup)
 
 
 torch.library.register_autograd("pyssl::segment_mean", _segment_backward, setup_context=_segment_setup)

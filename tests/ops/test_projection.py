@@ -291,6 +291,10 @@ def test_segment_mean_gradcheck_opcheck():
     v = torch.randn(30, 4, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(-1, 7, (30,), generator=g)
     assert torch.autograd.gradcheck(lambda v: ops.segment_mean(v, ids, 7)[0], (v,))
+    assert torch.autograd.gradgradcheck(lambda v: ops.segment_mean(v, ids, 7)[0], (v,))
+    _, counts = ops.segment_mean(v, ids, 7)
+    torch.library.opcheck(torch.ops.pyssl.segment_mean_backward.default,
+                          (torch.randn(7, 4, dtype=torch.float64, requires_grad=True), ids, counts))
     torch.library.opcheck(torch.ops.pyssl.segment_mean.default, (v, ids, 7, False))
     assert ops.segment_mean(v, torch.full((30,), -1), 0)[0].shape == (0, 4)
 
