@@ -138,10 +138,10 @@ def measure(variant: str, out_dim: int = 65536, batch: int = 64, n_local: int = 
     for step in range(steps + 1):
         ctx.step = step
         t0 = time.perf_counter()
-        with SavedBytes() as whole:
+        with SavedBytes() as nets:          # hooks do not nest: two separate contexts
             s_out, t_out, *_ = recipe.forward_networks(glob, loc, None)
-            with SavedBytes() as only_loss:
-                loss = recipe.dino_loss(s_out, t_out, 0)
+        with SavedBytes() as only_loss:
+            loss = recipe.dino_loss(s_out, t_out, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         recipe.on_before_optimizer_step(ctx)
@@ -151,7 +151,8 @@ def measure(variant: str, out_dim: int = 65536, batch: int = 64, n_local: int = 
         if step > 0:                                   # the first step warms up allocators
             times.append(dt)
         losses.append(float(loss))
-        loss_saved, step_saved = only_loss.bytes, whole.bytes
+        loss_saved = only_loss.bytes
+        step_saved = sum({**nets.storages, **only_loss.storages}.values())
         del s_out, t_out, loss
     times.sort()
     logits = (2 + n_local) * batch * out_dim * 4

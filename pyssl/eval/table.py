@@ -32,13 +32,13 @@ SETTINGS = {
     "inpainting": {"epochs": 4, "overrides": {}},
     "colorization": {"epochs": 4, "overrides": {}},
     # modern recipes (issue 7); knn_every=0: no per-epoch k-NN monitor except for DINO
-    "simclr": {"epochs": 8, "overrides": {"batch_size": "128", "temperature": "0.2",
+    "simclr": {"epochs": 6, "overrides": {"batch_size": "128", "temperature": "0.2",
                                           "lr": "3e-3", "knn_every": "0"}},
-    "clip": {"epochs": 5, "overrides": {"knn_every": "0"}},
-    "dino": {"epochs": 4, "overrides": {**_VIT, "knn_every": "1"}},
-    "dinov2": {"epochs": 4, "overrides": {**_VIT, "knn_every": "0"}},
-    "mae": {"epochs": 8, "overrides": {**_VIT, "knn_every": "0"}},
-    "beit": {"epochs": 6, "overrides": {**_VIT, "knn_every": "0", "tokenizer_epochs": "4"}},
+    "clip": {"epochs": 3, "overrides": {"knn_every": "0"}},
+    "dino": {"epochs": 3, "overrides": {**_VIT, "knn_every": "1"}},
+    "dinov2": {"epochs": 3, "overrides": {**_VIT, "knn_every": "0"}},
+    "mae": {"epochs": 6, "overrides": {**_VIT, "knn_every": "0"}},
+    "beit": {"epochs": 4, "overrides": {**_VIT, "knn_every": "0", "tokenizer_epochs": "3"}},
 }
 GROUPS = {"classic": ["rotnet", "relative_patch", "jigsaw", "inpainting", "colorization"],
           "modern": ["simclr", "clip", "dino", "dinov2", "mae", "beit"]}

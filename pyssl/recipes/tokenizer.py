@@ -81,6 +81,9 @@ class VQTokenizerRecipe(ModernRecipe):
         if cfg.backbone != "vq_encoder":
             raise ConfigError(f"vq_tokenizer trains its own encoder (backbone=vq_encoder), got "
                               f"backbone={cfg.backbone!r}")
+        d = cfg.downsample
+        if d < 2 or d & (d - 1):
+            raise ConfigError(f"downsample={d}: must be a power of two >= 2")
         if cfg.image_size % cfg.downsample:
             raise ConfigError(f"image_size={cfg.image_size} must be a multiple of "
                               f"downsample={cfg.downsample}")

@@ -136,7 +136,7 @@ def test_clip_zero_shot_on_a_trivially_separable_task(tmp_path):
 
     torch.manual_seed(0)
     model = cls(cfg, 1)
-    for k, v in dict(epochs=20, batch_size=24, lr=3e-3, progress=False, tensorboard=False,
+    for k, v in dict(epochs=10, batch_size=24, lr=5e-3, progress=False, tensorboard=False,
                      warmup_epochs=0.0, log_every=10).items():
         setattr(tcfg, k, v)
     Trainer(model, Shapes(48, 0), tcfg, tmp_path / "shapes",
