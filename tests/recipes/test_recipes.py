@@ -108,7 +108,7 @@ def test_inpainting_mask_and_weights():
     assert m.sum() == 16 and m[2:6, 2:6].all()
     w = border_weights(m, 1, 10.0)
     assert w[~m].sum() == 0 and w[3:5, 3:5].eq(1).all() and w[2, 2:6].eq(10).all()
-    r = _recipe("inpainting", image_size=16)
+    r = _recipe("inpainting", image_size=16, mask="central")
     x, mask = r.views(torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8), 0)
     assert x.shape == (1, 16, 16) and mask.sum() == 64 and mask[4:12, 4:12].all()
     with pytest.raises(ConfigError, match="mask='ring'"):
@@ -186,3 +186,23 @@ def test_jigsaw_tiles_never_touch():
         t = cut_tiles(rows, tile, gap)                       # top row of each tile = its y
         tops = t[:, 0, 0, 0].view(3, 3)
         assert ((tops[1:] - tops[:-1]) - tile >= 2 * (gap // 4)).all()
+
+
+def test_inpainting_region_mask_and_global_bottleneck():
+    from pyssl.recipes.inpainting import region_mask
+
+    torch.manual_seed(0)
+    masks = [region_mask(28, 0.25) for _ in range(20)]
+    for m in masks:
+        assert m.shape == (28, 28) and m.dtype == torch.bool
+        assert abs(int(m.sum()) - 196) <= 4                  # about a quarter of the pixels
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == 20   # random shapes
+    r = _recipe("inpainting", image_size=16, mask="region", bottleneck="global")
+    x, mask = r.views(torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8), 0)
+    assert mask.shape == (16, 16) and 0 < mask.sum() < 256
+    batch = (x[None].repeat(2, 1, 1, 1), mask[None].repeat(2, 1, 1))
+    out = r.training_step(batch, StepContext())
+    out["loss"].backward()
+    assert r.decoder.net[0].fc.weight.grad.abs().sum() > 0    # decoded from the pooled vector
+    with pytest.raises(ConfigError, match="bottleneck='x'"):
+        _recipe("inpainting", bottleneck="x")
