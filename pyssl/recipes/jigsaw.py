@@ -13,7 +13,10 @@ Conventions: tile ``t`` is cell ``t`` in row-major order; the sample shows
 ``shuffled[i] = tiles[perm[i]]``, so ``tiles = shuffled[argsort(perm)]``.
 
 Small-scale differences: 100 permutations instead of 1000, 12 px tiles in 16 px cells of a 48 px
-canvas (paper: 64 px tiles in 85 px cells of 255 px), ResNet-10 w32 instead of AlexNet, AdamW.
+canvas (paper: 64 px tiles in 85 px cells of 255 px), ResNet-10 instead of AlexNet; SGD +
+momentum as in the paper, with a cosine schedule (AdamW, the earlier default, measured about 3
+points worse on Fashion-MNIST at this budget: its per-weight normalised steps overwrite the
+initial weights within a hundred steps).
 """
 
 from __future__ import annotations
@@ -100,9 +103,10 @@ class Jigsaw(Recipe):
     paper = ("Noroozi & Favaro, Unsupervised Learning of Visual Representations by Solving "
              "Jigsaw Puzzles, ECCV 2016")
     small_scale = ("100 permutations (paper 1000), 12 px tiles in 16 px cells (paper 64/85), "
-                   "ResNet-10 w32, AdamW + cosine")
+                   "ResNet-10, SGD + momentum with a cosine schedule")
     Config = JigsawConfig
-    train_defaults = {"lr": 2e-3, "weight_decay": 0.05, "batch_size": 64, "epochs": 10}
+    train_defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                      "weight_decay": 5e-4, "batch_size": 64, "epochs": 10}
 
     def __init__(self, cfg: JigsawConfig, channels: int):
         super().__init__(cfg, channels)

@@ -16,7 +16,9 @@ Neighbour labels, row-major around the centre::
 
 Small-scale differences: the image is resized to a 3x3 grid of ``patch_size + gap`` cells
 (default 10 px patches with a 6 px gap, jitter up to 1 px, so patches are always >= 4 px apart:
-the paper used 96 px patches, 48 px gaps and 7 px jitter on 224 px-scale images), ResNet-10 instead of AlexNet, AdamW + cosine.
+the paper used 96 px patches, 48 px gaps and 7 px jitter on 224 px-scale images), ResNet-10
+instead of AlexNet; SGD + momentum as in the paper, with a cosine schedule (AdamW measured 1-2
+points worse at this budget).
 The encoder is evaluated on whole images at ``image_size``.
 """
 
@@ -78,9 +80,10 @@ class RelativePatch(Recipe):
     paper = ("Doersch et al., Unsupervised Visual Representation Learning by Context "
              "Prediction, ICCV 2015")
     small_scale = ("10 px patches, 6 px gap, 1 px jitter on a 48 px canvas (paper: 96/48/7 px), "
-                   "ResNet-10 w32, AdamW + cosine")
+                   "ResNet-10, SGD + momentum, cosine")
     Config = RelativePatchConfig
-    train_defaults = {"lr": 2e-3, "weight_decay": 0.05, "batch_size": 128, "epochs": 10}
+    train_defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                      "weight_decay": 5e-4, "batch_size": 128, "epochs": 10}
 
     def __init__(self, cfg: RelativePatchConfig, channels: int):
         super().__init__(cfg, channels)
