@@ -1,5 +1,6 @@
-"""``pyssl data ...``: built-in data. ``pyssl data synth`` generates and caches synthetic
-driving sequences (pyssl.data.synthetic_world) and writes a figure of them."""
+"""``pyssl data ...``: built-in data. ``pyssl data list`` lists the built-in ``--data`` names;
+``pyssl data synth`` generates and caches synthetic driving sequences
+(pyssl.data.synthetic_world) and writes a figure of them."""
 
 from __future__ import annotations
 
@@ -100,9 +101,22 @@ def run_synth(args) -> int:
     return 0
 
 
+def run_list(args) -> int:
+    from pyssl.data.datasets import BUILTIN_DATASETS
+
+    width = max(map(len, BUILTIN_DATASETS))
+    for name, what in BUILTIN_DATASETS.items():
+        print(f"{name:<{width}}  {what}")
+    print("or a path: an image folder (root/<class>/<image>), a Fashion-MNIST idx folder, or a "
+          "captions file (.jsonl/.csv/.tsv)")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="built-in data (synthetic driving world)")
     sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    ls = sub.add_parser("list", help="list the built-in datasets (names for --data / data=)")
+    ls.set_defaults(func=run_list)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     s = sub.add_parser(
         "synth", help="generate + cache a synthetic driving sequence and a figure of it",

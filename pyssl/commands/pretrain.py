@@ -37,7 +37,8 @@ def register(subparsers) -> None:
                     "pretrain ...")
     p.add_argument("recipe", help="recipe name (pyssl recipes lists them)")
     p.add_argument("--data", default=None, help="dataset name (digits, fashion-mnist, photos, "
-                   "cifar10, ...) or path (image folder, Fashion-MNIST idx folder)")
+                   "synth-crops, cifar10, ...; see `pyssl data list`) or path (image folder, "
+                   "Fashion-MNIST idx folder)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe>-<data>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")

@@ -9,6 +9,8 @@
   (``/usr/share/datasets/fashion-mnist``) or any folder holding them, parsed with numpy.
 * :class:`PhotoCrops`: deterministic random crops of the colour photos that ship inside
   scikit-image and scikit-learn (unlabelled; the colour data that colorization needs).
+* :class:`~pyssl.data.synth_crops.SynthCrops` (``synth-crops``): labelled colour crops of the
+  procedural driving world (generated once, then cached under ``$PYSSL_DATA_ROOT``).
 * :class:`TorchvisionDataset`: any torchvision classification dataset already on disk.
 
 :func:`resolve_data` maps a ``--data`` argument (a name or a path) to one of them.
@@ -346,11 +348,13 @@ BUILTIN_DATASETS = {
     "digits": "scikit-learn handwritten digits, 8x8 grayscale, 10 classes (always available)",
     "fashion-mnist": "Fashion-MNIST, 28x28 grayscale, 10 classes (Debian dataset-fashion-mnist)",
     "photos": "colour crops of the photos shipped with scikit-image/scikit-learn (unlabelled)",
+    "synth-crops": "32x32 colour crops of the synthetic driving world, 7 classes (road, ..., "
+                   "truck); train/test from different scenes; rendered once (~40 s), cached",
     **{k: f"torchvision {v} (if on disk under PYSSL_DATA_ROOT)"
        for k, v in TorchvisionDataset.NAMES.items()},
 }
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
-            "fmnist": "fashion-mnist"}
+            "fmnist": "fashion-mnist", "synth_crops": "synth-crops", "synthcrops": "synth-crops"}
 
 
 def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int = 0,
@@ -370,6 +374,10 @@ def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int 
         ds = FashionMNIST("test" if split == "test" else "train")
     elif key == "photos":
         ds = PhotoCrops(split, size=image_size, seed=seed)
+    elif key == "synth-crops":
+        from .synth_crops import SynthCrops
+
+        ds = SynthCrops("test" if split == "test" else "train", size=image_size, root=root)
     elif key in TorchvisionDataset.NAMES:
         ds = TorchvisionDataset(key, "test" if split == "test" else "train", root)
     else:
