@@ -138,6 +138,7 @@ class BEiTConfig(ModernConfig):
     tokenizer: str = "auto"          # auto | vq_tokenizer run/checkpoint | saved module file
     tokenizer_epochs: int = 5        # tokenizer=auto: epochs of vq_tokenizer training
     tokenizer_codes: int = 512       # tokenizer=auto: codebook size
+    tokenizer_subset: int = -1       # tokenizer=auto: images it trains on (-1: data_subset)
     tokenizer_pixels: str = "same"   # same ([-1, 1]) | unit ([0, 1])
     tokenizer_image_size: int = 0    # >0: resize the view for the tokenizer
     vocab_size: int = 0              # 0: from the tokenizer
@@ -167,6 +168,7 @@ class BEiT(ModernRecipe):
         check_range(cfg, "min_block", 1)
         check_range(cfg, "tokenizer_epochs", 1)
         check_range(cfg, "tokenizer_codes", 2)
+        check_range(cfg, "tokenizer_subset", -1)
         check_range(cfg, "vocab_size", 0)
         check_range(cfg, "tokenizer_image_size", 0)
         check_range(cfg, "crop_scale_min", 0, 1, lo_open=True)
@@ -217,7 +219,8 @@ class BEiT(ModernRecipe):
             tc = ctx.train_config
             ov = {"image_size": str(self.cfg.image_size), "num_codes":
                   str(self.cfg.tokenizer_codes), "downsample": str(self.backbone.patch_size),
-                  "data_subset": str(tc.data_subset), "seed": str(tc.seed),
+                  "data_subset": str(tc.data_subset if self.cfg.tokenizer_subset < 0
+                                     else self.cfg.tokenizer_subset), "seed": str(tc.seed),
                   "progress": str(tc.progress), "tensorboard": str(tc.tensorboard),
                   "data_root": tc.data_root, "device": tc.device, "log_every": str(tc.log_every),
                   "num_workers": str(tc.num_workers), "batch_size": str(tc.batch_size),

@@ -233,7 +233,8 @@ class DINO(ModernRecipe):
     def _features(self, net: _DINONet, x, mask=None):
         f = net.backbone.forward_features(x, mask) if mask is not None else \
             net.backbone.forward_features(x)
-        return f["pooled"] if "cls" not in f else f["cls"], f.get("patch")
+        # "pooled": the CLS token (vit_pool=cls, the paper) or the mean patch token (mean)
+        return f["pooled"], f.get("patch")
 
     def forward_networks(self, glob: torch.Tensor, loc: torch.Tensor | None,
                          masks: torch.Tensor | None):

@@ -24,7 +24,7 @@ OVERRIDES = {
     "dino": DINO + ["knn_every=1", "knn_train=64", "knn_test=32"],
     "dinov2": DINO,
     "mae": VIT + ["decoder_dim=32", "decoder_depth=1"],
-    "beit": VIT + ["tokenizer_epochs=1", "tokenizer_codes=32"],
+    "beit": VIT + ["tokenizer_epochs=1", "tokenizer_codes=32", "tokenizer_subset=32"],
     "vq_tokenizer": ["width=16", "num_codes=32", "code_dim=8"],
 }
 FIGURES = {"dino": ["attention.png", "knn.png"], "dinov2": ["attention.png"],
@@ -60,6 +60,8 @@ def test_recipe_trains_a_few_steps_through_the_engine(tmp_path, name):
     if name == "beit":                                        # tokenizer trained first, in run
         assert (out / "tokenizer" / "last.pt").exists()
         assert (out / "tokenizer" / "codebook.jsonl").exists()
+        tok_cfg = json.loads((out / "tokenizer" / "config.json").read_text())
+        assert tok_cfg["train"]["data_subset"] == 32          # tokenizer_subset, not 48
     if name == "vq_tokenizer":
         rec = json.loads((out / "codebook.jsonl").read_text().splitlines()[-1])
         assert 0 < rec["usage"] <= 1 and rec["perplexity"] >= 1
@@ -200,6 +202,7 @@ def test_torch_compile_training_step(name):
     ("mae", "vit_pool=max", "vit_pool='max'"),
     ("beit", "tokenizer=/no/such/tokenizer.pt", "no such file"),
     ("beit", "tokenizer_pixels=rgb", "tokenizer_pixels"),
+    ("beit", "tokenizer_subset=-2", "tokenizer_subset=-2"),
     ("clip", "text_encoder=/no/such/encoder.pt", "text_encoder"),
     ("clip", "templates=a photo", "templates"),
     ("clip", "duplicates=drop", "duplicates='drop'"),
@@ -214,3 +217,19 @@ def test_bad_config_gives_a_clear_error(name, override, message):
             ["text_encoder=hashing"] if name == "clip" and "text_encoder" not in override
             else []))
         cls(cfg, 1)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_dino_head_reads_the_pooled_feature_evaluation_reads(pool):
+    """vit_pool picks what the DINO head is trained on (the CLS token as in the paper, or the
+    mean patch token), and it is the feature the evaluation protocols read."""
+    cls, _, cfg = build_configs("dino", DINO + [f"vit_pool={pool}", "image_size=16",
+                                                "knn_every=0"])
+    torch.manual_seed(0)
+    r = cls(cfg, 1)
+    x = torch.randn(3, 1, 16, 16)
+    feat, _ = r._features(r.student, x)
+    f = r.student.backbone.forward_features(x)
+    want = f["cls"] if pool == "cls" else f["patch"].mean(1)
+    torch.testing.assert_close(feat, want)
+    assert not torch.allclose(f["cls"], f["patch"].mean(1))     # the two choices differ
