@@ -13,14 +13,15 @@ The RGB <-> Lab conversion is done in torch (:mod:`pyssl.data.color`). The encod
 L (input spec ``mode="lab_l"``: ``L / 50 - 1``), so it evaluates on grayscale images too.
 
 Colour images are required: Fashion-MNIST and digits are grayscale, so the default data is
-``photos`` (crops of the colour photos shipped with scikit-image/scikit-learn) and the encoder
-is evaluated on Fashion-MNIST (digits when Fashion-MNIST is absent).
+``synth-crops`` (:mod:`pyssl.data.synth_crops`: class-labelled 32 px colour crops of the
+synthetic driving world, so the encoder can be evaluated on the same kind of data against a
+random encoder); ``photos`` (crops of the dozen colour photos shipped with
+scikit-image/scikit-learn) or any colour image folder work too.
 
 Small-scale differences: 32 px crops, ResNet-10 w32 encoder + a transposed-conv head instead of
 the paper's VGG-style network at 256 px, prior from 2000 views, SGD + momentum with a cosine
-schedule (the paper used Adam; at a few hundred steps AdamW measured 2-5 points worse on
-Fashion-MNIST), and photos instead of ImageNet: a dozen images, so the encoder transfers across
-domains (photo crops -> grayscale Fashion-MNIST silhouettes).
+schedule (the paper used Adam; at a few hundred steps AdamW measured 2-5 points worse), and
+20,000 synthetic colour crops instead of ImageNet.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ class Colorization(Recipe):
     name = "colorization"
     description = "predict Lab colour (ab as ~260 rebalanced classes) from lightness L"
     paper = "Zhang, Isola, Efros, Colorful Image Colorization, ECCV 2016"
-    small_scale = ("32 px crops of the shipped colour photos, ResNet-10 w32 + transposed-conv "
+    small_scale = ("32 px synthetic colour crops (synth-crops), ResNet-10 w32 + transposed-conv "
                    "head at 1/4 resolution, prior from 2000 views, SGD (paper: Adam) + cosine")
     Config = ColorizationConfig
     train_defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-                      "batch_size": 128, "epochs": 10, "data": "photos"}
+                      "batch_size": 128, "epochs": 10, "data": "synth-crops"}
     needs_color = True
     default_eval_data = "fashion-mnist"
 
