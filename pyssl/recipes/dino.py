@@ -36,7 +36,12 @@ Small-scale differences: a 4-block, 128-d ViT with 4 px patches at 28 px (paper:
 224 px); local crops of 12 px (paper 96 px at 224: the same ratio); K = 4096 prototypes
 (paper 65536; ``out_dim=65536`` works: see the README's memory comparison), head hidden 512 and
 bottleneck 128 (paper 2048 / 256); teacher momentum 0.99 (paper 0.996, for ~100x more steps);
-a few epochs; batch 128.
+a few epochs; batch 128. For runs of a few hundred steps (the README's recipes table: 400 steps
+of batch 64, 2 + 4 crops, K = 1024) set ``head_batch_norm=true`` (BatchNorm in the head's MLP,
+an option of the paper's code): without it the teacher's outputs stay near uniform that long
+(teacher entropy ~ log K, a handful of prototypes used) and the features end below a random
+encoder's; with it DINO beats random init in the table. ``vit_pool`` picks the feature the head
+is trained on and the evaluation reads: ``cls`` (the paper) or ``mean`` (the mean patch token).
 """
 
 from __future__ import annotations
