@@ -73,6 +73,12 @@ class _CenteredLoss(nn.Module):
         if self._distributed():
             work = dist.all_reduce(payload, group=self.process_group, async_op=True)
             self._pending = (work, payload)
+        elif torch.compiler.is_compiling():
+            # Under torch.compile the update waits for the next call (or flush / state_dict):
+            # an in-place update of the buffer after the fused op has read the centre is
+            # miscompiled by inductor (torch 2.14: wrong student gradients; measured), while
+            # an update before the read is compiled correctly.
+            self._pending = (None, payload)
         else:
             self._apply_center_update(payload)
 
@@ -120,6 +126,10 @@ class DINOLoss(_CenteredLoss):
     teacher-temperature warm-up, and the EMA centre update over all ranks (DINO's
     ``update_center``), or DINOv2's Sinkhorn-Knopp targets with
     ``centering="sinkhorn_knopp"`` (no centre buffer update then).
+
+    Under ``torch.compile`` (``fullgraph=True`` works) the EMA update of a call is applied at the
+    start of the next call, or by ``flush()`` / ``state_dict()``: read ``center`` after
+    ``flush()`` there. Eagerly and in one process it is applied before ``forward`` returns.
     """
 
     def __init__(self, out_dim: int, n_teacher_crops: int = 2, teacher_temp: float = 0.04,

@@ -154,7 +154,8 @@ def test_clip_zero_shot_on_a_trivially_separable_task(tmp_path):
 def test_torch_compile_training_step(name):
     """``compile=true``: MAE's forward + loss and DINO's networks (student on 2 + 2 crops,
     teacher, heads) compile with ``fullgraph=True`` (no graph break) and give the eager loss
-    and gradients. (DINO's loss runs eagerly: see forward_networks.)"""
+    and gradients. (DINO's losses run eagerly there; the loss modules compile on their own:
+    tests/losses/test_dino.py.)"""
     import torch._dynamo
 
     cls, _, cfg = build_configs(name, OVERRIDES[name] + ["image_size=16", "knn_every=0",
