@@ -14,9 +14,10 @@ def register(subparsers) -> None:
     from ..eval.table import add_arguments
 
     p = subparsers.add_parser(
-        "benchmark-recipes", help="pretrain every classic recipe and compare with random init",
-        description="Pretrain each classic recipe briefly on Fashion-MNIST (digits when absent; "
-                    "colorization on the shipped colour photos) and evaluate linear probe and "
-                    "k-NN accuracy against a randomly initialised encoder.")
+        "benchmark-recipes", help="pretrain every recipe and compare with random init",
+        description="Pretrain each recipe (classic and modern; --recipes to choose) briefly on "
+                    "Fashion-MNIST (digits when absent; colorization on synth-crops, labelled "
+                    "colour crops of the synthetic world) and evaluate linear probe and k-NN "
+                    "accuracy against a randomly initialised encoder on the same data.")
     add_arguments(p)
     p.set_defaults(func=run)

@@ -26,8 +26,9 @@ def demo(out: str = "runs/demo", recipe: str = "rotnet", epochs: int = 2, data: 
         (run / "last.pt").unlink()
     ov = {**COMMON, "data_subset": str(subset), "progress": str(progress), "log_every": "5",
           **(overrides or {})}
-    summary = pretrain(recipe, data=data if recipe != "colorization" else "photos",
-                       epochs=epochs, out=run, overrides=ov)
+    if recipe == "colorization":          # needs colour: pretrain and evaluate on synth-crops
+        data = "synth-crops"
+    summary = pretrain(recipe, data=data, epochs=epochs, out=run, overrides=ov)
     rows = []
     for random_init in (False, True):
         r = run_eval(["linear", "knn"], run / "last.pt", random_init=random_init, verbose=False,
