@@ -150,7 +150,7 @@ def measure(variant: str, out_dim: int = 65536, batch: int = 64, n_local: int = 
         dt = time.perf_counter() - t0
         if step > 0:                                   # the first step warms up allocators
             times.append(dt)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss_saved = only_loss.bytes
         step_saved = sum({**nets.storages, **only_loss.storages}.values())
         del s_out, t_out, loss
