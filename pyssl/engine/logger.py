@@ -5,9 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
-__all__ = ["MetricLogger", "plot_metrics", "read_metrics"]
+__all__ = ["MetricLogger", "plot_metrics", "read_metrics", "save_figure"]
+
+
+def save_figure(fig, out_png: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as a PNG atomically (temporary file + rename: a reader never
+    sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(".tmp-" + out_png.name)
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -98,10 +113,4 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(".tmp-" + out_png.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png)

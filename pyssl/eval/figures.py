@@ -4,13 +4,13 @@ All are written atomically (temporary file + rename) with matplotlib's Agg backe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..data.transforms import preprocess
+from ..engine.logger import save_figure
 
 __all__ = ["attention_figure", "codebook_figure", "image_grid_figure", "save_figure"]
 
@@ -22,16 +22,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_figure(fig, out_png, dpi: int = 100) -> Path:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(".tmp-" + out_png.name)
-    fig.savefig(tmp, dpi=dpi, format="png")
-    _plt().close(fig)
-    os.replace(tmp, out_png)
-    return out_png
 
 
 def _show_image(ax, x: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine.logger import save_figure
 from .features import extract_features
 from .knn import knn_accuracy
 
@@ -107,10 +108,4 @@ def plot_knn_curve(records: list[dict], out_png, title: str | None = None) -> Pa
                           f"{r0.get('train')}/{r0.get('test')}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(".tmp-" + out_png.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure(fig, out_png)

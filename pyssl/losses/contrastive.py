@@ -129,25 +129,23 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float | None =
     rank, world = rank_and_world(group) if gather else (0, 1)
     n = query.shape[0]
     all_k = gather_with_grad(key, group) if world > 1 else key
-    logits = scale * (query @ all_k.T)                                  # [n, N]
     if positive_ids is not None:
         ids = positive_ids.reshape(-1)
         all_ids = _gather_ids(ids, group) if world > 1 else ids
-        own = all_ids[rank * n: rank * n + n]
-        tgt = _soft_targets(own, all_ids)
-        loss = -(tgt * logits.log_softmax(-1)).sum(-1).mean()
+        tgt = _soft_targets(all_ids[rank * n: rank * n + n], all_ids)
+
+        def ce(logits):
+            return -(tgt * logits.log_softmax(-1)).sum(-1).mean()
     else:
         labels = torch.arange(rank * n, rank * n + n, device=query.device)
-        loss = F.cross_entropy(logits, labels)
+
+        def ce(logits):
+            return F.cross_entropy(logits, labels)
+    loss = ce(scale * (query @ all_k.T))                                # [n, N] logits
     if not symmetric:
         return loss
     all_q = gather_with_grad(query, group) if world > 1 else query
-    logits_t = scale * (key @ all_q.T)
-    if positive_ids is not None:
-        loss_t = -(tgt * logits_t.log_softmax(-1)).sum(-1).mean()
-    else:
-        loss_t = F.cross_entropy(logits_t, labels)
-    return 0.5 * (loss + loss_t)
+    return 0.5 * (loss + ce(scale * (key @ all_q.T)))
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
