@@ -89,6 +89,12 @@ def sample_ibot_masks(n: int, h: int, w: int, ratio_min: float = 0.1, ratio_max:
     return masks.to(device) if device is not None else masks
 
 
+def _is_log_step(ctx) -> bool:
+    """Whether the engine writes this step's metrics (``log_every``, and the last step)."""
+    every = max(1, int(getattr(ctx.train_config, "log_every", 1) or 1))
+    return (ctx.step + 1) % every == 0 or ctx.step + 1 >= ctx.total_steps
+
+
 class _DINONet(nn.Module):
     """Backbone + DINO head (+ a separate iBOT patch head)."""
 
@@ -297,12 +303,14 @@ class DINO(ModernRecipe):
                                       cfg.mask_ratio_max, cfg.mask_probability,
                                       device=glob.device)
         out, t_out = self._losses(glob, loc, masks, int(ctx.epoch))
-        with torch.no_grad():
-            # teacher entropy / prototype usage: collapse diagnostics
-            probs = torch.softmax((t_out.float() - self.dino_loss.center) /
-                                  self.dino_loss.teacher_temperature(ctx.epoch), -1)
-            out["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-            out["prototypes_used"] = float(probs.argmax(-1).unique().numel())
+        if _is_log_step(ctx):
+            # teacher entropy / prototype usage: collapse diagnostics, only on the steps the
+            # engine logs (they build the [rows, K] probabilities the fused loss avoids)
+            with torch.no_grad():
+                probs = torch.softmax((t_out.float() - self.dino_loss.center) /
+                                      self.dino_loss.teacher_temperature(ctx.epoch), -1)
+                out["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+                out["prototypes_used"] = float(probs.argmax(-1).unique().numel())
         out["teacher_temp"] = self.dino_loss.teacher_temperature(ctx.epoch)
         out["momentum"] = self.teacher.momentum(ctx.step)
         return out

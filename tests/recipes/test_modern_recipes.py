@@ -236,3 +236,16 @@ def test_dino_head_reads_the_pooled_feature_evaluation_reads(pool):
     want = f["cls"] if pool == "cls" else f["patch"].mean(1)
     torch.testing.assert_close(feat, want)
     assert not torch.allclose(f["cls"], f["patch"].mean(1))     # the two choices differ
+
+
+def test_dino_collapse_diagnostics_on_every_logged_step(tmp_path):
+    """teacher_entropy / prototypes_used are computed only on the steps the engine logs
+    (log_every and the last step), and every logged record has them."""
+    out = tmp_path / "dino"
+    s = pretrain("dino", data="digits", epochs=1, out=out,
+                 overrides=[o for o in ENGINE if not o.startswith("log_every")] +
+                 ["log_every=2", "max_steps=3"] + DINO)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 3]
+    assert all("teacher_entropy" in r and r["prototypes_used"] >= 1 for r in recs)
+    assert [("teacher_entropy" in h) for h in s["history"]] == [False, True, True]
