@@ -44,7 +44,7 @@ from ..data.transforms import match_channels
 from ..engine.config import ConfigError
 from ..ops import block_masking
 from .common import normalize_pixels
-from .modern import ModernConfig, ModernRecipe, check_range
+from .modern import ModernRecipe, ViTConfig, check_range
 
 __all__ = ["BEiT", "BEiTConfig", "TokenizerAdapter", "load_tokenizer"]
 
@@ -129,11 +129,7 @@ def load_tokenizer(path: str | Path) -> nn.Module:
 
 
 @dataclass
-class BEiTConfig(ModernConfig):
-    backbone: str = "vit_tiny"
-    backbone_width: int = 128
-    vit_depth: int = 4
-    vit_heads: int = 4
+class BEiTConfig(ViTConfig):
     vit_pool: str = "mean"
     tokenizer: str = "auto"          # auto | vq_tokenizer run/checkpoint | saved module file
     tokenizer_epochs: int = 5        # tokenizer=auto: epochs of vq_tokenizer training

@@ -59,7 +59,7 @@ from ..losses.dino import CENTERINGS, DINOLoss, IBOTPatchLoss
 from ..losses.koleo import koleo_loss
 from ..models.heads import DINOHead
 from ..ops import block_masking
-from .modern import ModernConfig, ModernRecipe, check_range
+from .modern import ModernRecipe, ViTConfig, check_range
 
 __all__ = ["DINO", "DINOConfig", "DINOv2", "DINOv2Config", "sample_ibot_masks"]
 
@@ -107,11 +107,7 @@ class _DINONet(nn.Module):
 
 
 @dataclass
-class DINOConfig(ModernConfig):
-    backbone: str = "vit_tiny"
-    backbone_width: int = 128
-    vit_depth: int = 4
-    vit_heads: int = 4
+class DINOConfig(ViTConfig):
     out_dim: int = 4096              # K prototypes (paper 65536)
     head_hidden: int = 512
     head_bottleneck: int = 128

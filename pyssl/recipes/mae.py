@@ -31,7 +31,7 @@ from ..data.transforms import match_channels
 from ..models.mae import MAEDecoder, normalized_patch_targets, patchify, unpatchify
 from ..ops import random_masking
 from .common import normalize_pixels
-from .modern import ModernConfig, ModernRecipe, check_range
+from .modern import ModernRecipe, ViTConfig, check_range
 
 __all__ = ["MAE", "MAEConfig", "masked_mse"]
 
@@ -45,11 +45,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 @dataclass
-class MAEConfig(ModernConfig):
-    backbone: str = "vit_tiny"
-    backbone_width: int = 128
-    vit_depth: int = 4
-    vit_heads: int = 4
+class MAEConfig(ViTConfig):
     vit_pool: str = "mean"
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..engine.config import ConfigError
 from ..engine.recipe import Recipe, RecipeConfig, StepContext
 
-__all__ = ["ModernConfig", "ModernRecipe", "check_range"]
+__all__ = ["ModernConfig", "ModernRecipe", "ViTConfig", "check_range"]
 
 
 def check_range(cfg, key: str, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
@@ -55,6 +55,16 @@ class ModernConfig(RecipeConfig):
                 kw["drop_path"] = self.drop_path
             kw["pool"] = self.vit_pool
         return kw
+
+
+@dataclass
+class ViTConfig(ModernConfig):
+    """The ViT the ViT recipes (dino, dinov2, mae, beit) default to at small scale: 4 blocks,
+    128 wide, 4 heads (4 px patches at 28 px)."""
+    backbone: str = "vit_tiny"
+    backbone_width: int = 128
+    vit_depth: int = 4
+    vit_heads: int = 4
 
 
 class ModernRecipe(Recipe):
