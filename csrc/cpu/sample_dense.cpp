@@ -140,6 +140,85 @@ __attribute__((target("avx2,fma"))) void taps_avx2(const float* coords, int64_t 
 }
 #endif
 
+#ifdef PYSSL_HAVE_AVX2_TAPS
+// The planar float32 gather with masked AVX2 gathers (GCC does not emit gathers for gather_body):
+// the same products summed in the same order; corners outside the image are not read (the
+// masked-off lanes are 0 and their weight is 0: + 0, as the select in gather_body).
+__attribute__((target("avx2,fma"))) void gather_avx2(const float* f, int64_t C, int64_t HW,
+                                                     const DenseTaps& t, int64_t n, float* out,
+                                                     int64_t os) {
+  const __m256i minus1 = _mm256_set1_epi32(-1);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* plane = f + c * HW;
+    float* o = out + c * os;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * n + j));
+        const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(ix, minus1));
+        const __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), plane, ix, m, 4);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(t.weight + k * n + j), v));
+      }
+      _mm256_storeu_ps(o + j, acc);
+    }
+    for (; j < n; ++j) {
+      float acc = 0.0f;
+      for (int k = 0; k < 4; ++k) {
+        const int32_t i = t.index[k * n + j];
+        acc += i < 0 ? 0.0f : t.weight[k * n + j] * plane[i];
+      }
+      o[j] = acc;
+    }
+  }
+}
+
+// flow_check_body for 8 pixels at a time (masked gathers), then the scalar body for the tail
+PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* bu_plane,
+                                  const float* bv_plane, int64_t W, float alpha1, float alpha2,
+                                  const DenseTaps& t, bool* valid);
+__attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const float* v,
+                                                         const float* bu_plane,
+                                                         const float* bv_plane, int64_t W,
+                                                         float alpha1, float alpha2,
+                                                         const DenseTaps& t, bool* valid) {
+  const __m256i minus1 = _mm256_set1_epi32(-1);
+  const __m256 zero = _mm256_setzero_ps(), a1 = _mm256_set1_ps(alpha1), a2 = _mm256_set1_ps(alpha2);
+  int64_t j = 0;
+  for (; j + 8 <= W; j += 8) {
+    __m256 bu = zero, bv = zero;
+    for (int k = 0; k < 4; ++k) {
+      const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * W + j));
+      const __m256 w = _mm256_loadu_ps(t.weight + k * W + j);
+      const __m256 read = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ix, minus1)),
+                                        _mm256_cmp_ps(w, zero, _CMP_NEQ_UQ));
+      bu = _mm256_add_ps(bu, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bu_plane, ix, read, 4))));
+      bv = _mm256_add_ps(bv, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bv_plane, ix, read, 4))));
+    }
+    const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
+    const __m256 du = _mm256_add_ps(uu, bu), dv = _mm256_add_ps(vv, bv);
+    const __m256 lhs = _mm256_add_ps(_mm256_mul_ps(du, du), _mm256_mul_ps(dv, dv));
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(uu, uu), _mm256_mul_ps(vv, vv)),
+                                                 _mm256_mul_ps(bu, bu)), _mm256_mul_ps(bv, bv));
+    const __m256 rhs = _mm256_add_ps(_mm256_mul_ps(a1, s), a2);
+    const int ok = _mm256_movemask_ps(_mm256_cmp_ps(lhs, rhs, _CMP_LE_OQ));
+    for (int q = 0; q < 8; ++q) valid[j + q] = valid[j + q] & (((ok >> q) & 1) != 0);
+  }
+  if (j < W) {  // the tail: the scalar body on a [4][r] copy of the tail's taps
+    const int64_t r = W - j;
+    int32_t ti[4 * 8];
+    float tw[4 * 8];
+    for (int k = 0; k < 4; ++k)
+      for (int64_t q = 0; q < r; ++q) {
+        ti[k * r + q] = t.index[k * W + j + q];
+        tw[k * r + q] = t.weight[k * W + j + q];
+      }
+    flow_check_body(u + j, v + j, bu_plane, bv_plane, r, alpha1, alpha2,
+                    DenseTaps{ti, tw, nullptr, nullptr}, valid + j);
+  }
+}
+#endif
+
 PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
   if (t.dwdx) {
     taps_loop<true>(coords, n, H, W, t);
@@ -148,15 +227,23 @@ PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W
   }
 }
 
-PYSSL_INLINE float tap(const float* plane, const DenseTaps& t, int64_t n, int k, int64_t j,
+PYSSL_INLINE float load_value(const float* p, int64_t i) { return p[i]; }
+PYSSL_INLINE float load_value(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+PYSSL_INLINE void store_value(float* p, int64_t i, float v) { p[i] = v; }
+PYSSL_INLINE void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+template <typename F>
+PYSSL_INLINE float tap(const F* plane, const DenseTaps& t, int64_t n, int k, int64_t j,
                        const float* w) {
   const int32_t i = t.index[k * n + j];
-  const float v = plane[i < 0 ? 0 : i];
+  const float v = load_value(plane, i < 0 ? 0 : i);
   return i < 0 ? 0.0f : w[k * n + j] * v;
 }
 
-PYSSL_INLINE void gather_body(const float* f, int64_t C, int64_t HW, const DenseTaps& t,
-                              int64_t n, float* out, int64_t out_stride) {
+// F: float, or uint16_t holding bfloat16 (read as float, results rounded to nearest even)
+template <typename F>
+PYSSL_INLINE void gather_body(const F* f, int64_t C, int64_t HW, const DenseTaps& t,
+                              int64_t n, F* out, int64_t out_stride) {
   const int32_t* __restrict i0 = t.index;
   const int32_t* __restrict i1 = t.index + n;
   const int32_t* __restrict i2 = t.index + 2 * n;
@@ -166,18 +253,18 @@ PYSSL_INLINE void gather_body(const float* f, int64_t C, int64_t HW, const Dense
   const float* __restrict w2 = t.weight + 2 * n;
   const float* __restrict w3 = t.weight + 3 * n;
   for (int64_t c = 0; c < C; ++c) {
-    const float* __restrict plane = f + c * HW;
-    float* __restrict o = out + c * out_stride;
+    const F* __restrict plane = f + c * HW;
+    F* __restrict o = out + c * out_stride;
     for (int64_t j = 0; j < n; ++j) {
       // corners outside the image (index -1) read pixel 0 and are masked out
-      const float v0 = plane[i0[j] < 0 ? 0 : i0[j]], v1 = plane[i1[j] < 0 ? 0 : i1[j]];
-      const float v2 = plane[i2[j] < 0 ? 0 : i2[j]], v3 = plane[i3[j] < 0 ? 0 : i3[j]];
+      const float v0 = load_value(plane, i0[j] < 0 ? 0 : i0[j]), v1 = load_value(plane, i1[j] < 0 ? 0 : i1[j]);
+      const float v2 = load_value(plane, i2[j] < 0 ? 0 : i2[j]), v3 = load_value(plane, i3[j] < 0 ? 0 : i3[j]);
       float acc = 0.0f;
       acc += i0[j] < 0 ? 0.0f : w0[j] * v0;
       acc += i1[j] < 0 ? 0.0f : w1[j] * v1;
       acc += i2[j] < 0 ? 0.0f : w2[j] * v2;
       acc += i3[j] < 0 ? 0.0f : w3[j] * v3;
-      o[j] = acc;
+      store_value(o, j, acc);
     }
   }
 }
@@ -192,10 +279,11 @@ PYSSL_INLINE void scatter_body(const float* g, const DenseTaps& t, int64_t n, fl
   }
 }
 
-PYSSL_INLINE void coord_grad_body(const float* f, int64_t C, int64_t HW, const float* g,
+template <typename F>
+PYSSL_INLINE void coord_grad_body(const F* f, int64_t C, int64_t HW, const float* g,
                                   int64_t g_stride, const DenseTaps& t, int64_t n, float* gxy) {
   for (int64_t c = 0; c < C; ++c) {
-    const float* plane = f + c * HW;
+    const F* plane = f + c * HW;
     const float* gc = g + c * g_stride;
     for (int64_t j = 0; j < n; ++j) {
       float sx = 0.0f, sy = 0.0f;
@@ -209,18 +297,82 @@ PYSSL_INLINE void coord_grad_body(const float* f, int64_t C, int64_t HW, const f
   }
 }
 
+// One image row of flow_correspondence, in two passes around the taps of the targets:
+// coordinates (j + u, i + v) and the inside-the-frame test, then the forward-backward check
+// against the backward flow bilinearly sampled at the target. The same operations in the same
+// order as kernels/flow_math.h (flow_match); taps with weight 0 are not read (a NaN neighbour
+// with weight 0 does not poison the sample).
+PYSSL_INLINE void flow_coords_body(const float* u, const float* v, int64_t i, int64_t W, int64_t H,
+                                   float* coords, bool* valid) {
+  const float Wm1 = static_cast<float>(W - 1), Hm1 = static_cast<float>(H - 1);
+  const float fi = static_cast<float>(i);
+  for (int64_t j = 0; j < W; ++j) {
+    const float x = static_cast<float>(j) + u[j], y = fi + v[j];
+    coords[2 * j] = x;
+    coords[2 * j + 1] = y;
+    const bool finite = (u[j] - u[j]) == 0.0f & (v[j] - v[j]) == 0.0f;
+    valid[j] = finite & x >= 0.0f & x <= Wm1 & y >= 0.0f & y <= Hm1;
+  }
+}
+
+PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* bu_plane,
+                                  const float* bv_plane, int64_t W, float alpha1, float alpha2,
+                                  const DenseTaps& t, bool* valid) {
+  for (int64_t j = 0; j < W; ++j) {
+    float bu = 0.0f, bv = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      const int32_t idx = t.index[k * W + j];
+      const float w = t.weight[k * W + j];
+      const bool read = idx >= 0 & w != 0.0f;
+      const int32_t at = read ? idx : 0;
+      bu += read ? w * bu_plane[at] : 0.0f;
+      bv += read ? w * bv_plane[at] : 0.0f;
+    }
+    const float du = u[j] + bu, dv = v[j] + bv;
+    const float lhs = du * du + dv * dv;
+    const float rhs = alpha1 * (u[j] * u[j] + v[j] * v[j] + bu * bu + bv * bv) + alpha2;
+    valid[j] = valid[j] & (lhs <= rhs);
+  }
+}
+
 PYSSL_MULTIVERSION(void, taps_v, (const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t),
                    (coords, n, H, W, t), taps_body)
+template <typename F>
+PYSSL_INLINE void gather_any(const F* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
+                             F* out, int64_t os) {
+  gather_body(f, C, HW, t, n, out, os);
+}
 PYSSL_MULTIVERSION(void, gather_v,
                    (const float* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
                     float* out, int64_t os),
-                   (f, C, HW, t, n, out, os), gather_body)
+                   (f, C, HW, t, n, out, os), gather_any<float>)
+PYSSL_MULTIVERSION(void, gather_bf16_v,
+                   (const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
+                    uint16_t* out, int64_t os),
+                   (f, C, HW, t, n, out, os), gather_any<uint16_t>)
 PYSSL_MULTIVERSION(void, scatter_v, (const float* g, const DenseTaps& t, int64_t n, float* gf),
                    (g, t, n, gf), scatter_body)
+template <typename F>
+PYSSL_INLINE void coord_any(const F* f, int64_t C, int64_t HW, const float* g, int64_t gs,
+                            const DenseTaps& t, int64_t n, float* gxy) {
+  coord_grad_body(f, C, HW, g, gs, t, n, gxy);
+}
 PYSSL_MULTIVERSION(void, coord_v,
                    (const float* f, int64_t C, int64_t HW, const float* g, int64_t gs,
                     const DenseTaps& t, int64_t n, float* gxy),
-                   (f, C, HW, g, gs, t, n, gxy), coord_grad_body)
+                   (f, C, HW, g, gs, t, n, gxy), coord_any<float>)
+PYSSL_MULTIVERSION(void, coord_bf16_v,
+                   (const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t gs,
+                    const DenseTaps& t, int64_t n, float* gxy),
+                   (f, C, HW, g, gs, t, n, gxy), coord_any<uint16_t>)
+PYSSL_MULTIVERSION(void, flow_coords_v,
+                   (const float* u, const float* v, int64_t i, int64_t W, int64_t H, float* coords,
+                    bool* valid),
+                   (u, v, i, W, H, coords, valid), flow_coords_body)
+PYSSL_MULTIVERSION(void, flow_check_v,
+                   (const float* u, const float* v, const float* bu, const float* bv, int64_t W,
+                    float a1, float a2, const DenseTaps& t, bool* valid),
+                   (u, v, bu, bv, W, a1, a2, t, valid), flow_check_body)
 
 }  // namespace
 
@@ -239,7 +391,14 @@ void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps 
 }
 void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   float* out, int64_t out_stride) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return gather_avx2(f, C, HW, taps, n, out, out_stride);
+#endif
   gather_v(f, C, HW, taps, n, out, out_stride);
+}
+void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
+                  uint16_t* out, int64_t out_stride) {
+  gather_bf16_v(f, C, HW, taps, n, out, out_stride);
 }
 void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad_f) {
   scatter_v(g, taps, n, grad_f);
@@ -247,6 +406,22 @@ void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad
 void dense_coord_grad(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
                       const DenseTaps& taps, int64_t n, float* gxy) {
   coord_v(f, C, HW, g, g_stride, taps, n, gxy);
+}
+void dense_coord_grad(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                      const DenseTaps& taps, int64_t n, float* gxy) {
+  coord_bf16_v(f, C, HW, g, g_stride, taps, n, gxy);
+}
+
+void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,
+              int64_t W, int64_t H, float alpha1, float alpha2, const DenseTaps& taps,
+              float* coords, bool* valid) {
+  flow_coords_v(u, v, i, W, H, coords, valid);
+  if (!bu) return;
+  dense_taps(coords, W, H, W, taps);
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return flow_check_avx2(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
+#endif
+  flow_check_v(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
 }
 
 }  // namespace pyssl::cpu

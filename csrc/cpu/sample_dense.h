@@ -20,9 +20,12 @@ struct DenseTaps {
 
 void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps taps);
 
-// out[c * out_stride + j] = sum_k weight[k][j] * f[c * HW + index[k][j]], j < n
+// out[c * out_stride + j] = sum_k weight[k][j] * f[c * HW + index[k][j]], j < n. The uint16_t
+// overloads read and write bfloat16 (fp32 math, round to nearest even).
 void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   float* out, int64_t out_stride);
+void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
+                  uint16_t* out, int64_t out_stride);
 
 // grad_f[index[k][j]] += weight[k][j] * g[j] over j < n (one plane; in point order)
 void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad_f);
@@ -30,5 +33,38 @@ void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad
 // gxy[2j] += sum_c g[c][j] * sum_k dwdx[k][j] f_c[index[k][j]] (and y), j < n
 void dense_coord_grad(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
                       const DenseTaps& taps, int64_t n, float* gxy);
+void dense_coord_grad(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                      const DenseTaps& taps, int64_t n, float* gxy);
+
+// One row i of flow_correspondence for float32 flows (u, v: the row of the forward flow's two
+// planes; bu, bv: the backward flow's planes [H, W], or null): coords [W, 2] and valid [W],
+// equal to kernels/flow_math.h (flow_match). `taps` holds room for W points.
+void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,
+              int64_t W, int64_t H, float alpha1, float alpha2, const DenseTaps& taps,
+              float* coords, bool* valid);
+
+// Channels-last band kernels (csrc/cpu/sample_band.cpp) for kBandChannels channels at a time of
+// one image, AVX2+FMA only (band_kernels_available()). The band of source rows a block of
+// points touches is transposed into a ring of channels-last rows, so every tap reads (forward)
+// or accumulates into (backward) 16 contiguous channels instead of 16 scattered planes; blocks
+// whose band does not fit the ring fall back to the planar kernels above. Results equal the
+// planar kernels: the same products summed in the same order (forward; the feature gradient up
+// to the order of partial sums of rows that leave and re-enter the ring).
+constexpr int64_t kBandChannels = 16;
+bool band_kernels_available();
+struct BandScratch;
+BandScratch* band_scratch_new(int64_t W);
+void band_scratch_free(BandScratch* s);
+// out planes [16][os] (points j < P) from feature planes f [16][H*W] at coords [P, 2]
+void band_gather(const float* f, int64_t H, int64_t W, const float* coords, int64_t P, float* out,
+                 int64_t os, BandScratch* s);
+void band_gather(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                 uint16_t* out, int64_t os, BandScratch* s);
+// gf planes [16][H*W] += feature gradient (gf may be null), gxy [P, 2] += coordinate gradient
+// over these 16 channels (gxy and f may be null), from the output gradient planes g [16][gs]
+void band_backward(const float* f, const float* g, int64_t gs, int64_t H, int64_t W,
+                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s);
+void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int64_t W,
+                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s);
 
 }  // namespace pyssl::cpu

@@ -7,8 +7,13 @@
 #include <torch/library.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "kernels/common.h"
 
@@ -66,6 +71,33 @@ inline DType to_dtype(at::ScalarType s) {
     case at::kBFloat16: return DType::kBFloat16;
     default: TORCH_CHECK_TYPE(false, "pyssl kernels do not support dtype ", s);
   }
+}
+
+// Large CPU outputs: ask Linux for transparent huge pages before the first touch. With THP in
+// "madvise" mode (the default of many distributions) a fresh 64 MB buffer otherwise costs 16k
+// page faults, which on the machines here take longer than the kernels that fill it. Advisory
+// only: a refusal changes nothing but speed.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t bytes = t.nbytes();
+  if (!t.device().is_cpu() || bytes < 4 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  return t;
+}
+
+inline at::Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return empty_large(sizes, options).zero_();
 }
 
 }  // namespace pyssl

@@ -2,6 +2,9 @@
 // Contracts: pyssl/ops/flow.py.
 #include <ATen/Parallel.h>
 
+#include <vector>
+
+#include "cpu/sample_dense.h"
 #include "kernels/flow_math.h"
 #include "ops/flow.h"
 
@@ -20,6 +23,29 @@ std::tuple<Tensor, Tensor> flow_correspondence_cpu(const Tensor& flow_fw,
   const Tensor bw = flow_bw.has_value() ? flow_bw->to(acc) : Tensor();
   Tensor coords = at::empty({B, H, W, 2}, fw.options());
   Tensor valid = at::empty({B, H, W}, fw.options().dtype(at::kBool));
+  if (acc == at::kFloat && H * W < (int64_t{1} << 31)) {
+    // float32: rows through the vectorised kernel (csrc/cpu/sample_dense.cpp, flow_row), which
+    // computes what flow_match computes, in the same order
+    const Tensor f = fw.contiguous(), b = bw.defined() ? bw.contiguous() : bw;
+    const float* fp = f.const_data_ptr<float>();
+    const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+    float* cp = coords.mutable_data_ptr<float>();
+    bool* vp = valid.mutable_data_ptr<bool>();
+    const int64_t HW = H * W;
+    at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> index(4 * W);
+      std::vector<float> weight(4 * W);
+      const cpu::DenseTaps taps{index.data(), weight.data(), nullptr, nullptr};
+      for (int64_t bi = begin; bi < end; ++bi) {
+        const int64_t n = bi / H, i = bi % H;
+        const float* u = fp + n * 2 * HW + i * W;
+        const float* bu = bp ? bp + n * 2 * HW : nullptr;
+        cpu::flow_row(u, u + HW, bu, bu ? bu + HW : nullptr, i, W, H, static_cast<float>(alpha1),
+                      static_cast<float>(alpha2), taps, cp + bi * W * 2, vp + bi * W);
+      }
+    });
+    return {coords, valid};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "flow_correspondence", [&] {
     using T = scalar_t;
     const T* f = fw.const_data_ptr<T>();

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/sample_dense.h"
@@ -446,7 +448,7 @@ constexpr int64_t kDenseBlock = 256;
 void check_dense(const Tensor& features, const Tensor& coords) {
   check_dim(features, 4, "features", "[B, C, H, W]");
   check_dim(coords, 4, "coords", "[B, Ho, Wo, 2]");
-  check_dtype(features, {at::kFloat}, "features");
+  check_dtype(features, {at::kFloat, at::kBFloat16}, "features");
   check_dtype(coords, {at::kFloat}, "coords");
   TORCH_CHECK_VALUE(coords.size(0) == features.size(0) && coords.size(3) == 2,
                     "coords must have shape [B, Ho, Wo, 2] with B = ", features.size(0), ", got ",
@@ -455,28 +457,145 @@ void check_dense(const Tensor& features, const Tensor& coords) {
                     "features are too large for the dense path (H*W >= 2^31)");
 }
 
+// float32 -> float, bfloat16 -> uint16_t (the torch-free kernels' view of bfloat16)
+template <typename F>
+const F* kernel_ptr(const Tensor& t) {
+  if constexpr (std::is_same_v<F, float>) return t.const_data_ptr<float>();
+  else return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+template <typename F>
+F* kernel_ptr_mut(Tensor& t) {
+  if constexpr (std::is_same_v<F, float>) return t.mutable_data_ptr<float>();
+  else return reinterpret_cast<uint16_t*>(t.mutable_data_ptr<at::BFloat16>());
+}
+
+// Channels handled per task: 16-channel slices through the channels-last band kernels when C is
+// large enough and the CPU has AVX2+FMA, the remaining channels (or all of them) planar.
+struct DenseSplit {
+  int64_t slices, rest, tasks;  // per image
+  DenseSplit(int64_t C) {
+    const bool band = C >= cpu::kBandChannels && cpu::band_kernels_available();
+    slices = band ? C / cpu::kBandChannels : 0;
+    rest = C - slices * cpu::kBandChannels;
+    tasks = slices + (rest ? 1 : 0);
+  }
+};
+
+struct ScratchDeleter {
+  void operator()(cpu::BandScratch* s) const { cpu::band_scratch_free(s); }
+};
+using Scratch = std::unique_ptr<cpu::BandScratch, ScratchDeleter>;
+
+template <typename F>
+void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, int64_t H, int64_t W,
+                   int64_t P) {
+  const DenseSplit split(C);
+  const int64_t HW = H * W, S = cpu::kBandChannels;
+  if (split.slices == 0) {  // planar: blocks of points, all channels per block
+    const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      int32_t index[4 * kDenseBlock];
+      float weight[4 * kDenseBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
+        const int64_t n = std::min(kDenseBlock, P - p0);
+        const cpu::DenseTaps t{index, weight, nullptr, nullptr};
+        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
+        cpu::dense_gather(fp + b * C * HW, C, HW, t, n, op + b * C * P + p0, P);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B * split.tasks, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    int32_t index[4 * kDenseBlock];
+    float weight[4 * kDenseBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / split.tasks, q = task % split.tasks, c0 = q * S;
+      if (q < split.slices) {
+        if (!scratch) scratch.reset(cpu::band_scratch_new(W));
+        cpu::band_gather(fp + (b * C + c0) * HW, H, W, cp + b * P * 2, P, op + (b * C + c0) * P, P,
+                         scratch.get());
+        continue;
+      }
+      for (int64_t p0 = 0; p0 < P; p0 += kDenseBlock) {  // the remaining channels, planar
+        const int64_t n = std::min(kDenseBlock, P - p0);
+        const cpu::DenseTaps t{index, weight, nullptr, nullptr};
+        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
+        cpu::dense_gather(fp + (b * C + c0) * HW, split.rest, HW, t, n, op + (b * C + c0) * P + p0, P);
+      }
+    }
+  });
+}
+
 Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
   check_dense(features, coords);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t P = coords.size(1) * coords.size(2);
   const Tensor f = features.contiguous(), xy = coords.contiguous();
-  Tensor out = at::empty({B, C, coords.size(1), coords.size(2)}, f.options());
-  const float* fp = f.const_data_ptr<float>();
+  Tensor out = empty_large({B, C, coords.size(1), coords.size(2)}, f.options());
   const float* cp = xy.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+  if (f.scalar_type() == at::kBFloat16) {
+    dense_forward(kernel_ptr<uint16_t>(f), cp, kernel_ptr_mut<uint16_t>(out), B, C, H, W, P);
+  } else {
+    dense_forward(kernel_ptr<float>(f), cp, kernel_ptr_mut<float>(out), B, C, H, W, P);
+  }
+  return out;
+}
+
+// Backward: one task per (image, 16-channel slice) through the band kernels plus one for the
+// remaining channels (all of them when C < 16), which walks blocks of points once: taps with
+// their derivatives, then per channel the scatter into its feature-gradient plane and the
+// coordinate gradient. With several tasks per image each task's coordinate gradient goes to its
+// own partial buffer, summed in task order after, so results do not depend on the number of
+// threads.
+template <typename F>
+void dense_backward(const F* fp, const float* cp, const float* gp, float* gfp, float* gcp,
+                    int64_t B, int64_t C, int64_t H, int64_t W, int64_t P,
+                    const at::TensorOptions& opts) {
+  const DenseSplit split(C);
+  const int64_t HW = H * W, S = cpu::kBandChannels, T = split.tasks;
+  Tensor partial = gcp && T > 1 ? zeros_large({B, T, P, 2}, opts.dtype(at::kFloat)) : Tensor();
+  float* pp = gcp ? (T > 1 ? partial.mutable_data_ptr<float>() : gcp) : nullptr;
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
     int32_t index[4 * kDenseBlock];
-    float weight[4 * kDenseBlock];
+    float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
-      const int64_t n = std::min(kDenseBlock, P - p0);
-      const cpu::DenseTaps t{index, weight, nullptr, nullptr};
-      cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
-      cpu::dense_gather(fp + b * C * H * W, C, H * W, t, n, op + b * C * P + p0, P);
+      const int64_t b = task / T, q = task % T, c0 = q * S;
+      float* gxy = pp ? pp + (b * T + q) * P * 2 : nullptr;
+      float* gf = gfp ? gfp + (b * C + c0) * HW : nullptr;
+      if (q < split.slices) {
+        if (!scratch) scratch.reset(cpu::band_scratch_new(W));
+        cpu::band_backward(fp + (b * C + c0) * HW, gp + (b * C + c0) * P, P, H, W, cp + b * P * 2, P,
+                           gf, gxy, scratch.get());
+        continue;
+      }
+      for (int64_t p0 = 0; p0 < P; p0 += kDenseBlock) {  // the remaining channels, planar
+        const int64_t n = std::min(kDenseBlock, P - p0);
+        const cpu::DenseTaps t{index, weight, gxy ? dwdx : nullptr, gxy ? dwdy : nullptr};
+        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
+        if (gf)
+          for (int64_t c = 0; c < split.rest; ++c)
+            cpu::dense_scatter(gp + (b * C + c0 + c) * P + p0, t, n, gf + c * HW);
+        if (gxy)
+          cpu::dense_coord_grad(fp + (b * C + c0) * HW, split.rest, HW, gp + (b * C + c0) * P + p0, P,
+                                t, n, gxy + 2 * p0);
+      }
     }
   });
-  return out;
+  if (gcp && T > 1) {
+    at::parallel_for(0, B * P, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const int64_t b = m / P, p = m % P;
+        for (int e = 0; e < 2; ++e) {
+          float acc = pp[(b * T * P + p) * 2 + e];
+          for (int64_t q = 1; q < T; ++q) acc += pp[((b * T + q) * P + p) * 2 + e];
+          gcp[m * 2 + e] = acc;
+        }
+      }
+    });
+  }
 }
 
 std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad,
@@ -491,49 +610,20 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
   const Tensor f = features.contiguous(), xy = coords.contiguous();
   const Tensor g = grad.to(at::kFloat).contiguous();
-  const float* fp = f.const_data_ptr<float>();
   const float* cp = xy.const_data_ptr<float>();
   const float* gp = g.const_data_ptr<float>();
-  Tensor gf = at::empty({0}, f.options());
-  if (features_grad) {
-    // taps of every point of every image, computed once and shared by the channel tasks
-    // (uninitialised tensors: no zero-fill of a buffer that is fully written)
-    Tensor index = at::empty({B, 4, P}, f.options().dtype(at::kInt));
-    Tensor weight = at::empty({B, 4, P}, f.options());
-    int32_t* ip = index.mutable_data_ptr<int32_t>();
-    float* wp = weight.mutable_data_ptr<float>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        cpu::dense_taps(cp + b * P * 2, P, H, W, {ip + 4 * b * P, wp + 4 * b * P, nullptr, nullptr});
-    });
-    gf = at::zeros_like(f);
-    float* gfp = gf.mutable_data_ptr<float>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const int64_t b = bc / C;
-        cpu::dense_scatter(gp + bc * P, {ip + 4 * b * P, wp + 4 * b * P, nullptr, nullptr}, P,
-                           gfp + bc * H * W);
-      }
-    });
+  // the feature gradient accumulates in float32 (converted to bfloat16 features' dtype at the end)
+  Tensor gf = features_grad ? zeros_large(f.sizes(), f.options().dtype(at::kFloat))
+                            : at::empty({0}, f.options());
+  Tensor gc = coords_grad ? at::zeros_like(xy) : at::empty({0}, xy.options());
+  float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
+  float* gcp = coords_grad ? gc.mutable_data_ptr<float>() : nullptr;
+  if (f.scalar_type() == at::kBFloat16) {
+    dense_backward(kernel_ptr<uint16_t>(f), cp, gp, gfp, gcp, B, C, H, W, P, f.options());
+  } else {
+    dense_backward(kernel_ptr<float>(f), cp, gp, gfp, gcp, B, C, H, W, P, f.options());
   }
-  Tensor gc = at::empty({0}, xy.options());
-  if (coords_grad) {
-    gc = at::zeros_like(xy);
-    float* gcp = gc.mutable_data_ptr<float>();
-    const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      int32_t index[4 * kDenseBlock];
-      float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
-        const int64_t n = std::min(kDenseBlock, P - p0);
-        const cpu::DenseTaps t{index, weight, dwdx, dwdy};
-        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
-        cpu::dense_coord_grad(fp + b * C * H * W, C, H * W, gp + b * C * P + p0, P, t, n,
-                              gcp + (b * P + p0) * 2);
-      }
-    });
-  }
+  if (features_grad && gf.scalar_type() != f.scalar_type()) gf = gf.to(f.scalar_type());
   return {gf, gc};
 }
 

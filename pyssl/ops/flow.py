@@ -105,9 +105,10 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
         raise ValueError(f"coords must have shape [B, Ho, Wo, 2] with B = {features.shape[0]}, "
                          f"got {tuple(coords.shape)}")
     B, Ho, Wo, _ = coords.shape
-    if (features.device.type == "cpu" and features.dtype == torch.float32
+    if (features.device.type == "cpu" and features.dtype in (torch.float32, torch.bfloat16)
             and coords.dtype == torch.float32 and features.is_contiguous()):
-        # CPU fast path: NCHW in and out, gathers vectorised over points
+        # CPU fast path, NCHW in and out: planar gathers for few channels, channels-last bands of
+        # source rows for 16 channels and more (csrc/cpu/sample_band.cpp)
         return _ops.sample_features_dense(features, coords)
     out = sample_points(features, coords.reshape(B * Ho * Wo, 2))
     return out.view(B, Ho, Wo, features.shape[1]).permute(0, 3, 1, 2)

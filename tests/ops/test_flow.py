@@ -136,6 +136,84 @@ def test_cpu_float32_fast_path_equals_the_generic_kernel(B, C, H, W, Ho, Wo, see
     assert ops.sample_features(feats, coords).is_contiguous()  # the fast path is what users get
 
 
+def _generic_sample(features, coords):
+    B, Ho, Wo, _ = coords.shape
+    return ops.sample_points(features, coords.reshape(-1, 2)).view(B, Ho, Wo, -1).permute(0, 3, 1, 2)
+
+
+def _smooth_coords(B, Ho, Wo, H, W, g, noise):
+    """A zoom + shear + noise flow field in pixels: the points of a block read a narrow band of
+    source rows (the channels-last band path), or anywhere when the noise is large."""
+    ys, xs = torch.meshgrid(torch.linspace(0, H - 1, Ho), torch.linspace(0, W - 1, Wo), indexing="ij")
+    base = torch.stack([xs * 0.9 + 0.2 * ys + 1.3, ys * 1.05 - 0.7], -1)
+    return base + torch.randn(B, Ho, Wo, 2, generator=g) * noise
+
+
+@given(B=st.integers(1, 2), C=st.integers(16, 40), H=st.integers(1, 40), W=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1), noise=st.sampled_from([0.0, 1.0, 30.0]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_band_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype):
+    """C >= 16: 16-channel slices through the channels-last band kernels (csrc/cpu/sample_band.cpp),
+    the remaining channels planar; float32 and bfloat16."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, C, H, W, generator=g).to(dtype)
+    coords = _smooth_coords(B, H + 3, W + 2, H, W, g, noise)
+    if seed % 5 == 0:
+        coords[0, 0, 0] = torch.tensor([math.nan, 1.0])
+        coords[-1, -1, -1] = torch.tensor([1e30, -1e30])
+    f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    fast = torch.ops.pyssl.sample_features_dense(f1, c1)
+    f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    generic = _generic_sample(f2, c2)
+    assert fast.dtype == dtype and torch.equal(fast, generic)  # same products, same order
+    gr = torch.randn(fast.shape, generator=g).to(dtype)
+    g1 = torch.autograd.grad(fast, (f1, c1), gr)
+    g2 = torch.autograd.grad(generic, (f2, c2), gr)
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(g1[0], g2[0], **tol)
+    torch.testing.assert_close(g1[1], g2[1], rtol=1e-4, atol=1e-4 * C)
+
+
+def test_band_path_rows_leaving_and_reentering_the_ring_and_tall_bands():
+    """Blocks of 256 points that read rows 0-5, then rows 64-69 (the same ring slots: rows 0-5
+    are flushed), then rows 0-5 again; and blocks whose band is taller than the ring (planar
+    fallback). Feature gradients accumulate over all of them."""
+    g = torch.Generator().manual_seed(11)
+    C, H, W = 20, 140, 300
+    feats = torch.randn(1, C, H, W, generator=g, dtype=torch.float64)
+    x = torch.rand(4, 256, generator=g) * (W - 1)
+    y = torch.stack([torch.rand(256, generator=g) * 5, 64 + torch.rand(256, generator=g) * 5,
+                     torch.rand(256, generator=g) * 5, torch.rand(256, generator=g) * (H - 1)])
+    coords = torch.stack([x, y], -1)[None]  # [1, 4, 256, 2]: one block per row
+    f1 = feats.float().requires_grad_(True)
+    c1 = coords.clone().requires_grad_(True)
+    out = ops.sample_features(f1, c1)
+    f2 = feats.clone().requires_grad_(True)
+    c2 = coords.double().requires_grad_(True)
+    want = reference.sample_features(f2, c2)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    gr = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad(out, (f1, c1), gr.float())
+    g2 = torch.autograd.grad(want, (f2, c2), gr)
+    torch.testing.assert_close(g1[0].double(), g2[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1[1].double(), g2[1], rtol=1e-4, atol=1e-4)
+
+
+def test_float32_flow_fast_path_matches_the_float64_kernel():
+    g = torch.Generator().manual_seed(12)
+    fw = torch.randn(2, 2, 37, 53, generator=g, dtype=torch.float64) * 6
+    bw = -fw + torch.randn(2, 2, 37, 53, generator=g, dtype=torch.float64) * 0.4
+    fw[0, 0, 3, 4] = math.nan
+    bw[1, :, 10, 10] = math.nan  # read with weight 0 or not at all unless a target lands on it
+    for with_bw in (True, False):
+        got = ops.flow_correspondence(fw.float(), bw.float() if with_bw else None)
+        want = ops.flow_correspondence(fw.float().double(), bw.float().double() if with_bw else None)
+        assert got.coords.dtype == torch.float32
+        torch.testing.assert_close(got.coords.double(), want.coords, equal_nan=True, rtol=0, atol=1e-5)
+        agree = (got.valid == want.valid).float().mean().item()
+        assert agree > 0.999 if with_bw else agree == 1.0
+
+
 def test_sample_features_gradcheck_and_determinism():
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -150,12 +228,15 @@ def test_sample_features_gradcheck_and_determinism():
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            x = big.clone().requires_grad_(True)
-            ops.sample_features(x, c).sum().backward()
-            grads.append(x.grad)
+            x, cc = big.clone().requires_grad_(True), c.clone().requires_grad_(True)
+            ops.sample_features(x, cc).sum().backward()
+            grads.append((x.grad, cc.grad))
         finally:
             torch.set_num_threads(prev)
-    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    # 16 channels and more: the band kernels (and the remaining channel planar)
+    torch.library.opcheck(torch.ops.pyssl.sample_features_dense.default,
+                          (torch.randn(1, 17, 6, 9, generator=g), torch.rand(1, 5, 4, 2, generator=g) * 6))
 
 
 def test_affine_correspondence_and_crop_views():

@@ -1,0 +1,347 @@
+// Channels-last band kernels for dense bilinear sampling (see csrc/cpu/sample_dense.h).
+//
+// Why: in NCHW every tap of every channel is a separate access into a separate plane, and the
+// planes of a large-C feature map do not stay in cache while a block of points walks them (the
+// planar kernels run at about 6 ns per sample here, whatever the instruction mix). The points of
+// a block of output pixels read a narrow band of source rows, so the band is transposed once
+// into a ring of channels-last rows [W][16] and each tap becomes two 8-float loads (forward) or
+// two 8-float read-modify-writes (feature gradient). Tap arithmetic is the one of taps_loop
+// (sample_dense.cpp); the weighted sum of the four taps runs in the same order with separate
+// multiply and add, so results equal the planar kernels bit for bit (forward).
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+#include "cpu/sample_dense.h"
+#include "cpu/simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYSSL_BAND_KERNELS 1
+#endif
+
+namespace pyssl::cpu {
+
+constexpr int kS = static_cast<int>(kBandChannels);
+constexpr int kTile = 256;                      // points per block
+constexpr int64_t kRingBytes = int64_t{2} << 20;  // per ring
+
+struct BandScratch {
+  int64_t W = 0;
+  int K = 0;                       // rows in each ring
+  std::unique_ptr<float[]> fring;  // [K][W][16] feature rows
+  std::unique_ptr<float[]> gring;  // [K][W][16] gradient accumulator rows
+  int64_t ftag[64], gtag[64];      // source row held by each slot, -1: none
+  alignas(32) float zero[kS];      // read by taps outside the image (weight 0)
+  alignas(32) float tile[kTile][kS];
+  int32_t row[kTile][4], col[kTile][4];
+  float w[kTile][4], dx[kTile][4], dy[kTile][4];
+  // planar fallback taps ([4][n] layout)
+  int32_t pindex[4 * kTile];
+  float pweight[4 * kTile], pdx[4 * kTile], pdy[4 * kTile];
+};
+
+BandScratch* band_scratch_new(int64_t W) {
+  auto* s = new BandScratch;
+  s->W = W;
+  const int64_t per_row = W * kS * static_cast<int64_t>(sizeof(float));
+  s->K = static_cast<int>(std::clamp<int64_t>(kRingBytes / std::max<int64_t>(per_row, 1), 4, 64));
+  // uninitialised: only the slots a band uses are touched (and written before being read)
+  s->fring.reset(new float[s->K * W * kS]);
+  s->gring.reset(new float[s->K * W * kS]);
+  std::fill(s->zero, s->zero + kS, 0.0f);
+  return s;
+}
+void band_scratch_free(BandScratch* s) { delete s; }
+
+#ifdef PYSSL_BAND_KERNELS
+namespace {
+
+#define PYSSL_AVX2 __attribute__((target("avx2,fma")))
+
+bool band_ok() { return cpu_has_avx2_fma(); }
+
+PYSSL_AVX2 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+PYSSL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+PYSSL_AVX2 inline __m256 load8(const uint16_t* p) {  // bfloat16 -> float (exact)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+PYSSL_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+PYSSL_AVX2 inline void store8(uint16_t* p, __m256 v) {  // float -> bfloat16 as float_to_bf16
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+// dst [W][16] = row r of the 16 planes src [16][HW]
+template <typename F>
+PYSSL_AVX2 void load_row(const F* src, int64_t HW, int64_t W, int64_t r, float* dst) {
+  const F* base = src + r * W;
+  int64_t x = 0;
+  for (; x + 8 <= W; x += 8) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 a[8];
+      for (int q = 0; q < 8; ++q) a[q] = load8(base + (h * 8 + q) * HW + x);
+      transpose8(a);
+      for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (x + q) * kS + h * 8, a[q]);
+    }
+  }
+  for (; x < W; ++x)
+    for (int c = 0; c < kS; ++c) dst[x * kS + c] = load1(base + c * HW + x);
+}
+
+// row r of the 16 planes gf [16][HW] += src [W][16]
+PYSSL_AVX2 void flush_row(const float* src, int64_t HW, int64_t W, int64_t r, float* gf) {
+  float* base = gf + r * W;
+  int64_t x = 0;
+  for (; x + 8 <= W; x += 8) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 a[8];
+      for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(src + (x + q) * kS + h * 8);
+      transpose8(a);
+      for (int q = 0; q < 8; ++q) {
+        float* p = base + (h * 8 + q) * HW + x;
+        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), a[q]));
+      }
+    }
+  }
+  for (; x < W; ++x)
+    for (int c = 0; c < kS; ++c) base[c * HW + x] += src[x * kS + c];
+}
+
+// Taps of points [p0, p0 + n) as taps_loop computes them; row -1 for corners outside the image.
+// Returns the band [rmin, rmax] of rows touched (rmax = -1: none).
+PYSSL_AVX2 void block_taps(BandScratch* s, const float* coords, int64_t p0, int n, int64_t H,
+                           int64_t W, bool grads, int64_t* rmin, int64_t* rmax) {
+  const float Wf = static_cast<float>(W), Hf = static_cast<float>(H);
+  int64_t lo = INT64_MAX, hi = -1;
+  for (int i = 0; i < n; ++i) {
+    const float x = coords[2 * (p0 + i)], y = coords[2 * (p0 + i) + 1];
+    const bool near = x > -2.0f & x < Wf + 1.0f & y > -2.0f & y < Hf + 1.0f;  // false for NaN
+    const float xs = near ? x : 0.0f, ys = near ? y : 0.0f;
+    const float fx = std::floor(xs), fy = std::floor(ys);
+    const float ax = xs - fx, ay = ys - fy;
+    const int32_t x0 = static_cast<int32_t>(fx), y0 = static_cast<int32_t>(fy);
+    const int32_t cx[4] = {x0, x0 + 1, x0, x0 + 1}, cy[4] = {y0, y0, y0 + 1, y0 + 1};
+    const float wk[4] = {(1.0f - ax) * (1.0f - ay), ax * (1.0f - ay), (1.0f - ax) * ay, ax * ay};
+    const float dxk[4] = {-(1.0f - ay), 1.0f - ay, -ay, ay};
+    const float dyk[4] = {-(1.0f - ax), -ax, 1.0f - ax, ax};
+    for (int k = 0; k < 4; ++k) {
+      const bool in = near & cx[k] >= 0 & cx[k] < W & cy[k] >= 0 & cy[k] < H;
+      s->row[i][k] = in ? cy[k] : -1;
+      s->col[i][k] = cx[k];
+      s->w[i][k] = in ? wk[k] : 0.0f;
+      if (grads) {
+        s->dx[i][k] = in ? dxk[k] : 0.0f;
+        s->dy[i][k] = in ? dyk[k] : 0.0f;
+      }
+      if (in) {
+        lo = std::min<int64_t>(lo, cy[k]);
+        hi = std::max<int64_t>(hi, cy[k]);
+      }
+    }
+  }
+  *rmin = lo;
+  *rmax = hi;
+}
+
+template <typename F>
+PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                            F* out, int64_t os, BandScratch* s) {
+  const int64_t HW = H * W;
+  const int K = s->K;
+  std::fill(s->ftag, s->ftag + K, int64_t{-1});
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
+    int64_t rmin, rmax;
+    block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
+    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
+      const DenseTaps t{s->pindex, s->pweight, nullptr, nullptr};
+      dense_taps(coords + 2 * p0, n, H, W, t);
+      dense_gather(f, kS, HW, t, n, out + p0, os);
+      continue;
+    }
+    for (int64_t r = rmin; r <= rmax; ++r) {
+      const int slot = static_cast<int>(r % K);
+      if (s->ftag[slot] != r) {
+        load_row(f, HW, W, r, s->fring.get() + slot * W * kS);
+        s->ftag[slot] = r;
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        const int32_t r = s->row[i][k];
+        // corners outside the image read zeros with weight 0: + 0, as the planar kernel's select
+        const float* p = r < 0 ? s->zero : s->fring.get() + ((r % K) * W + s->col[i][k]) * kS;
+        const __m256 wv = _mm256_set1_ps(s->w[i][k]);
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p + 8)));
+      }
+      _mm256_store_ps(s->tile[i], a0);
+      _mm256_store_ps(s->tile[i] + 8, a1);
+    }
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int h = 0; h < 2; ++h) {
+        __m256 a[8];
+        for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile[i + q] + h * 8);
+        transpose8(a);
+        for (int q = 0; q < 8; ++q) store8(out + (h * 8 + q) * os + p0 + i, a[q]);
+      }
+    }
+    for (; i < n; ++i)
+      for (int c = 0; c < kS; ++c) store1(out + c * os + p0 + i, s->tile[i][c]);
+  }
+}
+
+PYSSL_AVX2 inline float hsum(__m256 v) {  // fixed order: halves, then pairs
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));
+}
+
+template <typename F>
+PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H, int64_t W,
+                              const float* coords, int64_t P, float* gf, float* gxy,
+                              BandScratch* s) {
+  const int64_t HW = H * W;
+  const int K = s->K;
+  const bool need_f = gf != nullptr, need_c = gxy != nullptr;
+  std::fill(s->ftag, s->ftag + K, int64_t{-1});
+  std::fill(s->gtag, s->gtag + K, int64_t{-1});
+  float* fring = s->fring.get();
+  float* gring = s->gring.get();
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
+    int64_t rmin, rmax;
+    block_taps(s, coords, p0, n, H, W, need_c, &rmin, &rmax);
+    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
+      const DenseTaps t{s->pindex, s->pweight, need_c ? s->pdx : nullptr, need_c ? s->pdy : nullptr};
+      dense_taps(coords + 2 * p0, n, H, W, t);
+      if (need_f)
+        for (int c = 0; c < kS; ++c) dense_scatter(g + c * gs + p0, t, n, gf + c * HW);
+      if (need_c) dense_coord_grad(f, kS, HW, g + p0, gs, t, n, gxy + 2 * p0);
+      continue;
+    }
+    // the gradient rows of the block, channels-last
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int h = 0; h < 2; ++h) {
+        __m256 a[8];
+        for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(g + (h * 8 + q) * gs + p0 + i);
+        transpose8(a);
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(s->tile[i + q] + h * 8, a[q]);
+      }
+    }
+    for (; i < n; ++i)
+      for (int c = 0; c < kS; ++c) s->tile[i][c] = g[c * gs + p0 + i];
+    for (int64_t r = rmin; r <= rmax; ++r) {
+      const int slot = static_cast<int>(r % K);
+      if (need_c && s->ftag[slot] != r) {
+        load_row(f, HW, W, r, fring + slot * W * kS);
+        s->ftag[slot] = r;
+      }
+      if (need_f && s->gtag[slot] != r) {
+        if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+        std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
+        s->gtag[slot] = r;
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      const __m256 g0 = _mm256_load_ps(s->tile[j]), g1 = _mm256_load_ps(s->tile[j] + 8);
+      __m256 sx0 = _mm256_setzero_ps(), sx1 = _mm256_setzero_ps();
+      __m256 sy0 = _mm256_setzero_ps(), sy1 = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        const int32_t r = s->row[j][k];
+        if (r < 0) continue;  // outside the image: weight and its derivatives are 0
+        const int64_t at = ((r % K) * W + s->col[j][k]) * kS;
+        if (need_f) {
+          float* p = gring + at;
+          const __m256 wv = _mm256_set1_ps(s->w[j][k]);
+          _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(wv, g0)));
+          _mm256_storeu_ps(p + 8, _mm256_add_ps(_mm256_loadu_ps(p + 8), _mm256_mul_ps(wv, g1)));
+        }
+        if (need_c) {
+          const float* p = fring + at;
+          const __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+          const __m256 dxv = _mm256_set1_ps(s->dx[j][k]), dyv = _mm256_set1_ps(s->dy[j][k]);
+          sx0 = _mm256_add_ps(sx0, _mm256_mul_ps(dxv, v0));
+          sx1 = _mm256_add_ps(sx1, _mm256_mul_ps(dxv, v1));
+          sy0 = _mm256_add_ps(sy0, _mm256_mul_ps(dyv, v0));
+          sy1 = _mm256_add_ps(sy1, _mm256_mul_ps(dyv, v1));
+        }
+      }
+      if (need_c) {
+        gxy[2 * (p0 + j)] += hsum(_mm256_add_ps(_mm256_mul_ps(g0, sx0), _mm256_mul_ps(g1, sx1)));
+        gxy[2 * (p0 + j) + 1] += hsum(_mm256_add_ps(_mm256_mul_ps(g0, sy0), _mm256_mul_ps(g1, sy1)));
+      }
+    }
+  }
+  if (need_f)
+    for (int slot = 0; slot < K; ++slot)
+      if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+}
+
+}  // namespace
+
+bool band_kernels_available() { return band_ok(); }
+void band_gather(const float* f, int64_t H, int64_t W, const float* coords, int64_t P, float* out,
+                 int64_t os, BandScratch* s) {
+  gather_impl(f, H, W, coords, P, out, os, s);
+}
+void band_gather(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                 uint16_t* out, int64_t os, BandScratch* s) {
+  gather_impl(f, H, W, coords, P, out, os, s);
+}
+void band_backward(const float* f, const float* g, int64_t gs, int64_t H, int64_t W,
+                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s) {
+  backward_impl(f, g, gs, H, W, coords, P, gf, gxy, s);
+}
+void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int64_t W,
+                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s) {
+  backward_impl(f, g, gs, H, W, coords, P, gf, gxy, s);
+}
+
+#else  // no AVX2 build: callers use the planar kernels
+
+bool band_kernels_available() { return false; }
+void band_gather(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, BandScratch*) {}
+void band_gather(const uint16_t*, int64_t, int64_t, const float*, int64_t, uint16_t*, int64_t, BandScratch*) {}
+void band_backward(const float*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
+                   float*, float*, BandScratch*) {}
+void band_backward(const uint16_t*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
+                   float*, float*, BandScratch*) {}
+
+#endif
+
+}  // namespace pyssl::cpu
