@@ -173,50 +173,6 @@ __attribute__((target("avx2,fma"))) void gather_avx2(const float* f, int64_t C, 
   }
 }
 
-// flow_check_body for 8 pixels at a time (masked gathers), then the scalar body for the tail
-PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* bu_plane,
-                                  const float* bv_plane, int64_t W, float alpha1, float alpha2,
-                                  const DenseTaps& t, bool* valid);
-__attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const float* v,
-                                                         const float* bu_plane,
-                                                         const float* bv_plane, int64_t W,
-                                                         float alpha1, float alpha2,
-                                                         const DenseTaps& t, bool* valid) {
-  const __m256i minus1 = _mm256_set1_epi32(-1);
-  const __m256 zero = _mm256_setzero_ps(), a1 = _mm256_set1_ps(alpha1), a2 = _mm256_set1_ps(alpha2);
-  int64_t j = 0;
-  for (; j + 8 <= W; j += 8) {
-    __m256 bu = zero, bv = zero;
-    for (int k = 0; k < 4; ++k) {
-      const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * W + j));
-      const __m256 w = _mm256_loadu_ps(t.weight + k * W + j);
-      const __m256 read = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ix, minus1)),
-                                        _mm256_cmp_ps(w, zero, _CMP_NEQ_UQ));
-      bu = _mm256_add_ps(bu, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bu_plane, ix, read, 4))));
-      bv = _mm256_add_ps(bv, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bv_plane, ix, read, 4))));
-    }
-    const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
-    const __m256 du = _mm256_add_ps(uu, bu), dv = _mm256_add_ps(vv, bv);
-    const __m256 lhs = _mm256_add_ps(_mm256_mul_ps(du, du), _mm256_mul_ps(dv, dv));
-    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(uu, uu), _mm256_mul_ps(vv, vv)),
-                                                 _mm256_mul_ps(bu, bu)), _mm256_mul_ps(bv, bv));
-    const __m256 rhs = _mm256_add_ps(_mm256_mul_ps(a1, s), a2);
-    const int ok = _mm256_movemask_ps(_mm256_cmp_ps(lhs, rhs, _CMP_LE_OQ));
-    for (int q = 0; q < 8; ++q) valid[j + q] = valid[j + q] & (((ok >> q) & 1) != 0);
-  }
-  if (j < W) {  // the tail: the scalar body on a [4][r] copy of the tail's taps
-    const int64_t r = W - j;
-    int32_t ti[4 * 8];
-    float tw[4 * 8];
-    for (int k = 0; k < 4; ++k)
-      for (int64_t q = 0; q < r; ++q) {
-        ti[k * r + q] = t.index[k * W + j + q];
-        tw[k * r + q] = t.weight[k * W + j + q];
-      }
-    flow_check_body(u + j, v + j, bu_plane, bv_plane, r, alpha1, alpha2,
-                    DenseTaps{ti, tw, nullptr, nullptr}, valid + j);
-  }
-}
 #endif
 
 PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
@@ -315,10 +271,11 @@ PYSSL_INLINE void flow_coords_body(const float* u, const float* v, int64_t i, in
   }
 }
 
+// pixels j0 <= j < W of the row (taps in the [4][W] layout)
 PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* bu_plane,
-                                  const float* bv_plane, int64_t W, float alpha1, float alpha2,
-                                  const DenseTaps& t, bool* valid) {
-  for (int64_t j = 0; j < W; ++j) {
+                                  const float* bv_plane, int64_t j0, int64_t W, float alpha1,
+                                  float alpha2, const DenseTaps& t, bool* valid) {
+  for (int64_t j = j0; j < W; ++j) {
     float bu = 0.0f, bv = 0.0f;
     for (int k = 0; k < 4; ++k) {
       const int32_t idx = t.index[k * W + j];
@@ -335,44 +292,67 @@ PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* b
   }
 }
 
+#ifdef PYSSL_HAVE_AVX2_TAPS
+// flow_check_body for 8 pixels at a time (masked gathers), then the scalar body for the tail
+__attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const float* v,
+                                                         const float* bu_plane,
+                                                         const float* bv_plane, int64_t W,
+                                                         float alpha1, float alpha2,
+                                                         const DenseTaps& t, bool* valid) {
+  const __m256i minus1 = _mm256_set1_epi32(-1);
+  const __m256 zero = _mm256_setzero_ps(), a1 = _mm256_set1_ps(alpha1), a2 = _mm256_set1_ps(alpha2);
+  int64_t j = 0;
+  for (; j + 8 <= W; j += 8) {
+    __m256 bu = zero, bv = zero;
+    for (int k = 0; k < 4; ++k) {
+      const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * W + j));
+      const __m256 w = _mm256_loadu_ps(t.weight + k * W + j);
+      const __m256 read = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ix, minus1)),
+                                        _mm256_cmp_ps(w, zero, _CMP_NEQ_UQ));
+      bu = _mm256_add_ps(bu, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bu_plane, ix, read, 4))));
+      bv = _mm256_add_ps(bv, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bv_plane, ix, read, 4))));
+    }
+    const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
+    const __m256 du = _mm256_add_ps(uu, bu), dv = _mm256_add_ps(vv, bv);
+    const __m256 lhs = _mm256_add_ps(_mm256_mul_ps(du, du), _mm256_mul_ps(dv, dv));
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(uu, uu), _mm256_mul_ps(vv, vv)),
+                                                 _mm256_mul_ps(bu, bu)), _mm256_mul_ps(bv, bv));
+    const __m256 rhs = _mm256_add_ps(_mm256_mul_ps(a1, s), a2);
+    const int ok = _mm256_movemask_ps(_mm256_cmp_ps(lhs, rhs, _CMP_LE_OQ));
+    for (int q = 0; q < 8; ++q) valid[j + q] = valid[j + q] & (((ok >> q) & 1) != 0);
+  }
+  flow_check_body(u, v, bu_plane, bv_plane, j, W, alpha1, alpha2, t, valid);  // the tail
+}
+#endif
+
 PYSSL_MULTIVERSION(void, taps_v, (const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t),
                    (coords, n, H, W, t), taps_body)
-template <typename F>
-PYSSL_INLINE void gather_any(const F* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
-                             F* out, int64_t os) {
-  gather_body(f, C, HW, t, n, out, os);
-}
 PYSSL_MULTIVERSION(void, gather_v,
                    (const float* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
                     float* out, int64_t os),
-                   (f, C, HW, t, n, out, os), gather_any<float>)
+                   (f, C, HW, t, n, out, os), gather_body<float>)
 PYSSL_MULTIVERSION(void, gather_bf16_v,
                    (const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
                     uint16_t* out, int64_t os),
-                   (f, C, HW, t, n, out, os), gather_any<uint16_t>)
+                   (f, C, HW, t, n, out, os), gather_body<uint16_t>)
 PYSSL_MULTIVERSION(void, scatter_v, (const float* g, const DenseTaps& t, int64_t n, float* gf),
                    (g, t, n, gf), scatter_body)
-template <typename F>
-PYSSL_INLINE void coord_any(const F* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                            const DenseTaps& t, int64_t n, float* gxy) {
-  coord_grad_body(f, C, HW, g, gs, t, n, gxy);
-}
 PYSSL_MULTIVERSION(void, coord_v,
                    (const float* f, int64_t C, int64_t HW, const float* g, int64_t gs,
                     const DenseTaps& t, int64_t n, float* gxy),
-                   (f, C, HW, g, gs, t, n, gxy), coord_any<float>)
+                   (f, C, HW, g, gs, t, n, gxy), coord_grad_body<float>)
 PYSSL_MULTIVERSION(void, coord_bf16_v,
                    (const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t gs,
                     const DenseTaps& t, int64_t n, float* gxy),
-                   (f, C, HW, g, gs, t, n, gxy), coord_any<uint16_t>)
+                   (f, C, HW, g, gs, t, n, gxy), coord_grad_body<uint16_t>)
 PYSSL_MULTIVERSION(void, flow_coords_v,
                    (const float* u, const float* v, int64_t i, int64_t W, int64_t H, float* coords,
                     bool* valid),
                    (u, v, i, W, H, coords, valid), flow_coords_body)
 PYSSL_MULTIVERSION(void, flow_check_v,
-                   (const float* u, const float* v, const float* bu, const float* bv, int64_t W,
-                    float a1, float a2, const DenseTaps& t, bool* valid),
-                   (u, v, bu, bv, W, a1, a2, t, valid), flow_check_body)
+                   (const float* u, const float* v, const float* bu, const float* bv, int64_t j0,
+                    int64_t W, float a1, float a2, const DenseTaps& t, bool* valid),
+                   (u, v, bu, bv, j0, W, a1, a2, t, valid), flow_check_body)
 
 }  // namespace
 
@@ -421,7 +401,7 @@ void flow_row(const float* u, const float* v, const float* bu, const float* bv, 
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) return flow_check_avx2(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
 #endif
-  flow_check_v(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
+  flow_check_v(u, v, bu, bv, 0, W, alpha1, alpha2, taps, valid);
 }
 
 }  // namespace pyssl::cpu

@@ -491,38 +491,33 @@ void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, in
                    int64_t P) {
   const DenseSplit split(C);
   const int64_t HW = H * W, S = cpu::kBandChannels;
-  if (split.slices == 0) {  // planar: blocks of points, all channels per block
-    const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+  const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+  // channels [c0, c0 + nc) of image b at the block of points starting at p0, planar
+  auto planar_block = [&](int64_t b, int64_t p0, int64_t c0, int64_t nc) {
+    int32_t index[4 * kDenseBlock];
+    float weight[4 * kDenseBlock];
+    const int64_t n = std::min(kDenseBlock, P - p0);
+    const cpu::DenseTaps t{index, weight, nullptr, nullptr};
+    cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
+    cpu::dense_gather(fp + (b * C + c0) * HW, nc, HW, t, n, op + (b * C + c0) * P + p0, P);
+  };
+  if (split.slices == 0) {  // planar only: parallel over blocks of points, all channels each
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      int32_t index[4 * kDenseBlock];
-      float weight[4 * kDenseBlock];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
-        const int64_t n = std::min(kDenseBlock, P - p0);
-        const cpu::DenseTaps t{index, weight, nullptr, nullptr};
-        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
-        cpu::dense_gather(fp + b * C * HW, C, HW, t, n, op + b * C * P + p0, P);
-      }
+      for (int64_t task = begin; task < end; ++task)
+        planar_block(task / blocks, (task % blocks) * kDenseBlock, 0, C);
     });
     return;
   }
   at::parallel_for(0, B * split.tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
-    int32_t index[4 * kDenseBlock];
-    float weight[4 * kDenseBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split.tasks, q = task % split.tasks, c0 = q * S;
       if (q < split.slices) {
         if (!scratch) scratch.reset(cpu::band_scratch_new(W));
         cpu::band_gather(fp + (b * C + c0) * HW, H, W, cp + b * P * 2, P, op + (b * C + c0) * P, P,
                          scratch.get());
-        continue;
-      }
-      for (int64_t p0 = 0; p0 < P; p0 += kDenseBlock) {  // the remaining channels, planar
-        const int64_t n = std::min(kDenseBlock, P - p0);
-        const cpu::DenseTaps t{index, weight, nullptr, nullptr};
-        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
-        cpu::dense_gather(fp + (b * C + c0) * HW, split.rest, HW, t, n, op + (b * C + c0) * P + p0, P);
+      } else {  // the remaining channels, planar
+        for (int64_t blk = 0; blk < blocks; ++blk) planar_block(b, blk * kDenseBlock, c0, split.rest);
       }
     }
   });
