@@ -248,9 +248,7 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, need_c ? s->pdx : nullptr, need_c ? s->pdy : nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
-      if (need_f)
-        for (int c = 0; c < kS; ++c) dense_scatter(g + c * gs + p0, t, n, gf + c * HW);
-      if (need_c) dense_coord_grad(f, kS, HW, g + p0, gs, t, n, gxy + 2 * p0);
+      dense_backward(f, kS, HW, g + p0, gs, t, n, gf, need_c ? gxy + 2 * p0 : nullptr);
       continue;
     }
     // the gradient rows of the block, channels-last

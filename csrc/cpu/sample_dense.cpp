@@ -225,33 +225,92 @@ PYSSL_INLINE void gather_body(const F* f, int64_t C, int64_t HW, const DenseTaps
   }
 }
 
-PYSSL_INLINE void scatter_body(const float* g, const DenseTaps& t, int64_t n, float* grad_f) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float gj = g[j];
-    for (int k = 0; k < 4; ++k) {
-      const int32_t i = t.index[k * n + j];
-      if (i >= 0) grad_f[i] += t.weight[k * n + j] * gj;
+// The backward of points [j0, j1) of a block over C channel planes in one pass (points outer,
+// channels inner: a point's taps are read once for all channels and both gradients). For each
+// (channel, pixel) the feature-gradient contributions still arrive in (point, corner) order,
+// the same result as scattering one plane after the other. gxy[2j] (and y) accumulate
+// sum_c g_c[j] * sum_k dw/dx f_c[index] in channel order. The output gradient's channel
+// stride gs may be 0 (an expanded gradient).
+template <typename F>
+PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* g, int64_t gs,
+                                const DenseTaps& t, int64_t n, float* gf, float* gxy,
+                                int64_t j0 = 0, int64_t j1 = -1) {
+  for (int64_t j = j0; j < (j1 < 0 ? n : j1); ++j) {
+    if (gf) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float gj = g[c * gs + j];
+        float* plane = gf + c * HW;
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = t.index[k * n + j];
+          if (i >= 0) plane[i] += t.weight[k * n + j] * gj;
+        }
+      }
+    }
+    if (gxy) {
+      float ax = gxy[2 * j], ay = gxy[2 * j + 1];
+      for (int64_t c = 0; c < C; ++c) {
+        const F* plane = f + c * HW;
+        float sx = 0.0f, sy = 0.0f;
+        for (int k = 0; k < 4; ++k) {
+          sx += tap(plane, t, n, k, j, t.dwdx);
+          sy += tap(plane, t, n, k, j, t.dwdy);
+        }
+        ax += g[c * gs + j] * sx;
+        ay += g[c * gs + j] * sy;
+      }
+      gxy[2 * j] = ax;
+      gxy[2 * j + 1] = ay;
     }
   }
 }
 
-template <typename F>
-PYSSL_INLINE void coord_grad_body(const F* f, int64_t C, int64_t HW, const float* g,
-                                  int64_t g_stride, const DenseTaps& t, int64_t n, float* gxy) {
-  for (int64_t c = 0; c < C; ++c) {
-    const F* plane = f + c * HW;
-    const float* gc = g + c * g_stride;
-    for (int64_t j = 0; j < n; ++j) {
-      float sx = 0.0f, sy = 0.0f;
-      for (int k = 0; k < 4; ++k) {
-        sx += tap(plane, t, n, k, j, t.dwdx);
-        sy += tap(plane, t, n, k, j, t.dwdy);
-      }
-      gxy[2 * j] += gc[j] * sx;
-      gxy[2 * j + 1] += gc[j] * sy;
+#ifdef PYSSL_HAVE_AVX2_TAPS
+// backward_body for float32 with the coordinate gradient of 8 points at a time (masked gathers;
+// masked-off corners read 0 and have derivative 0). The feature-gradient scatter stays scalar
+// (AVX2 has no scatter). Same products summed in the same order, hence bitwise identical.
+__attribute__((target("avx2,fma"))) void backward_avx2(const float* f, int64_t C, int64_t HW,
+                                                       const float* g, int64_t gs,
+                                                       const DenseTaps& t, int64_t n, float* gf,
+                                                       float* gxy) {
+  const __m256i minus1 = _mm256_set1_epi32(-1);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    if (gf) backward_body<float>(f, C, HW, g, gs, t, n, gf, nullptr, j, j + 8);
+    if (!gxy) continue;
+    __m256i ix[4];
+    __m256 m[4], dx[4], dy[4];
+    for (int k = 0; k < 4; ++k) {
+      ix[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * n + j));
+      m[k] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(ix[k], minus1));
+      dx[k] = _mm256_loadu_ps(t.dwdx + k * n + j);
+      dy[k] = _mm256_loadu_ps(t.dwdy + k * n + j);
     }
+    // gxy [8, 2] -> x and y lanes in point order
+    const __m256 a = _mm256_loadu_ps(gxy + 2 * j), b = _mm256_loadu_ps(gxy + 2 * j + 8);
+    const __m256 xp = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 yp = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    __m256 ax = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xp), _MM_SHUFFLE(3, 1, 2, 0)));
+    __m256 ay = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(yp), _MM_SHUFFLE(3, 1, 2, 0)));
+    for (int64_t c = 0; c < C; ++c) {
+      const float* plane = f + c * HW;
+      __m256 sx = zero, sy = zero;
+      for (int k = 0; k < 4; ++k) {
+        const __m256 v = _mm256_mask_i32gather_ps(zero, plane, ix[k], m[k], 4);
+        sx = _mm256_add_ps(sx, _mm256_mul_ps(dx[k], v));
+        sy = _mm256_add_ps(sy, _mm256_mul_ps(dy[k], v));
+      }
+      const __m256 gc = _mm256_loadu_ps(g + c * gs + j);
+      ax = _mm256_add_ps(ax, _mm256_mul_ps(gc, sx));
+      ay = _mm256_add_ps(ay, _mm256_mul_ps(gc, sy));
+    }
+    const __m256 lo = _mm256_unpacklo_ps(ax, ay), hi = _mm256_unpackhi_ps(ax, ay);
+    _mm256_storeu_ps(gxy + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(gxy + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
+  backward_body<float>(f, C, HW, g, gs, t, n, gf, gxy, j);  // the tail
 }
+#endif
 
 // One image row of flow_correspondence, in two passes around the taps of the targets:
 // coordinates (j + u, i + v) and the inside-the-frame test, then the forward-backward check
@@ -335,16 +394,14 @@ PYSSL_MULTIVERSION(void, gather_bf16_v,
                    (const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
                     uint16_t* out, int64_t os),
                    (f, C, HW, t, n, out, os), gather_body<uint16_t>)
-PYSSL_MULTIVERSION(void, scatter_v, (const float* g, const DenseTaps& t, int64_t n, float* gf),
-                   (g, t, n, gf), scatter_body)
-PYSSL_MULTIVERSION(void, coord_v,
+PYSSL_MULTIVERSION(void, backward_v,
                    (const float* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                    const DenseTaps& t, int64_t n, float* gxy),
-                   (f, C, HW, g, gs, t, n, gxy), coord_grad_body<float>)
-PYSSL_MULTIVERSION(void, coord_bf16_v,
+                    const DenseTaps& t, int64_t n, float* gf, float* gxy),
+                   (f, C, HW, g, gs, t, n, gf, gxy), backward_body<float>)
+PYSSL_MULTIVERSION(void, backward_bf16_v,
                    (const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                    const DenseTaps& t, int64_t n, float* gxy),
-                   (f, C, HW, g, gs, t, n, gxy), coord_grad_body<uint16_t>)
+                    const DenseTaps& t, int64_t n, float* gf, float* gxy),
+                   (f, C, HW, g, gs, t, n, gf, gxy), backward_body<uint16_t>)
 PYSSL_MULTIVERSION(void, flow_coords_v,
                    (const float* u, const float* v, int64_t i, int64_t W, int64_t H, float* coords,
                     bool* valid),
@@ -380,16 +437,16 @@ void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& tap
                   uint16_t* out, int64_t out_stride) {
   gather_bf16_v(f, C, HW, taps, n, out, out_stride);
 }
-void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad_f) {
-  scatter_v(g, taps, n, grad_f);
+void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+#endif
+  backward_v(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
 }
-void dense_coord_grad(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                      const DenseTaps& taps, int64_t n, float* gxy) {
-  coord_v(f, C, HW, g, g_stride, taps, n, gxy);
-}
-void dense_coord_grad(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                      const DenseTaps& taps, int64_t n, float* gxy) {
-  coord_bf16_v(f, C, HW, g, g_stride, taps, n, gxy);
+void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
+  backward_bf16_v(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
 }
 
 void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,

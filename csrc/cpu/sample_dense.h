@@ -27,14 +27,14 @@ void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, 
 void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   uint16_t* out, int64_t out_stride);
 
-// grad_f[index[k][j]] += weight[k][j] * g[j] over j < n (one plane; in point order)
-void dense_scatter(const float* g, const DenseTaps& taps, int64_t n, float* grad_f);
-
-// gxy[2j] += sum_c g[c][j] * sum_k dwdx[k][j] f_c[index[k][j]] (and y), j < n
-void dense_coord_grad(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                      const DenseTaps& taps, int64_t n, float* gxy);
-void dense_coord_grad(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                      const DenseTaps& taps, int64_t n, float* gxy);
+// The backward of a block of points over C planes (either output may be null):
+//   grad_f[c * HW + index[k][j]] += weight[k][j] * g[c * g_stride + j]   (in point order)
+//   gxy[2j] += sum_c g[c * g_stride + j] * sum_k dwdx[k][j] f[c * HW + index[k][j]]   (and y)
+// The uint16_t overload reads bfloat16 features (fp32 math).
+void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy);
+void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy);
 
 // One row i of flow_correspondence for float32 flows (u, v: the row of the forward flow's two
 // planes; bu, bv: the backward flow's planes [H, W], or null): coords [W, 2] and valid [W],

@@ -545,8 +545,8 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
 // own partial buffer, summed in task order after, so results do not depend on the number of
 // threads.
 template <typename F>
-void dense_backward(const F* fp, const float* cp, const float* gp, float* gfp, float* gcp,
-                    int64_t B, int64_t C, int64_t H, int64_t W, int64_t P,
+void dense_backward(const F* fp, const float* cp, const float* gp, int64_t gsb, int64_t gsc,
+                    float* gfp, float* gcp, int64_t B, int64_t C, int64_t H, int64_t W, int64_t P,
                     const at::TensorOptions& opts) {
   const DenseSplit split(C);
   const int64_t HW = H * W, S = cpu::kBandChannels, T = split.tasks;
@@ -562,7 +562,7 @@ void dense_backward(const F* fp, const float* cp, const float* gp, float* gfp, f
       float* gf = gfp ? gfp + (b * C + c0) * HW : nullptr;
       if (q < split.slices) {
         if (!scratch) scratch.reset(cpu::band_scratch_new(W));
-        cpu::band_backward(fp + (b * C + c0) * HW, gp + (b * C + c0) * P, P, H, W, cp + b * P * 2, P,
+        cpu::band_backward(fp + (b * C + c0) * HW, gp + b * gsb + c0 * gsc, gsc, H, W, cp + b * P * 2, P,
                            gf, gxy, scratch.get());
         continue;
       }
@@ -570,12 +570,8 @@ void dense_backward(const F* fp, const float* cp, const float* gp, float* gfp, f
         const int64_t n = std::min(kDenseBlock, P - p0);
         const cpu::DenseTaps t{index, weight, gxy ? dwdx : nullptr, gxy ? dwdy : nullptr};
         cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
-        if (gf)
-          for (int64_t c = 0; c < split.rest; ++c)
-            cpu::dense_scatter(gp + (b * C + c0 + c) * P + p0, t, n, gf + c * HW);
-        if (gxy)
-          cpu::dense_coord_grad(fp + (b * C + c0) * HW, split.rest, HW, gp + (b * C + c0) * P + p0, P,
-                                t, n, gxy + 2 * p0);
+        cpu::dense_backward(fp + (b * C + c0) * HW, split.rest, HW, gp + b * gsb + c0 * gsc + p0, gsc,
+                            t, n, gf, gxy ? gxy + 2 * p0 : nullptr);
       }
     }
   });
@@ -604,7 +600,10 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
   const Tensor f = features.contiguous(), xy = coords.contiguous();
-  const Tensor g = grad.to(at::kFloat).contiguous();
+  // the output gradient as float32 planes: any batch and channel strides (an expanded gradient,
+  // e.g. of a sum over channels, has channel stride 0 and is not copied), points contiguous
+  Tensor g = grad.to(at::kFloat);
+  if (!(g.stride(3) == 1 && g.stride(2) == g.size(3))) g = g.contiguous();
   const float* cp = xy.const_data_ptr<float>();
   const float* gp = g.const_data_ptr<float>();
   // the feature gradient accumulates in float32 (converted to bfloat16 features' dtype at the end)
@@ -614,9 +613,11 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
   float* gcp = coords_grad ? gc.mutable_data_ptr<float>() : nullptr;
   if (f.scalar_type() == at::kBFloat16) {
-    dense_backward(kernel_ptr<uint16_t>(f), cp, gp, gfp, gcp, B, C, H, W, P, f.options());
+    dense_backward(kernel_ptr<uint16_t>(f), cp, gp, g.stride(0), g.stride(1), gfp, gcp, B, C, H, W, P,
+                   f.options());
   } else {
-    dense_backward(kernel_ptr<float>(f), cp, gp, gfp, gcp, B, C, H, W, P, f.options());
+    dense_backward(kernel_ptr<float>(f), cp, gp, g.stride(0), g.stride(1), gfp, gcp, B, C, H, W, P,
+                   f.options());
   }
   if (features_grad && gf.scalar_type() != f.scalar_type()) gf = gf.to(f.scalar_type());
   return {gf, gc};

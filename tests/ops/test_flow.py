@@ -115,8 +115,9 @@ def test_sample_features_equals_grid_sample(B, C, H, W, Ho, Wo, seed, channels_l
 
 
 @given(B=st.integers(1, 3), C=st.integers(1, 9), H=st.integers(1, 9), W=st.integers(1, 9),
-       Ho=st.integers(1, 6), Wo=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+       Ho=st.integers(1, 20), Wo=st.integers(1, 20), seed=st.integers(0, 2**31 - 1))
 def test_cpu_float32_fast_path_equals_the_generic_kernel(B, C, H, W, Ho, Wo, seed):
+    # up to 400 points per image: 8-point vector blocks, their tails and several 256-point blocks
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(B, C, H, W, generator=g)
     coords = torch.rand(B, Ho, Wo, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1.5
@@ -134,6 +135,23 @@ def test_cpu_float32_fast_path_equals_the_generic_kernel(B, C, H, W, Ho, Wo, see
     torch.testing.assert_close(g1[0], g2[0], equal_nan=True)
     torch.testing.assert_close(g1[1], g2[1], equal_nan=True)
     assert ops.sample_features(feats, coords).is_contiguous()  # the fast path is what users get
+
+
+@pytest.mark.parametrize("C", [3, 20])  # planar, and band + planar remainder
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_backward_reads_strided_output_gradients_without_a_copy(C, dtype):
+    # the gradient of a sum over channels is expanded (channel stride 0), one over the batch
+    # has batch stride 0; a transposed one is not points-contiguous: all equal the dense result
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, C, 12, 14, generator=g).to(dtype)
+    coords = torch.rand(2, 9, 30, 2, generator=g) * torch.tensor([15.0, 13.0]) - 1.0
+    bk = torch.ops.pyssl.sample_features_dense_backward
+    for grad in (torch.randn(2, 1, 9, 30, generator=g).expand(2, C, 9, 30),
+                 torch.randn(1, C, 9, 30, generator=g).expand(2, C, 9, 30),
+                 torch.randn(2, C, 30, 9, generator=g).transpose(2, 3)):
+        got = bk(grad, feats, coords, True, True)
+        want = bk(grad.contiguous(), feats, coords, True, True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def _generic_sample(features, coords):
