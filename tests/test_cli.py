@@ -71,13 +71,19 @@ def test_argparse_rejects_wrong_types(capsys):
 
 
 def test_benchmark_recipes_quick(tmp_path, capsys):
-    assert main(["benchmark-recipes", "--quick", "--recipes", "rotnet", "--data", "digits",
-                 "--out", str(tmp_path), "--no-progress", "--eval-train", "200",
+    assert main(["benchmark-recipes", "--quick", "--recipes", "rotnet", "jigsaw", "--data",
+                 "digits", "--out", str(tmp_path), "--no-progress", "--eval-train", "200",
                  "--eval-test", "100"]) == 0
     res = json.loads((tmp_path / "recipes_table.json").read_text())
-    row = res["rows"][0]
+    row, jig = res["rows"]
     assert row["recipe"] == "rotnet" and {"probe", "knn", "random probe", "random knn"} <= set(row)
-    assert "| rotnet |" in (tmp_path / "recipes_table.md").read_text()
+    assert row["input"] == "image" and "whole image" not in row
+    # the patch-based recipe: evaluated on its patch grid, whole images in a note and the JSON
+    assert jig["input"] == "3x3 patches" and set(jig["whole image"]) == {
+        "probe", "knn", "random probe", "random knn"}
+    md = (tmp_path / "recipes_table.md").read_text()
+    assert "| rotnet | digits | image |" in md and "| jigsaw | digits | 3x3 patches |" in md
+    assert "jigsaw evaluated on whole images instead of its 3x3 patches" in md
 
 
 def test_demo_smoke(tmp_path, capsys):

@@ -8,6 +8,18 @@ Input spec (stored in every checkpoint next to the encoder)::
     {"image_size": 32, "channels": 1, "mode": "lab_l"}        # L channel of CIE Lab, L/50 - 1
 
 :func:`preprocess` applies it, so evaluation feeds an encoder exactly what it was trained on.
+Patch-based recipes (jigsaw, relative patch location) train their encoder on small patches, not
+whole images; their spec adds a patch grid, and evaluation then describes an image by its
+encoder's features averaged over the grid's patches (the protocol of Kolesnikov, Zhai & Beyer,
+"Revisiting Self-Supervised Visual Representation Learning", CVPR 2019: a 3x3 grid of patches
+without jitter, combined by average pooling)::
+
+    {..., "patches": {"grid": 3, "cell": 16, "size": 12, "standardize": true}}
+
+The image is resized to ``grid * cell`` pixels, the ``size`` px patch at the centre of each cell
+is cut out (row-major), and with ``standardize`` each patch is normalised to mean 0 and std 1 on
+its own (as jigsaw's tiles are in training): :func:`preprocess` then returns
+``[grid * grid, C, size, size]``.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
 __all__ = ["MultiCropTransform", "input_spec", "match_channels", "multicrop_collate",
-           "preprocess", "ssl_augment", "to_float"]
+           "patch_grid", "preprocess", "ssl_augment", "to_float"]
 
 
 def to_float(img: torch.Tensor) -> torch.Tensor:
@@ -40,13 +52,37 @@ def match_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def input_spec(image_size: int, channels: int, mode: str = "normalize",
-               mean: float = 0.5, std: float = 0.5) -> dict:
+               mean: float = 0.5, std: float = 0.5, patches: dict | None = None) -> dict:
     if mode not in ("normalize", "lab_l"):
         raise ValueError(f"mode must be 'normalize' or 'lab_l', got {mode!r}")
     spec = {"image_size": int(image_size), "channels": int(channels), "mode": mode}
     if mode == "normalize":
         spec.update(mean=[float(mean)] * channels, std=[float(std)] * channels)
+    if patches is not None:
+        p = {"grid": int(patches.get("grid", 3)), "cell": int(patches["cell"]),
+             "size": int(patches["size"]), "standardize": bool(patches.get("standardize", False))}
+        if p["grid"] < 1 or not 1 <= p["size"] <= p["cell"]:
+            raise ValueError(f"patches: need grid >= 1 and 1 <= size <= cell, got {p}")
+        spec["patches"] = p
     return spec
+
+
+def patch_grid(x: torch.Tensor, grid: int, cell: int, size: int,
+               standardize: bool = False) -> torch.Tensor:
+    """``x`` ``[C, grid*cell, grid*cell]`` -> ``[grid*grid, C, size, size]``: the ``size`` px
+    patch at the centre of each cell, row-major; with ``standardize`` each patch is shifted and
+    scaled to mean 0, std 1 on its own (std floored at 0.01 for flat patches)."""
+    if tuple(x.shape[-2:]) != (grid * cell, grid * cell):
+        raise ValueError(f"patch_grid: expected a {grid * cell}x{grid * cell} image, got "
+                         f"{tuple(x.shape[-2:])}")
+    o = (cell - size) // 2
+    out = torch.stack([x[..., r * cell + o:r * cell + o + size, c * cell + o:c * cell + o + size]
+                       for r in range(grid) for c in range(grid)])
+    if standardize:
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        std = out.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-2)
+        out = (out - mean) / std
+    return out
 
 
 def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -62,13 +98,16 @@ def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:
 
 
 def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:
-    """uint8 [C, H, W] -> the encoder's input at evaluation (resize, channels, normalise)."""
-    s = spec["image_size"]
+    """uint8 [C, H, W] -> the encoder's input at evaluation (resize, channels, normalise):
+    ``[C, S, S]``, or ``[grid * grid, C, size, size]`` when the spec has a patch grid."""
+    p = spec.get("patches")
+    s = p["grid"] * p["cell"] if p else spec["image_size"]
     if img.shape[-2:] != (s, s):
         img = TF.resize(img, [s, s], antialias=True)
     if spec["mode"] == "normalize":
         img = match_channels(img, spec["channels"])
-    return normalize(to_float(img), spec)
+    x = normalize(to_float(img), spec)
+    return patch_grid(x, p["grid"], p["cell"], p["size"], p["standardize"]) if p else x
 
 
 def ssl_augment(size: int, channels: int, scale: tuple[float, float] = (0.2, 1.0),

@@ -3,7 +3,9 @@
 Evaluation reads only the checkpoint's ``encoder`` entry (``spec`` + ``state_dict``; see
 :mod:`pyssl.engine.checkpoint`), never recipe code: ``spec["backbone"]`` rebuilds the network
 with :func:`pyssl.models.build_backbone`, ``spec["input"]`` says how to preprocess images
-(:func:`pyssl.data.transforms.preprocess`), ``spec["feature"]`` which output to read."""
+(:func:`pyssl.data.transforms.preprocess`), ``spec["feature"]`` which output to read. With a
+patch grid in the input spec (patch-based recipes) an image's feature is the mean of its
+patches' features (:func:`encode`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,27 @@ from ..data.transforms import preprocess
 from ..engine.checkpoint import load_checkpoint
 from ..models import build_backbone
 
-__all__ = ["extract_features", "load_encoder"]
+__all__ = ["encode", "extract_features", "image_view", "load_encoder"]
+
+
+def encode(encoder: nn.Module, x: torch.Tensor, key: str = "pooled") -> torch.Tensor:
+    """Features ``[B, D]`` of a batch of preprocessed inputs: ``x`` ``[B, C, H, W]`` (images),
+    or ``[B, P, C, h, w]`` (a grid of P patches per image, features averaged over the patches,
+    as in Kolesnikov et al. 2019). Non-vector outputs (maps, patch tokens) are flattened."""
+    five = x.dim() == 5
+    out = encoder.forward_features(x.flatten(0, 1) if five else x)
+    if key not in out:
+        raise ValueError(f"feature {key!r} not produced by the encoder; available: "
+                         f"{', '.join(out)}")
+    f = out[key]
+    f = f.flatten(1) if f.dim() > 2 else f
+    return f.view(x.shape[0], x.shape[1], -1).mean(1) if five else f
+
+
+def image_view(spec: dict) -> dict:
+    """The spec with whole-image evaluation (its patch grid, if any, dropped)."""
+    inp = {k: v for k, v in spec.get("input", spec).items() if k != "patches"}
+    return {**spec, "input": inp} if "input" in spec else inp
 
 
 def load_encoder(checkpoint, random_init: bool = False, seed: int = 0
@@ -62,11 +84,6 @@ def extract_features(encoder: nn.Module, spec: dict, dataset, batch_size: int = 
                         num_workers=num_workers)
     feats, labels = [], []
     for x, y in loader:
-        out = encoder.forward_features(x.to(device))
-        if key not in out:
-            raise ValueError(f"feature {key!r} not produced by the encoder; available: "
-                             f"{', '.join(out)}")
-        f = out[key]
-        feats.append((f.flatten(1) if f.dim() > 2 else f).float().cpu())
+        feats.append(encode(encoder, x.to(device), key).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels).long()

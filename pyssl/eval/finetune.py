@@ -15,6 +15,7 @@ from ..data.transforms import normalize, preprocess, match_channels, to_float
 from ..engine.recipe import Recipe, RecipeConfig
 from ..models import build_backbone
 from ..recipes.common import light_augment, resize
+from .features import encode
 
 __all__ = ["SupervisedFinetune", "balanced_fraction"]
 
@@ -61,14 +62,18 @@ class SupervisedFinetune(Recipe):
         return self.spec
 
     def views(self, image, label):
+        spec = self.spec["input"]
+        p = spec.get("patches")
         img = self.aug(resize(image, self.cfg.image_size))
-        if self.spec["input"]["mode"] == "normalize":
-            img = match_channels(img, self.spec["input"]["channels"])
-        return normalize(to_float(img), self.spec["input"]), torch.tensor(label)
+        if p:  # patch-based encoders: the augmented image's patch grid
+            return preprocess(img, spec), torch.tensor(label)
+        if spec["mode"] == "normalize":
+            img = match_channels(img, spec["channels"])
+        return normalize(to_float(img), spec), torch.tensor(label)
 
     def training_step(self, batch, ctx):
         x, y = batch
-        logits = self.head(self.backbone(x))
+        logits = self.head(encode(self.backbone, x))
         loss = F.cross_entropy(logits.float(), y)
         return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean()}
 
@@ -80,7 +85,7 @@ class SupervisedFinetune(Recipe):
             items = [dataset[j] for j in range(i, min(len(dataset), i + batch_size))]
             x = torch.stack([preprocess(im, self.spec["input"]) for im, _ in items])
             y = torch.tensor([lab for _, lab in items])
-            correct += int((self.head(self.backbone(x)).argmax(1) == y).sum())
+            correct += int((self.head(encode(self.backbone, x)).argmax(1) == y).sum())
         return correct / len(dataset)
 
 

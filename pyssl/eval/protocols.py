@@ -17,7 +17,7 @@ import torch
 from ..data.datasets import DataError, find_fashion_mnist, resolve_data
 from ..engine.checkpoint import load_checkpoint
 from ..engine.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
-from .features import extract_features, load_encoder
+from .features import extract_features, image_view, load_encoder
 from .fewshot import fewshot_eval
 from .knn import knn_accuracy
 from .linear import linear_probe
@@ -41,6 +41,7 @@ class EvalConfig:
     batch_size: int = 256
     seed: int = 0
     feature: str = ""              # encoder output to read (default: the checkpoint's)
+    view: str = ""                 # "image": whole images even for patch-grid checkpoints
     k: int = 20
     temperature: float = 0.07
     probe_epochs: int = 100
@@ -66,11 +67,19 @@ class EvalConfig:
             raise ConfigError(f"temperature={self.temperature}: must be > 0")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"label_fraction={self.label_fraction}: must be in (0, 1]")
+        if self.view not in ("", "image"):
+            raise ConfigError(f"view={self.view!r}: must be '' (the checkpoint's input spec) or "
+                              "'image' (whole images, no patch grid)")
         if self.fewshot_classifier not in ("prototype", "logistic"):
             raise ConfigError(f"fewshot_classifier={self.fewshot_classifier!r}: must be "
                               "'prototype' or 'logistic'")
         if any(s <= 0 for s in self.n_shots):
             raise ConfigError(f"n_shots={self.n_shots}: must be positive")
+
+
+def _input_name(spec: dict) -> str:
+    p = spec.get("input", {}).get("patches")
+    return f"{p['grid']}x{p['grid']} patches" if p else "image"
 
 
 def resolve_eval_data(cfg: EvalConfig, meta: dict) -> str:
@@ -128,6 +137,8 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
     cfg.validate()
     ck = load_checkpoint(checkpoint)
     encoder, spec, meta = load_encoder(ck, random_init=random_init, seed=cfg.seed)
+    if cfg.view == "image":
+        spec = image_view(spec)
     data = resolve_eval_data(cfg, meta)
     train = resolve_data(data, "train", subset=cfg.train_subset, seed=cfg.seed)
     test = resolve_data(data, "test", subset=cfg.test_subset, seed=cfg.seed + 1)
@@ -138,7 +149,8 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
     rows: list[dict] = []
     result = {"checkpoint": ck["path"], "recipe": meta.get("recipe"), "step": meta.get("step"),
               "encoder": tag, "data": data, "train_size": len(train), "test_size": len(test),
-              "feature": feature, "config": config_to_dict(cfg), "rows": rows}
+              "feature": feature, "input": _input_name(spec), "config": config_to_dict(cfg),
+              "rows": rows}
     feats = None
     if any(p in ("linear", "knn", "fewshot") for p in protocols):
         trf, trl = extract_features(encoder, spec, train, cfg.batch_size, feature=feature)
@@ -179,7 +191,8 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
                         ["protocol", "setting", "encoder", "accuracy"] +
                         (["ci95"] if any("ci95" in r for r in rows) else []))
     title = (f"{meta.get('recipe')} ({tag}, step {meta.get('step')}) on {data}: "
-             f"{len(train)} train / {len(test)} test images; accuracy in %")
+             f"{len(train)} train / {len(test)} test images, input: {_input_name(spec)}; "
+             f"accuracy in %")
     md = f"{title}\n\n{md}"
     out = Path(out) if out else Path(ck["path"]).parent / "eval"
     stem = "eval_" + "_".join(protocols) + ("_random" if random_init else "")

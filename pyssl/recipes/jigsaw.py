@@ -12,6 +12,11 @@ ties by lexicographic order).
 Conventions: tile ``t`` is cell ``t`` in row-major order; the sample shows
 ``shuffled[i] = tiles[perm[i]]``, so ``tiles = shuffled[argsort(perm)]``.
 
+Evaluation: the encoder is trained on tiles, so an image's feature is the mean of its encoder
+features over a 3x3 grid of tiles cut as in training (centred in their cells, each standardised
+on its own): the protocol Kolesnikov et al. (CVPR 2019) used for patch-based methods; evaluate
+on whole images with ``pyssl eval ... view=image``.
+
 Small-scale differences: 100 permutations instead of 1000, 12 px tiles in 16 px cells of a 48 px
 canvas (paper: 64 px tiles in 85 px cells of 255 px), ResNet-10 instead of AlexNet; SGD +
 momentum as in the paper, with a cosine schedule (AdamW, the earlier default, measured about 3
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.config import ConfigError
+from ..data.transforms import input_spec
 from ..engine.recipe import Recipe, RecipeConfig
 from .common import mlp, normalize_pixels, resize
 
@@ -127,6 +133,12 @@ class Jigsaw(Recipe):
     @property
     def encoder(self):
         return self.backbone
+
+    def input_spec(self) -> dict:
+        cfg = self.cfg
+        return input_spec(cfg.image_size, self.channels,
+                          patches={"grid": 3, "cell": cfg.tile_size + cfg.gap,
+                                   "size": cfg.tile_size, "standardize": True})
 
     def views(self, image, label):
         img = resize(image, self.canvas)

@@ -19,7 +19,10 @@ Small-scale differences: the image is resized to a 3x3 grid of ``patch_size + ga
 the paper used 96 px patches, 48 px gaps and 7 px jitter on 224 px-scale images), ResNet-10
 instead of AlexNet; SGD + momentum as in the paper, with a cosine schedule (AdamW measured 1-2
 points worse at this budget).
-The encoder is evaluated on whole images at ``image_size``.
+Evaluation: the encoder is trained on patches, so an image's feature is the mean of its encoder
+features over the 3x3 grid of patches at the centres of the cells (the protocol Kolesnikov et
+al., CVPR 2019, used for patch-based methods); evaluate on whole images at ``image_size`` with
+``pyssl eval ... view=image``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.config import ConfigError
+from ..data.transforms import input_spec
 from ..engine.recipe import Recipe, RecipeConfig
 from .common import mlp, normalize_pixels, resize
 
@@ -100,6 +104,12 @@ class RelativePatch(Recipe):
     @property
     def encoder(self):
         return self.backbone
+
+    def input_spec(self) -> dict:
+        cfg = self.cfg
+        return input_spec(cfg.image_size, self.channels,
+                          patches={"grid": 3, "cell": cfg.patch_size + cfg.gap,
+                                   "size": cfg.patch_size})
 
     def views(self, image, label):
         cfg = self.cfg

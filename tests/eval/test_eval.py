@@ -133,3 +133,70 @@ def test_run_eval_bad_input(tiny_run):
     from pyssl.data.datasets import DataError
     with pytest.raises(DataError, match="no labels"):
         run_eval("knn", tiny_run, overrides=["data=photos"])
+
+
+def test_patch_grid_preprocessing_cuts_the_cell_centres():
+    from pyssl.data.transforms import input_spec, patch_grid, preprocess
+
+    # a 3x3 grid of 6 px cells; each cell's 4 px centre holds its row-major index, its 1 px
+    # border holds 255: every patch must be exactly its cell's centre
+    img = torch.full((1, 18, 18), 255, dtype=torch.uint8)
+    for r in range(3):
+        for c in range(3):
+            img[0, r * 6 + 1:r * 6 + 5, c * 6 + 1:c * 6 + 5] = 10 * (3 * r + c)
+    spec = input_spec(28, 1, patches={"grid": 3, "cell": 6, "size": 4})
+    x = preprocess(img, spec)
+    assert x.shape == (9, 1, 4, 4)
+    expect = torch.tensor([10.0 * k for k in range(9)]) / 255 * 2 - 1
+    assert torch.allclose(x.flatten(1), expect[:, None].expand(9, 16))
+    # standardised patches: mean 0 and std 1 each, flat patches stay finite
+    g = torch.Generator().manual_seed(0)
+    y = patch_grid(torch.randn(3, 30, 30, generator=g), 3, 10, 8, standardize=True)
+    assert y.shape == (9, 3, 8, 8)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.zeros(9), atol=1e-5)
+    assert torch.allclose(y.std(dim=(1, 2, 3)), torch.ones(9), atol=1e-5)
+    assert torch.isfinite(patch_grid(torch.zeros(1, 9, 9), 3, 3, 3, standardize=True)).all()
+    with pytest.raises(ValueError, match="size <= cell"):
+        input_spec(28, 1, patches={"cell": 4, "size": 6})
+    with pytest.raises(ValueError, match="expected a 30x30 image"):
+        patch_grid(torch.zeros(1, 28, 28), 3, 10, 8)
+
+
+def test_encode_averages_patch_features():
+    from pyssl.eval.features import encode
+    from pyssl.models import build_backbone
+
+    torch.manual_seed(0)
+    enc = build_backbone("resnet_tiny", in_chans=1, image_size=16, kwargs={"width": 4}).eval()
+    x = torch.randn(2, 9, 1, 8, 8)
+    with torch.no_grad():
+        got = encode(enc, x)
+        want = torch.stack([enc(x[b]).mean(0) for b in range(2)])
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(encode(enc, x[:, 0]), enc(x[:, 0]))   # 4-D: whole images
+
+
+@pytest.mark.parametrize("recipe", ["jigsaw", "relative_patch"])
+def test_patch_recipes_are_evaluated_on_their_patch_grid(recipe, tmp_path):
+    out = tmp_path / recipe
+    pretrain(recipe, data="digits", epochs=1, out=out,
+             overrides=["progress=false", "tensorboard=false", "data_subset=64", "batch_size=16",
+                        "backbone_width=4", "max_steps=2"])
+    enc, spec, _ = load_encoder(out / "last.pt")
+    p = spec["input"]["patches"]
+    assert p["grid"] == 3 and (p["cell"], p["size"]) == ((16, 12) if recipe == "jigsaw" else (16, 10))
+    assert p["standardize"] == (recipe == "jigsaw")
+    over = ["train_subset=60", "test_subset=30", "probe_epochs=2", "progress=false"]
+    r = run_eval(["knn", "finetune"], out / "last.pt", verbose=False,
+                 overrides=over + ["finetune_epochs=1", "finetune_batch_size=16"])
+    assert r["input"] == "3x3 patches" and "3x3 patches" in r["table"]
+    assert all(0 <= row["accuracy"] <= 1 for row in r["rows"])
+    img = run_eval("knn", out / "last.pt", verbose=False, overrides=over + ["view=image"])
+    assert img["input"] == "image"
+    from pyssl.data.datasets import DigitsDataset, Subset
+    f, _ = extract_features(enc, spec, Subset(DigitsDataset("test"), 5), batch_size=4)
+    from pyssl.eval.features import image_view
+    f_img, _ = extract_features(enc, image_view(spec), Subset(DigitsDataset("test"), 5))
+    assert f.shape == f_img.shape and not torch.allclose(f, f_img)
+    with pytest.raises(ConfigError, match="view='tiles'"):
+        run_eval("knn", out / "last.pt", overrides=["view=tiles"])
