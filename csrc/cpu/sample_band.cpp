@@ -19,6 +19,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include "cpu/avx2_lanes.h"
 #define PYSSL_BAND_KERNELS 1
 #endif
 
@@ -59,8 +60,6 @@ void band_scratch_free(BandScratch* s) { delete s; }
 #ifdef PYSSL_BAND_KERNELS
 namespace {
 
-#define PYSSL_AVX2 __attribute__((target("avx2,fma")))
-
 bool band_ok() { return cpu_has_avx2_fma(); }
 
 PYSSL_AVX2 inline void transpose8(__m256 r[8]) {
@@ -82,21 +81,6 @@ PYSSL_AVX2 inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-PYSSL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-PYSSL_AVX2 inline __m256 load8(const uint16_t* p) {  // bfloat16 -> float (exact)
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-PYSSL_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-PYSSL_AVX2 inline void store8(uint16_t* p, __m256 v) {  // float -> bfloat16 as float_to_bf16
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 inline void store1(float* p, float v) { *p = v; }

@@ -7,6 +7,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include "cpu/avx2_lanes.h"
 #define PYSSL_HAVE_AVX2_TAPS 1
 #endif
 
@@ -140,39 +141,124 @@ __attribute__((target("avx2,fma"))) void taps_avx2(const float* coords, int64_t 
 }
 #endif
 
+PYSSL_INLINE float load_value(const float* p, int64_t i) { return p[i]; }
+PYSSL_INLINE float load_value(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+PYSSL_INLINE void store_value(float* p, int64_t i, float v) { p[i] = v; }
+PYSSL_INLINE void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
 #ifdef PYSSL_HAVE_AVX2_TAPS
-// The planar float32 gather with masked AVX2 gathers (GCC does not emit gathers for gather_body):
-// the same products summed in the same order; corners outside the image are not read (the
-// masked-off lanes are 0 and their weight is 0: + 0, as the select in gather_body).
-__attribute__((target("avx2,fma"))) void gather_avx2(const float* f, int64_t C, int64_t HW,
-                                                     const DenseTaps& t, int64_t n, float* out,
-                                                     int64_t os) {
+// The 4 corner values of 8 points, from the [4][n] taps at point j. When all 32 corners are
+// inside the image (the common case), each point's two horizontal neighbours are adjacent in
+// memory (index[1] = index[0] + 1, index[3] = index[2] + 1), so four 4-lane 64-bit gathers fetch
+// the pairs: half the gathered elements of four 8-lane 32-bit gathers, which cost about 25
+// cycles each on Zen 3. Otherwise masked 32-bit gathers, corners outside the image read as 0.
+// Either way the same values, so results do not depend on the path.
+__attribute__((target("avx2,fma"))) inline void split_pairs(__m256d a, __m256d b, __m256* even,
+                                                            __m256* odd) {
+  const __m256 x = _mm256_castpd_ps(a), y = _mm256_castpd_ps(b);
+  const __m256 e = _mm256_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m256 o = _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1));
+  *even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+  *odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+struct Corners8 {
+  __m256i ix[4];
+  __m256 mask[4];
+  bool inside;           // all 32 corners inside the image
+  const int32_t* index;  // index[k * n + q]: corner k of point q (q < 8) of these 8 points
+  int64_t n;
+};
+
+__attribute__((target("avx2,fma"))) inline Corners8 corners8(const DenseTaps& t, int64_t n,
+                                                             int64_t j) {
+  Corners8 c;
+  c.index = t.index + j;
+  c.n = n;
   const __m256i minus1 = _mm256_set1_epi32(-1);
-  for (int64_t c = 0; c < C; ++c) {
-    const float* plane = f + c * HW;
-    float* o = out + c * os;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int k = 0; k < 4; ++k) {
-        const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * n + j));
-        const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(ix, minus1));
-        const __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), plane, ix, m, 4);
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(t.weight + k * n + j), v));
-      }
-      _mm256_storeu_ps(o + j, acc);
+  __m256i any = _mm256_setzero_si256();
+  for (int k = 0; k < 4; ++k) {
+    c.ix[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * n + j));
+    c.mask[k] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(c.ix[k], minus1));
+    any = _mm256_or_si256(any, c.ix[k]);
+  }
+  c.inside = _mm256_movemask_ps(_mm256_castsi256_ps(any)) == 0;  // no index is -1
+  return c;
+}
+
+__attribute__((target("avx2,fma"))) inline void corner_values8(const float* plane,
+                                                               const Corners8& c, __m256 v[4]) {
+  if (c.inside) {
+    const double* base = reinterpret_cast<const double*>(plane);
+    for (int r = 0; r < 2; ++r) {  // top pair (corners 0, 1), bottom pair (corners 2, 3)
+      const __m256i ix = c.ix[2 * r];
+      const __m256d a = _mm256_i32gather_pd(base, _mm256_castsi256_si128(ix), 4);
+      const __m256d b = _mm256_i32gather_pd(base, _mm256_extracti128_si256(ix, 1), 4);
+      split_pairs(a, b, &v[2 * r], &v[2 * r + 1]);
     }
-    for (; j < n; ++j) {
-      float acc = 0.0f;
-      for (int k = 0; k < 4; ++k) {
-        const int32_t i = t.index[k * n + j];
-        acc += i < 0 ? 0.0f : t.weight[k * n + j] * plane[i];
-      }
-      o[j] = acc;
+    return;
+  }
+  for (int k = 0; k < 4; ++k)
+    v[k] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), plane, c.ix[k], c.mask[k], 4);
+}
+
+// bfloat16 planes: one 8-lane 32-bit gather per image row reads each point's two horizontal
+// neighbours at once (2 x 16 bits); blocks with a corner outside the image read scalar (a 32-bit
+// read of a single bfloat16 could pass the end of the plane).
+__attribute__((target("avx2,fma"))) inline void corner_values8(const uint16_t* plane,
+                                                               const Corners8& c, __m256 v[4]) {
+  if (c.inside) {
+    const int* base = reinterpret_cast<const int*>(plane);
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int r = 0; r < 2; ++r) {
+      const __m256i pair = _mm256_i32gather_epi32(base, c.ix[2 * r], 2);
+      v[2 * r] = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      v[2 * r + 1] = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
     }
+    return;
+  }
+  alignas(32) float tmp[4][8];
+  for (int k = 0; k < 4; ++k) {
+    for (int q = 0; q < 8; ++q) {
+      const int32_t i = c.index[k * c.n + q];
+      tmp[k][q] = i < 0 ? 0.0f : bf16_to_float(plane[i]);
+    }
+    v[k] = _mm256_load_ps(tmp[k]);
   }
 }
 
+// The planar float32 gather, 8 points at a time (GCC does not emit gathers for gather_body):
+// the same products summed in the same order; corners outside the image are not read (read as
+// 0 with weight 0: + 0, as the select in gather_body).
+template <typename F>
+__attribute__((target("avx2,fma"))) void gather_avx2(const F* f, int64_t C, int64_t HW,
+                                                     const DenseTaps& t, int64_t n, F* out,
+                                                     int64_t os) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const Corners8 cr = corners8(t, n, j);
+    __m256 w[4];
+    for (int k = 0; k < 4; ++k) w[k] = _mm256_loadu_ps(t.weight + k * n + j);
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 v[4];
+      corner_values8(f + c * HW, cr, v);
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) acc = _mm256_add_ps(acc, _mm256_mul_ps(w[k], v[k]));
+      store8(out + c * os + j, acc);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {  // the tail
+    const F* plane = f + c * HW;
+    for (int64_t q = j; q < n; ++q) {
+      float acc = 0.0f;
+      for (int k = 0; k < 4; ++k) {
+        const int32_t i = t.index[k * n + q];
+        acc += i < 0 ? 0.0f : t.weight[k * n + q] * load_value(plane, i);
+      }
+      store_value(out + c * os, q, acc);
+    }
+  }
+}
 #endif
 
 PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
@@ -183,10 +269,6 @@ PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W
   }
 }
 
-PYSSL_INLINE float load_value(const float* p, int64_t i) { return p[i]; }
-PYSSL_INLINE float load_value(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-PYSSL_INLINE void store_value(float* p, int64_t i, float v) { p[i] = v; }
-PYSSL_INLINE void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 template <typename F>
 PYSSL_INLINE float tap(const F* plane, const DenseTaps& t, int64_t n, int k, int64_t j,
@@ -268,21 +350,19 @@ PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* 
 // backward_body for float32 with the coordinate gradient of 8 points at a time (masked gathers;
 // masked-off corners read 0 and have derivative 0). The feature-gradient scatter stays scalar
 // (AVX2 has no scatter). Same products summed in the same order, hence bitwise identical.
-__attribute__((target("avx2,fma"))) void backward_avx2(const float* f, int64_t C, int64_t HW,
+template <typename F>
+__attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, int64_t HW,
                                                        const float* g, int64_t gs,
                                                        const DenseTaps& t, int64_t n, float* gf,
                                                        float* gxy) {
-  const __m256i minus1 = _mm256_set1_epi32(-1);
   const __m256 zero = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    if (gf) backward_body<float>(f, C, HW, g, gs, t, n, gf, nullptr, j, j + 8);
+    if (gf) backward_body<F>(f, C, HW, g, gs, t, n, gf, nullptr, j, j + 8);
     if (!gxy) continue;
-    __m256i ix[4];
-    __m256 m[4], dx[4], dy[4];
+    const Corners8 cr = corners8(t, n, j);
+    __m256 dx[4], dy[4];
     for (int k = 0; k < 4; ++k) {
-      ix[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * n + j));
-      m[k] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(ix[k], minus1));
       dx[k] = _mm256_loadu_ps(t.dwdx + k * n + j);
       dy[k] = _mm256_loadu_ps(t.dwdy + k * n + j);
     }
@@ -293,12 +373,12 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const float* f, int64_t C
     __m256 ax = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xp), _MM_SHUFFLE(3, 1, 2, 0)));
     __m256 ay = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(yp), _MM_SHUFFLE(3, 1, 2, 0)));
     for (int64_t c = 0; c < C; ++c) {
-      const float* plane = f + c * HW;
+      __m256 v[4];
+      corner_values8(f + c * HW, cr, v);
       __m256 sx = zero, sy = zero;
       for (int k = 0; k < 4; ++k) {
-        const __m256 v = _mm256_mask_i32gather_ps(zero, plane, ix[k], m[k], 4);
-        sx = _mm256_add_ps(sx, _mm256_mul_ps(dx[k], v));
-        sy = _mm256_add_ps(sy, _mm256_mul_ps(dy[k], v));
+        sx = _mm256_add_ps(sx, _mm256_mul_ps(dx[k], v[k]));
+        sy = _mm256_add_ps(sy, _mm256_mul_ps(dy[k], v[k]));
       }
       const __m256 gc = _mm256_loadu_ps(g + c * gs + j);
       ax = _mm256_add_ps(ax, _mm256_mul_ps(gc, sx));
@@ -308,7 +388,7 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const float* f, int64_t C
     _mm256_storeu_ps(gxy + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_storeu_ps(gxy + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
-  backward_body<float>(f, C, HW, g, gs, t, n, gf, gxy, j);  // the tail
+  backward_body<F>(f, C, HW, g, gs, t, n, gf, gxy, j);  // the tail
 }
 #endif
 
@@ -358,18 +438,21 @@ __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const f
                                                          const float* bv_plane, int64_t W,
                                                          float alpha1, float alpha2,
                                                          const DenseTaps& t, bool* valid) {
-  const __m256i minus1 = _mm256_set1_epi32(-1);
   const __m256 zero = _mm256_setzero_ps(), a1 = _mm256_set1_ps(alpha1), a2 = _mm256_set1_ps(alpha2);
   int64_t j = 0;
   for (; j + 8 <= W; j += 8) {
+    // corners with weight 0 may be read (a pair gather) but never add: their products are
+    // masked off, so a NaN or inf neighbour with weight 0 does not poison the sample
+    const Corners8 cr = corners8(t, W, j);
+    __m256 su[4], sv[4];
+    corner_values8(bu_plane, cr, su);
+    corner_values8(bv_plane, cr, sv);
     __m256 bu = zero, bv = zero;
     for (int k = 0; k < 4; ++k) {
-      const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * W + j));
       const __m256 w = _mm256_loadu_ps(t.weight + k * W + j);
-      const __m256 read = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ix, minus1)),
-                                        _mm256_cmp_ps(w, zero, _CMP_NEQ_UQ));
-      bu = _mm256_add_ps(bu, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bu_plane, ix, read, 4))));
-      bv = _mm256_add_ps(bv, _mm256_and_ps(read, _mm256_mul_ps(w, _mm256_mask_i32gather_ps(zero, bv_plane, ix, read, 4))));
+      const __m256 read = _mm256_and_ps(cr.mask[k], _mm256_cmp_ps(w, zero, _CMP_NEQ_UQ));
+      bu = _mm256_add_ps(bu, _mm256_and_ps(read, _mm256_mul_ps(w, su[k])));
+      bv = _mm256_add_ps(bv, _mm256_and_ps(read, _mm256_mul_ps(w, sv[k])));
     }
     const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
     const __m256 du = _mm256_add_ps(uu, bu), dv = _mm256_add_ps(vv, bv);
@@ -435,6 +518,9 @@ void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, 
 }
 void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   uint16_t* out, int64_t out_stride) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return gather_avx2(f, C, HW, taps, n, out, out_stride);
+#endif
   gather_bf16_v(f, C, HW, taps, n, out, out_stride);
 }
 void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
@@ -446,6 +532,9 @@ void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64
 }
 void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
                     const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+#endif
   backward_bf16_v(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
 }
 
