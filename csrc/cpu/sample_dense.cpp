@@ -307,7 +307,7 @@ PYSSL_INLINE void gather_body(const F* f, int64_t C, int64_t HW, const DenseTaps
   }
 }
 
-// The backward of points [j0, j1) of a block over C channel planes in one pass (points outer,
+// The backward of points [j0, n) of a block over C channel planes in one pass (points outer,
 // channels inner: a point's taps are read once for all channels and both gradients). For each
 // (channel, pixel) the feature-gradient contributions still arrive in (point, corner) order,
 // the same result as scattering one plane after the other. gxy[2j] (and y) accumulate
@@ -316,8 +316,8 @@ PYSSL_INLINE void gather_body(const F* f, int64_t C, int64_t HW, const DenseTaps
 template <typename F>
 PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* g, int64_t gs,
                                 const DenseTaps& t, int64_t n, float* gf, float* gxy,
-                                int64_t j0 = 0, int64_t j1 = -1) {
-  for (int64_t j = j0; j < (j1 < 0 ? n : j1); ++j) {
+                                int64_t j0 = 0) {
+  for (int64_t j = j0; j < n; ++j) {
     if (gf) {
       for (int64_t c = 0; c < C; ++c) {
         const float gj = g[c * gs + j];
@@ -346,20 +346,58 @@ PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* 
   }
 }
 
+// The feature-gradient scatter of a block of points, one channel plane at a time, with the
+// contributions to the pixel last touched in each of the two image rows of a point's corners
+// (top: corners 0, 1; bottom: 2, 3) summed in a register until the row moves on: neighbouring
+// points of a smooth flow share a corner (the right corner of one is the left corner of the
+// next), so each pixel is read and written once per run instead of once per corner, and a
+// point's read of a pixel no longer waits on (or is speculated past) the previous point's
+// store to it. Contributions to a pixel are still added in point order, grouped by run.
+PYSSL_INLINE void scatter_runs(const float* g, int64_t gs, int64_t C, int64_t HW,
+                               const DenseTaps& t, int64_t n, float* gf) {
+  const int32_t* __restrict idx = t.index;
+  const float* __restrict w = t.weight;
+  for (int64_t c = 0; c < C; ++c) {
+    float* __restrict plane = gf + c * HW;
+    const float* __restrict gc = g + c * gs;
+    int32_t pend[2] = {-1, -1};
+    float sum[2] = {0.0f, 0.0f};
+    for (int64_t j = 0; j < n; ++j) {
+      const float gj = gc[j];
+      for (int k = 0; k < 4; ++k) {
+        const int32_t i = idx[k * n + j];
+        if (i < 0) continue;
+        const int r = k >> 1;
+        const float a = w[k * n + j] * gj;
+        if (i == pend[r]) {
+          sum[r] += a;
+        } else {
+          if (pend[r] >= 0) plane[pend[r]] += sum[r];
+          pend[r] = i;
+          sum[r] = a;
+        }
+      }
+    }
+    for (int r = 0; r < 2; ++r)
+      if (pend[r] >= 0) plane[pend[r]] += sum[r];
+  }
+}
+
 #ifdef PYSSL_HAVE_AVX2_TAPS
-// backward_body for float32 with the coordinate gradient of 8 points at a time (masked gathers;
-// masked-off corners read 0 and have derivative 0). The feature-gradient scatter stays scalar
-// (AVX2 has no scatter). Same products summed in the same order, hence bitwise identical.
+// The backward for float32 or bfloat16 features: the feature gradient by scatter_runs (AVX2 has
+// no scatter), the coordinate gradient 8 points at a time (corner_values8; corners outside the
+// image read 0 and have derivative 0) with the same products summed in the same order as
+// backward_body, hence bitwise identical to it.
 template <typename F>
 __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, int64_t HW,
                                                        const float* g, int64_t gs,
                                                        const DenseTaps& t, int64_t n, float* gf,
                                                        float* gxy) {
+  if (gf) scatter_runs(g, gs, C, HW, t, n, gf);
+  if (!gxy) return;
   const __m256 zero = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    if (gf) backward_body<F>(f, C, HW, g, gs, t, n, gf, nullptr, j, j + 8);
-    if (!gxy) continue;
     const Corners8 cr = corners8(t, n, j);
     __m256 dx[4], dy[4];
     for (int k = 0; k < 4; ++k) {
@@ -388,7 +426,7 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, in
     _mm256_storeu_ps(gxy + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_storeu_ps(gxy + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
-  backward_body<F>(f, C, HW, g, gs, t, n, gf, gxy, j);  // the tail
+  backward_body<F>(f, C, HW, g, gs, t, n, nullptr, gxy, j);  // the tail
 }
 #endif
 
