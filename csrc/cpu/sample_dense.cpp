@@ -436,10 +436,10 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, in
 // order as kernels/flow_math.h (flow_match); taps with weight 0 are not read (a NaN neighbour
 // with weight 0 does not poison the sample).
 PYSSL_INLINE void flow_coords_body(const float* u, const float* v, int64_t i, int64_t W, int64_t H,
-                                   float* coords, bool* valid) {
+                                   float* coords, bool* valid, int64_t j0 = 0) {
   const float Wm1 = static_cast<float>(W - 1), Hm1 = static_cast<float>(H - 1);
   const float fi = static_cast<float>(i);
-  for (int64_t j = 0; j < W; ++j) {
+  for (int64_t j = j0; j < W; ++j) {
     const float x = static_cast<float>(j) + u[j], y = fi + v[j];
     coords[2 * j] = x;
     coords[2 * j + 1] = y;
@@ -470,6 +470,33 @@ PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* b
 }
 
 #ifdef PYSSL_HAVE_AVX2_TAPS
+// flow_coords_body for 8 pixels at a time (GCC does not vectorise the interleaved coordinate
+// stores): the same operations, then the scalar body for the tail
+__attribute__((target("avx2,fma"))) void flow_coords_avx2(const float* u, const float* v,
+                                                          int64_t i, int64_t W, int64_t H,
+                                                          float* coords, bool* valid) {
+  const __m256 zero = _mm256_setzero_ps(), eight = _mm256_set1_ps(8.0f);
+  const __m256 Wm1 = _mm256_set1_ps(static_cast<float>(W - 1));
+  const __m256 Hm1 = _mm256_set1_ps(static_cast<float>(H - 1));
+  const __m256 fi = _mm256_set1_ps(static_cast<float>(i));
+  __m256 jv = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);  // exact: W < 2^24
+  int64_t j = 0;
+  for (; j + 8 <= W; j += 8, jv = _mm256_add_ps(jv, eight)) {
+    const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
+    const __m256 x = _mm256_add_ps(jv, uu), y = _mm256_add_ps(fi, vv);
+    const __m256 lo = _mm256_unpacklo_ps(x, y), hi = _mm256_unpackhi_ps(x, y);
+    _mm256_storeu_ps(coords + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(coords + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    const __m256 finite = _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(uu, uu), zero, _CMP_EQ_OQ),
+                                        _mm256_cmp_ps(_mm256_sub_ps(vv, vv), zero, _CMP_EQ_OQ));
+    const __m256 in_x = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GE_OQ), _mm256_cmp_ps(x, Wm1, _CMP_LE_OQ));
+    const __m256 in_y = _mm256_and_ps(_mm256_cmp_ps(y, zero, _CMP_GE_OQ), _mm256_cmp_ps(y, Hm1, _CMP_LE_OQ));
+    const int ok = _mm256_movemask_ps(_mm256_and_ps(finite, _mm256_and_ps(in_x, in_y)));
+    for (int q = 0; q < 8; ++q) valid[j + q] = ((ok >> q) & 1) != 0;
+  }
+  flow_coords_body(u, v, i, W, H, coords, valid, j);  // the tail
+}
+
 // flow_check_body for 8 pixels at a time (masked gathers), then the scalar body for the tail
 __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const float* v,
                                                          const float* bu_plane,
@@ -579,7 +606,15 @@ void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, in
 void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,
               int64_t W, int64_t H, float alpha1, float alpha2, const DenseTaps& taps,
               float* coords, bool* valid) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) {
+    flow_coords_avx2(u, v, i, W, H, coords, valid);
+  } else {
+    flow_coords_v(u, v, i, W, H, coords, valid);
+  }
+#else
   flow_coords_v(u, v, i, W, H, coords, valid);
+#endif
   if (!bu) return;
   dense_taps(coords, W, H, W, taps);
 #ifdef PYSSL_HAVE_AVX2_TAPS

@@ -228,6 +228,8 @@ def test_float32_flow_fast_path_matches_the_float64_kernel():
     fw = torch.randn(2, 2, 37, 53, generator=g, dtype=torch.float64) * 6
     bw = -fw + torch.randn(2, 2, 37, 53, generator=g, dtype=torch.float64) * 0.4
     fw[0, 0, 3, 4] = math.nan
+    fw[1, 1, 5, 9] = math.inf    # non-finite flow: invalid, in the vector and the scalar code
+    fw[1, 0, 6, 50] = -math.inf
     bw[1, :, 10, 10] = math.nan  # read with weight 0 or not at all unless a target lands on it
     for with_bw in (True, False):
         got = ops.flow_correspondence(fw.float(), bw.float() if with_bw else None)
@@ -236,6 +238,7 @@ def test_float32_flow_fast_path_matches_the_float64_kernel():
         torch.testing.assert_close(got.coords.double(), want.coords, equal_nan=True, rtol=0, atol=1e-5)
         agree = (got.valid == want.valid).float().mean().item()
         assert agree > 0.999 if with_bw else agree == 1.0
+        assert not got.valid[0, 3, 4] and not got.valid[1, 5, 9] and not got.valid[1, 6, 50]
 
 
 def test_sample_features_gradcheck_and_determinism():
