@@ -1,7 +1,8 @@
-// Torch-free CPU kernels for dense bilinear sampling of one float32 image (the fast path of
-// pyssl.ops.sample_features): features [C, H, W] planes, coordinates [P, 2] (x, y) in pixels,
-// output [C, P] planes. Built for AVX2+FMA and the baseline (simd.h); the gathers vectorise over
-// points, one channel plane at a time.
+// Torch-free CPU kernels for dense bilinear sampling of one float32 or bfloat16 image (the fast
+// path of pyssl.ops.sample_features): features [C, H, W] planes, coordinates [P, 2] (x, y) in
+// pixels, output [C, P] planes. Built for AVX2+FMA and the baseline (simd.h); with AVX2 the
+// corner reads vectorise over 8 points (gathers; one gather element per horizontal pair of
+// corners when all of them are inside the image), the feature-gradient scatter is scalar.
 #pragma once
 
 #include <cstdint>
