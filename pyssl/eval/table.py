@@ -39,7 +39,7 @@ SETTINGS = {
     # (data_subset=0: all 60,000 training images)
     "relative_patch": {"epochs": 1, "overrides": {"data_subset": "0", "warmup_epochs": "0.1"}},
     "jigsaw": {"epochs": 4, "overrides": {"warmup_epochs": "0.5"}},
-    "inpainting": {"epochs": 2, "overrides": {"data_subset": "40000", "warmup_epochs": "0.1"}},
+    "inpainting": {"epochs": 8, "overrides": {"data_subset": "0", "warmup_epochs": "0.1"}},
     # colour data: 20,000 crops of the synthetic world (7 classes), 32 px; evaluated there too
     "colorization": {"epochs": 3, "data": "synth-crops",
                      "overrides": {"warmup_epochs": "0.5", "image_size": "32",
