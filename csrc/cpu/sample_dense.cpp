@@ -532,32 +532,25 @@ __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const f
 }
 #endif
 
-PYSSL_MULTIVERSION(void, taps_v, (const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t),
-                   (coords, n, H, W, t), taps_body)
-PYSSL_MULTIVERSION(void, gather_v,
-                   (const float* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
-                    float* out, int64_t os),
-                   (f, C, HW, t, n, out, os), gather_body<float>)
-PYSSL_MULTIVERSION(void, gather_bf16_v,
-                   (const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& t, int64_t n,
-                    uint16_t* out, int64_t os),
-                   (f, C, HW, t, n, out, os), gather_body<uint16_t>)
-PYSSL_MULTIVERSION(void, backward_v,
-                   (const float* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                    const DenseTaps& t, int64_t n, float* gf, float* gxy),
-                   (f, C, HW, g, gs, t, n, gf, gxy), backward_body<float>)
-PYSSL_MULTIVERSION(void, backward_bf16_v,
-                   (const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                    const DenseTaps& t, int64_t n, float* gf, float* gxy),
-                   (f, C, HW, g, gs, t, n, gf, gxy), backward_body<uint16_t>)
-PYSSL_MULTIVERSION(void, flow_coords_v,
-                   (const float* u, const float* v, int64_t i, int64_t W, int64_t H, float* coords,
-                    bool* valid),
-                   (u, v, i, W, H, coords, valid), flow_coords_body)
-PYSSL_MULTIVERSION(void, flow_check_v,
-                   (const float* u, const float* v, const float* bu, const float* bv, int64_t j0,
-                    int64_t W, float a1, float a2, const DenseTaps& t, bool* valid),
-                   (u, v, bu, bv, j0, W, a1, a2, t, valid), flow_check_body)
+// Dispatch: the AVX2 kernels above when the CPU has AVX2+FMA, else the scalar bodies (baseline
+// build; every AVX2 kernel is bitwise equal to its body except scatter_runs' grouping of adds).
+template <typename F>
+void gather_dispatch(const F* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n, F* out,
+                     int64_t out_stride) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return gather_avx2(f, C, HW, taps, n, out, out_stride);
+#endif
+  gather_body(f, C, HW, taps, n, out, out_stride);
+}
+
+template <typename F>
+void backward_dispatch(const F* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
+                       const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+#endif
+  backward_body(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+}
 
 }  // namespace
 
@@ -572,35 +565,23 @@ void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps 
     return;
   }
 #endif
-  taps_v(coords, n, H, W, taps);
+  taps_body(coords, n, H, W, taps);
 }
 void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   float* out, int64_t out_stride) {
-#ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return gather_avx2(f, C, HW, taps, n, out, out_stride);
-#endif
-  gather_v(f, C, HW, taps, n, out, out_stride);
+  gather_dispatch(f, C, HW, taps, n, out, out_stride);
 }
 void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   uint16_t* out, int64_t out_stride) {
-#ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return gather_avx2(f, C, HW, taps, n, out, out_stride);
-#endif
-  gather_bf16_v(f, C, HW, taps, n, out, out_stride);
+  gather_dispatch(f, C, HW, taps, n, out, out_stride);
 }
 void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
                     const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
-#ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
-#endif
-  backward_v(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+  backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
 }
 void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
                     const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
-#ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
-#endif
-  backward_bf16_v(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+  backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
 }
 
 void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,
@@ -609,18 +590,15 @@ void flow_row(const float* u, const float* v, const float* bu, const float* bv, 
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) {
     flow_coords_avx2(u, v, i, W, H, coords, valid);
-  } else {
-    flow_coords_v(u, v, i, W, H, coords, valid);
+    if (!bu) return;
+    dense_taps(coords, W, H, W, taps);
+    return flow_check_avx2(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
   }
-#else
-  flow_coords_v(u, v, i, W, H, coords, valid);
 #endif
+  flow_coords_body(u, v, i, W, H, coords, valid);
   if (!bu) return;
   dense_taps(coords, W, H, W, taps);
-#ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return flow_check_avx2(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
-#endif
-  flow_check_v(u, v, bu, bv, 0, W, alpha1, alpha2, taps, valid);
+  flow_check_body(u, v, bu, bv, 0, W, alpha1, alpha2, taps, valid);
 }
 
 }  // namespace pyssl::cpu
