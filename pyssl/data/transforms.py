@@ -29,7 +29,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
 __all__ = ["MultiCropTransform", "input_spec", "match_channels", "multicrop_collate",
-           "patch_grid", "preprocess", "ssl_augment", "to_float"]
+           "patch_grid", "preprocess", "ssl_augment", "standardize_patches", "to_float"]
 
 
 def to_float(img: torch.Tensor) -> torch.Tensor:
@@ -78,11 +78,15 @@ def patch_grid(x: torch.Tensor, grid: int, cell: int, size: int,
     o = (cell - size) // 2
     out = torch.stack([x[..., r * cell + o:r * cell + o + size, c * cell + o:c * cell + o + size]
                        for r in range(grid) for c in range(grid)])
-    if standardize:
-        mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        std = out.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-2)
-        out = (out - mean) / std
-    return out
+    return standardize_patches(out) if standardize else out
+
+
+def standardize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """``[P, C, h, w]`` -> each patch shifted and scaled to mean 0, std 1 on its own (std floored
+    at 0.01 for flat patches): jigsaw's per-tile normalisation, in training and evaluation."""
+    mean = patches.mean(dim=(1, 2, 3), keepdim=True)
+    std = patches.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-2)
+    return (patches - mean) / std
 
 
 def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:

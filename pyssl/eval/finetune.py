@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import normalize, preprocess, match_channels, to_float
+from ..data.transforms import preprocess
 from ..engine.recipe import Recipe, RecipeConfig
 from ..models import build_backbone
 from ..recipes.common import light_augment, resize
@@ -62,14 +62,10 @@ class SupervisedFinetune(Recipe):
         return self.spec
 
     def views(self, image, label):
-        spec = self.spec["input"]
-        p = spec.get("patches")
+        # the augmented image, preprocessed as evaluation does (channels, normalisation, and the
+        # patch grid of patch-based encoders)
         img = self.aug(resize(image, self.cfg.image_size))
-        if p:  # patch-based encoders: the augmented image's patch grid
-            return preprocess(img, spec), torch.tensor(label)
-        if spec["mode"] == "normalize":
-            img = match_channels(img, spec["channels"])
-        return normalize(to_float(img), spec), torch.tensor(label)
+        return preprocess(img, self.spec["input"]), torch.tensor(label)
 
     def training_step(self, batch, ctx):
         x, y = batch

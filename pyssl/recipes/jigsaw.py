@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import input_spec, standardize_patches
 from ..engine.config import ConfigError
-from ..data.transforms import input_spec
 from ..engine.recipe import Recipe, RecipeConfig
 from .common import mlp, normalize_pixels, resize
 
@@ -144,11 +144,9 @@ class Jigsaw(Recipe):
         img = resize(image, self.canvas)
         if self.cfg.flip and torch.rand(()) < 0.5:
             img = img.flip(-1)
-        tiles = cut_tiles(normalize_pixels(img), self.cfg.tile_size, self.cfg.gap)
-        # per-tile normalisation (each tile on its own)
-        mean = tiles.mean(dim=(1, 2, 3), keepdim=True)
-        std = tiles.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-2)
-        tiles = (tiles - mean) / std
+        # per-tile normalisation (each tile on its own), as evaluation's patch grid does
+        tiles = standardize_patches(cut_tiles(normalize_pixels(img), self.cfg.tile_size,
+                                              self.cfg.gap))
         k = int(torch.randint(self.cfg.num_permutations, ()))
         return tiles[self.permutations[k]], torch.tensor(k)
 
