@@ -216,11 +216,11 @@ PYSSL_AVX2 inline float hsum(__m256 v) {  // fixed order: halves, then pairs
 
 template <typename F>
 PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                              const float* coords, int64_t P, float* gf, float* gxy,
-                              BandScratch* s) {
+                              const float* coords, int64_t P, float* gf, float* gx,
+                              float* gy, BandScratch* s) {
   const int64_t HW = H * W;
   const int K = s->K;
-  const bool need_f = gf != nullptr, need_c = gxy != nullptr;
+  const bool need_f = gf != nullptr, need_c = gx != nullptr;
   std::fill(s->ftag, s->ftag + K, int64_t{-1});
   std::fill(s->gtag, s->gtag + K, int64_t{-1});
   float* fring = s->fring.get();
@@ -232,7 +232,8 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, need_c ? s->pdx : nullptr, need_c ? s->pdy : nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
-      dense_backward(f, kS, HW, g + p0, gs, t, n, gf, need_c ? gxy + 2 * p0 : nullptr);
+      dense_backward(f, kS, HW, g + p0, gs, t, n, gf, need_c ? gx + p0 : nullptr,
+                     need_c ? gy + p0 : nullptr);
       continue;
     }
     // the gradient rows of the block, channels-last
@@ -284,8 +285,8 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
         }
       }
       if (need_c) {
-        gxy[2 * (p0 + j)] += hsum(_mm256_add_ps(_mm256_mul_ps(g0, sx0), _mm256_mul_ps(g1, sx1)));
-        gxy[2 * (p0 + j) + 1] += hsum(_mm256_add_ps(_mm256_mul_ps(g0, sy0), _mm256_mul_ps(g1, sy1)));
+        gx[p0 + j] += hsum(_mm256_add_ps(_mm256_mul_ps(g0, sx0), _mm256_mul_ps(g1, sx1)));
+        gy[p0 + j] += hsum(_mm256_add_ps(_mm256_mul_ps(g0, sy0), _mm256_mul_ps(g1, sy1)));
       }
     }
   }
@@ -306,12 +307,14 @@ void band_gather(const uint16_t* f, int64_t H, int64_t W, const float* coords, i
   gather_impl(f, H, W, coords, P, out, os, s);
 }
 void band_backward(const float* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s) {
-  backward_impl(f, g, gs, H, W, coords, P, gf, gxy, s);
+                   const float* coords, int64_t P, float* gf, float* gx, float* gy,
+                   BandScratch* s) {
+  backward_impl(f, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
 void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s) {
-  backward_impl(f, g, gs, H, W, coords, P, gf, gxy, s);
+                   const float* coords, int64_t P, float* gf, float* gx, float* gy,
+                   BandScratch* s) {
+  backward_impl(f, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
 
 #else  // no AVX2 build: callers use the planar kernels
@@ -320,9 +323,9 @@ bool band_kernels_available() { return false; }
 void band_gather(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, BandScratch*) {}
 void band_gather(const uint16_t*, int64_t, int64_t, const float*, int64_t, uint16_t*, int64_t, BandScratch*) {}
 void band_backward(const float*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
-                   float*, float*, BandScratch*) {}
+                   float*, float*, float*, BandScratch*) {}
 void band_backward(const uint16_t*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
-                   float*, float*, BandScratch*) {}
+                   float*, float*, float*, BandScratch*) {}
 
 #endif
 

@@ -17,9 +17,11 @@ namespace {
 // Branch-free, one point per iteration, so the loop vectorises; `grads` is a compile-time
 // choice (two instantiations) rather than a test inside the loop.
 template <bool grads>
-PYSSL_INLINE void taps_loop(const float* __restrict coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
+PYSSL_INLINE void taps_loop(const float* __restrict coords, int64_t n, int64_t H, int64_t W,
+                            int64_t pitch, DenseTaps t) {
   const float Wf = static_cast<float>(W), Hf = static_cast<float>(H);
   const int32_t Wi = static_cast<int32_t>(W), Hi = static_cast<int32_t>(H);
+  const int32_t Pi = static_cast<int32_t>(pitch);
   int32_t* __restrict i0 = t.index;
   int32_t* __restrict i1 = t.index + n;
   int32_t* __restrict i2 = t.index + 2 * n;
@@ -41,11 +43,11 @@ PYSSL_INLINE void taps_loop(const float* __restrict coords, int64_t n, int64_t H
     const bool vy0 = y0 >= 0 & y0 < Hi, vy1 = y0 + 1 >= 0 & y0 + 1 < Hi;
     const bool in0 = near & vx0 & vy0, in1 = near & vx1 & vy0;
     const bool in2 = near & vx0 & vy1, in3 = near & vx1 & vy1;
-    const int32_t base = y0 * Wi + x0;
+    const int32_t base = y0 * Pi + x0;
     i0[j] = in0 ? base : -1;
     i1[j] = in1 ? base + 1 : -1;
-    i2[j] = in2 ? base + Wi : -1;
-    i3[j] = in3 ? base + Wi + 1 : -1;
+    i2[j] = in2 ? base + Pi : -1;
+    i3[j] = in3 ? base + Pi + 1 : -1;
     w0[j] = in0 ? (1.0f - ax) * (1.0f - ay) : 0.0f;
     w1[j] = in1 ? ax * (1.0f - ay) : 0.0f;
     w2[j] = in2 ? (1.0f - ax) * ay : 0.0f;
@@ -73,13 +75,14 @@ __attribute__((target("avx2,fma"))) inline __m256i inside8(__m256i v, __m256i bo
 
 template <bool grads>
 __attribute__((target("avx2,fma"))) void taps_avx2(const float* coords, int64_t n, int64_t H,
-                                                   int64_t W, DenseTaps t) {
+                                                   int64_t W, int64_t pitch, DenseTaps t) {
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   const __m256 lo = _mm256_set1_ps(-2.0f);
   const __m256 xhi = _mm256_set1_ps(static_cast<float>(W) + 1.0f);
   const __m256 yhi = _mm256_set1_ps(static_cast<float>(H) + 1.0f);
   const __m256i Wi = _mm256_set1_epi32(static_cast<int32_t>(W));
   const __m256i Hi = _mm256_set1_epi32(static_cast<int32_t>(H));
+  const __m256i Pi = _mm256_set1_epi32(static_cast<int32_t>(pitch));
   const __m256i minus1 = _mm256_set1_epi32(-1), ione = _mm256_set1_epi32(1);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -102,9 +105,9 @@ __attribute__((target("avx2,fma"))) void taps_avx2(const float* coords, int64_t 
                            _mm256_and_si256(nearm, _mm256_and_si256(vx1, vy0)),
                            _mm256_and_si256(nearm, _mm256_and_si256(vx0, vy1)),
                            _mm256_and_si256(nearm, _mm256_and_si256(vx1, vy1))};
-    const __m256i base = _mm256_add_epi32(_mm256_mullo_epi32(y0, Wi), x0);
-    const __m256i offs[4] = {base, _mm256_add_epi32(base, ione), _mm256_add_epi32(base, Wi),
-                             _mm256_add_epi32(_mm256_add_epi32(base, Wi), ione)};
+    const __m256i base = _mm256_add_epi32(_mm256_mullo_epi32(y0, Pi), x0);
+    const __m256i offs[4] = {base, _mm256_add_epi32(base, ione), _mm256_add_epi32(base, Pi),
+                             _mm256_add_epi32(_mm256_add_epi32(base, Pi), ione)};
     const __m256 omx = _mm256_sub_ps(one, ax), omy = _mm256_sub_ps(one, ay);
     const __m256 w[4] = {_mm256_mul_ps(omx, omy), _mm256_mul_ps(ax, omy), _mm256_mul_ps(omx, ay),
                          _mm256_mul_ps(ax, ay)};
@@ -127,7 +130,7 @@ __attribute__((target("avx2,fma"))) void taps_avx2(const float* coords, int64_t 
     const int64_t r = n - j;
     int32_t ti[4 * 8];
     float tw[4 * 8], tdx[4 * 8], tdy[4 * 8];
-    taps_loop<grads>(coords + 2 * j, r, H, W, DenseTaps{ti, tw, grads ? tdx : nullptr, grads ? tdy : nullptr});
+    taps_loop<grads>(coords + 2 * j, r, H, W, pitch, DenseTaps{ti, tw, grads ? tdx : nullptr, grads ? tdy : nullptr});
     for (int k = 0; k < 4; ++k)
       for (int64_t q = 0; q < r; ++q) {
         t.index[k * n + j + q] = ti[k * r + q];
@@ -261,11 +264,12 @@ __attribute__((target("avx2,fma"))) void gather_avx2(const F* f, int64_t C, int6
 }
 #endif
 
-PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps t) {
+PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W, int64_t pitch,
+                            DenseTaps t) {
   if (t.dwdx) {
-    taps_loop<true>(coords, n, H, W, t);
+    taps_loop<true>(coords, n, H, W, pitch, t);
   } else {
-    taps_loop<false>(coords, n, H, W, t);
+    taps_loop<false>(coords, n, H, W, pitch, t);
   }
 }
 
@@ -310,13 +314,13 @@ PYSSL_INLINE void gather_body(const F* f, int64_t C, int64_t HW, const DenseTaps
 // The backward of points [j0, n) of a block over C channel planes in one pass (points outer,
 // channels inner: a point's taps are read once for all channels and both gradients). For each
 // (channel, pixel) the feature-gradient contributions still arrive in (point, corner) order,
-// the same result as scattering one plane after the other. gxy[2j] (and y) accumulate
+// the same result as scattering one plane after the other. gx[j] (and gy[j]) accumulate
 // sum_c g_c[j] * sum_k dw/dx f_c[index] in channel order. The output gradient's channel
 // stride gs may be 0 (an expanded gradient).
 template <typename F>
 PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                                const DenseTaps& t, int64_t n, float* gf, float* gxy,
-                                int64_t j0 = 0) {
+                                const DenseTaps& t, int64_t n, float* gf, float* gx,
+                                float* gy, int64_t j0 = 0) {
   for (int64_t j = j0; j < n; ++j) {
     if (gf) {
       for (int64_t c = 0; c < C; ++c) {
@@ -328,8 +332,8 @@ PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* 
         }
       }
     }
-    if (gxy) {
-      float ax = gxy[2 * j], ay = gxy[2 * j + 1];
+    if (gx) {
+      float ax = gx[j], ay = gy[j];
       for (int64_t c = 0; c < C; ++c) {
         const F* plane = f + c * HW;
         float sx = 0.0f, sy = 0.0f;
@@ -340,8 +344,8 @@ PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* 
         ax += g[c * gs + j] * sx;
         ay += g[c * gs + j] * sy;
       }
-      gxy[2 * j] = ax;
-      gxy[2 * j + 1] = ay;
+      gx[j] = ax;
+      gy[j] = ay;
     }
   }
 }
@@ -383,6 +387,218 @@ PYSSL_INLINE void scatter_runs(const float* g, int64_t gs, int64_t C, int64_t HW
   }
 }
 
+// The quad kernels (sample_dense.h), scalar: per point and channel the same operations in the
+// same order as gather_body and backward_body, reading the interleaved image instead of planes.
+template <typename F>
+PYSSL_INLINE void quad_pack_body(const F* f, int64_t C, int64_t HW, int64_t p0, int64_t p1,
+                                 float* q) {  // pixels p0 <= p < p1 of one row, q at p0
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t l = 0; l < kQuadChannels; ++l) q[4 * (p - p0) + l] = l < C ? load_value(f + l * HW, p) : 0.0f;
+}
+
+template <typename F>
+PYSSL_INLINE void quad_gather_body(const float* q, int64_t C, const DenseTaps& t, int64_t n,
+                                   F* out, int64_t os, int64_t j0 = 0) {
+  for (int64_t j = j0; j < n; ++j)
+    for (int64_t c = 0; c < C; ++c) {
+      float acc = 0.0f;
+      for (int k = 0; k < 4; ++k) {
+        const int32_t i = t.index[k * n + j];
+        acc += i < 0 ? 0.0f : t.weight[k * n + j] * q[4 * static_cast<int64_t>(i) + c];
+      }
+      store_value(out + c * os, j, acc);
+    }
+}
+
+template <typename G>
+PYSSL_INLINE void quad_backward_body(const float* q, int64_t C, const G* g, int64_t gs,
+                                     const DenseTaps& t, int64_t n, float* acc, float* gx,
+                                     float* gy, int64_t j0 = 0) {
+  for (int64_t j = j0; j < n; ++j) {
+    if (acc) {
+      float gv[kQuadChannels] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t c = 0; c < C; ++c) gv[c] = load_value(g + c * gs, j);
+      for (int k = 0; k < 4; ++k) {
+        const int32_t i = t.index[k * n + j];
+        if (i < 0) continue;
+        const float w = t.weight[k * n + j];
+        float* a = acc + 4 * static_cast<int64_t>(i);
+        for (int l = 0; l < 4; ++l) a[l] += w * gv[l];
+      }
+    }
+    if (gx) {
+      float ax = gx[j], ay = gy[j];
+      for (int64_t c = 0; c < C; ++c) {
+        float sx = 0.0f, sy = 0.0f;
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = t.index[k * n + j];
+          const float v = i < 0 ? 0.0f : q[4 * static_cast<int64_t>(i) + c];
+          sx += i < 0 ? 0.0f : t.dwdx[k * n + j] * v;
+          sy += i < 0 ? 0.0f : t.dwdy[k * n + j] * v;
+        }
+        ax += load_value(g + c * gs, j) * sx;
+        ay += load_value(g + c * gs, j) * sy;
+      }
+      gx[j] = ax;
+      gy[j] = ay;
+    }
+  }
+}
+
+template <typename F>
+PYSSL_INLINE void quad_unpack_body(float* acc, int64_t HW, int64_t C, F* gf, int64_t p0,
+                                   int64_t p1) {  // pixels p0 <= p < p1 of one row, acc at p0
+  for (int64_t p = p0; p < p1; ++p) {
+    float* a = acc + 4 * (p - p0);
+    for (int64_t c = 0; c < C; ++c) store_value(gf + c * HW, p, a[c]);
+    for (int l = 0; l < 4; ++l) a[l] = 0.0f;
+  }
+}
+
+#ifdef PYSSL_HAVE_AVX2_TAPS
+// 8 lanes of each of 4 vectors (channels) -> 8 vectors of 4 lanes (points), and back
+__attribute__((target("avx2,fma"))) inline void planes_to_quads(const __m256 c[4], __m128 q[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
+  const __m256 p[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                       _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_castps256_ps128(p[i]);
+    q[i + 4] = _mm256_extractf128_ps(p[i], 1);
+  }
+}
+__attribute__((target("avx2,fma"))) inline void quads_to_planes(__m128 q[8], __m256 c[4]) {
+  _MM_TRANSPOSE4_PS(q[0], q[1], q[2], q[3]);
+  _MM_TRANSPOSE4_PS(q[4], q[5], q[6], q[7]);
+  for (int i = 0; i < 4; ++i) c[i] = _mm256_set_m128(q[i + 4], q[i]);
+}
+
+// 8 pixels at a time: C planes loaded as 8-lane vectors, transposed into 8 quads (pixels
+// p0 <= p < p1 of one row, q at p0)
+template <typename F>
+__attribute__((target("avx2,fma"))) void quad_pack_avx2(const F* f, int64_t C, int64_t HW,
+                                                        int64_t p0, int64_t p1, float* q) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t p = p0;
+  for (; p + 8 <= p1; p += 8) {
+    __m256 c[4];
+    for (int l = 0; l < 4; ++l) c[l] = l < C ? load8(f + l * HW + p) : zero;
+    __m128 v[8];
+    planes_to_quads(c, v);
+    for (int i = 0; i < 8; ++i) _mm_store_ps(q + 4 * (p - p0 + i), v[i]);
+  }
+  quad_pack_body(f, C, HW, p, p1, q + 4 * (p - p0));  // the tail
+}
+
+// The 4 corner values (all channels) of point j: zero for corners outside the image
+__attribute__((target("avx2,fma"))) inline void quad_corners(const float* q, const DenseTaps& t,
+                                                             int64_t n, int64_t j, __m128 v[4]) {
+  for (int k = 0; k < 4; ++k) {
+    const int32_t i = t.index[k * n + j];
+    v[k] = i < 0 ? _mm_setzero_ps() : _mm_load_ps(q + 4 * static_cast<int64_t>(i));
+  }
+}
+
+template <typename F>
+__attribute__((target("avx2,fma"))) void quad_gather_avx2(const float* q, int64_t C,
+                                                          const DenseTaps& t, int64_t n, F* out,
+                                                          int64_t os) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m128 r[8];
+    for (int p = 0; p < 8; ++p) {
+      __m128 v[4];
+      quad_corners(q, t, n, j + p, v);
+      __m128 acc = _mm_setzero_ps();
+      for (int k = 0; k < 4; ++k) acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(t.weight[k * n + j + p]), v[k]));
+      r[p] = acc;
+    }
+    __m256 c[4];
+    quads_to_planes(r, c);
+    for (int64_t l = 0; l < C; ++l) store8(out + l * os + j, c[l]);
+  }
+  quad_gather_body(q, C, t, n, out, os, j);  // the tail
+}
+
+// 8 points at a time: their output gradients transposed into quads for the scatter (one 4-lane
+// read-modify-write per inside corner), and their per-channel coordinate sums transposed back
+// into planes for the sum over channels
+template <typename G>
+__attribute__((target("avx2,fma"))) void quad_backward_avx2(const float* q, int64_t C,
+                                                            const G* g, int64_t gs,
+                                                            const DenseTaps& t, int64_t n,
+                                                            float* acc, float* gx, float* gy) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 gc[4];
+    for (int l = 0; l < 4; ++l) gc[l] = l < C ? load8(g + l * gs + j) : zero;
+    if (acc) {
+      __m128 gq[8];
+      planes_to_quads(gc, gq);
+      const int32_t* __restrict ix = t.index + j;
+      const float* __restrict wt = t.weight + j;
+      for (int p = 0; p < 8; ++p) {
+        // the point's 4 contributions first, then its 4 updates
+        __m128 d[4];
+        for (int k = 0; k < 4; ++k) d[k] = _mm_mul_ps(_mm_set1_ps(wt[k * n + p]), gq[p]);
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = ix[k * n + p];
+          if (i < 0) continue;
+          float* a = acc + 4 * static_cast<int64_t>(i);
+          _mm_store_ps(a, _mm_add_ps(_mm_load_ps(a), d[k]));
+        }
+      }
+    }
+    if (!gx) continue;
+    __m128 sxq[8], syq[8];
+    for (int p = 0; p < 8; ++p) {
+      __m128 v[4];
+      quad_corners(q, t, n, j + p, v);
+      __m128 sx = _mm_setzero_ps(), sy = _mm_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        sx = _mm_add_ps(sx, _mm_mul_ps(_mm_set1_ps(t.dwdx[k * n + j + p]), v[k]));
+        sy = _mm_add_ps(sy, _mm_mul_ps(_mm_set1_ps(t.dwdy[k * n + j + p]), v[k]));
+      }
+      sxq[p] = sx;
+      syq[p] = sy;
+    }
+    __m256 sx[4], sy[4];
+    quads_to_planes(sxq, sx);
+    quads_to_planes(syq, sy);
+    __m256 ax = _mm256_loadu_ps(gx + j), ay = _mm256_loadu_ps(gy + j);
+    for (int64_t l = 0; l < C; ++l) {
+      ax = _mm256_add_ps(ax, _mm256_mul_ps(gc[l], sx[l]));
+      ay = _mm256_add_ps(ay, _mm256_mul_ps(gc[l], sy[l]));
+    }
+    _mm256_storeu_ps(gx + j, ax);
+    _mm256_storeu_ps(gy + j, ay);
+  }
+  quad_backward_body(q, C, g, gs, t, n, acc, gx, gy, j);  // the tail
+}
+
+// 8 pixels at a time: transposed into planes, C of them stored (bfloat16: rounded), zeros back
+// into acc (pixels p0 <= p < p1 of one row, acc at p0)
+template <typename F>
+__attribute__((target("avx2,fma"))) void quad_unpack_avx2(float* acc, int64_t HW, int64_t C, F* gf,
+                                                          int64_t p0, int64_t p1) {
+  const __m128 zero = _mm_setzero_ps();
+  int64_t p = p0;
+  for (; p + 8 <= p1; p += 8) {
+    __m128 r[8];
+    for (int i = 0; i < 8; ++i) {
+      float* a = acc + 4 * (p - p0 + i);
+      r[i] = _mm_load_ps(a);
+      _mm_store_ps(a, zero);
+    }
+    __m256 c[4];
+    quads_to_planes(r, c);
+    for (int64_t l = 0; l < C; ++l) store8(gf + l * HW + p, c[l]);
+  }
+  quad_unpack_body(acc + 4 * (p - p0), HW, C, gf, p, p1);  // the tail
+}
+#endif
+
 #ifdef PYSSL_HAVE_AVX2_TAPS
 // The backward for float32 or bfloat16 features: the feature gradient by scatter_runs (AVX2 has
 // no scatter), the coordinate gradient 8 points at a time (corner_values8; corners outside the
@@ -392,9 +608,9 @@ template <typename F>
 __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, int64_t HW,
                                                        const float* g, int64_t gs,
                                                        const DenseTaps& t, int64_t n, float* gf,
-                                                       float* gxy) {
+                                                       float* gx, float* gy) {
   if (gf) scatter_runs(g, gs, C, HW, t, n, gf);
-  if (!gxy) return;
+  if (!gx) return;
   const __m256 zero = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -404,12 +620,7 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, in
       dx[k] = _mm256_loadu_ps(t.dwdx + k * n + j);
       dy[k] = _mm256_loadu_ps(t.dwdy + k * n + j);
     }
-    // gxy [8, 2] -> x and y lanes in point order
-    const __m256 a = _mm256_loadu_ps(gxy + 2 * j), b = _mm256_loadu_ps(gxy + 2 * j + 8);
-    const __m256 xp = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
-    const __m256 yp = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-    __m256 ax = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xp), _MM_SHUFFLE(3, 1, 2, 0)));
-    __m256 ay = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(yp), _MM_SHUFFLE(3, 1, 2, 0)));
+    __m256 ax = _mm256_loadu_ps(gx + j), ay = _mm256_loadu_ps(gy + j);
     for (int64_t c = 0; c < C; ++c) {
       __m256 v[4];
       corner_values8(f + c * HW, cr, v);
@@ -422,11 +633,10 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, in
       ax = _mm256_add_ps(ax, _mm256_mul_ps(gc, sx));
       ay = _mm256_add_ps(ay, _mm256_mul_ps(gc, sy));
     }
-    const __m256 lo = _mm256_unpacklo_ps(ax, ay), hi = _mm256_unpackhi_ps(ax, ay);
-    _mm256_storeu_ps(gxy + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(gxy + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    _mm256_storeu_ps(gx + j, ax);
+    _mm256_storeu_ps(gy + j, ay);
   }
-  backward_body<F>(f, C, HW, g, gs, t, n, nullptr, gxy, j);  // the tail
+  backward_body<F>(f, C, HW, g, gs, t, n, nullptr, gx, gy, j);  // the tail
 }
 #endif
 
@@ -448,19 +658,20 @@ PYSSL_INLINE void flow_coords_body(const float* u, const float* v, int64_t i, in
   }
 }
 
-// pixels j0 <= j < W of the row (taps in the [4][W] layout)
-PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* bu_plane,
-                                  const float* bv_plane, int64_t j0, int64_t W, float alpha1,
-                                  float alpha2, const DenseTaps& t, bool* valid) {
+// pixels j0 <= j < W of the row (taps in the [4][W] layout); the backward flow interleaved,
+// qb [H*W][2] = (bu, bv) per pixel (pair_pack)
+PYSSL_INLINE void flow_check_body(const float* u, const float* v, const float* qb, int64_t j0,
+                                  int64_t W, float alpha1, float alpha2, const DenseTaps& t,
+                                  bool* valid) {
   for (int64_t j = j0; j < W; ++j) {
     float bu = 0.0f, bv = 0.0f;
     for (int k = 0; k < 4; ++k) {
       const int32_t idx = t.index[k * W + j];
       const float w = t.weight[k * W + j];
       const bool read = idx >= 0 & w != 0.0f;
-      const int32_t at = read ? idx : 0;
-      bu += read ? w * bu_plane[at] : 0.0f;
-      bv += read ? w * bv_plane[at] : 0.0f;
+      const int64_t at = 2 * static_cast<int64_t>(read ? idx : 0);
+      bu += read ? w * qb[at] : 0.0f;
+      bv += read ? w * qb[at + 1] : 0.0f;
     }
     const float du = u[j] + bu, dv = v[j] + bv;
     const float lhs = du * du + dv * dv;
@@ -497,28 +708,69 @@ __attribute__((target("avx2,fma"))) void flow_coords_avx2(const float* u, const 
   flow_coords_body(u, v, i, W, H, coords, valid, j);  // the tail
 }
 
-// flow_check_body for 8 pixels at a time (masked gathers), then the scalar body for the tail
+// pair_pack for 8 pixels at a time; returns the first pixel left for the scalar tail
+__attribute__((target("avx2,fma"))) int64_t pair_pack_avx2(const float* f, int64_t HW, int64_t p0,
+                                                           int64_t p1, float* q) {
+  int64_t p = p0;
+  for (; p + 8 <= p1; p += 8) {
+    const __m256 a = _mm256_loadu_ps(f + p), b = _mm256_loadu_ps(f + HW + p);
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);
+    _mm256_storeu_ps(q + 2 * p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(q + 2 * p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+  return p;
+}
+
+// flow_check_body for 8 pixels at a time: per pixel the 4 corners' (bu, bv) as 64-bit reads of
+// the interleaved backward flow (into lanes 0, 1), weighted and summed in corner order (corners outside the image
+// or with weight 0 are not read: a NaN or inf neighbour with weight 0 does not poison the
+// sample), transposed into bu and bv lanes for the check; then the scalar body for the tail
 __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const float* v,
-                                                         const float* bu_plane,
-                                                         const float* bv_plane, int64_t W,
-                                                         float alpha1, float alpha2,
-                                                         const DenseTaps& t, bool* valid) {
-  const __m256 zero = _mm256_setzero_ps(), a1 = _mm256_set1_ps(alpha1), a2 = _mm256_set1_ps(alpha2);
+                                                         const float* qb, int64_t W, float alpha1,
+                                                         float alpha2, const DenseTaps& t,
+                                                         bool* valid) {
+  const __m256 a1 = _mm256_set1_ps(alpha1), a2 = _mm256_set1_ps(alpha2);
   int64_t j = 0;
+  const __m256 zero8 = _mm256_setzero_ps();
   for (; j + 8 <= W; j += 8) {
-    // corners with weight 0 may be read (a pair gather) but never add: their products are
-    // masked off, so a NaN or inf neighbour with weight 0 does not poison the sample
-    const Corners8 cr = corners8(t, W, j);
-    __m256 su[4], sv[4];
-    corner_values8(bu_plane, cr, su);
-    corner_values8(bv_plane, cr, sv);
-    __m256 bu = zero, bv = zero;
+    // all 32 corners inside the image with a nonzero weight (the common case): each point's
+    // horizontal pair of corners is one 128-bit read (bu0, bv0, bu1, bv1)
+    __m256i any = _mm256_setzero_si256();
+    __m256 wzero = _mm256_setzero_ps();
     for (int k = 0; k < 4; ++k) {
-      const __m256 w = _mm256_loadu_ps(t.weight + k * W + j);
-      const __m256 read = _mm256_and_ps(cr.mask[k], _mm256_cmp_ps(w, zero, _CMP_NEQ_UQ));
-      bu = _mm256_add_ps(bu, _mm256_and_ps(read, _mm256_mul_ps(w, su[k])));
-      bv = _mm256_add_ps(bv, _mm256_and_ps(read, _mm256_mul_ps(w, sv[k])));
+      any = _mm256_or_si256(any, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.index + k * W + j)));
+      wzero = _mm256_or_ps(wzero, _mm256_cmp_ps(_mm256_loadu_ps(t.weight + k * W + j), zero8, _CMP_EQ_OQ));
     }
+    const bool fast = _mm256_movemask_ps(_mm256_or_ps(_mm256_castsi256_ps(any), wzero)) == 0;
+    __m128 r[8];
+    for (int p = 0; p < 8; ++p) {
+      __m128 acc = _mm_setzero_ps();
+      if (fast) {
+        for (int h = 0; h < 2; ++h) {  // top pair (corners 0, 1), bottom pair (2, 3)
+          const int64_t i = t.index[2 * h * W + j + p];
+          const __m128 w = _mm_movelh_ps(_mm_set1_ps(t.weight[2 * h * W + j + p]),
+                                         _mm_set1_ps(t.weight[(2 * h + 1) * W + j + p]));
+          const __m128 prod = _mm_mul_ps(w, _mm_loadu_ps(qb + 2 * i));
+          acc = _mm_add_ps(acc, prod);                        // + w_left * (bu, bv)
+          acc = _mm_add_ps(acc, _mm_movehl_ps(prod, prod));   // + w_right * (bu, bv)
+        }
+        r[p] = acc;
+        continue;
+      }
+      for (int k = 0; k < 4; ++k) {
+        const int32_t idx = t.index[k * W + j + p];
+        const float w = t.weight[k * W + j + p];
+        if (idx >= 0 && w != 0.0f)
+          acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(w), _mm_castpd_ps(_mm_load_sd(
+                                    reinterpret_cast<const double*>(qb + 2 * static_cast<int64_t>(idx))))));
+        else
+          acc = _mm_add_ps(acc, _mm_setzero_ps());
+      }
+      r[p] = acc;
+    }
+    __m256 b[4];
+    quads_to_planes(r, b);
+    const __m256 bu = b[0], bv = b[1];
     const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
     const __m256 du = _mm256_add_ps(uu, bu), dv = _mm256_add_ps(vv, bv);
     const __m256 lhs = _mm256_add_ps(_mm256_mul_ps(du, du), _mm256_mul_ps(dv, dv));
@@ -528,7 +780,7 @@ __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const f
     const int ok = _mm256_movemask_ps(_mm256_cmp_ps(lhs, rhs, _CMP_LE_OQ));
     for (int q = 0; q < 8; ++q) valid[j + q] = valid[j + q] & (((ok >> q) & 1) != 0);
   }
-  flow_check_body(u, v, bu_plane, bv_plane, j, W, alpha1, alpha2, t, valid);  // the tail
+  flow_check_body(u, v, qb, j, W, alpha1, alpha2, t, valid);  // the tail
 }
 #endif
 
@@ -545,27 +797,107 @@ void gather_dispatch(const F* f, int64_t C, int64_t HW, const DenseTaps& taps, i
 
 template <typename F>
 void backward_dispatch(const F* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                       const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
+                       const DenseTaps& taps, int64_t n, float* grad_f, float* gx, float* gy) {
 #ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+  if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
 #endif
-  backward_body(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+  backward_body(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
 }
 
 }  // namespace
 
-void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps taps) {
+template <typename F>
+void quad_pack_rows(const F* f, int64_t C, int64_t H, int64_t W, int64_t pitch, int64_t r0,
+                    int64_t r1, float* q) {
+  const int64_t HW = H * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* qr = q + 4 * r * pitch;
+#ifdef PYSSL_HAVE_AVX2_TAPS
+    if (cpu_has_avx2_fma()) {
+      quad_pack_avx2(f, C, HW, r * W, (r + 1) * W, qr);
+    } else
+#endif
+    {
+      quad_pack_body(f, C, HW, r * W, (r + 1) * W, qr);
+    }
+    for (int64_t l = 4 * W; l < 4 * pitch; ++l) qr[l] = 0.0f;  // the row's padding
+  }
+}
+void quad_pack(const float* f, int64_t C, int64_t H, int64_t W, int64_t pitch, int64_t r0,
+               int64_t r1, float* q) {
+  quad_pack_rows(f, C, H, W, pitch, r0, r1, q);
+}
+void quad_pack(const uint16_t* f, int64_t C, int64_t H, int64_t W, int64_t pitch, int64_t r0,
+               int64_t r1, float* q) {
+  quad_pack_rows(f, C, H, W, pitch, r0, r1, q);
+}
+void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, float* out,
+                 int64_t out_stride) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return quad_gather_avx2(q, C, taps, n, out, out_stride);
+#endif
+  quad_gather_body(q, C, taps, n, out, out_stride);
+}
+void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, uint16_t* out,
+                 int64_t out_stride) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return quad_gather_avx2(q, C, taps, n, out, out_stride);
+#endif
+  quad_gather_body(q, C, taps, n, out, out_stride);
+}
+template <typename G>
+void quad_backward_dispatch(const float* q, int64_t C, const G* g, int64_t g_stride,
+                            const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return quad_backward_avx2(q, C, g, g_stride, taps, n, acc, gx, gy);
+#endif
+  quad_backward_body(q, C, g, g_stride, taps, n, acc, gx, gy);
+}
+void quad_backward(const float* q, int64_t C, const float* g, int64_t g_stride,
+                   const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy) {
+  quad_backward_dispatch(q, C, g, g_stride, taps, n, acc, gx, gy);
+}
+void quad_backward(const float* q, int64_t C, const uint16_t* g, int64_t g_stride,
+                   const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy) {
+  quad_backward_dispatch(q, C, g, g_stride, taps, n, acc, gx, gy);
+}
+template <typename F>
+void quad_unpack_rows(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, F* gf) {
+  const int64_t HW = H * W;
+  for (int64_t r = 0; r < H; ++r) {
+    float* ar = acc + 4 * r * pitch;
+#ifdef PYSSL_HAVE_AVX2_TAPS
+    if (cpu_has_avx2_fma()) {
+      quad_unpack_avx2(ar, HW, C, gf, r * W, (r + 1) * W);
+      continue;
+    }
+#endif
+    quad_unpack_body(ar, HW, C, gf, r * W, (r + 1) * W);
+  }
+}
+void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, float* gf) {
+  quad_unpack_rows(acc, H, W, pitch, C, gf);
+}
+void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, uint16_t* gf) {
+  quad_unpack_rows(acc, H, W, pitch, C, gf);
+}
+
+void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, int64_t pitch,
+                DenseTaps taps) {
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) {
     if (taps.dwdx) {
-      taps_avx2<true>(coords, n, H, W, taps);
+      taps_avx2<true>(coords, n, H, W, pitch, taps);
     } else {
-      taps_avx2<false>(coords, n, H, W, taps);
+      taps_avx2<false>(coords, n, H, W, pitch, taps);
     }
     return;
   }
 #endif
-  taps_body(coords, n, H, W, taps);
+  taps_body(coords, n, H, W, pitch, taps);
+}
+void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps taps) {
+  dense_taps(coords, n, H, W, W, taps);
 }
 void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   float* out, int64_t out_stride) {
@@ -576,29 +908,39 @@ void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& tap
   gather_dispatch(f, C, HW, taps, n, out, out_stride);
 }
 void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
-  backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gx, float* gy) {
+  backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
 }
 void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy) {
-  backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gxy);
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gx, float* gy) {
+  backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
 }
 
-void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,
-              int64_t W, int64_t H, float alpha1, float alpha2, const DenseTaps& taps,
-              float* coords, bool* valid) {
+void pair_pack(const float* f, int64_t HW, int64_t p0, int64_t p1, float* q) {
+  int64_t p = p0;
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) p = pair_pack_avx2(f, HW, p0, p1, q);
+#endif
+  for (; p < p1; ++p) {
+    q[2 * p] = f[p];
+    q[2 * p + 1] = f[HW + p];
+  }
+}
+
+void flow_row(const float* u, const float* v, const float* qb, int64_t i, int64_t W, int64_t H,
+              float alpha1, float alpha2, const DenseTaps& taps, float* coords, bool* valid) {
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) {
     flow_coords_avx2(u, v, i, W, H, coords, valid);
-    if (!bu) return;
+    if (!qb) return;
     dense_taps(coords, W, H, W, taps);
-    return flow_check_avx2(u, v, bu, bv, W, alpha1, alpha2, taps, valid);
+    return flow_check_avx2(u, v, qb, W, alpha1, alpha2, taps, valid);
   }
 #endif
   flow_coords_body(u, v, i, W, H, coords, valid);
-  if (!bu) return;
+  if (!qb) return;
   dense_taps(coords, W, H, W, taps);
-  flow_check_body(u, v, bu, bv, 0, W, alpha1, alpha2, taps, valid);
+  flow_check_body(u, v, qb, 0, W, alpha1, alpha2, taps, valid);
 }
 
 }  // namespace pyssl::cpu

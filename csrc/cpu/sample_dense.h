@@ -2,7 +2,9 @@
 // path of pyssl.ops.sample_features): features [C, H, W] planes, coordinates [P, 2] (x, y) in
 // pixels, output [C, P] planes. Built for AVX2+FMA and the baseline (simd.h); with AVX2 the
 // corner reads vectorise over 8 points (gathers; one gather element per horizontal pair of
-// corners when all of them are inside the image), the feature-gradient scatter is scalar.
+// corners when all of them are inside the image), the feature-gradient scatter is scalar. For
+// 3 or 4 channels the glue interleaves the image first (the "quad" kernels below): a corner is
+// then one 4-lane read or update for all channels.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +22,9 @@ struct DenseTaps {
 };
 
 void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, DenseTaps taps);
+// The same with indices y * pitch + x into an image whose rows are `pitch` >= W pixels apart
+void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, int64_t pitch,
+                DenseTaps taps);
 
 // out[c * out_stride + j] = sum_k weight[k][j] * f[c * HW + index[k][j]], j < n. The uint16_t
 // overloads read and write bfloat16 (fp32 math, round to nearest even).
@@ -28,21 +33,69 @@ void dense_gather(const float* f, int64_t C, int64_t HW, const DenseTaps& taps, 
 void dense_gather(const uint16_t* f, int64_t C, int64_t HW, const DenseTaps& taps, int64_t n,
                   uint16_t* out, int64_t out_stride);
 
-// The backward of a block of points over C planes (either output may be null):
+// The backward of a block of points over C planes (grad_f may be null; gx and gy are both null
+// or both set):
 //   grad_f[c * HW + index[k][j]] += weight[k][j] * g[c * g_stride + j]   (in point order)
-//   gxy[2j] += sum_c g[c * g_stride + j] * sum_k dwdx[k][j] f[c * HW + index[k][j]]   (and y)
-// The uint16_t overload reads bfloat16 features (fp32 math).
+//   gx[j] += sum_c g[c * g_stride + j] * sum_k dwdx[k][j] f[c * HW + index[k][j]]   (gy: dwdy)
+// The coordinate gradient is planar (gx and gy separate arrays), so 8 points load and store as
+// one vector each. The uint16_t overload reads bfloat16 features (fp32 math).
 void dense_backward(const float* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy);
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gx, float* gy);
 void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, int64_t g_stride,
-                    const DenseTaps& taps, int64_t n, float* grad_f, float* gxy);
+                    const DenseTaps& taps, int64_t n, float* grad_f, float* gx, float* gy);
 
+// Pixel-interleaved ("quad") kernels for few channels (1 <= C <= kQuadChannels). A quad image
+// q [H][pitch][4] floats (16-byte aligned) holds a pixel's channels side by side (lanes >= C
+// and the padding pixels of a row are 0), so a corner of a point is one 4-lane read (features)
+// or read-modify-write (feature gradient) for all channels, instead of C scattered ones, one per
+// plane. Taps index it with dense_taps(..., pitch, ...). Results equal the planar kernels above
+// bit for bit: the same products summed in the same order.
+constexpr int64_t kQuadChannels = 4;
+// The row pitch (pixels) of a quad image of width W: W, padded so that rows 1 to 4 apart are
+// not within 128 bytes of a multiple of 4 KiB apart. Otherwise (e.g. W = 512: rows exactly 8 KiB
+// apart) a read of one row is taken to depend on the preceding write to the row above ("4K
+// aliasing": the core compares the low 12 address bits), which stalls the scatter.
+inline int64_t quad_pitch(int64_t W) {
+  for (int64_t p = W;; ++p) {
+    bool ok = true;
+    for (int64_t r = 1; r <= 4 && ok; ++r) {
+      const int64_t m = (r * p * kQuadChannels * 4) % 4096;
+      ok = m >= 128 && m <= 4096 - 128;
+    }
+    if (ok) return p;
+  }
+}
+// rows r0 <= r < r1 of q (pitch) from the planes f [C][H*W] (bfloat16 widened to float)
+void quad_pack(const float* f, int64_t C, int64_t H, int64_t W, int64_t pitch, int64_t r0,
+               int64_t r1, float* q);
+void quad_pack(const uint16_t* f, int64_t C, int64_t H, int64_t W, int64_t pitch, int64_t r0,
+               int64_t r1, float* q);
+// out[c * out_stride + j] = sum_k weight[k][j] * q[4 * index[k][j] + c], c < C, j < n
+void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, float* out,
+                 int64_t out_stride);
+void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, uint16_t* out,
+                 int64_t out_stride);
+// The backward of a block (acc, or gx and gy, may be null; q may be null without gx):
+//   acc[4 * index[k][j] + c] += weight[k][j] * g[c * g_stride + j]   (in point, corner order)
+//   gx[j] += sum_c g[c * g_stride + j] * sum_k dwdx[k][j] q[4 * index[k][j] + c]   (gy: dwdy)
+// The output gradient g is float32 or (uint16_t) bfloat16, read as float.
+void quad_backward(const float* q, int64_t C, const float* g, int64_t g_stride,
+                   const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy);
+void quad_backward(const float* q, int64_t C, const uint16_t* g, int64_t g_stride,
+                   const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy);
+// planes gf [C][H*W] from the accumulator acc [H][pitch][4] (bfloat16: rounded to nearest
+// even), and acc zeroed again
+void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, float* gf);
+void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, uint16_t* gf);
+
+// q[2 * p + c] = f[c * HW + p] for pixels p0 <= p < p1: two planes (a flow's u, v) interleaved,
+// so a bilinear corner of the flow is one 64-bit read
+void pair_pack(const float* f, int64_t HW, int64_t p0, int64_t p1, float* q);
 // One row i of flow_correspondence for float32 flows (u, v: the row of the forward flow's two
-// planes; bu, bv: the backward flow's planes [H, W], or null): coords [W, 2] and valid [W],
-// equal to kernels/flow_math.h (flow_match). `taps` holds room for W points.
-void flow_row(const float* u, const float* v, const float* bu, const float* bv, int64_t i,
-              int64_t W, int64_t H, float alpha1, float alpha2, const DenseTaps& taps,
-              float* coords, bool* valid);
+// planes; qb: the backward flow interleaved by pair_pack, or null): coords [W, 2] and valid
+// [W], equal to kernels/flow_math.h (flow_match). `taps` holds room for W points.
+void flow_row(const float* u, const float* v, const float* qb, int64_t i, int64_t W, int64_t H,
+              float alpha1, float alpha2, const DenseTaps& taps, float* coords, bool* valid);
 
 // Channels-last band kernels (csrc/cpu/sample_band.cpp) for kBandChannels channels at a time of
 // one image, AVX2+FMA only (band_kernels_available()). The band of source rows a block of
@@ -61,11 +114,11 @@ void band_gather(const float* f, int64_t H, int64_t W, const float* coords, int6
                  int64_t os, BandScratch* s);
 void band_gather(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
                  uint16_t* out, int64_t os, BandScratch* s);
-// gf planes [16][H*W] += feature gradient (gf may be null), gxy [P, 2] += coordinate gradient
-// over these 16 channels (gxy and f may be null), from the output gradient planes g [16][gs]
+// gf planes [16][H*W] += feature gradient (gf may be null), gx, gy [P] += coordinate gradient
+// over these 16 channels (gx, gy and f may be null), from the output gradient planes g [16][gs]
 void band_backward(const float* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s);
+                   const float* coords, int64_t P, float* gf, float* gx, float* gy, BandScratch* s);
 void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gxy, BandScratch* s);
+                   const float* coords, int64_t P, float* gf, float* gx, float* gy, BandScratch* s);
 
 }  // namespace pyssl::cpu

@@ -7,6 +7,7 @@
 #include "cpu/sample_dense.h"
 #include "kernels/flow_math.h"
 #include "ops/flow.h"
+#include "ops/quad.h"
 
 namespace pyssl::flow {
 namespace {
@@ -25,13 +26,25 @@ std::tuple<Tensor, Tensor> flow_correspondence_cpu(const Tensor& flow_fw,
   Tensor valid = at::empty({B, H, W}, fw.options().dtype(at::kBool));
   if (acc == at::kFloat && H * W < (int64_t{1} << 31)) {
     // float32: rows through the vectorised kernel (csrc/cpu/sample_dense.cpp, flow_row), which
-    // computes what flow_match computes, in the same order
+    // computes what flow_match computes, in the same order; the backward flow is read
+    // interleaved (pair_pack), a target's 4 corners as 4 reads of (bu, bv)
     const Tensor f = fw.contiguous(), b = bw.defined() ? bw.contiguous() : bw;
     const float* fp = f.const_data_ptr<float>();
-    const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
     float* cp = coords.mutable_data_ptr<float>();
     bool* vp = valid.mutable_data_ptr<bool>();
     const int64_t HW = H * W;
+    ScratchPool::Lease q = quad_image_pool().lend(b.defined() ? B * HW * 2 : 0);
+    const float* qp = b.defined() ? q.data() : nullptr;
+    if (b.defined()) {
+      const float* bp = b.const_data_ptr<float>();
+      float* pairs = q.data();
+      at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t bi = begin; bi < end; ++bi) {
+          const int64_t n = bi / H, r = bi % H;
+          cpu::pair_pack(bp + n * 2 * HW, HW, r * W, (r + 1) * W, pairs + n * 2 * HW);
+        }
+      });
+    }
     at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> index(4 * W);
       std::vector<float> weight(4 * W);
@@ -39,9 +52,9 @@ std::tuple<Tensor, Tensor> flow_correspondence_cpu(const Tensor& flow_fw,
       for (int64_t bi = begin; bi < end; ++bi) {
         const int64_t n = bi / H, i = bi % H;
         const float* u = fp + n * 2 * HW + i * W;
-        const float* bu = bp ? bp + n * 2 * HW : nullptr;
-        cpu::flow_row(u, u + HW, bu, bu ? bu + HW : nullptr, i, W, H, static_cast<float>(alpha1),
-                      static_cast<float>(alpha2), taps, cp + bi * W * 2, vp + bi * W);
+        cpu::flow_row(u, u + HW, qp ? qp + n * 2 * HW : nullptr, i, W, H,
+                      static_cast<float>(alpha1), static_cast<float>(alpha2), taps, cp + bi * W * 2,
+                      vp + bi * W);
       }
     });
     return {coords, valid};

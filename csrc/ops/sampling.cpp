@@ -13,6 +13,7 @@
 
 #include "cpu/sample_dense.h"
 #include "ops/sampling.h"
+#include "ops/quad.h"
 
 namespace pyssl::sampling {
 namespace {
@@ -438,9 +439,10 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
 
 
 // ---------------------------------------------------------------------------------------------
-// Dense sampling fast path (CPU, float32, NCHW): pyssl.ops.sample_features on the CPU. Output and
-// incoming gradients are NCHW planes, so the per-channel loops vectorise over points (gathers),
-// and the feature-gradient scatter runs one channel plane per task.
+// Dense sampling fast path (CPU, float32 or bfloat16, NCHW): pyssl.ops.sample_features on the
+// CPU. Output and incoming gradients are NCHW planes, so the per-channel loops vectorise over
+// points (gathers); 16-channel slices go through channels-last bands of rows, 3 or 4 channels
+// through a pixel-interleaved copy of the image (the quad kernels).
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kDenseBlock = 256;
@@ -486,6 +488,18 @@ struct ScratchDeleter {
 };
 using Scratch = std::unique_ptr<cpu::BandScratch, ScratchDeleter>;
 
+// 3 or 4 channels of a whole image (no band slices) take the pixel-interleaved ("quad")
+// kernels: a corner is one 4-lane read or update for all channels instead of one gather or
+// scatter per channel plane. With 1 or 2 channels the planes are as fast or faster here (a quad
+// moves 4 lanes for 1 or 2 useful ones): benchmarks/RESULTS.md. The interleaved images and the
+// feature-gradient accumulator come from pools kept between calls (ops/quad.h).
+constexpr int64_t kQuadMinChannels = 3;
+
+bool use_quad(int64_t channels, int64_t H, int64_t W) {
+  return channels >= kQuadMinChannels && channels <= cpu::kQuadChannels &&
+         H * cpu::quad_pitch(W) < (int64_t{1} << 31);  // int32 tap indices
+}
+
 template <typename F>
 void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, int64_t H, int64_t W,
                    int64_t P) {
@@ -501,6 +515,24 @@ void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, in
     cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
     cpu::dense_gather(fp + (b * C + c0) * HW, nc, HW, t, n, op + (b * C + c0) * P + p0, P);
   };
+  if (split.slices == 0 && use_quad(C, H, W)) {  // few channels: interleave the image, then gather
+    const QuadLayout L(H, W);
+    ScratchPool::Lease q = quad_image_pool().lend(B * L.image_floats());
+    float* qp = q.data();
+    pack_quad_images(fp, B, C, L, qp);
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      int32_t index[4 * kDenseBlock];
+      float weight[4 * kDenseBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
+        const int64_t n = std::min(kDenseBlock, P - p0);
+        const cpu::DenseTaps t{index, weight, nullptr, nullptr};
+        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, L.pitch, t);
+        cpu::quad_gather(qp + b * L.image_floats(), C, t, n, op + b * C * P + p0, P);
+      }
+    });
+    return;
+  }
   if (split.slices == 0) {  // planar only: parallel over blocks of points, all channels each
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
@@ -540,17 +572,18 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
 
 // Backward: one task per (image, 16-channel slice) through the band kernels plus one for the
 // remaining channels (all of them when C < 16), which walks blocks of points once: taps with
-// their derivatives, then per channel the scatter into its feature-gradient plane and the
-// coordinate gradient. With several tasks per image each task's coordinate gradient goes to its
-// own partial buffer, summed in task order after, so results do not depend on the number of
-// threads.
+// their derivatives, then the feature-gradient scatter and the coordinate gradient. With several
+// tasks per image each task's coordinate gradient goes to its own partial buffer, summed in task
+// order after, so results do not depend on the number of threads. The coordinate gradient is
+// planar: gc [B, 2, P] (x plane, y plane); with one task per image (T == 1) each block zeroes
+// its part before accumulating, so gc needs no zero fill.
 template <typename F>
 void dense_backward(const F* fp, const float* cp, const float* gp, int64_t gsb, int64_t gsc,
                     float* gfp, float* gcp, int64_t B, int64_t C, int64_t H, int64_t W, int64_t P,
                     const at::TensorOptions& opts) {
   const DenseSplit split(C);
   const int64_t HW = H * W, S = cpu::kBandChannels, T = split.tasks;
-  Tensor partial = gcp && T > 1 ? zeros_large({B, T, P, 2}, opts.dtype(at::kFloat)) : Tensor();
+  Tensor partial = gcp && T > 1 ? zeros_large({B, T, 2, P}, opts.dtype(at::kFloat)) : Tensor();
   float* pp = gcp ? (T > 1 ? partial.mutable_data_ptr<float>() : gcp) : nullptr;
   at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
@@ -558,35 +591,79 @@ void dense_backward(const F* fp, const float* cp, const float* gp, int64_t gsb, 
     float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / T, q = task % T, c0 = q * S;
-      float* gxy = pp ? pp + (b * T + q) * P * 2 : nullptr;
+      float* gx = pp ? pp + (b * T + q) * 2 * P : nullptr;
+      float* gy = pp ? gx + P : nullptr;
       float* gf = gfp ? gfp + (b * C + c0) * HW : nullptr;
       if (q < split.slices) {
         if (!scratch) scratch.reset(cpu::band_scratch_new(W));
         cpu::band_backward(fp + (b * C + c0) * HW, gp + b * gsb + c0 * gsc, gsc, H, W, cp + b * P * 2, P,
-                           gf, gxy, scratch.get());
+                           gf, gx, gy, scratch.get());
         continue;
       }
       for (int64_t p0 = 0; p0 < P; p0 += kDenseBlock) {  // the remaining channels, planar
         const int64_t n = std::min(kDenseBlock, P - p0);
-        const cpu::DenseTaps t{index, weight, gxy ? dwdx : nullptr, gxy ? dwdy : nullptr};
+        const cpu::DenseTaps t{index, weight, gx ? dwdx : nullptr, gx ? dwdy : nullptr};
+        if (gx && T == 1) {
+          std::fill(gx + p0, gx + p0 + n, 0.0f);
+          std::fill(gy + p0, gy + p0 + n, 0.0f);
+        }
         cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
         cpu::dense_backward(fp + (b * C + c0) * HW, split.rest, HW, gp + b * gsb + c0 * gsc + p0, gsc,
-                            t, n, gf, gxy ? gxy + 2 * p0 : nullptr);
+                            t, n, gf, gx ? gx + p0 : nullptr, gy ? gy + p0 : nullptr);
       }
     }
   });
   if (gcp && T > 1) {
-    at::parallel_for(0, B * P, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const int64_t b = m / P, p = m % P;
-        for (int e = 0; e < 2; ++e) {
-          float acc = pp[(b * T * P + p) * 2 + e];
-          for (int64_t q = 1; q < T; ++q) acc += pp[((b * T + q) * P + p) * 2 + e];
-          gcp[m * 2 + e] = acc;
-        }
+    at::parallel_for(0, B * 2 * P, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {  // m = (b * 2 + e) * P + p
+        const int64_t b = m / (2 * P), r = m % (2 * P);
+        float acc = pp[b * T * 2 * P + r];
+        for (int64_t q = 1; q < T; ++q) acc += pp[(b * T + q) * 2 * P + r];
+        gcp[m] = acc;
       }
     });
   }
+}
+
+// The quad backward (3 or 4 channels, use_quad): one task per image walks its blocks of points
+// in order, scattering into the image's interleaved accumulator and reading the interleaved
+// features for the coordinate gradient, then writes the feature-gradient planes from the
+// accumulator (which it leaves zeroed), in the features' dtype. Every value of gf and gc is
+// written. The output gradient G is float32 or bfloat16 (read as float: a bfloat16 gradient is
+// not widened into a copy first).
+template <typename F, typename G>
+void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb, int64_t gsc,
+                          F* gfp, float* gcp, int64_t B, int64_t C, int64_t H, int64_t W,
+                          int64_t P) {
+  const QuadLayout L(H, W);
+  const int64_t HW = H * W, Q = L.image_floats();
+  const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+  ScratchPool::Lease q = quad_image_pool().lend(gcp ? B * Q : 0);
+  ScratchPool::Lease acc = quad_grad_pool().lend(gfp ? B * Q : 0);
+  float* qp = q.data();
+  float* ap = acc.data();
+  if (gcp) pack_quad_images(fp, B, C, L, qp);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    int32_t index[4 * kDenseBlock];
+    float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      float* gx = gcp ? gcp + b * 2 * P : nullptr;
+      float* gy = gcp ? gx + P : nullptr;
+      float* ab = gfp ? ap + b * Q : nullptr;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
+        const cpu::DenseTaps t{index, weight, gx ? dwdx : nullptr, gx ? dwdy : nullptr};
+        if (gx) {
+          std::fill(gx + p0, gx + p0 + n, 0.0f);
+          std::fill(gy + p0, gy + p0 + n, 0.0f);
+        }
+        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, L.pitch, t);
+        cpu::quad_backward(gx ? qp + b * Q : nullptr, C, gp + b * gsb + p0, gsc, t, n, ab,
+                           gx ? gx + p0 : nullptr, gy ? gy + p0 : nullptr);
+      }
+      if (gfp) cpu::quad_unpack(ab, H, W, L.pitch, C, gfp + b * C * HW);
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad,
@@ -595,32 +672,61 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
                                                               bool features_grad, bool coords_grad) {
   check_dense(features, coords);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t P = coords.size(1) * coords.size(2);
+  const int64_t Ho = coords.size(1), Wo = coords.size(2), P = Ho * Wo;
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C &&
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
   const Tensor f = features.contiguous(), xy = coords.contiguous();
-  // the output gradient as float32 planes: any batch and channel strides (an expanded gradient,
-  // e.g. of a sum over channels, has channel stride 0 and is not copied), points contiguous
-  Tensor g = grad.to(at::kFloat);
+  const DenseSplit split(C);
+  const bool quad = split.slices == 0 && use_quad(C, H, W);
+  // the output gradient as planes: any batch and channel strides (an expanded gradient, e.g. of
+  // a sum over channels, has channel stride 0 and is not copied), points contiguous; float32,
+  // or bfloat16 as it comes for the quad kernels
+  Tensor g = quad && grad.scalar_type() == at::kBFloat16 ? grad : grad.to(at::kFloat);
   if (!(g.stride(3) == 1 && g.stride(2) == g.size(3))) g = g.contiguous();
   const float* cp = xy.const_data_ptr<float>();
-  const float* gp = g.const_data_ptr<float>();
-  // the feature gradient accumulates in float32 (converted to bfloat16 features' dtype at the end)
-  Tensor gf = features_grad ? zeros_large(f.sizes(), f.options().dtype(at::kFloat))
-                            : at::empty({0}, f.options());
-  Tensor gc = coords_grad ? at::zeros_like(xy) : at::empty({0}, xy.options());
-  float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
+  // The feature gradient accumulates in float32: in the quad path in its accumulator, unpacked
+  // into the features' dtype (no zero fill, no conversion pass); otherwise in a zeroed float32
+  // tensor converted to bfloat16 features' dtype at the end.
+  Tensor gf = !features_grad ? at::empty({0}, f.options())
+              : quad         ? empty_large(f.sizes(), f.options())
+                             : zeros_large(f.sizes(), f.options().dtype(at::kFloat));
+  // The coordinate gradient is computed in planes [B, 2, Ho, Wo] and returned as its [B, Ho, Wo,
+  // 2] view: the gradient of flow_correspondence's flow [B, 2, H, W] is then that contiguous
+  // storage, which autograd stores as the flow's .grad without a copy.
+  // With one task per image (C < 16, or exactly 16 channels in one band) the planar loop zeroes
+  // its blocks as it goes; band tasks accumulate into a zeroed buffer.
+  Tensor gc = !coords_grad       ? at::empty({0}, xy.options())
+              : split.slices == 0 ? empty_large({B, 2, Ho, Wo}, xy.options())
+                                  : zeros_large({B, 2, Ho, Wo}, xy.options());
   float* gcp = coords_grad ? gc.mutable_data_ptr<float>() : nullptr;
+  const int64_t gsb = g.stride(0), gsc = g.stride(1);
+  if (quad) {
+    auto run = [&](auto* gp) {
+      if (f.scalar_type() == at::kBFloat16) {
+        quad_backward_images(kernel_ptr<uint16_t>(f), cp, gp, gsb, gsc,
+                             features_grad ? kernel_ptr_mut<uint16_t>(gf) : nullptr, gcp, B, C, H, W, P);
+      } else {
+        quad_backward_images(kernel_ptr<float>(f), cp, gp, gsb, gsc,
+                             features_grad ? kernel_ptr_mut<float>(gf) : nullptr, gcp, B, C, H, W, P);
+      }
+    };
+    if (g.scalar_type() == at::kBFloat16) {
+      run(kernel_ptr<uint16_t>(g));
+    } else {
+      run(g.const_data_ptr<float>());
+    }
+    return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
+  }
+  const float* gp = g.const_data_ptr<float>();
+  float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
   if (f.scalar_type() == at::kBFloat16) {
-    dense_backward(kernel_ptr<uint16_t>(f), cp, gp, g.stride(0), g.stride(1), gfp, gcp, B, C, H, W, P,
-                   f.options());
+    dense_backward(kernel_ptr<uint16_t>(f), cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   } else {
-    dense_backward(kernel_ptr<float>(f), cp, gp, g.stride(0), g.stride(1), gfp, gcp, B, C, H, W, P,
-                   f.options());
+    dense_backward(kernel_ptr<float>(f), cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   }
   if (features_grad && gf.scalar_type() != f.scalar_type()) gf = gf.to(f.scalar_type());
-  return {gf, gc};
+  return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
 }
 
 }  // namespace

@@ -135,8 +135,11 @@ torch.library.register_autograd("pyssl::sample_features_dense", _dense_backward,
 
 @torch.library.register_fake("pyssl::sample_features_dense_backward")
 def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
+    B, Ho, Wo, _ = coords.shape
+    # the coordinate gradient lives in planes [B, 2, Ho, Wo] (the kernel's layout; a flow's
+    # gradient is then contiguous) and is returned as its [B, Ho, Wo, 2] view
     return (torch.empty_like(features) if features_grad else features.new_empty(0),
-            torch.empty_like(coords) if coords_grad else coords.new_empty(0))
+            coords.new_empty(B, 2, Ho, Wo).permute(0, 2, 3, 1) if coords_grad else coords.new_empty(0))
 
 
 def _dense_bw_setup(ctx, inputs, output):

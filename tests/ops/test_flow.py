@@ -223,6 +223,115 @@ def test_band_path_rows_leaving_and_reentering_the_ring_and_tall_bands():
     torch.testing.assert_close(g1[1].double(), g2[1], rtol=1e-4, atol=1e-4)
 
 
+@given(B=st.integers(1, 2), C=st.sampled_from([3, 4]), H=st.integers(1, 6),
+       W=st.sampled_from([1, 5, 13, 16, 256, 257, 512]), seed=st.integers(0, 2**31 - 1),
+       noise=st.sampled_from([0.0, 1.0, 30.0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_quad_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype):
+    """3 or 4 channels: the image interleaved per pixel (csrc/cpu/sample_dense.h, quad kernels),
+    its rows padded where they would be a multiple of 4 KiB apart (W = 256, 512)."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, C, H, W, generator=g).to(dtype)
+    coords = _smooth_coords(B, H + 2, min(W, 40) + 3, H, W, g, noise)
+    if seed % 5 == 0:
+        coords[0, 0, 0] = torch.tensor([math.nan, 1.0])
+        coords[-1, -1, -1] = torch.tensor([1e30, -1e30])
+        feats[0, :, 0, 0] = math.inf  # only read by points that actually touch pixel (0, 0)
+    f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    fast = torch.ops.pyssl.sample_features_dense(f1, c1)
+    f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    generic = _generic_sample(f2, c2)
+    assert fast.dtype == dtype and torch.equal(fast, generic)  # same products, same order
+    gr = torch.randn(fast.shape, generator=g).to(dtype)
+    g1 = torch.autograd.grad(fast, (f1, c1), gr)
+    g2 = torch.autograd.grad(generic, (f2, c2), gr)
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(g1[0], g2[0], equal_nan=True, **tol)
+    torch.testing.assert_close(g1[1], g2[1], equal_nan=True, rtol=1e-4, atol=1e-4 * C)
+    # a bfloat16 output gradient is read as it is (no float32 copy): the same result
+    bk = torch.ops.pyssl.sample_features_dense_backward
+    half = bk(gr.bfloat16(), feats, coords, True, True)
+    wide = bk(gr.bfloat16().float(), feats, coords, True, True)
+    for a, b in zip(half, wide):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("C", [1, 3, 20])  # planar, quad, band + planar remainder
+def test_coordinate_gradient_is_planar_and_the_flow_gradient_needs_no_copy(C):
+    g = torch.Generator().manual_seed(5)
+    fw = torch.randn(2, 2, 9, 16, generator=g) * 3
+    bw = -fw + 0.1 * torch.randn(2, 2, 9, 16, generator=g)
+    feats = torch.randn(2, C, 9, 16, generator=g)
+    coords, valid = ops.flow_correspondence(fw, bw)
+    gc = torch.ops.pyssl.sample_features_dense_backward(torch.randn(2, C, 9, 16, generator=g), feats,
+                                                        coords, False, True)[1]
+    assert gc.shape == (2, 9, 16, 2) and gc.permute(0, 3, 1, 2).is_contiguous()
+    torch.library.opcheck(torch.ops.pyssl.sample_features_dense_backward.default,
+                          (torch.randn(2, C, 9, 16, generator=g), feats, coords, True, True))
+    f1, x1 = fw.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    c1, v1 = ops.flow_correspondence(f1, bw)
+    (ops.sample_features(x1, c1).sum(1) * v1).sum().backward()
+    f2, x2 = fw.double().requires_grad_(True), feats.double().requires_grad_(True)
+    c2, v2 = reference.flow_correspondence(f2, bw.double(), 0.01, 0.5)
+    (reference.sample_features(x2, c2).sum(1) * v1).sum().backward()
+    assert f1.grad.is_contiguous()  # stored as it came: the planar coordinate gradient
+    torch.testing.assert_close(f1.grad.double(), f2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_quad_scratch_shared_by_threads_gives_the_same_results():
+    """The interleaved images and accumulators come from pools lent to one caller at a time;
+    concurrent callers get their own buffers, and the accumulator pool stays zero."""
+    import threading
+
+    g = torch.Generator().manual_seed(8)
+    cases = []
+    for shape in ((2, 3, 20, 33), (1, 4, 7, 256), (3, 3, 31, 17)):
+        B, C, H, W = shape
+        feats = torch.randn(*shape, generator=g)
+        coords = torch.rand(B, H, W, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1.5
+        grad = torch.randn(B, C, H, W, generator=g)
+        cases.append((feats, coords, grad))
+    bk = torch.ops.pyssl.sample_features_dense_backward
+
+    def run(case):
+        feats, coords, grad = case
+        return torch.ops.pyssl.sample_features_dense(feats, coords), *bk(grad, feats, coords, True, True)
+
+    want = [run(c) for c in cases]
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(30):
+                got = run(cases[(k + i) % len(cases)])
+                for a, b in zip(got, want[(k + i) % len(cases)]):
+                    assert torch.equal(a, b)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_flow_check_reads_no_neighbour_with_weight_zero():
+    # integer targets (zero or whole-pixel flow): three of the four corners have weight 0, and a
+    # NaN there must not poison the check; half-pixel targets read all four corners
+    for shift, touched in ((0.0, [(2, 7)]), (1.0, [(1, 6)]), (0.5, [(1, 6), (1, 7), (2, 6), (2, 7)])):
+        fw = torch.full((1, 2, 6, 20), shift)
+        bw = torch.full((1, 2, 6, 20), -shift)  # consistent everywhere but at the NaN
+        bw[0, :, 2, 7] = math.nan
+        valid = ops.flow_correspondence(fw, bw).valid[0]
+        inside = ops.flow_correspondence(fw).valid[0]
+        expect = inside.clone()
+        for i, j in touched:
+            expect[i, j] = False
+        assert torch.equal(valid, expect), shift
+
+
 def test_float32_flow_fast_path_matches_the_float64_kernel():
     g = torch.Generator().manual_seed(12)
     fw = torch.randn(2, 2, 37, 53, generator=g, dtype=torch.float64) * 6
