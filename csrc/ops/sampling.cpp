@@ -642,11 +642,12 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
   ScratchPool::Lease acc = quad_grad_pool().lend(gfp ? B * Q : 0);
   float* qp = q.data();
   float* ap = acc.data();
-  if (gcp) pack_quad_images(fp, B, C, L, qp);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     int32_t index[4 * kDenseBlock];
     float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
     for (int64_t b = begin; b < end; ++b) {
+      // each image packed just before its points read it (still in cache)
+      if (gcp) cpu::quad_pack(fp + b * C * HW, C, H, W, L.pitch, 0, H, qp + b * Q);
       float* gx = gcp ? gcp + b * 2 * P : nullptr;
       float* gy = gcp ? gx + P : nullptr;
       float* ab = gfp ? ap + b * Q : nullptr;
