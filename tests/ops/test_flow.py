@@ -317,6 +317,25 @@ def test_quad_scratch_shared_by_threads_gives_the_same_results():
     assert not errors, errors[0]
 
 
+def test_quad_image_beyond_the_pool_keep_limit():
+    # 4 x 2050 x 2100 floats of interleaved image exceed what the scratch pools keep (64 MiB):
+    # such calls get buffers of their own (zeroed for the accumulator), freed after
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(1, 3, 2050, 2100, generator=g)
+    coords = torch.rand(1, 16, 40, 2, generator=g) * torch.tensor([2101.0, 2051.0]) - 1.0
+    gr = torch.randn(1, 3, 16, 40, generator=g)
+    for _ in range(2):  # the second call must not see the first one's accumulator
+        f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+        fast = torch.ops.pyssl.sample_features_dense(f1, c1)
+        f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+        generic = _generic_sample(f2, c2)
+        assert torch.equal(fast, generic)
+        g1 = torch.autograd.grad(fast, (f1, c1), gr)
+        g2 = torch.autograd.grad(generic, (f2, c2), gr)
+        torch.testing.assert_close(g1[0], g2[0])
+        torch.testing.assert_close(g1[1], g2[1], rtol=1e-4, atol=1e-4)
+
+
 def test_flow_check_reads_no_neighbour_with_weight_zero():
     # integer targets (zero or whole-pixel flow): three of the four corners have weight 0, and a
     # NaN there must not poison the check; half-pixel targets read all four corners
