@@ -831,19 +831,21 @@ void quad_pack(const uint16_t* f, int64_t C, int64_t H, int64_t W, int64_t pitch
                int64_t r1, float* q) {
   quad_pack_rows(f, C, H, W, pitch, r0, r1, q);
 }
-void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, float* out,
-                 int64_t out_stride) {
+template <typename F>
+void quad_gather_dispatch(const float* q, int64_t C, const DenseTaps& taps, int64_t n, F* out,
+                          int64_t out_stride) {
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) return quad_gather_avx2(q, C, taps, n, out, out_stride);
 #endif
   quad_gather_body(q, C, taps, n, out, out_stride);
 }
+void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, float* out,
+                 int64_t out_stride) {
+  quad_gather_dispatch(q, C, taps, n, out, out_stride);
+}
 void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, uint16_t* out,
                  int64_t out_stride) {
-#ifdef PYSSL_HAVE_AVX2_TAPS
-  if (cpu_has_avx2_fma()) return quad_gather_avx2(q, C, taps, n, out, out_stride);
-#endif
-  quad_gather_body(q, C, taps, n, out, out_stride);
+  quad_gather_dispatch(q, C, taps, n, out, out_stride);
 }
 template <typename G>
 void quad_backward_dispatch(const float* q, int64_t C, const G* g, int64_t g_stride,

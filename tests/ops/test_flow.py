@@ -165,6 +165,24 @@ def _generic_sample(features, coords):
     return ops.sample_points(features, coords.reshape(-1, 2)).view(B, Ho, Wo, -1).permute(0, 3, 1, 2)
 
 
+def _check_fast_path(feats, coords, g, coord_tol=1e-4):
+    """The dense fast path against the generic kernel: the same forward bit for bit, gradients
+    close (feature gradients up to the order of their sums; bf16 within bf16 rounding). Returns
+    the output gradient used."""
+    f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    fast = torch.ops.pyssl.sample_features_dense(f1, c1)
+    f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    generic = _generic_sample(f2, c2)
+    assert fast.dtype == feats.dtype and torch.equal(fast, generic)  # same products, same order
+    gr = torch.randn(fast.shape, generator=g).to(feats.dtype)
+    g1 = torch.autograd.grad(fast, (f1, c1), gr)
+    g2 = torch.autograd.grad(generic, (f2, c2), gr)
+    tol = {} if feats.dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(g1[0], g2[0], equal_nan=True, **tol)
+    torch.testing.assert_close(g1[1], g2[1], equal_nan=True, rtol=coord_tol, atol=coord_tol)
+    return gr
+
+
 def _smooth_coords(B, Ho, Wo, H, W, g, noise):
     """A zoom + shear + noise flow field in pixels: the points of a block read a narrow band of
     source rows (the channels-last band path), or anywhere when the noise is large."""
@@ -185,17 +203,7 @@ def test_band_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype):
     if seed % 5 == 0:
         coords[0, 0, 0] = torch.tensor([math.nan, 1.0])
         coords[-1, -1, -1] = torch.tensor([1e30, -1e30])
-    f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
-    fast = torch.ops.pyssl.sample_features_dense(f1, c1)
-    f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
-    generic = _generic_sample(f2, c2)
-    assert fast.dtype == dtype and torch.equal(fast, generic)  # same products, same order
-    gr = torch.randn(fast.shape, generator=g).to(dtype)
-    g1 = torch.autograd.grad(fast, (f1, c1), gr)
-    g2 = torch.autograd.grad(generic, (f2, c2), gr)
-    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
-    torch.testing.assert_close(g1[0], g2[0], **tol)
-    torch.testing.assert_close(g1[1], g2[1], rtol=1e-4, atol=1e-4 * C)
+    _check_fast_path(feats, coords, g, coord_tol=1e-4 * C)
 
 
 def test_band_path_rows_leaving_and_reentering_the_ring_and_tall_bands():
@@ -236,17 +244,7 @@ def test_quad_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype):
         coords[0, 0, 0] = torch.tensor([math.nan, 1.0])
         coords[-1, -1, -1] = torch.tensor([1e30, -1e30])
         feats[0, :, 0, 0] = math.inf  # only read by points that actually touch pixel (0, 0)
-    f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
-    fast = torch.ops.pyssl.sample_features_dense(f1, c1)
-    f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
-    generic = _generic_sample(f2, c2)
-    assert fast.dtype == dtype and torch.equal(fast, generic)  # same products, same order
-    gr = torch.randn(fast.shape, generator=g).to(dtype)
-    g1 = torch.autograd.grad(fast, (f1, c1), gr)
-    g2 = torch.autograd.grad(generic, (f2, c2), gr)
-    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
-    torch.testing.assert_close(g1[0], g2[0], equal_nan=True, **tol)
-    torch.testing.assert_close(g1[1], g2[1], equal_nan=True, rtol=1e-4, atol=1e-4 * C)
+    gr = _check_fast_path(feats, coords, g, coord_tol=1e-4 * C)
     # a bfloat16 output gradient is read as it is (no float32 copy): the same result
     bk = torch.ops.pyssl.sample_features_dense_backward
     half = bk(gr.bfloat16(), feats, coords, True, True)
@@ -323,17 +321,8 @@ def test_quad_image_beyond_the_pool_keep_limit():
     g = torch.Generator().manual_seed(4)
     feats = torch.randn(1, 3, 2050, 2100, generator=g)
     coords = torch.rand(1, 16, 40, 2, generator=g) * torch.tensor([2101.0, 2051.0]) - 1.0
-    gr = torch.randn(1, 3, 16, 40, generator=g)
     for _ in range(2):  # the second call must not see the first one's accumulator
-        f1, c1 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
-        fast = torch.ops.pyssl.sample_features_dense(f1, c1)
-        f2, c2 = feats.clone().requires_grad_(True), coords.clone().requires_grad_(True)
-        generic = _generic_sample(f2, c2)
-        assert torch.equal(fast, generic)
-        g1 = torch.autograd.grad(fast, (f1, c1), gr)
-        g2 = torch.autograd.grad(generic, (f2, c2), gr)
-        torch.testing.assert_close(g1[0], g2[0])
-        torch.testing.assert_close(g1[1], g2[1], rtol=1e-4, atol=1e-4)
+        _check_fast_path(feats, coords, g)
 
 
 def test_flow_check_reads_no_neighbour_with_weight_zero():
