@@ -48,13 +48,15 @@ void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, in
 // q [H][pitch][4] floats (16-byte aligned) holds a pixel's channels side by side (lanes >= C
 // and the padding pixels of a row are 0), so a corner of a point is one 4-lane read (features)
 // or read-modify-write (feature gradient) for all channels, instead of C scattered ones, one per
-// plane. Taps index it with dense_taps(..., pitch, ...). Results equal the planar kernels above
-// bit for bit: the same products summed in the same order.
+// plane. Taps index it with dense_taps(..., pitch, ...). Results equal the scalar planar
+// kernels bit for bit: the same products summed in the same order.
 constexpr int64_t kQuadChannels = 4;
 // The row pitch (pixels) of a quad image of width W: W, padded so that rows 1 to 4 apart are
 // not within 128 bytes of a multiple of 4 KiB apart. Otherwise (e.g. W = 512: rows exactly 8 KiB
-// apart) a read of one row is taken to depend on the preceding write to the row above ("4K
-// aliasing": the core compares the low 12 address bits), which stalls the scatter.
+// apart) a read of one row may be taken to depend on the preceding write to the row above ("4K
+// aliasing": cores compare the low 12 address bits first). A precaution: perf put the scatter's
+// time on the bottom-row update, but the padding made no difference measurable through this
+// machine's noise (benchmarks/RESULTS.md).
 inline int64_t quad_pitch(int64_t W) {
   for (int64_t p = W;; ++p) {
     bool ok = true;
