@@ -1,10 +1,13 @@
 // The Python module pyssl._C. Importing it runs the TORCH_LIBRARY registrations of every op
-// family (csrc/ops/*.cpp); its only Python-level function reports how it was built.
+// family (csrc/ops/*.cpp); its Python-level functions report how it was built and free the
+// scratch the CPU kernels keep between calls.
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include <string>
+
+#include "ops/quad.h"
 
 #ifndef PYSSL_VERSION
 #define PYSSL_VERSION "unknown"
@@ -52,8 +55,14 @@ PyObject* build_info(PyObject*, PyObject*) {
   return PyUnicode_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()));
 }
 
+PyObject* release_cpu_scratch(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(pyssl::release_quad_scratch());
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "JSON string describing how pyssl._C was built."},
+    {"release_cpu_scratch", release_cpu_scratch, METH_NOARGS,
+     "Frees the scratch the CPU kernels keep between calls; returns the bytes freed."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pyssl native ops", -1, methods};

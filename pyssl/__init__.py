@@ -6,7 +6,7 @@ import warnings
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from ._native import build_info, check_torch_version, has_cuda_kernels
+from ._native import build_info, check_torch_version, has_cuda_kernels, release_cpu_scratch
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,4 @@ if _mismatch:
 
 from . import ops  # noqa: E402
 
-__all__ = ["__version__", "build_info", "has_cuda_kernels", "ops"]
+__all__ = ["__version__", "build_info", "has_cuda_kernels", "ops", "release_cpu_scratch"]

@@ -37,3 +37,14 @@ def check_torch_version() -> str | None:
             "rebuild with `pip install --no-build-isolation -e .`"
         )
     return None
+
+
+def release_cpu_scratch() -> int:
+    """Frees the scratch buffers the CPU kernels keep between calls and returns the bytes freed.
+
+    The dense sampling and flow kernels for few channels (``ops.sample_features`` with 3 or 4
+    channels, ``ops.flow_correspondence`` with a backward flow) work in interleaved copies of
+    their images, kept between calls (up to 64 MiB for the images and 64 MiB for the gradient
+    accumulator) because a fresh multi-MB buffer costs a page fault per 4 KiB. Call this to hand
+    that memory back, e.g. after the CPU part of a job; the next call allocates again."""
+    return int(_C.release_cpu_scratch())

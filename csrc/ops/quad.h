@@ -22,6 +22,11 @@ inline ScratchPool& quad_grad_pool() {  // feature-gradient accumulators: all-ze
   return pool;
 }
 
+// Frees what the quad pools keep (pyssl.release_cpu_scratch); returns the bytes freed
+inline int64_t release_quad_scratch() {
+  return quad_image_pool().release() + quad_grad_pool().release();
+}
+
 // The layout of B quad images of H x W: rows `pitch` pixels apart (cpu::quad_pitch)
 struct QuadLayout {
   int64_t H, W, pitch;

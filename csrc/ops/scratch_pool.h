@@ -41,6 +41,15 @@ class ScratchPool {
     bool pooled_;
   };
 
+  // Frees the kept buffer unless it is lent; returns the bytes freed.
+  int64_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (lent_) return 0;
+    const int64_t bytes = static_cast<int64_t>(kept_.capacity() * sizeof(float));
+    std::vector<float>().swap(kept_);
+    return bytes;
+  }
+
   // A buffer of at least `floats` floats.
   Lease lend(int64_t floats) {
     {
