@@ -149,6 +149,87 @@ PYSSL_INLINE float load_value(const uint16_t* p, int64_t i) { return bf16_to_flo
 PYSSL_INLINE void store_value(float* p, int64_t i, float v) { p[i] = v; }
 PYSSL_INLINE void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
+// The scalar bodies, for planar images (channel stride cs = H*W, pixel stride ps = 1) and the
+// pixel-interleaved quad images (cs = 1, ps = 4): the AVX2 kernels' tails and the baseline build.
+template <typename F>
+PYSSL_INLINE float tap(const F* plane, int64_t ps, const DenseTaps& t, int64_t n, int k, int64_t j,
+                       const float* w) {
+  const int32_t i = t.index[k * n + j];
+  const float v = load_value(plane, ps * (i < 0 ? 0 : i));
+  return i < 0 ? 0.0f : w[k * n + j] * v;
+}
+
+// points [j0, n): out[c * out_stride + j] for c < C. In: float, or uint16_t holding bfloat16 (read
+// as float); Out likewise (results rounded to nearest even)
+template <typename In, typename Out>
+PYSSL_INLINE void gather_body(const In* f, int64_t C, int64_t cs, int64_t ps, const DenseTaps& t,
+                              int64_t n, Out* out, int64_t out_stride, int64_t j0 = 0) {
+  const int32_t* __restrict i0 = t.index;
+  const int32_t* __restrict i1 = t.index + n;
+  const int32_t* __restrict i2 = t.index + 2 * n;
+  const int32_t* __restrict i3 = t.index + 3 * n;
+  const float* __restrict w0 = t.weight;
+  const float* __restrict w1 = t.weight + n;
+  const float* __restrict w2 = t.weight + 2 * n;
+  const float* __restrict w3 = t.weight + 3 * n;
+  for (int64_t c = 0; c < C; ++c) {
+    const In* __restrict plane = f + c * cs;
+    Out* __restrict o = out + c * out_stride;
+    for (int64_t j = j0; j < n; ++j) {
+      // corners outside the image (index -1) read pixel 0 and are masked out
+      const float v0 = load_value(plane, ps * (i0[j] < 0 ? 0 : i0[j]));
+      const float v1 = load_value(plane, ps * (i1[j] < 0 ? 0 : i1[j]));
+      const float v2 = load_value(plane, ps * (i2[j] < 0 ? 0 : i2[j]));
+      const float v3 = load_value(plane, ps * (i3[j] < 0 ? 0 : i3[j]));
+      float acc = 0.0f;
+      acc += i0[j] < 0 ? 0.0f : w0[j] * v0;
+      acc += i1[j] < 0 ? 0.0f : w1[j] * v1;
+      acc += i2[j] < 0 ? 0.0f : w2[j] * v2;
+      acc += i3[j] < 0 ? 0.0f : w3[j] * v3;
+      store_value(o, j, acc);
+    }
+  }
+}
+
+// The backward of points [j0, n) of a block over C channels in one pass (points outer,
+// channels inner: a point's taps are read once for all channels and both gradients). For each
+// (channel, pixel) the feature-gradient contributions (gf: the layout of f) still arrive in
+// (point, corner) order, the same result as scattering one plane after the other. gx[j] (and
+// gy[j]) accumulate sum_c g_c[j] * sum_k dw/dx f_c[index] in channel order. The output
+// gradient (float, or uint16_t bfloat16) may have channel stride gs = 0 (an expanded gradient).
+template <typename F, typename G>
+PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t cs, int64_t ps, const G* g,
+                                int64_t gs, const DenseTaps& t, int64_t n, float* gf, float* gx,
+                                float* gy, int64_t j0 = 0) {
+  for (int64_t j = j0; j < n; ++j) {
+    if (gf) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float gj = load_value(g + c * gs, j);
+        float* plane = gf + c * cs;
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = t.index[k * n + j];
+          if (i >= 0) plane[ps * i] += t.weight[k * n + j] * gj;
+        }
+      }
+    }
+    if (gx) {
+      float ax = gx[j], ay = gy[j];
+      for (int64_t c = 0; c < C; ++c) {
+        const F* plane = f + c * cs;
+        float sx = 0.0f, sy = 0.0f;
+        for (int k = 0; k < 4; ++k) {
+          sx += tap(plane, ps, t, n, k, j, t.dwdx);
+          sy += tap(plane, ps, t, n, k, j, t.dwdy);
+        }
+        ax += load_value(g + c * gs, j) * sx;
+        ay += load_value(g + c * gs, j) * sy;
+      }
+      gx[j] = ax;
+      gy[j] = ay;
+    }
+  }
+}
+
 #ifdef PYSSL_HAVE_AVX2_TAPS
 // The 4 corner values of 8 points, from the [4][n] taps at point j. When all 32 corners are
 // inside the image (the common case), each point's two horizontal neighbours are adjacent in
@@ -250,17 +331,7 @@ __attribute__((target("avx2,fma"))) void gather_avx2(const F* f, int64_t C, int6
       store8(out + c * os + j, acc);
     }
   }
-  for (int64_t c = 0; c < C; ++c) {  // the tail
-    const F* plane = f + c * HW;
-    for (int64_t q = j; q < n; ++q) {
-      float acc = 0.0f;
-      for (int k = 0; k < 4; ++k) {
-        const int32_t i = t.index[k * n + q];
-        acc += i < 0 ? 0.0f : t.weight[k * n + q] * load_value(plane, i);
-      }
-      store_value(out + c * os, q, acc);
-    }
-  }
+  gather_body(f, C, HW, 1, t, n, out, os, j);  // the tail
 }
 #endif
 
@@ -273,82 +344,6 @@ PYSSL_INLINE void taps_body(const float* coords, int64_t n, int64_t H, int64_t W
   }
 }
 
-
-template <typename F>
-PYSSL_INLINE float tap(const F* plane, const DenseTaps& t, int64_t n, int k, int64_t j,
-                       const float* w) {
-  const int32_t i = t.index[k * n + j];
-  const float v = load_value(plane, i < 0 ? 0 : i);
-  return i < 0 ? 0.0f : w[k * n + j] * v;
-}
-
-// F: float, or uint16_t holding bfloat16 (read as float, results rounded to nearest even)
-template <typename F>
-PYSSL_INLINE void gather_body(const F* f, int64_t C, int64_t HW, const DenseTaps& t,
-                              int64_t n, F* out, int64_t out_stride) {
-  const int32_t* __restrict i0 = t.index;
-  const int32_t* __restrict i1 = t.index + n;
-  const int32_t* __restrict i2 = t.index + 2 * n;
-  const int32_t* __restrict i3 = t.index + 3 * n;
-  const float* __restrict w0 = t.weight;
-  const float* __restrict w1 = t.weight + n;
-  const float* __restrict w2 = t.weight + 2 * n;
-  const float* __restrict w3 = t.weight + 3 * n;
-  for (int64_t c = 0; c < C; ++c) {
-    const F* __restrict plane = f + c * HW;
-    F* __restrict o = out + c * out_stride;
-    for (int64_t j = 0; j < n; ++j) {
-      // corners outside the image (index -1) read pixel 0 and are masked out
-      const float v0 = load_value(plane, i0[j] < 0 ? 0 : i0[j]), v1 = load_value(plane, i1[j] < 0 ? 0 : i1[j]);
-      const float v2 = load_value(plane, i2[j] < 0 ? 0 : i2[j]), v3 = load_value(plane, i3[j] < 0 ? 0 : i3[j]);
-      float acc = 0.0f;
-      acc += i0[j] < 0 ? 0.0f : w0[j] * v0;
-      acc += i1[j] < 0 ? 0.0f : w1[j] * v1;
-      acc += i2[j] < 0 ? 0.0f : w2[j] * v2;
-      acc += i3[j] < 0 ? 0.0f : w3[j] * v3;
-      store_value(o, j, acc);
-    }
-  }
-}
-
-// The backward of points [j0, n) of a block over C channel planes in one pass (points outer,
-// channels inner: a point's taps are read once for all channels and both gradients). For each
-// (channel, pixel) the feature-gradient contributions still arrive in (point, corner) order,
-// the same result as scattering one plane after the other. gx[j] (and gy[j]) accumulate
-// sum_c g_c[j] * sum_k dw/dx f_c[index] in channel order. The output gradient's channel
-// stride gs may be 0 (an expanded gradient).
-template <typename F>
-PYSSL_INLINE void backward_body(const F* f, int64_t C, int64_t HW, const float* g, int64_t gs,
-                                const DenseTaps& t, int64_t n, float* gf, float* gx,
-                                float* gy, int64_t j0 = 0) {
-  for (int64_t j = j0; j < n; ++j) {
-    if (gf) {
-      for (int64_t c = 0; c < C; ++c) {
-        const float gj = g[c * gs + j];
-        float* plane = gf + c * HW;
-        for (int k = 0; k < 4; ++k) {
-          const int32_t i = t.index[k * n + j];
-          if (i >= 0) plane[i] += t.weight[k * n + j] * gj;
-        }
-      }
-    }
-    if (gx) {
-      float ax = gx[j], ay = gy[j];
-      for (int64_t c = 0; c < C; ++c) {
-        const F* plane = f + c * HW;
-        float sx = 0.0f, sy = 0.0f;
-        for (int k = 0; k < 4; ++k) {
-          sx += tap(plane, t, n, k, j, t.dwdx);
-          sy += tap(plane, t, n, k, j, t.dwdy);
-        }
-        ax += g[c * gs + j] * sx;
-        ay += g[c * gs + j] * sy;
-      }
-      gx[j] = ax;
-      gy[j] = ay;
-    }
-  }
-}
 
 // The feature-gradient scatter of a block of points, one channel plane at a time, with the
 // contributions to the pixel last touched in each of the two image rows of a point's corners
@@ -387,62 +382,13 @@ PYSSL_INLINE void scatter_runs(const float* g, int64_t gs, int64_t C, int64_t HW
   }
 }
 
-// The quad kernels (sample_dense.h), scalar: per point and channel the same operations in the
-// same order as gather_body and backward_body, reading the interleaved image instead of planes.
+// The quad kernels' pack and unpack (sample_dense.h), scalar; their gather and backward are
+// gather_body and backward_body with cs = 1, ps = 4.
 template <typename F>
 PYSSL_INLINE void quad_pack_body(const F* f, int64_t C, int64_t HW, int64_t p0, int64_t p1,
                                  float* q) {  // pixels p0 <= p < p1 of one row, q at p0
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t l = 0; l < kQuadChannels; ++l) q[4 * (p - p0) + l] = l < C ? load_value(f + l * HW, p) : 0.0f;
-}
-
-template <typename F>
-PYSSL_INLINE void quad_gather_body(const float* q, int64_t C, const DenseTaps& t, int64_t n,
-                                   F* out, int64_t os, int64_t j0 = 0) {
-  for (int64_t j = j0; j < n; ++j)
-    for (int64_t c = 0; c < C; ++c) {
-      float acc = 0.0f;
-      for (int k = 0; k < 4; ++k) {
-        const int32_t i = t.index[k * n + j];
-        acc += i < 0 ? 0.0f : t.weight[k * n + j] * q[4 * static_cast<int64_t>(i) + c];
-      }
-      store_value(out + c * os, j, acc);
-    }
-}
-
-template <typename G>
-PYSSL_INLINE void quad_backward_body(const float* q, int64_t C, const G* g, int64_t gs,
-                                     const DenseTaps& t, int64_t n, float* acc, float* gx,
-                                     float* gy, int64_t j0 = 0) {
-  for (int64_t j = j0; j < n; ++j) {
-    if (acc) {
-      float gv[kQuadChannels] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t c = 0; c < C; ++c) gv[c] = load_value(g + c * gs, j);
-      for (int k = 0; k < 4; ++k) {
-        const int32_t i = t.index[k * n + j];
-        if (i < 0) continue;
-        const float w = t.weight[k * n + j];
-        float* a = acc + 4 * static_cast<int64_t>(i);
-        for (int l = 0; l < 4; ++l) a[l] += w * gv[l];
-      }
-    }
-    if (gx) {
-      float ax = gx[j], ay = gy[j];
-      for (int64_t c = 0; c < C; ++c) {
-        float sx = 0.0f, sy = 0.0f;
-        for (int k = 0; k < 4; ++k) {
-          const int32_t i = t.index[k * n + j];
-          const float v = i < 0 ? 0.0f : q[4 * static_cast<int64_t>(i) + c];
-          sx += i < 0 ? 0.0f : t.dwdx[k * n + j] * v;
-          sy += i < 0 ? 0.0f : t.dwdy[k * n + j] * v;
-        }
-        ax += load_value(g + c * gs, j) * sx;
-        ay += load_value(g + c * gs, j) * sy;
-      }
-      gx[j] = ax;
-      gy[j] = ay;
-    }
-  }
 }
 
 template <typename F>
@@ -517,7 +463,7 @@ __attribute__((target("avx2,fma"))) void quad_gather_avx2(const float* q, int64_
     quads_to_planes(r, c);
     for (int64_t l = 0; l < C; ++l) store8(out + l * os + j, c[l]);
   }
-  quad_gather_body(q, C, t, n, out, os, j);  // the tail
+  gather_body(q, C, 1, 4, t, n, out, os, j);  // the tail
 }
 
 // 8 points at a time: their output gradients transposed into quads for the scatter (one 4-lane
@@ -574,7 +520,7 @@ __attribute__((target("avx2,fma"))) void quad_backward_avx2(const float* q, int6
     _mm256_storeu_ps(gx + j, ax);
     _mm256_storeu_ps(gy + j, ay);
   }
-  quad_backward_body(q, C, g, gs, t, n, acc, gx, gy, j);  // the tail
+  backward_body(q, C, 1, 4, g, gs, t, n, acc, gx, gy, j);  // the tail
 }
 
 // 8 pixels at a time: transposed into planes, C of them stored (bfloat16: rounded), zeros back
@@ -636,7 +582,7 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const F* f, int64_t C, in
     _mm256_storeu_ps(gx + j, ax);
     _mm256_storeu_ps(gy + j, ay);
   }
-  backward_body<F>(f, C, HW, g, gs, t, n, nullptr, gx, gy, j);  // the tail
+  backward_body(f, C, HW, 1, g, gs, t, n, nullptr, gx, gy, j);  // the tail
 }
 #endif
 
@@ -792,7 +738,7 @@ void gather_dispatch(const F* f, int64_t C, int64_t HW, const DenseTaps& taps, i
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) return gather_avx2(f, C, HW, taps, n, out, out_stride);
 #endif
-  gather_body(f, C, HW, taps, n, out, out_stride);
+  gather_body(f, C, HW, 1, taps, n, out, out_stride);
 }
 
 template <typename F>
@@ -801,7 +747,7 @@ void backward_dispatch(const F* f, int64_t C, int64_t HW, const float* g, int64_
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) return backward_avx2(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
 #endif
-  backward_body(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
+  backward_body(f, C, HW, 1, g, g_stride, taps, n, grad_f, gx, gy);
 }
 
 }  // namespace
@@ -837,7 +783,7 @@ void quad_gather_dispatch(const float* q, int64_t C, const DenseTaps& taps, int6
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) return quad_gather_avx2(q, C, taps, n, out, out_stride);
 #endif
-  quad_gather_body(q, C, taps, n, out, out_stride);
+  gather_body(q, C, 1, 4, taps, n, out, out_stride);
 }
 void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, float* out,
                  int64_t out_stride) {
@@ -853,7 +799,7 @@ void quad_backward_dispatch(const float* q, int64_t C, const G* g, int64_t g_str
 #ifdef PYSSL_HAVE_AVX2_TAPS
   if (cpu_has_avx2_fma()) return quad_backward_avx2(q, C, g, g_stride, taps, n, acc, gx, gy);
 #endif
-  quad_backward_body(q, C, g, g_stride, taps, n, acc, gx, gy);
+  backward_body(q, C, 1, 4, g, g_stride, taps, n, acc, gx, gy);
 }
 void quad_backward(const float* q, int64_t C, const float* g, int64_t g_stride,
                    const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy) {
