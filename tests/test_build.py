@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pyssl
+from pyssl._native import release_cpu_scratch
 from pyssl.cli import main
 from pyssl.commands.info import info_text
 
@@ -71,3 +72,14 @@ def test_cmake_on_fails_loudly_without_nvcc(tmp_path):
     r = _configure(tmp_path, "-DPYSSL_WITH_CUDA=ON", env=env)
     assert r.returncode != 0
     assert "PYSSL_WITH_CUDA=ON" in r.stdout + r.stderr
+
+
+def test_release_cpu_scratch_hands_the_pools_back():
+    feats = torch.randn(2, 3, 20, 64)
+    coords = torch.rand(2, 20, 64, 2) * torch.tensor([63.0, 19.0])
+    want = pyssl.ops.sample_features(feats, coords)
+    fw = torch.randn(2, 2, 20, 64)
+    pyssl.ops.flow_correspondence(fw, -fw)
+    assert release_cpu_scratch() >= 2 * 20 * 64 * 4 * 4  # at least the interleaved images
+    assert release_cpu_scratch() == 0                      # nothing left
+    assert torch.equal(pyssl.ops.sample_features(feats, coords), want)  # and the kernels still work
