@@ -644,7 +644,7 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
   float* ap = acc.data();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     int32_t index[4 * kDenseBlock];
-    float weight[4 * kDenseBlock], dwdx[4 * kDenseBlock], dwdy[4 * kDenseBlock];
+    float weight[4 * kDenseBlock], fx[kDenseBlock], fy[kDenseBlock];
     for (int64_t b = begin; b < end; ++b) {
       // each image packed just before its points read it (still in cache)
       if (gcp) cpu::quad_pack(fp + b * C * HW, C, H, W, L.pitch, 0, H, qp + b * Q);
@@ -653,7 +653,7 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
       float* ab = gfp ? ap + b * Q : nullptr;
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
-        const cpu::DenseTaps t{index, weight, gx ? dwdx : nullptr, gx ? dwdy : nullptr};
+        const cpu::DenseTaps t{index, weight, nullptr, nullptr, gx ? fx : nullptr, gx ? fy : nullptr};
         if (gx) {
           std::fill(gx + p0, gx + p0 + n, 0.0f);
           std::fill(gy + p0, gy + p0 + n, 0.0f);
