@@ -441,12 +441,11 @@ PYSSL_INLINE void quad_pack_body(const F* f, int64_t C, int64_t HW, int64_t p0, 
 }
 
 template <typename F>
-PYSSL_INLINE void quad_unpack_body(float* acc, int64_t HW, int64_t C, F* gf, int64_t p0,
+PYSSL_INLINE void quad_unpack_body(const float* acc, int64_t HW, int64_t C, F* gf, int64_t p0,
                                    int64_t p1) {  // pixels p0 <= p < p1 of one row, acc at p0
   for (int64_t p = p0; p < p1; ++p) {
-    float* a = acc + 4 * (p - p0);
+    const float* a = acc + 4 * (p - p0);
     for (int64_t c = 0; c < C; ++c) store_value(gf + c * HW, p, a[c]);
-    for (int l = 0; l < 4; ++l) a[l] = 0.0f;
   }
 }
 
@@ -570,20 +569,15 @@ __attribute__((target("avx2,fma"))) void quad_backward_avx2(const float* q, int6
   quad_backward_body(q, C, g, gs, t, n, acc, gx, gy, j);  // the tail
 }
 
-// 8 pixels at a time: transposed into planes, C of them stored (bfloat16: rounded), zeros back
-// into acc (pixels p0 <= p < p1 of one row, acc at p0)
+// 8 pixels at a time: transposed into planes, C of them stored (bfloat16: rounded) (pixels
+// p0 <= p < p1 of one row, acc at p0)
 template <typename F>
-__attribute__((target("avx2,fma"))) void quad_unpack_avx2(float* acc, int64_t HW, int64_t C, F* gf,
-                                                          int64_t p0, int64_t p1) {
-  const __m128 zero = _mm_setzero_ps();
+__attribute__((target("avx2,fma"))) void quad_unpack_avx2(const float* acc, int64_t HW, int64_t C,
+                                                          F* gf, int64_t p0, int64_t p1) {
   int64_t p = p0;
   for (; p + 8 <= p1; p += 8) {
     __m128 r[8];
-    for (int i = 0; i < 8; ++i) {
-      float* a = acc + 4 * (p - p0 + i);
-      r[i] = _mm_load_ps(a);
-      _mm_store_ps(a, zero);
-    }
+    for (int i = 0; i < 8; ++i) r[i] = _mm_load_ps(acc + 4 * (p - p0 + i));
     __m256 c[4];
     quads_to_planes(r, c);
     for (int64_t l = 0; l < C; ++l) store8(gf + l * HW + p, c[l]);
@@ -857,10 +851,11 @@ void quad_backward(const float* q, int64_t C, const uint16_t* g, int64_t g_strid
   quad_backward_dispatch(q, C, g, g_stride, taps, n, acc, gx, gy);
 }
 template <typename F>
-void quad_unpack_rows(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, F* gf) {
+void quad_unpack_rows(const float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, F* gf,
+                      int64_t r0, int64_t r1) {
   const int64_t HW = H * W;
-  for (int64_t r = 0; r < H; ++r) {
-    float* ar = acc + 4 * r * pitch;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* ar = acc + 4 * r * pitch;
 #ifdef PYSSL_HAVE_AVX2_TAPS
     if (cpu_has_avx2_fma()) {
       quad_unpack_avx2(ar, HW, C, gf, r * W, (r + 1) * W);
@@ -870,11 +865,45 @@ void quad_unpack_rows(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C
     quad_unpack_body(ar, HW, C, gf, r * W, (r + 1) * W);
   }
 }
-void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, float* gf) {
-  quad_unpack_rows(acc, H, W, pitch, C, gf);
+void quad_unpack(const float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, float* gf,
+                 int64_t r0, int64_t r1) {
+  quad_unpack_rows(acc, H, W, pitch, C, gf, r0, r1);
 }
-void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, uint16_t* gf) {
-  quad_unpack_rows(acc, H, W, pitch, C, gf);
+void quad_unpack(const float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, uint16_t* gf,
+                 int64_t r0, int64_t r1) {
+  quad_unpack_rows(acc, H, W, pitch, C, gf, r0, r1);
+}
+
+// The smallest y of n points (coords [n, 2]), NaN ignored; +inf when there is none
+PYSSL_INLINE float min_y_body(const float* coords, int64_t n) {
+  float mn = INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float y = coords[2 * j + 1];
+    mn = y < mn ? y : mn;
+  }
+  return mn;
+}
+#ifdef PYSSL_HAVE_AVX2_TAPS
+__attribute__((target("avx2,fma"))) float min_y_avx2(const float* coords, int64_t n) {
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 mn = inf;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // (x, y) x 4; x lanes replaced by +inf
+    const __m256 v = _mm256_blend_ps(inf, _mm256_loadu_ps(coords + 2 * j), 0xAA);
+    mn = _mm256_min_ps(v, mn);  // min_ps returns its second operand when one is NaN
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, mn);
+  float r = min_y_body(coords + 2 * j, n - j);
+  for (float l : lanes) r = l < r ? l : r;
+  return r;
+}
+#endif
+float min_y(const float* coords, int64_t n) {
+#ifdef PYSSL_HAVE_AVX2_TAPS
+  if (cpu_has_avx2_fma()) return min_y_avx2(coords, n);
+#endif
+  return min_y_body(coords, n);
 }
 
 void dense_taps(const float* coords, int64_t n, int64_t H, int64_t W, int64_t pitch,
@@ -914,6 +943,26 @@ void dense_backward(const uint16_t* f, int64_t C, int64_t HW, const float* g, in
   backward_dispatch(f, C, HW, g, g_stride, taps, n, grad_f, gx, gy);
 }
 
+// min over the indices >= 0 (as unsigned: -1 is the largest) and max over all of them: two
+// reductions the compiler vectorises (AVX2: vpminud, vpmaxsd)
+PYSSL_INLINE void index_range_body(const int32_t* index, int64_t m, int32_t* lo, int32_t* hi) {
+  uint32_t mn = UINT32_MAX;
+  int32_t mx = -1;
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t v = index[i];
+    const uint32_t u = static_cast<uint32_t>(v);
+    mn = u < mn ? u : mn;
+    mx = v > mx ? v : mx;
+  }
+  *lo = mx < 0 ? 0 : static_cast<int32_t>(mn);
+  *hi = mx;
+}
+PYSSL_MULTIVERSION(void, index_range_mv, (const int32_t* index, int64_t m, int32_t* lo, int32_t* hi),
+                   (index, m, lo, hi), index_range_body)
+
+void index_range(const int32_t* index, int64_t m, int32_t* lo, int32_t* hi) {
+  index_range_mv(index, m, lo, hi);
+}
 void pair_pack(const float* f, int64_t HW, int64_t p0, int64_t p1, float* q) {
   int64_t p = p0;
 #ifdef PYSSL_HAVE_AVX2_TAPS

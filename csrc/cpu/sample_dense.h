@@ -95,10 +95,19 @@ void quad_backward(const float* q, int64_t C, const float* g, int64_t g_stride,
                    const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy);
 void quad_backward(const float* q, int64_t C, const uint16_t* g, int64_t g_stride,
                    const DenseTaps& taps, int64_t n, float* acc, float* gx, float* gy);
-// planes gf [C][H*W] from the accumulator acc [H][pitch][4] (bfloat16: rounded to nearest
-// even), and acc zeroed again
-void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, float* gf);
-void quad_unpack(float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, uint16_t* gf);
+// rows r0 <= r < r1 of the planes gf [C][H*W] from the accumulator acc [H][pitch][4]
+// (bfloat16: rounded to nearest even)
+void quad_unpack(const float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, float* gf,
+                 int64_t r0, int64_t r1);
+void quad_unpack(const float* acc, int64_t H, int64_t W, int64_t pitch, int64_t C, uint16_t* gf,
+                 int64_t r0, int64_t r1);
+// The smallest y of the points coords [n, 2] (x, y), NaN ignored; +inf when there is none. A
+// block's taps read no row above floor(min_y).
+float min_y(const float* coords, int64_t n);
+
+// The smallest index >= 0 (lo) and the largest index (hi) of index[0, m): hi < 0 when all are
+// -1 (taps outside the image)
+void index_range(const int32_t* index, int64_t m, int32_t* lo, int32_t* hi);
 
 // q[2 * p + c] = f[c * HW + p] for pixels p0 <= p < p1: two planes (a flow's u, v) interleaved,
 // so a bilinear corner of the flow is one 64-bit read

@@ -515,19 +515,35 @@ void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, in
     cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
     cpu::dense_gather(fp + (b * C + c0) * HW, nc, HW, t, n, op + (b * C + c0) * P + p0, P);
   };
-  if (split.slices == 0 && use_quad(C, H, W)) {  // few channels: interleave the image, then gather
+  // Few channels: the image interleaved, each row just before the first block of points that
+  // reads it (LazyRows: the gather then finds it in cache), and gathered from
+  if (split.slices == 0 && use_quad(C, H, W)) {
     const QuadLayout L(H, W);
     ScratchPool::Lease q = quad_image_pool().lend(B * L.image_floats());
     float* qp = q.data();
-    pack_quad_images(fp, B, C, L, qp);
+    LazyRows packed(B, H);
+    auto pack = [&](int64_t b, int64_t r0, int64_t r1) {
+      cpu::quad_pack(fp + b * C * HW, C, H, W, L.pitch, r0, r1, qp + b * L.image_floats());
+    };
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
       int32_t index[4 * kDenseBlock];
       float weight[4 * kDenseBlock];
+      int64_t kb = -1, klo = 0, khi = 0;  // rows [klo, khi) of image kb known packed
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, p0 = (task % blocks) * kDenseBlock;
         const int64_t n = std::min(kDenseBlock, P - p0);
         const cpu::DenseTaps t{index, weight, nullptr, nullptr};
         cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, L.pitch, t);
+        const auto [lo, hi] = tap_rows(index, n, L.pitch);
+        if (b != kb || lo < klo || hi > khi) {
+          packed.ensure(b, lo, hi, pack);
+          if (b == kb && lo <= khi && hi >= klo) {
+            klo = std::min(klo, lo);
+            khi = std::max(khi, hi);
+          } else {
+            kb = b, klo = lo, khi = hi;
+          }
+        }
         cpu::quad_gather(qp + b * L.image_floats(), C, t, n, op + b * C * P + p0, P);
       }
     });
@@ -627,10 +643,15 @@ void dense_backward(const F* fp, const float* cp, const float* gp, int64_t gsb, 
 
 // The quad backward (3 or 4 channels, use_quad): one task per image walks its blocks of points
 // in order, scattering into the image's interleaved accumulator and reading the interleaved
-// features for the coordinate gradient, then writes the feature-gradient planes from the
-// accumulator (which it leaves zeroed), in the features' dtype. Every value of gf and gc is
-// written. The output gradient G is float32 or bfloat16 (read as float: a bfloat16 gradient is
-// not widened into a copy first).
+// features for the coordinate gradient, and writes the feature-gradient planes from the
+// accumulator in the features' dtype. Every value of gf and gc is written. The output gradient G
+// is float32 or bfloat16 (read as float: a bfloat16 gradient is not widened into a copy first).
+//
+// Rows move through cache once: a row of the interleaved features is packed, and a row of the
+// accumulator zeroed, just before the first block that reads it (LazyRows); a row of the
+// accumulator is unpacked into gf as soon as no later block can touch it (every later block's
+// points lie below it: min_y), while it is still in cache. Before, the whole 2 MB images were
+// packed, zeroed and unpacked in passes of their own and came back from memory.
 template <typename F, typename G>
 void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb, int64_t gsc,
                           F* gfp, float* gcp, int64_t B, int64_t C, int64_t H, int64_t W,
@@ -642,15 +663,43 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
   ScratchPool::Lease acc = quad_grad_pool().lend(gfp ? B * Q : 0);
   float* qp = q.data();
   float* ap = acc.data();
+  LazyRows packed(gcp ? B : 0, H), zeroed(gfp ? B : 0, H);
+  auto pack = [&](int64_t b, int64_t r0, int64_t r1) {
+    cpu::quad_pack(fp + b * C * HW, C, H, W, L.pitch, r0, r1, qp + b * Q);
+  };
+  auto zero = [&](int64_t b, int64_t r0, int64_t r1) {
+    std::fill(ap + b * Q + r0 * L.pitch * 4, ap + b * Q + r1 * L.pitch * 4, 0.0f);
+  };
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     int32_t index[4 * kDenseBlock];
     float weight[4 * kDenseBlock], fx[kDenseBlock], fy[kDenseBlock];
+    std::vector<int64_t> below(gfp ? blocks + 1 : 0);  // no block >= blk reads a row < below[blk]
     for (int64_t b = begin; b < end; ++b) {
-      // each image packed just before its points read it (still in cache)
-      if (gcp) cpu::quad_pack(fp + b * C * HW, C, H, W, L.pitch, 0, H, qp + b * Q);
+      const float* cb = cp + b * P * 2;
       float* gx = gcp ? gcp + b * 2 * P : nullptr;
       float* gy = gcp ? gx + P : nullptr;
       float* ab = gfp ? ap + b * Q : nullptr;
+      F* gfb = gfp ? gfp + b * C * HW : nullptr;
+      int64_t unpacked = 0;  // rows [0, unpacked) of gf written
+      auto unpack = [&](int64_t r1) {  // rows never touched hold no gradient (and were not zeroed)
+        for (int64_t r = unpacked; r < r1; ++r) {
+          if (zeroed.is_packed(b, r)) {
+            cpu::quad_unpack(ab, H, W, L.pitch, C, gfb, r, r + 1);
+          } else {
+            for (int64_t c = 0; c < C; ++c) std::fill(gfb + c * HW + r * W, gfb + c * HW + (r + 1) * W, F{});
+          }
+        }
+        unpacked = std::max(unpacked, r1);
+      };
+      if (gfp) {
+        below[blocks] = H;
+        for (int64_t blk = blocks - 1; blk >= 0; --blk) {
+          const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
+          const float y = cpu::min_y(cb + p0 * 2, n);
+          const int64_t lo = !(y >= 0.0f) ? 0 : y >= static_cast<float>(H) ? H : static_cast<int64_t>(y);
+          below[blk] = std::min(below[blk + 1], lo);
+        }
+      }
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
         const cpu::DenseTaps t{index, weight, nullptr, nullptr, gx ? fx : nullptr, gx ? fy : nullptr};
@@ -658,11 +707,15 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
           std::fill(gx + p0, gx + p0 + n, 0.0f);
           std::fill(gy + p0, gy + p0 + n, 0.0f);
         }
-        cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, L.pitch, t);
+        cpu::dense_taps(cb + p0 * 2, n, H, W, L.pitch, t);
+        const auto [lo, hi] = tap_rows(index, n, L.pitch);
+        if (gx) packed.ensure(b, lo, hi, pack);
+        if (ab) zeroed.ensure(b, lo, hi, zero);
         cpu::quad_backward(gx ? qp + b * Q : nullptr, C, gp + b * gsb + p0, gsc, t, n, ab,
                            gx ? gx + p0 : nullptr, gy ? gy + p0 : nullptr);
+        if (ab) unpack(below[blk + 1]);
       }
-      if (gfp) cpu::quad_unpack(ab, H, W, L.pitch, C, gfp + b * C * HW);
+      if (ab) unpack(H);
     }
   });
 }

@@ -5,8 +5,7 @@
 // buffer (0.3 ms for 3 MB), which for the dense sampling fast path is a large share of the op.
 // A ScratchPool keeps one buffer (up to kKeepFloats) and lends it to one caller at a time; a
 // caller that finds it lent, or needs more than kKeepFloats, gets a buffer of its own, freed
-// after use. New buffers are zero; a pool whose borrowers give their buffer back all-zero (an
-// accumulator pool) therefore always lends all-zero buffers.
+// after use. A lent buffer holds whatever its last borrower left in it.
 #pragma once
 
 #include <cstdint>

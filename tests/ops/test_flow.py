@@ -278,7 +278,7 @@ def test_coordinate_gradient_is_planar_and_the_flow_gradient_needs_no_copy(C):
 
 def test_quad_scratch_shared_by_threads_gives_the_same_results():
     """The interleaved images and accumulators come from pools lent to one caller at a time;
-    concurrent callers get their own buffers, and the accumulator pool stays zero."""
+    concurrent callers get their own buffers, and no call sees what another left in them."""
     import threading
 
     g = torch.Generator().manual_seed(8)
@@ -315,9 +315,45 @@ def test_quad_scratch_shared_by_threads_gives_the_same_results():
     assert not errors, errors[0]
 
 
+def _banded_coords(B, Ho, Wo, H, W, order, g):
+    """Output rows in bands of 4; band k reads source rows near 4 * order[k] (a band of -1 is
+    NaN: reads nothing). The quad kernels pack (forward) and zero and unpack (backward) source
+    rows lazily, as blocks of points first reach them: out-of-order, revisited and never-read
+    rows must all give the generic kernel's results."""
+    ys = torch.empty(B, Ho, Wo)
+    for i in range(Ho):
+        k = order[(i // 4) % len(order)]
+        ys[:, i] = math.nan if k < 0 else 4.0 * k + (i % 4) + torch.rand(B, Wo, generator=g) * 1.5 - 0.5
+    xs = torch.linspace(-1.2, W + 0.2, Wo).expand(B, Ho, Wo) + torch.randn(B, Ho, Wo, generator=g) * 0.5
+    return torch.stack([xs, ys], -1).clamp(min=-3, max=max(H, W) + 3).nan_to_num(nan=math.nan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_quad_rows_packed_and_unpacked_lazily_in_any_order(dtype, threads):
+    g = torch.Generator().manual_seed(21)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # bands read rows 39-45, 0-5, 19-25, nothing, 0-5 again, 55-61, 7-13, 39-45 again; rows
+        # 14-18, 26-38 and 46-54 never; 64 output columns: a 256-point block is one band
+        order = [10, 0, 5, -1, 0, 14, 2, 10]
+        for seed in range(3):  # later calls reuse the pooled buffers the earlier ones filled
+            B, C, H, W = (1, 3, 64, 50) if seed != 1 else (2, 4, 64, 50)
+            feats = (torch.randn(B, C, H, W, generator=g) * (seed + 1)).to(dtype)
+            coords = _banded_coords(B, 4 * len(order) * 2, 64, H, W, order, g)
+            gr = _check_fast_path(feats, coords, g, coord_tol=1e-4 * C)
+            gf = torch.ops.pyssl.sample_features_dense_backward(gr, feats, coords, True, False)[0]
+            for r0, r1 in ((14, 19), (26, 39), (46, 55)):  # never read: zero, whatever the pool held
+                assert (gf[:, :, r0:r1] == 0).all()
+            assert (gf[:, :, 40:45] != 0).any() and (gf[:, :, 8:13] != 0).any()
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_quad_image_beyond_the_pool_keep_limit():
     # 4 x 2050 x 2100 floats of interleaved image exceed what the scratch pools keep (64 MiB):
-    # such calls get buffers of their own (zeroed for the accumulator), freed after
+    # such calls get buffers of their own, freed after
     g = torch.Generator().manual_seed(4)
     feats = torch.randn(1, 3, 2050, 2100, generator=g)
     coords = torch.rand(1, 16, 40, 2, generator=g) * torch.tensor([2101.0, 2051.0]) - 1.0
