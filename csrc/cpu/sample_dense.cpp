@@ -257,7 +257,7 @@ PYSSL_INLINE void quad_backward_body(const float* q, int64_t C, const G* g, int6
   backward_body(q, C, 1, 4, g, gs, t, n, acc, nullptr, nullptr, j0);
   if (!gx) return;
   for (int64_t j = j0; j < n; ++j) {
-    float ax = gx[j], ay = gy[j];
+    float ax = 0.0f, ay = 0.0f;  // all channels here: gx, gy written, not accumulated
     for (int64_t c = 0; c < C; ++c) {
       float v[4];
       for (int k = 0; k < 4; ++k) {
@@ -558,7 +558,7 @@ __attribute__((target("avx2,fma"))) void quad_backward_avx2(const float* q, int6
     __m256 sx[4], sy[4];
     quads_to_planes(sxq, sx);
     quads_to_planes(syq, sy);
-    __m256 ax = _mm256_loadu_ps(gx + j), ay = _mm256_loadu_ps(gy + j);
+    __m256 ax = _mm256_setzero_ps(), ay = _mm256_setzero_ps();
     for (int64_t l = 0; l < C; ++l) {
       ax = _mm256_add_ps(ax, _mm256_mul_ps(gc[l], sx[l]));
       ay = _mm256_add_ps(ay, _mm256_mul_ps(gc[l], sy[l]));

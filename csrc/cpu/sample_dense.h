@@ -85,8 +85,8 @@ void quad_gather(const float* q, int64_t C, const DenseTaps& taps, int64_t n, ui
 // The backward of a block (acc, or gx and gy, may be null; q may be null without gx; the taps
 // need fx and fy, not dwdx and dwdy, when gx is set):
 //   acc[4 * index[k][j] + c] += weight[k][j] * g[c * g_stride + j]   (in point, corner order)
-//   gx[j] += sum_c g[c * g_stride + j] * ((1 - fy[j]) * top + fy[j] * bottom)
-//   gy[j] += sum_c g[c * g_stride + j] * ((1 - fx[j]) * left + fx[j] * right)
+//   gx[j] = sum_c g[c * g_stride + j] * ((1 - fy[j]) * top + fy[j] * bottom)   (written)
+//   gy[j] = sum_c g[c * g_stride + j] * ((1 - fx[j]) * left + fx[j] * right)
 // with top = v1 - v0, bottom = v3 - v2, left = v2 - v0, right = v3 - v1 the differences of the
 // corner values v_k = q[4 * index[k][j] + c] (0 outside the image): sum_k dwdx[k][j] v_k
 // (dwdy) with 10 operations per channel instead of 16. The output gradient g is float32 or

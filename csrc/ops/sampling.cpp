@@ -703,10 +703,6 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
         const cpu::DenseTaps t{index, weight, nullptr, nullptr, gx ? fx : nullptr, gx ? fy : nullptr};
-        if (gx) {
-          std::fill(gx + p0, gx + p0 + n, 0.0f);
-          std::fill(gy + p0, gy + p0 + n, 0.0f);
-        }
         cpu::dense_taps(cb + p0 * 2, n, H, W, L.pitch, t);
         const auto [lo, hi] = tap_rows(index, n, L.pitch);
         if (gx) packed.ensure(b, lo, hi, pack);
