@@ -535,7 +535,7 @@ void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, in
         const cpu::DenseTaps t{index, weight, nullptr, nullptr};
         cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, L.pitch, t);
         const auto [lo, hi] = tap_rows(index, n, L.pitch);
-        if (b != kb || lo < klo || hi > khi) {
+        if (lo < hi && (b != kb || lo < klo || hi > khi)) {
           packed.ensure(b, lo, hi, pack);
           if (b == kb && lo <= khi && hi >= klo) {
             klo = std::min(klo, lo);
