@@ -164,7 +164,6 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   const F* g = grad.const_data_ptr<F>();
-  const int64_t HW = s.H * s.W;
   if (need_features) {
     scatter_to_features<A>(
         s, idx, gacc,
