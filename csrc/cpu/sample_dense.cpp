@@ -550,8 +550,10 @@ __attribute__((target("avx2,fma"))) void quad_backward_avx2(const float* q, int6
         const __m128 top = _mm_sub_ps(v[1], v[0]), bottom = _mm_sub_ps(v[3], v[2]);
         const __m128 left = _mm_sub_ps(v[2], v[0]), right = _mm_sub_ps(v[3], v[1]);
         const float fx = t.fx[j + p], fy = t.fy[j + p];
-        sxq[p] = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(1.0f - fy), top), _mm_mul_ps(_mm_set1_ps(fy), bottom));
-        syq[p] = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(1.0f - fx), left), _mm_mul_ps(_mm_set1_ps(fx), right));
+        sxq[p] = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(1.0f - fy), top),
+                            _mm_mul_ps(_mm_set1_ps(fy), bottom));
+        syq[p] = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(1.0f - fx), left),
+                            _mm_mul_ps(_mm_set1_ps(fx), right));
       }
     }
     if (!gx) continue;
@@ -957,8 +959,9 @@ PYSSL_INLINE void index_range_body(const int32_t* index, int64_t m, int32_t* lo,
   *lo = mx < 0 ? 0 : static_cast<int32_t>(mn);
   *hi = mx;
 }
-PYSSL_MULTIVERSION(void, index_range_mv, (const int32_t* index, int64_t m, int32_t* lo, int32_t* hi),
-                   (index, m, lo, hi), index_range_body)
+PYSSL_MULTIVERSION(void, index_range_mv,
+                   (const int32_t* index, int64_t m, int32_t* lo, int32_t* hi), (index, m, lo, hi),
+                   index_range_body)
 
 void index_range(const int32_t* index, int64_t m, int32_t* lo, int32_t* hi) {
   index_range_mv(index, m, lo, hi);

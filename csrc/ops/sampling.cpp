@@ -685,7 +685,9 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
           if (zeroed.is_packed(b, r)) {
             cpu::quad_unpack(ab, H, W, L.pitch, C, gfb, r, r + 1);
           } else {
-            for (int64_t c = 0; c < C; ++c) std::fill(gfb + c * HW + r * W, gfb + c * HW + (r + 1) * W, F{});
+            for (int64_t c = 0; c < C; ++c) {
+              std::fill(gfb + c * HW + r * W, gfb + c * HW + (r + 1) * W, F{});
+            }
           }
         }
         unpacked = std::max(unpacked, r1);
@@ -695,13 +697,16 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
         for (int64_t blk = blocks - 1; blk >= 0; --blk) {
           const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
           const float y = cpu::min_y(cb + p0 * 2, n);
-          const int64_t lo = !(y >= 0.0f) ? 0 : y >= static_cast<float>(H) ? H : static_cast<int64_t>(y);
+          const int64_t lo = !(y >= 0.0f)                 ? 0  // negative, -inf, none: row 0
+                             : y >= static_cast<float>(H) ? H
+                                                          : static_cast<int64_t>(y);
           below[blk] = std::min(below[blk + 1], lo);
         }
       }
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
-        const cpu::DenseTaps t{index, weight, nullptr, nullptr, gx ? fx : nullptr, gx ? fy : nullptr};
+        const cpu::DenseTaps t{index, weight, nullptr, nullptr, gx ? fx : nullptr,
+                               gx ? fy : nullptr};
         cpu::dense_taps(cb + p0 * 2, n, H, W, L.pitch, t);
         const auto [lo, hi] = tap_rows(index, n, L.pitch);
         if (gx) packed.ensure(b, lo, hi, pack);
