@@ -697,7 +697,7 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
         for (int64_t blk = blocks - 1; blk >= 0; --blk) {
           const int64_t p0 = blk * kDenseBlock, n = std::min(kDenseBlock, P - p0);
           const float y = cpu::min_y(cb + p0 * 2, n);
-          const int64_t lo = !(y >= 0.0f)                 ? 0  // negative, -inf, none: row 0
+          const int64_t lo = !(y >= 0.0f)                 ? 0  // below 0 or -inf; +inf (no y): H
                              : y >= static_cast<float>(H) ? H
                                                           : static_cast<int64_t>(y);
           below[blk] = std::min(below[blk + 1], lo);
