@@ -723,7 +723,8 @@ __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const f
   const __m256 zero8 = _mm256_setzero_ps();
   for (; j + 8 <= W; j += 8) {
     // all 32 corners inside the image with a nonzero weight (the common case): each point's
-    // horizontal pair of corners is one 128-bit read (bu0, bv0, bu1, bv1)
+    // horizontal pair of corners is one 128-bit read (bu0, bv0, bu1, bv1), and the weighted
+    // sums run over 8 points at a time
     __m256i any = _mm256_setzero_si256();
     __m256 wzero = _mm256_setzero_ps();
     for (int k = 0; k < 4; ++k) {
@@ -731,35 +732,47 @@ __attribute__((target("avx2,fma"))) void flow_check_avx2(const float* u, const f
       wzero = _mm256_or_ps(wzero, _mm256_cmp_ps(_mm256_loadu_ps(t.weight + k * W + j), zero8, _CMP_EQ_OQ));
     }
     const bool fast = _mm256_movemask_ps(_mm256_or_ps(_mm256_castsi256_ps(any), wzero)) == 0;
-    __m128 r[8];
-    for (int p = 0; p < 8; ++p) {
-      __m128 acc = _mm_setzero_ps();
-      if (fast) {
-        for (int h = 0; h < 2; ++h) {  // top pair (corners 0, 1), bottom pair (2, 3)
-          const int64_t i = t.index[2 * h * W + j + p];
-          const __m128 w = _mm_movelh_ps(_mm_set1_ps(t.weight[2 * h * W + j + p]),
-                                         _mm_set1_ps(t.weight[(2 * h + 1) * W + j + p]));
-          const __m128 prod = _mm_mul_ps(w, _mm_loadu_ps(qb + 2 * i));
-          acc = _mm_add_ps(acc, prod);                        // + w_left * (bu, bv)
-          acc = _mm_add_ps(acc, _mm_movehl_ps(prod, prod));   // + w_right * (bu, bv)
+    __m256 bu, bv;
+    if (fast) {
+      // the 8 points' top and bottom pairs transposed into lanes: (bu, bv) of corners 0, 1
+      // (top) and 2, 3 (bottom) for 8 points each, then summed in corner order in 8 lanes
+      __m128 top[8], bottom[8];
+      for (int p = 0; p < 8; ++p) {
+        top[p] = _mm_loadu_ps(qb + 2 * static_cast<int64_t>(t.index[j + p]));
+        bottom[p] = _mm_loadu_ps(qb + 2 * static_cast<int64_t>(t.index[2 * W + j + p]));
+      }
+      __m256 c01[4], c23[4];  // bu0, bv0, bu1, bv1 (and bu2, bv2, bu3, bv3)
+      quads_to_planes(top, c01);
+      quads_to_planes(bottom, c23);
+      __m256 w[4];
+      for (int k = 0; k < 4; ++k) w[k] = _mm256_loadu_ps(t.weight + k * W + j);
+      bu = _mm256_add_ps(zero8, _mm256_mul_ps(w[0], c01[0]));
+      bv = _mm256_add_ps(zero8, _mm256_mul_ps(w[0], c01[1]));
+      bu = _mm256_add_ps(bu, _mm256_mul_ps(w[1], c01[2]));
+      bv = _mm256_add_ps(bv, _mm256_mul_ps(w[1], c01[3]));
+      bu = _mm256_add_ps(bu, _mm256_mul_ps(w[2], c23[0]));
+      bv = _mm256_add_ps(bv, _mm256_mul_ps(w[2], c23[1]));
+      bu = _mm256_add_ps(bu, _mm256_mul_ps(w[3], c23[2]));
+      bv = _mm256_add_ps(bv, _mm256_mul_ps(w[3], c23[3]));
+    } else {
+      __m128 r[8];
+      for (int p = 0; p < 8; ++p) {
+        __m128 acc = _mm_setzero_ps();
+        for (int k = 0; k < 4; ++k) {
+          const int32_t idx = t.index[k * W + j + p];
+          const float w = t.weight[k * W + j + p];
+          if (idx >= 0 && w != 0.0f)
+            acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(w), _mm_castpd_ps(_mm_load_sd(
+                                      reinterpret_cast<const double*>(qb + 2 * static_cast<int64_t>(idx))))));
+          else
+            acc = _mm_add_ps(acc, _mm_setzero_ps());
         }
         r[p] = acc;
-        continue;
       }
-      for (int k = 0; k < 4; ++k) {
-        const int32_t idx = t.index[k * W + j + p];
-        const float w = t.weight[k * W + j + p];
-        if (idx >= 0 && w != 0.0f)
-          acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(w), _mm_castpd_ps(_mm_load_sd(
-                                    reinterpret_cast<const double*>(qb + 2 * static_cast<int64_t>(idx))))));
-        else
-          acc = _mm_add_ps(acc, _mm_setzero_ps());
-      }
-      r[p] = acc;
+      __m256 b[4];
+      quads_to_planes(r, b);
+      bu = b[0], bv = b[1];
     }
-    __m256 b[4];
-    quads_to_planes(r, b);
-    const __m256 bu = b[0], bv = b[1];
     const __m256 uu = _mm256_loadu_ps(u + j), vv = _mm256_loadu_ps(v + j);
     const __m256 du = _mm256_add_ps(uu, bu), dv = _mm256_add_ps(vv, bv);
     const __m256 lhs = _mm256_add_ps(_mm256_mul_ps(du, du), _mm256_mul_ps(dv, dv));

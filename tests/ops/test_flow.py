@@ -394,6 +394,62 @@ def test_float32_flow_fast_path_matches_the_float64_kernel():
         assert not got.valid[0, 3, 4] and not got.valid[1, 5, 9] and not got.valid[1, 6, 50]
 
 
+def _flow_match_float32(fw, bw, alpha1, alpha2):
+    """valid of kernels/flow_math.h (flow_match) in float32, one rounded torch op per kernel op
+    in the kernel's order (no fused multiply-add): the CPU kernels' result bit for bit."""
+    B, _, H, W = fw.shape
+    u, v = fw[:, 0], fw[:, 1]
+    x = torch.arange(W, dtype=torch.float32) + u
+    y = torch.arange(H, dtype=torch.float32)[:, None] + v
+    inside = ((u - u) == 0) & ((v - v) == 0) & (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    near = (x > -2) & (x < W + 1) & (y > -2) & (y < H + 1)
+    xs, ys = torch.where(near, x, 0.0), torch.where(near, y, 0.0)
+    ax, ay = xs - xs.floor(), ys - ys.floor()
+    x0, y0 = xs.floor().long(), ys.floor().long()
+    bu, bv = torch.zeros_like(u), torch.zeros_like(v)
+    for dx, dy, w in ((0, 0, (1 - ax) * (1 - ay)), (1, 0, ax * (1 - ay)), (0, 1, (1 - ax) * ay), (1, 1, ax * ay)):
+        cx, cy = x0 + dx, y0 + dy
+        read = near & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H) & (w != 0)  # weight 0: not read
+        at = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).reshape(B, -1)
+        su = bw[:, 0].reshape(B, -1).gather(1, at).view(B, H, W)
+        sv = bw[:, 1].reshape(B, -1).gather(1, at).view(B, H, W)
+        bu = bu + torch.where(read, w * su, 0.0)
+        bv = bv + torch.where(read, w * sv, 0.0)
+    du, dv = u + bu, v + bv
+    lhs = du * du + dv * dv
+    rhs = alpha1 * (((u * u + v * v) + bu * bu) + bv * bv) + alpha2
+    return inside & (lhs <= rhs)
+
+
+@given(B=st.integers(1, 2), H=st.integers(1, 12), W=st.integers(1, 70),
+       seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.4, 3.0, 20.0]),
+       noise=st.sampled_from([0.0, 0.3, 1.0]))
+def test_float32_flow_check_equals_its_arithmetic_bit_for_bit(B, H, W, seed, scale, noise):
+    """The vector kernels (8 targets at a time; all corners inside: weighted sums over 8 lanes)
+    and their scalar tails against flow_match's float32 arithmetic, bit for bit. With the
+    backward flow about -F plus noise many pixels sit near the decision boundary: a wrong corner
+    or weight, or a sampled flow off by 1e-4 px, flips some of them (checked by breaking the
+    kernel); a different rounding order (one ulp) flips a random pixel too rarely to be seen."""
+    g = torch.Generator().manual_seed(seed)
+    fw = torch.randn(B, 2, H, W, generator=g) * scale
+    bw = -fw + torch.randn(B, 2, H, W, generator=g) * noise
+    for a1, a2 in ((0.01, 0.5), (0.05, 0.01), (0.0, 1e-6)):
+        got = ops.flow_correspondence(fw, bw, alpha1=a1, alpha2=a2).valid
+        assert torch.equal(got, _flow_match_float32(fw, bw, a1, a2)), (a1, a2)
+
+
+def test_float32_flow_check_at_the_boundary_of_large_interior_blocks():
+    # a near-constant flow and its inverse plus noise: large blocks of targets with all corners
+    # inside (the 8-lane path), the check failing for about half of them
+    g = torch.Generator().manual_seed(2)
+    fw = torch.tensor([2.3, -1.6]).view(1, 2, 1, 1) + torch.randn(2, 2, 40, 96, generator=g) * 0.05
+    bw = torch.tensor([-2.3, 1.6]).view(1, 2, 1, 1) + torch.randn(2, 2, 40, 96, generator=g) * 0.3
+    for a1, a2 in ((0.01, 0.05), (0.0, 0.08)):
+        want = _flow_match_float32(fw, bw, a1, a2)
+        assert 0.2 < want.float().mean() < 0.95  # both outcomes, many near the boundary
+        assert torch.equal(ops.flow_correspondence(fw, bw, alpha1=a1, alpha2=a2).valid, want)
+
+
 def test_sample_features_gradcheck_and_determinism():
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
