@@ -44,6 +44,22 @@ __global__ void ranks_kernel(const in_t* __restrict__ noise, int L, int64_t K,
   }
 }
 
+// int64 keys that sort like ordered_key (the CPU's order: NaN last, -0.0 == +0.0); a stable
+// ascending sort of them is the contract's stable argsort of the noise.
+template <typename in_t>
+__global__ void sort_keys_kernel(const in_t* __restrict__ noise, int64_t count,
+                                 int64_t* __restrict__ keys) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < count;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const auto k = key_of(noise[t]);
+    if constexpr (sizeof(k) == 8) {
+      keys[t] = static_cast<int64_t>(k ^ (uint64_t{1} << 63));  // unsigned order -> signed
+    } else {
+      keys[t] = static_cast<int64_t>(k);
+    }
+  }
+}
+
 __global__ void from_shuffle_kernel(const int64_t* __restrict__ shuffle, int64_t N, int64_t L,
                                     int64_t K, int64_t* __restrict__ keep,
                                     int64_t* __restrict__ restore, bool* __restrict__ mask) {
@@ -188,6 +204,17 @@ cudaError_t random_masking_ranks(const void* noise, DType noise_dtype, int64_t N
     const int threads = L >= 256 ? 256 : static_cast<int>(ceil_div(L, 32) * 32);
     ranks_kernel<T, key_t><<<static_cast<unsigned>(N), threads, L * sizeof(key_t), stream>>>(
         static_cast<const T*>(noise), static_cast<int>(L), K, ids_keep, ids_restore, mask);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t masking_sort_keys(const void* noise, DType noise_dtype, int64_t count, int64_t* keys,
+                              cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  return dispatch_dtype(noise_dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    sort_keys_kernel<T><<<grid_for(count), kThreads, 0, stream>>>(static_cast<const T*>(noise),
+                                                                    count, keys);
     return cudaGetLastError();
   });
 }

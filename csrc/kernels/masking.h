@@ -19,6 +19,11 @@ cudaError_t random_masking_ranks(const void* noise, DType noise_dtype, int64_t N
                                  int64_t K, int64_t* ids_keep, int64_t* ids_restore, bool* mask,
                                  cudaStream_t stream);
 
+// keys[i] = an int64 that orders noise[i] as random_masking_ranks does (ordered_key: NaN last,
+// -0.0 == +0.0), for a stable device sort of rows too long for it.
+cudaError_t masking_sort_keys(const void* noise, DType noise_dtype, int64_t count, int64_t* keys,
+                              cudaStream_t stream);
+
 // Same outputs from an already computed stable argsort ids_shuffle [N, L].
 cudaError_t masking_from_shuffle(const int64_t* ids_shuffle, int64_t N, int64_t L, int64_t K,
                                  int64_t* ids_keep, int64_t* ids_restore, bool* mask,

@@ -32,7 +32,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_masking_cuda(const Tensor& x,
                                                 ids_restore.mutable_data_ptr<int64_t>(),
                                                 mask.mutable_data_ptr<bool>(), stream));
   } else {
-    const Tensor shuffle = std::get<1>(at::sort(nc, /*stable=*/true, /*dim=*/1));
+    // Sort integer keys, not the floats: torch's device sort orders NaNs by their sign bit and
+    // does not tie -0.0 with +0.0, the CPU path does. All four arguments are spelled out:
+    // sort(t, true, 1) would pick the overload sort(t, dim=1, descending=true).
+    Tensor keys = at::empty({N, L}, long_opts);
+    PYSSL_CUDA_CHECK(cuda::masking_sort_keys(nc.const_data_ptr(), nd, N * L,
+                                             keys.mutable_data_ptr<int64_t>(), stream));
+    const Tensor shuffle = std::get<1>(
+        at::sort(keys, std::optional<bool>(true), /*dim=*/1, /*descending=*/false));
     PYSSL_CUDA_CHECK(cuda::masking_from_shuffle(shuffle.const_data_ptr<int64_t>(), N, L, K,
                                                 ids_keep.mutable_data_ptr<int64_t>(),
                                                 ids_restore.mutable_data_ptr<int64_t>(),
