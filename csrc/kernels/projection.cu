@@ -60,12 +60,16 @@ __global__ void pair_count_kernel(DevProjector<T> proj, int cameras, int64_t* __
 
 template <typename T>
 __global__ void pair_write_kernel(DevProjector<T> proj, int cameras, const double* __restrict__ random,
-                                  const int64_t* __restrict__ offsets, int64_t* __restrict__ pi,
+                                  const int64_t* __restrict__ offsets,
+                                  const int64_t* __restrict__ counts, int64_t* __restrict__ pi,
                                   int64_t* __restrict__ ci, int64_t* __restrict__ ri,
                                   int64_t* __restrict__ co) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < proj.a.P;
        p += int64_t(gridDim.x) * blockDim.x) {
     int64_t o = offsets[p];
+    // Never past the slots pair_count_kernel counted, even if a recomputed projection differed.
+    const int64_t end = o + counts[p];
+    if (o == end) continue;
     int64_t pick = 0;
     if (cameras == 2) {
       int64_t nvalid = 0;
@@ -83,7 +87,7 @@ __global__ void pair_write_kernel(DevProjector<T> proj, int cameras, const doubl
         ri[o] = static_cast<int64_t>(q.v);
         co[o] = static_cast<int64_t>(q.u);
         ++o;
-        if (cameras != 0) break;
+        if (cameras != 0 || o == end) break;
       }
       ++seen;
     }
@@ -193,14 +197,15 @@ cudaError_t pair_counts(const void* points, DType acc, const void* M, const void
 
 cudaError_t pair_write(const void* points, DType acc, const void* M, const void* K,
                        const void* size, const int64_t* batch, const ProjArgs& a, int cameras,
-                       const double* random, const int64_t* offsets, int64_t* point_index,
-                       int64_t* camera_index, int64_t* row, int64_t* col, cudaStream_t stream) {
+                       const double* random, const int64_t* offsets, const int64_t* counts,
+                       int64_t* point_index, int64_t* camera_index, int64_t* row, int64_t* col,
+                       cudaStream_t stream) {
   if (a.P == 0) return cudaSuccess;
   return with_geometry(acc, [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     PYSSL_PROJECTOR(T);
-    pair_write_kernel<T><<<grid_for(a.P), kThreads, 0, stream>>>(proj, cameras, random, offsets,
-                                                                 point_index, camera_index, row, col);
+    pair_write_kernel<T><<<grid_for(a.P), kThreads, 0, stream>>>(
+        proj, cameras, random, offsets, counts, point_index, camera_index, row, col);
     return cudaGetLastError();
   });
 }

@@ -24,11 +24,13 @@ cudaError_t pair_counts(const void* points, DType acc, const void* M, const void
                         const void* size, const int64_t* batch, const ProjArgs& a, int cameras,
                         int64_t* counts, cudaStream_t stream);
 
-// Writes the pairs of point p at offsets[p] (exclusive scan of counts); random [P] in [0, 1).
+// Writes the pairs of point p at offsets[p] (exclusive scan of counts), at most counts[p] of
+// them; random [P] in [0, 1).
 cudaError_t pair_write(const void* points, DType acc, const void* M, const void* K,
                        const void* size, const int64_t* batch, const ProjArgs& a, int cameras,
-                       const double* random, const int64_t* offsets, int64_t* point_index,
-                       int64_t* camera_index, int64_t* row, int64_t* col, cudaStream_t stream);
+                       const double* random, const int64_t* offsets, const int64_t* counts,
+                       int64_t* point_index, int64_t* camera_index, int64_t* row, int64_t* col,
+                       cudaStream_t stream);
 
 // counts[s] += 1 per row with segment id s (int atomics); flag bit 1 set for ids out of range.
 cudaError_t segment_counts(const int64_t* ids, int64_t N, int64_t S, int64_t* counts,

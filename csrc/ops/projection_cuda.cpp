@@ -77,7 +77,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cuda(
                                     in.K.const_data_ptr(), in.size.const_data_ptr(), batch_ptr(in),
                                     in.args, static_cast<int>(cameras),
                                     rnd.defined() ? rnd.const_data_ptr<double>() : nullptr,
-                                    offsets.const_data_ptr<int64_t>(), pi.mutable_data_ptr<int64_t>(),
+                                    offsets.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(),
+                                    pi.mutable_data_ptr<int64_t>(),
                                     ci.mutable_data_ptr<int64_t>(), ri.mutable_data_ptr<int64_t>(),
                                     co.mutable_data_ptr<int64_t>(), stream));
   return {pi, ci, ri, co};
@@ -126,6 +127,8 @@ Tensor segment_mean_backward_cuda(const Tensor& grad_means, const Tensor& segmen
   check_dim(segment_ids, 1, "segment_ids", "[N]");
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad_means.size(0),
                     "counts must have shape [S] = [", grad_means.size(0), "]");
+  check_same_device(segment_ids, grad_means, "segment_ids", "grad_means");
+  check_same_device(counts, grad_means, "counts", "grad_means");
   const c10::cuda::CUDAGuard guard(grad_means.device());
   const Tensor g = grad_means.contiguous(), ids = segment_ids.contiguous(), cnt = counts.contiguous();
   Tensor out = at::empty({ids.size(0), g.size(1)}, g.options());

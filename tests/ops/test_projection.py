@@ -407,17 +407,19 @@ def test_empty_inputs_give_clean_empty_results():
 def test_cuda_projection_matches_cpu(dtype):
     M, K = random_rig(6, 61, dtype)
     pts = random_points(35000, 62, dtype)
+    # nvcc builds projection.cu without FMA contraction (CMakeLists.txt), so the GPU rounds each
+    # product and sum as the CPU does: the same bits, also for float32 pixels near a border or
+    # an integer (floor, round) and for points near depth 0 (u, v ~ 1e5).
     for rounding in ("none", "floor", "round"):
         a = ops.project_points(pts, M, K, (900, 1600), rounding=rounding)
         b = ops.project_points(pts.cuda(), M.cuda(), K.cuda(), (900, 1600), rounding=rounding)
         for x, y in zip(a, b):
-            torch.testing.assert_close(x, y.cpu(), rtol=1e-6, atol=1e-3 if dtype == torch.float32 else 1e-9)
+            torch.testing.assert_close(x, y.cpu(), rtol=0, atol=0, equal_nan=True)
     for cameras in ("all", "first"):
         a = ops.point_pixel_pairs(pts, M, K, (900, 1600), cameras=cameras)
         b = ops.point_pixel_pairs(pts.cuda(), M.cuda(), K.cuda(), (900, 1600), cameras=cameras)
-        same = sum(torch.equal(x, y.cpu()) for x, y in zip(a, b))
-        assert same == 4 or dtype == torch.float32  # float32 may round a border pixel differently
-        assert abs(len(a.point_index) - len(b.point_index)) <= 2
+        for x, y in zip(a, b):
+            assert torch.equal(x, y.cpu())
 
 
 @pytest.mark.cuda
