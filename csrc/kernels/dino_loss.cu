@@ -248,7 +248,7 @@ lse_rows_kernel(const T* __restrict__ x, int64_t K, const acc_t<T>* __restrict__
   const A rv = ro ? ro[r] : A(0);
   A m = neg_inf<T>(), z = 0;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-    lse_push(m, z, to_acc(x[r * K + k]) * scale - rv - (co ? co[k] : A(0)));
+    lse_push(m, z, to_acc(x[r * K + k]) * scale - (co ? co[k] : A(0)) - rv);  // the CPU's order
   const A M = block_max(m, smem);
   const A shift = M == neg_inf<T>() ? A(0) : M;
   A zz[1] = {m == neg_inf<T>() ? A(0) : z * device_exp(m - shift)};
@@ -265,7 +265,7 @@ __global__ void lse_cols_kernel(const T* __restrict__ x, int64_t R, int64_t K,
   if (k >= K) return;
   const A cv = co ? co[k] : A(0);
   A m = neg_inf<T>(), z = 0;
-  for (int64_t r = 0; r < R; ++r) lse_push(m, z, to_acc(x[r * K + k]) * scale - (ro ? ro[r] : A(0)) - cv);
+  for (int64_t r = 0; r < R; ++r) lse_push(m, z, to_acc(x[r * K + k]) * scale - cv - (ro ? ro[r] : A(0)));
   out[k] = (m == neg_inf<T>() ? m : m + log(z));
 }
 

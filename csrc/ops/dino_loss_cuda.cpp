@@ -61,6 +61,8 @@ Tensor dino_loss_backward_cuda(const Tensor& grad_loss, const Tensor& student,
   TORCH_CHECK_VALUE(student_lse.numel() == d.S * d.B && teacher_lse.numel() == d.T * d.B,
                     "student_lse / teacher_lse do not match the inputs");
   check_same_device(grad_loss, student, "grad_loss", "student");
+  check_same_device(student_lse, student, "student_lse", "student");
+  check_same_device(teacher_lse, student, "teacher_lse", "student");
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_type(student, teacher);
   auto [s, t] = common_dtype(student, teacher);

@@ -316,7 +316,9 @@ def test_cuda_matches_cpu(dtype, K, crops):
     torch.testing.assert_close(loss.cpu(), rl, rtol=tol, atol=tol)
     torch.testing.assert_close(mean.cpu(), rm, rtol=tol, atol=tol)
     gtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(sc.grad.cpu().double(), sr.grad.double(), rtol=gtol, atol=gtol * float(sr.grad.abs().max()))
+    # + 1e-6: at K = 1 the exact gradient is 0 (p = q = 1), the GPU's exp leaves ~1e-8
+    torch.testing.assert_close(sc.grad.cpu().double(), sr.grad.double(), rtol=gtol,
+                               atol=gtol * float(sr.grad.abs().max()) + 1e-6)
     # bitwise repeatable on the device
     sc2 = s.cuda().requires_grad_(True)
     loss2, _ = ops.dino_loss(sc2, t.cuda(), c.cuda(), n_teacher_crops=T, skip_same_view=skip)
@@ -328,7 +330,14 @@ def test_cuda_matches_cpu(dtype, K, crops):
 def test_cuda_sinkhorn_opcheck_gradcheck():
     t = torch.randn(64, 5000, device="cuda") * 300
     q = ops.sinkhorn_knopp(t, 0.04)
-    torch.testing.assert_close(q.cpu(), ops.sinkhorn_knopp(t.cpu(), 0.04), rtol=1e-4, atol=1e-6)
+    # Logits reach |t| / 0.04 ~ 3e4, where one float32 ulp (~2e-3) of an offset moves q by that
+    # much relatively: both devices are held to the float64 result within ~10 such ulps (the
+    # CPU is seen at 0.3-0.5%), not to each other's last bits (their exp and summation order
+    # differ).
+    q64 = ops.sinkhorn_knopp(t.cpu().double(), 0.04)
+    assert not torch.isnan(q).any()
+    torch.testing.assert_close(q.cpu().double(), q64, rtol=2e-2, atol=1e-7)
+    torch.testing.assert_close(ops.sinkhorn_knopp(t.cpu(), 0.04).double(), q64, rtol=2e-2, atol=1e-7)
     s = torch.randn(6, 7, dtype=torch.float64, device="cuda", requires_grad=True)
     tt = torch.randn(4, 7, dtype=torch.float64, device="cuda")
     c = torch.randn(7, dtype=torch.float64, device="cuda")
