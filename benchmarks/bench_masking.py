@@ -169,7 +169,7 @@ def test_block_masking(benchmark, device, impl):
         def fn():
             return beit_numpy_block_masks(batch, side, side, count, rng=rng)
     else:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)  # seeds drawn where the masks live
 
         def fn():
             return ops.block_masking(batch, side, side, count, generator=g, device=device)

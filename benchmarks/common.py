@@ -37,6 +37,7 @@ def peak_memory(fn, device) -> int | None:
     only; None on CPU, where torch keeps no allocator statistics)."""
     if torch.device(device).type != "cuda":
         return None
+    fn()  # warm-up: one-time allocations (library workspaces, pools) are not the op's peak
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()

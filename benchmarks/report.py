@@ -2,7 +2,7 @@
 implementation's median time and its ratio to pyssl's (> 1: pyssl is faster), plus the memory
 saved for backward and the peak memory where measured.
 
-    python -m benchmarks.report results.json [--markdown]
+    python -m benchmarks.report results.json [more.json ...] [--merged all.json]
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ def _mb(x):
 def load(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def merge(datas: list[dict]) -> dict:
+    """One result from several runs (e.g. one per benchmark family): the first run's machine
+    and date, every run's benchmarks."""
+    if not datas:
+        raise ValueError("no benchmark results to merge")
+    out = dict(datas[0])
+    out["benchmarks"] = [b for d in datas for b in d.get("benchmarks", [])]
+    return out
 
 
 def rows(data: dict) -> list[dict]:
@@ -66,9 +76,14 @@ def format_table(data: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="pytest-benchmark JSON files (merged into one table)")
+    p.add_argument("--merged", help="also write the merged JSON here")
     args = p.parse_args(argv)
-    print(format_table(load(args.json)))
+    data = merge([load(f) for f in args.json])
+    if args.merged:
+        with open(args.merged, "w") as f:
+            json.dump(data, f)
+    print(format_table(data))
 
 
 if __name__ == "__main__":

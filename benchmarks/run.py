@@ -44,14 +44,14 @@ def main(argv=None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the benchmark process and the report
     rc = subprocess.call(cmd, cwd=HERE.parent)
-    if rc not in (0, 5):
-        return rc
     print()
     if not pathlib.Path(out).exists():
-        print("no benchmark ran (no device of the requested kind?)")
-        return 1
+        print("no benchmark ran (no device of the requested kind?)" if rc in (0, 5)
+              else f"the benchmarks failed (pytest exit status {rc}) before writing results")
+        return rc or 1
+    # A failing benchmark still leaves the others' figures: print them, then report the failure.
     print(report.format_table(report.load(out)))
-    return 0
+    return 0 if rc in (0, 5) else rc
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPECTED_OPS = ["block_masking", "random_masking", "unshuffle_tokens", "unshuffle_tokens_backward"]
 
 
+@pytest.mark.gpu_check
 def test_build_info_matches_running_torch():
     info = pyssl.build_info()
     assert info["torch_version"] == torch.__version__
@@ -25,6 +26,7 @@ def test_build_info_matches_running_torch():
     assert pyssl.has_cuda_kernels() == info["cuda"]
 
 
+@pytest.mark.gpu_check
 def test_every_op_has_cpu_and_fake_kernels_and_cuda_when_built():
     for name in EXPECTED_OPS:
         qual = f"pyssl::{name}"

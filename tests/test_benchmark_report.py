@@ -1,0 +1,46 @@
+"""The benchmark report: ratio tables from pytest-benchmark JSON, merged across runs (gpu_check.sh
+runs one family at a time and merges their results)."""
+
+import json
+
+import pytest
+
+from benchmarks import report
+
+
+def _result(group, times, node="gpu-box"):
+    return {
+        "machine_info": {"node": node, "cpu": {"brand_raw": "test cpu"}, "python_version": "3.x"},
+        "datetime": "2026-11-27T00:00:00",
+        "benchmarks": [
+            {"group": group, "name": f"test[{impl}]", "stats": {"median": t},
+             "extra_info": {"impl": impl}}
+            for impl, t in times.items()
+        ],
+    }
+
+
+def test_merged_table_has_every_run_and_the_ratios(tmp_path, capsys):
+    a = _result("masking fwd", {"pyssl": 0.001, "mae_torch": 0.003})
+    b = _result("flow fwd", {"pyssl": 0.002, "grid_sample": 0.005}, node="other")
+    paths = []
+    for name, data in (("a.json", a), ("b.json", b)):
+        paths.append(str(tmp_path / name))
+        with open(paths[-1], "w") as f:
+            json.dump(data, f)
+    merged_path = tmp_path / "all.json"
+    report.main([*paths, "--merged", str(merged_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: gpu-box")  # the first run's machine
+    assert "| masking fwd | pyssl | 1.000 | 1.00 (pyssl) |" in out
+    assert "|  | mae_torch | 3.000 | 3.00 |" in out
+    assert "| flow fwd | pyssl | 2.000 | 1.00 (pyssl) |" in out
+    assert "|  | grid_sample | 5.000 | 2.50 |" in out
+    merged = json.loads(merged_path.read_text())
+    assert len(merged["benchmarks"]) == 4
+    assert report.rows(merged) == report.rows(report.merge([a, b]))
+
+
+def test_merge_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="no benchmark results"):
+        report.merge([])
