@@ -27,8 +27,9 @@ PYSSL_INLINE void add_body(acc_t* dst, const acc_t* src, int64_t n) {
 
 // Lane-wise max over a chunk: element k goes to lane k % kLanes, lanes combine in order.
 // Vector max instructions drop NaNs, so a parallel probe (x * 0 is NaN exactly for NaN and
-// +-inf) makes the result NaN whenever the chunk holds a non-finite value: non-finite logits
-// give a NaN loss, never a silently finite one.
+// +-inf; -inf is probed as 0) makes the result NaN whenever the chunk holds a NaN or +inf:
+// such logits give a NaN loss, never a silently finite one. -inf is an ordinary logit of
+// probability 0 (a masked prototype), as in torch's softmax and logsumexp.
 template <typename acc_t>
 PYSSL_INLINE acc_t lane_max(const acc_t* x, int64_t n) {
   acc_t lanes[kLanes], probe[kLanes];
@@ -40,11 +41,11 @@ PYSSL_INLINE acc_t lane_max(const acc_t* x, int64_t n) {
   for (; k + kLanes <= n; k += kLanes)
     for (int j = 0; j < kLanes; ++j) {
       lanes[j] = max_of(lanes[j], x[k + j]);
-      probe[j] += x[k + j] * acc_t(0);
+      probe[j] += (x[k + j] == -INFINITY ? acc_t(0) : x[k + j]) * acc_t(0);
     }
   for (int j = 0; k + j < n; ++j) {
     lanes[j] = max_of(lanes[j], x[k + j]);
-    probe[j] += x[k + j] * acc_t(0);
+    probe[j] += (x[k + j] == -INFINITY ? acc_t(0) : x[k + j]) * acc_t(0);
   }
   acc_t m = lanes[0], p = probe[0];
   for (int j = 1; j < kLanes; ++j) {

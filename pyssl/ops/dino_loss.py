@@ -61,6 +61,8 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
     ``log p_v = log_softmax(student_v / student_temp)`` and the mean over the pairs
     ``(i in teacher crops, v in student crops)`` of the batch mean of ``-sum_k q_i[k] log p_v[k]``
     — exactly DINO's ``total_loss / n_loss_terms`` (``pyssl.ops.reference.dino_loss``).
+    A ``-inf`` logit is a prototype of probability 0 (masked), as in torch's softmax; NaN or
+    ``+inf`` logits give a NaN loss.
 
     Returns:
         :class:`DinoLossResult` ``(loss, teacher_mean)``; ``teacher_mean`` [K] is the mean of

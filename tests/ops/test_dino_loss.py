@@ -114,6 +114,33 @@ def test_extreme_logits_stay_finite(dtype):
     torch.testing.assert_close(loss.double(), rloss, rtol=1e-4, atol=0)
 
 
+def test_minus_inf_logits_are_masked_prototypes(device):
+    """-inf is a logit of probability 0 (as in torch's softmax): a teacher row with masked
+    prototypes gives the reference's finite loss and gradient; NaN and +inf give NaN."""
+    g = torch.Generator().manual_seed(5)
+    B, S, T, K = 3, 4, 2, 300
+    s = torch.randn(S * B, K, generator=g, dtype=torch.float64)
+    t = torch.randn(T * B, K, generator=g, dtype=torch.float64)
+    c = torch.randn(K, generator=g, dtype=torch.float64) * 0.1
+    t[0, 7] = t[4, :50] = -math.inf  # masked prototypes in two teacher rows
+    rs = s.clone().requires_grad_(True)
+    rloss, rmean = reference.dino_loss(rs, t, c)
+    (rgrad,) = torch.autograd.grad(rloss, rs)
+    assert torch.isfinite(rloss)
+    for dtype in (torch.float64, torch.float32):
+        xs = s.to(device, dtype).requires_grad_(True)
+        loss, mean = ops.dino_loss(xs, t.to(device, dtype), c.to(device, dtype))
+        (grad,) = torch.autograd.grad(loss, xs)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(loss.cpu().double(), rloss, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad.cpu().double(), rgrad, rtol=tol, atol=tol)
+        torch.testing.assert_close(mean.cpu().double(), rmean, rtol=tol, atol=tol)
+    for bad in (math.nan, math.inf):
+        tb = t.clone()
+        tb[1, 3] = bad
+        assert torch.isnan(ops.dino_loss(s.to(device), tb.to(device), c.to(device)).loss)
+
+
 def test_nan_logits_give_nan_not_a_crash():
     s = torch.randn(4, 10)
     s[2, 3] = math.nan  # crop 1 (crop 0 is the teacher's own view and is skipped)
