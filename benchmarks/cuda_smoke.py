@@ -40,6 +40,10 @@ def dino_loss(dev):
     n = int(m.sum())
     ops.ibot_patch_loss(torch.randn(n, 50, device=dev), torch.randn(n, 50, device=dev),
                         torch.zeros(50, device=dev), ops.ibot_weights(m))
+    # many patches: the teacher mean's own column kernel (past 8M per-group column sums)
+    M, K = 4100, 8200
+    ops.ibot_patch_loss(torch.randn(M, K, device=dev), torch.randn(M, K, device=dev),
+                        torch.zeros(K, device=dev), torch.rand(M, device=dev))
 
 
 def projection(dev):

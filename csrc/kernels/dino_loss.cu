@@ -21,6 +21,13 @@ constexpr int kThreads = 256;
 constexpr int kElems = 4;
 constexpr int64_t kChunk = kThreads * kElems;  // prototypes per block
 constexpr int64_t kGroup = 4;                  // images per forward block
+// The forward keeps the teacher's column sums per group of kGroup images, [B / kGroup, K] in the
+// workspace, while that holds at most kMaxColsum elements (32 MB in fp32; DINO at B = 64,
+// K = 65536 needs 1M). Beyond it (iBOT's thousands of masked patches would need ~400 MB at
+// M = 6000) a separate kernel sums each column over all rows, reading the teacher once more.
+constexpr int64_t kMaxColsum = int64_t{1} << 23;
+
+bool fused_colsum(const DinoArgs& a) { return ceil_div(a.B, kGroup) * a.K <= kMaxColsum; }
 
 template <typename T> __device__ __forceinline__ acc_t<T> neg_inf() { return -INFINITY; }
 
@@ -119,9 +126,11 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
       }
     }
   }
+  if (colsum) {
 #pragma unroll
-  for (int j = 0; j < kElems; ++j)
-    if (ok[j]) colsum[group * K + kk[j]] = col[j];
+    for (int j = 0; j < kElems; ++j)
+      if (ok[j]) colsum[group * K + kk[j]] = col[j];
+  }
 }
 
 __device__ __forceinline__ double dnan_max(double a, double b) { return (b > a || b != b) ? b : a; }
@@ -182,6 +191,20 @@ __global__ void column_mean_kernel(const A* __restrict__ colsum, int64_t groups,
   if (k >= K) return;
   A s = 0;
   for (int64_t g = 0; g < groups; ++g) s += colsum[g * K + k];
+  out[k] = A(double(s) * inv_rows);
+}
+
+// The same mean straight from the teacher rows [rows, K], summed in row order (see kMaxColsum).
+template <typename T>
+__global__ void teacher_column_mean_kernel(const T* __restrict__ teacher, int64_t rows,
+                                           int64_t K, double inv_rows,
+                                           acc_t<T>* __restrict__ out) {
+  using A = acc_t<T>;
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= K) return;
+  A s = 0;
+#pragma unroll 8
+  for (int64_t r = 0; r < rows; ++r) s += to_acc(teacher[r * K + k]);
   out[k] = A(double(s) * inv_rows);
 }
 
@@ -270,10 +293,12 @@ __global__ void lse_cols_kernel(const T* __restrict__ x, int64_t R, int64_t K,
 }
 
 // Workspace layout (acc elements): per-(row, chunk) statistics, dot products, per-group column
-// sums, then (at an even offset, so doubles are aligned) one double per image.
+// sums (when fused_colsum), then (at an even offset, so doubles are aligned) one double per
+// image.
 int64_t dino_loss_b_offset(const DinoArgs& a) {
   const int64_t nk = ceil_div(a.K, kChunk), groups = ceil_div(a.B, kGroup);
-  const int64_t n = 2 * a.T * a.B * nk + 2 * a.S * a.B * nk + a.T * a.S * a.B * nk + groups * a.K;
+  const int64_t n = 2 * a.T * a.B * nk + 2 * a.S * a.B * nk + a.T * a.S * a.B * nk +
+                    (fused_colsum(a) ? groups * a.K : 0);
   return (n + 1) / 2 * 2;
 }
 
@@ -290,7 +315,7 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   A* sm = tz + a.T * a.B * nk;
   A* sz = sm + a.S * a.B * nk;
   A* dots = sz + a.S * a.B * nk;
-  A* colsum = dots + a.T * a.S * a.B * nk;
+  A* colsum = fused_colsum(a) ? dots + a.T * a.S * a.B * nk : nullptr;
   double* loss_b = reinterpret_cast<double*>(ws + dino_loss_b_offset(a));
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(nk));
   const auto* s = static_cast<const T*>(student);
@@ -315,8 +340,14 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   dino_final_kernel<A><<<1, 32, 0, stream>>>(loss_b, a.B, a.n_terms, static_cast<A*>(loss));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  column_mean_kernel<A><<<static_cast<unsigned>(ceil_div(a.K, kThreads)), kThreads, 0, stream>>>(
-      colsum, groups, a.K, 1.0 / double(a.T * a.B), static_cast<A*>(teacher_mean));
+  const auto mean_blocks = static_cast<unsigned>(ceil_div(a.K, kThreads));
+  if (colsum) {
+    column_mean_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(
+        colsum, groups, a.K, 1.0 / double(a.T * a.B), static_cast<A*>(teacher_mean));
+  } else {
+    teacher_column_mean_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(
+        t, a.T * a.B, a.K, 1.0 / double(a.T * a.B), static_cast<A*>(teacher_mean));
+  }
   return cudaGetLastError();
 }
 

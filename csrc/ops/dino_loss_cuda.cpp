@@ -22,6 +22,8 @@ cuda::DinoArgs make_args(const DinoShape& d, double student_temp, double teacher
 
 void check_crops(const DinoShape& d) {
   TORCH_CHECK_VALUE(d.T <= 8, "the CUDA kernel supports n_teacher_crops <= 8, got ", d.T);
+  TORCH_CHECK_VALUE(d.K <= int64_t{65535} * 1024, "the CUDA kernel supports K <= 67107840 "
+                    "prototypes (65535 chunks of 1024), got K=", d.K);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dino_loss_cuda(
