@@ -269,6 +269,8 @@ __global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, RowLayout 
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.M * a.D;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = t / a.D, d = t % a.D;
+    // A zero-weight pair (an invalid pixel) adds nothing, as on the CPU (not even a NaN).
+    if (coef[4 * m] == A(0) && coef[4 * m + 1] == A(0)) continue;
     const int64_t n = image_of(idx, m, a.per_image);
     const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
     const A df = coef[4 * m] * sample_one(f, tp, n, d, a) + coef[4 * m + 1] * g[pl.base(m) + d * pl.sD];
@@ -299,6 +301,7 @@ __global__ void distill_sorted_kernel(const acc_t<F>* __restrict__ g, RowLayout 
     for (int64_t j = starts[sidx]; j < starts[sidx] + counts[sidx]; ++j) {
       const int64_t e = order[j];
       const int64_t m = e >> 2;
+      if (coef[4 * m] == A(0) && coef[4 * m + 1] == A(0)) continue;  // zero weight, as above
       const int c = static_cast<int>(e & 3);
       const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
       const A df = coef[4 * m] * sample_one(f, tp, image_of(idx, m, a.per_image), d, a) +

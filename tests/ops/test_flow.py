@@ -673,9 +673,18 @@ def test_cuda_flow_ops_match_cpu(dtype):
             torch.testing.assert_close(cc.grad.cpu().float(), cr.grad.float(), rtol=tol, atol=tol * 10)
             online = torch.randn(2, 32, 64, 96, generator=g).to(dtype)
             oc = online.cuda().requires_grad_(True)
-            l1 = ops.dense_correspondence_loss(oc, fc, cc.detach(), b.valid)
+            tc = feats.cuda().requires_grad_(True)
+            l1 = ops.dense_correspondence_loss(oc, tc, cc.detach(), b.valid)
             l1.backward()
-            l2 = ops.dense_correspondence_loss(online, feats, a.coords, b.valid.cpu())
+            orr = online.clone().requires_grad_(True)
+            tr = feats.clone().requires_grad_(True)
+            l2 = ops.dense_correspondence_loss(orr, tr, a.coords, b.valid.cpu())
+            l2.backward()
             torch.testing.assert_close(l1.cpu(), l2, rtol=1e-4, atol=1e-5)
+            # gradients, with the invalid pixels' zero-weight pairs skipped on both devices
+            for got, want in ((oc.grad, orr.grad), (tc.grad, tr.grad)):
+                scale = float(want.abs().max())
+                torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol,
+                                           atol=tol * scale)
         finally:
             torch.use_deterministic_algorithms(False)
