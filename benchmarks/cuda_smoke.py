@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import pyssl
@@ -40,7 +42,10 @@ def dino_loss(dev):
     n = int(m.sum())
     ops.ibot_patch_loss(torch.randn(n, 50, device=dev), torch.randn(n, 50, device=dev),
                         torch.zeros(50, device=dev), ops.ibot_weights(m))
-    # many patches: the teacher mean's own column kernel (past 8M per-group column sums)
+    # many patches: the teacher mean's own column kernel (past 8M per-group column sums); it
+    # uses no shared memory, so racecheck (slow on these sizes) skips it: PYSSL_SMOKE_SMALL=1
+    if os.environ.get("PYSSL_SMOKE_SMALL"):
+        return
     M, K = 4100, 8200
     ops.ibot_patch_loss(torch.randn(M, K, device=dev), torch.randn(M, K, device=dev),
                         torch.zeros(K, device=dev), torch.rand(M, device=dev))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one go, within a time budget (GPU_CHECK_BUDGET,
-# default 450 s, under the 8 minutes of ../shared/DESIGN.md): build with CUDA kernels, the CUDA
+# default 480 s, the 8 minutes of ../shared/DESIGN.md): build with CUDA kernels, the CUDA
 # tests, compute-sanitizer (memcheck + racecheck) over a small program that runs every CUDA
 # kernel, the benchmarks on the GPU (one run per family, so a slow or failing family keeps the
 # others' figures), and a summary table. Each step gets at most what is left of the budget; a
@@ -18,7 +18,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-480}
 SUMMARY="$OUT/summary.md"
 WORK=$(mktemp -d)
 ROWS="$WORK/rows"
@@ -38,11 +38,12 @@ verdict() {  # exit status -> ok / FAILED / TIMED OUT
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "GPU: ${gpu:-none}"
 
+torch_version=$($PY -c 'import torch; print(torch.__version__)' 2>/dev/null)
 write_summary() {
   {
     echo "# pyssl GPU check, $(date -u +%Y-%m-%d)"
     echo
-    echo "GPU: ${gpu:-none}; torch $($PY -c 'import torch; print(torch.__version__)' 2>/dev/null);" \
+    echo "GPU: ${gpu:-none}; torch ${torch_version:-unknown};" \
       "commit $(git describe --always --dirty 2>/dev/null || echo unknown); total $(elapsed $t0)"
     echo
     echo "| step | result | detail |"
@@ -65,7 +66,7 @@ if [ "$t" -le 0 ]; then
   no_time build
 else
   PYSSL_WITH_CUDA=ON PYSSL_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    timeout "$t" $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+    timeout -k 10 "$t" $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
   rc=$?
   status build "$(verdict $rc)" "sm_$arch, $(elapsed $s)$([ $rc = 0 ] || echo ', see build.log')"
   [ $rc = 0 ] || tail -40 "$OUT/build.log"
@@ -76,14 +77,14 @@ $PY -m pyssl info 2>&1 | tee -a "$OUT/build.log"
 # Without a visible GPU or without CUDA kernels every test would be skipped and pytest would
 # pass: that is a failure here.
 s=$(date +%s)
-t=$(allow 180)
+t=$(allow 150)
 if [ "$t" -le 0 ]; then
   no_time "CUDA tests"
 elif ! $PY -c "import torch, pyssl, sys; sys.exit(0 if torch.cuda.is_available() and pyssl.has_cuda_kernels() else 1)" \
     >"$OUT/tests.log" 2>&1; then
   status "CUDA tests" FAILED "no CUDA device visible to torch, or pyssl built without CUDA kernels"
 else
-  timeout "$t" $PY -m pytest tests/ops tests/losses tests/test_build.py -m "cuda or gpu_check" -q \
+  timeout -k 10 "$t" $PY -m pytest tests/ops tests/losses tests/test_build.py -m "cuda or gpu_check" -q \
     -p no:cacheprovider --no-header -rfE >"$OUT/tests.log" 2>&1
   rc=$?
   line=$(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)
@@ -101,11 +102,18 @@ for tool in memcheck racecheck; do
   elif [ "$t" -le 0 ]; then
     no_time "compute-sanitizer $tool"
   else
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$san" --tool $tool --error-exitcode 3 \
+    small=""
+    [ $tool = racecheck ] && small=1
+    PYSSL_SMOKE_SMALL=$small PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$t" "$san" \
+      --tool $tool --error-exitcode 3 --print-limit 50 \
       $PY benchmarks/cuda_smoke.py >"$OUT/$tool.log" 2>&1
     rc=$?
     errs=$(grep -Eo "ERROR SUMMARY: [0-9]+[^)]*" "$OUT/$tool.log" | tail -1)
-    status "compute-sanitizer $tool" "$(verdict $rc)" "${errs:-rc=$rc}, $(elapsed $s)"
+    if grep -q "Device not supported" "$OUT/$tool.log"; then
+      status "compute-sanitizer $tool" skipped "the sanitizer refuses this device (a gVisor machine?)"
+    else
+      status "compute-sanitizer $tool" "$(verdict $rc)" "${errs:-rc=$rc}, $(elapsed $s)"
+    fi
   fi
 done
 
@@ -118,12 +126,12 @@ for i in "${!fams[@]}"; do
   f=${fams[$i]}
   t=$(allow 600)
   t=$(( t / (${#fams[@]} - i) ))
-  if [ "$t" -le 5 ]; then
+  if [ "$t" -lt 20 ]; then  # a family killed midway keeps no figures
     no_time "benchmarks $f"
     continue
   fi
   fs=$(date +%s)
-  timeout "$t" $PY -m benchmarks.run "$f" --device cuda --json "$WORK/bench_$f.json" --max-time 0.1 \
+  timeout -k 10 "$t" $PY -m benchmarks.run "$f" --device cuda --json "$WORK/bench_$f.json" --max-time 0.1 \
     >>"$OUT/bench.txt" 2>&1
   rc=$?
   [ -s "$WORK/bench_$f.json" ] && done_fams+=("$WORK/bench_$f.json")

@@ -356,7 +356,7 @@ def test_cuda_matches_cpu(dtype, K, crops):
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [64, 2100])
 def test_cuda_ibot_many_patches_matches_cpu(M):
-    """iBOT pairs thousands of masked patches (rows) with K = 65536: past 8M per-group column
+    """iBOT pairs thousands of masked patches (rows) with K up to 65536: past 8M per-group column
     sums the teacher mean comes from its own column kernel, not from a [M / 4, K] workspace."""
     g = torch.Generator().manual_seed(M)
     K = 16384
@@ -372,7 +372,8 @@ def test_cuda_ibot_many_patches_matches_cpu(M):
     (rgrad,) = torch.autograd.grad(rloss, sr)
     torch.testing.assert_close(loss.cpu(), rloss, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(mean.cpu(), rmean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad.cpu(), rgrad, rtol=1e-5, atol=1e-5 * float(rgrad.abs().max()))
+    # teacher logits reach ~300 (one float32 step 3e-5): the CPU's own float32 error is ~1e-5
+    torch.testing.assert_close(grad.cpu(), rgrad, rtol=1e-5, atol=3e-5 * float(rgrad.abs().max()))
     tc, cc, wc = t.cuda(), c.cuda(), w.cuda()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
