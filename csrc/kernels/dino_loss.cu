@@ -24,7 +24,7 @@ constexpr int64_t kGroup = 4;                  // images per forward block
 // The forward keeps the teacher's column sums per group of kGroup images, [B / kGroup, K] in the
 // workspace, while that holds at most kMaxColsum elements (32 MB in fp32; DINO at B = 64,
 // K = 65536 needs 1M). Beyond it (iBOT's thousands of masked patches would need ~400 MB at
-// M = 6000) a separate kernel sums each column over all rows, reading the teacher once more.
+// M = 6000) a separate kernel sums each column over all rows, reading the teacher once more (the same column_mean_kernel over its rows).
 constexpr int64_t kMaxColsum = int64_t{1} << 23;
 
 bool fused_colsum(const DinoArgs& a) { return ceil_div(a.B, kGroup) * a.K <= kMaxColsum; }
@@ -184,27 +184,17 @@ __global__ void dino_final_kernel(const double* __restrict__ loss_b, int64_t B, 
   }
 }
 
-template <typename A>
-__global__ void column_mean_kernel(const A* __restrict__ colsum, int64_t groups, int64_t K,
-                                   double inv_rows, A* __restrict__ out) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= K) return;
-  A s = 0;
-  for (int64_t g = 0; g < groups; ++g) s += colsum[g * K + k];
-  out[k] = A(double(s) * inv_rows);
-}
-
-// The same mean straight from the teacher rows [rows, K], summed in row order (see kMaxColsum).
+// Column means of x [rows, K] (the per-group column sums, or the teacher rows themselves; see
+// kMaxColsum), summed in row order: bitwise repeatable.
 template <typename T>
-__global__ void teacher_column_mean_kernel(const T* __restrict__ teacher, int64_t rows,
-                                           int64_t K, double inv_rows,
-                                           acc_t<T>* __restrict__ out) {
+__global__ void column_mean_kernel(const T* __restrict__ x, int64_t rows, int64_t K,
+                                   double inv_rows, acc_t<T>* __restrict__ out) {
   using A = acc_t<T>;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= K) return;
   A s = 0;
 #pragma unroll 8
-  for (int64_t r = 0; r < rows; ++r) s += to_acc(teacher[r * K + k]);
+  for (int64_t r = 0; r < rows; ++r) s += to_acc(x[r * K + k]);
   out[k] = A(double(s) * inv_rows);
 }
 
@@ -341,12 +331,13 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   dino_final_kernel<A><<<1, 32, 0, stream>>>(loss_b, a.B, a.n_terms, static_cast<A*>(loss));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const auto mean_blocks = static_cast<unsigned>(ceil_div(a.K, kThreads));
+  const double inv_rows = 1.0 / double(a.T * a.B);
   if (colsum) {
     column_mean_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(
-        colsum, groups, a.K, 1.0 / double(a.T * a.B), static_cast<A*>(teacher_mean));
+        colsum, groups, a.K, inv_rows, static_cast<A*>(teacher_mean));
   } else {
-    teacher_column_mean_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(
-        t, a.T * a.B, a.K, 1.0 / double(a.T * a.B), static_cast<A*>(teacher_mean));
+    column_mean_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(
+        t, a.T * a.B, a.K, inv_rows, static_cast<A*>(teacher_mean));
   }
   return cudaGetLastError();
 }
