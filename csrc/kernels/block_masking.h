@@ -29,7 +29,8 @@ struct BlockMaskParams {
   bool exact;
 };
 
-// `mask` holds height*width bytes, all zero on entry; `scratch` holds height*width ints.
+// `mask` holds height*width bytes, all zero on entry; `scratch` holds height*width ints
+// (read only when p.exact; may be null otherwise).
 // Returns the number of masked patches.
 PYSSL_HD int64_t block_mask_sample(uint64_t seed, const BlockMaskParams& p, bool* mask,
                                    int32_t* scratch) {

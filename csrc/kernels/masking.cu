@@ -152,15 +152,17 @@ template <typename T>
 __global__ void masked_row_partial_kernel(const T* __restrict__ grad,
                                           const int64_t* __restrict__ ids, int64_t rows,
                                           int64_t D, int64_t K, acc_t<T>* __restrict__ partial) {
-  const int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
   const int64_t c = blockIdx.x;  // chunks on x: up to 2^31 - 1 blocks
-  if (d >= D) return;
   const int64_t r1 = min(rows, (c + 1) * kRowChunk);
-  acc_t<T> acc = 0;
-  for (int64_t r = c * kRowChunk; r < r1; ++r) {
-    if (ids[r] >= K) acc += to_acc(grad[r * D + d]);
+  // Columns on y, grid-strided: gridDim.y is capped at 65535.
+  for (int64_t d = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; d < D;
+       d += int64_t(gridDim.y) * blockDim.x) {
+    acc_t<T> acc = 0;
+    for (int64_t r = c * kRowChunk; r < r1; ++r) {
+      if (ids[r] >= K) acc += to_acc(grad[r * D + d]);
+    }
+    partial[c * D + d] = acc;
   }
-  partial[c * D + d] = acc;
 }
 
 template <typename T>
@@ -179,7 +181,8 @@ __global__ void block_masking_kernel(const int64_t* __restrict__ seeds, int64_t 
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= N) return;
   const int64_t HW = params.height * params.width;
-  block_mask_sample(static_cast<uint64_t>(seeds[n]), params, out + n * HW, scratch + n * HW);
+  block_mask_sample(static_cast<uint64_t>(seeds[n]), params, out + n * HW,
+                    scratch ? scratch + n * HW : nullptr);
 }
 
 unsigned grid_for(int64_t work, int64_t threads = kThreads) {
@@ -270,7 +273,8 @@ cudaError_t masked_row_sum(const void* grad, DType dtype, const int64_t* ids, in
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     auto* part = static_cast<acc_t<T>*>(partial);
-    dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(ceil_div(D, kThreads)));
+    dim3 grid(static_cast<unsigned>(chunks),
+              static_cast<unsigned>(std::min<int64_t>(ceil_div(D, kThreads), 65535)));
     masked_row_partial_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), ids,
                                                                 rows, D, K, part);
     cudaError_t err = cudaGetLastError();

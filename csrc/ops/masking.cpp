@@ -195,14 +195,11 @@ Tensor block_masking_cpu(const Tensor& seeds, int64_t height, int64_t width,
                          int64_t num_masking_patches, int64_t min_num_patches,
                          int64_t max_num_patches, double min_aspect, double max_aspect,
                          bool exact) {
-  check_block_masking(seeds, height, width, num_masking_patches, min_num_patches,
-                      max_num_patches, min_aspect, max_aspect);
+  const BlockMaskParams params =
+      block_mask_params(seeds, height, width, num_masking_patches, min_num_patches,
+                        max_num_patches, min_aspect, max_aspect, exact);
   const int64_t N = seeds.size(0);
   Tensor out = at::zeros({N, height, width}, seeds.options().dtype(at::kBool));
-  const BlockMaskParams params{height,          width,
-                               num_masking_patches, min_num_patches,
-                               max_num_patches, std::log(min_aspect),
-                               std::log(max_aspect), exact};
   const Tensor sc = seeds.contiguous();
   const int64_t* s = sc.const_data_ptr<int64_t>();
   bool* o = out.mutable_data_ptr<bool>();

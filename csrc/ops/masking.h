@@ -2,6 +2,9 @@
 // implementations) and the CPU building blocks the CUDA glue does not need.
 #pragma once
 
+#include <cmath>
+
+#include "kernels/block_masking.h"
 #include "ops/common.h"
 
 namespace pyssl::masking {
@@ -49,9 +52,11 @@ inline void check_unshuffle_backward(const at::Tensor& grad, const at::Tensor& i
   check_same_device(ids_restore, grad, "ids_restore", "grad_output");
 }
 
-inline void check_block_masking(const at::Tensor& seeds, int64_t height, int64_t width,
-                                int64_t num_masking, int64_t min_patches, int64_t max_patches,
-                                double min_aspect, double max_aspect) {
+// Checks block_masking's arguments and returns the per-sample parameters both kernels take.
+inline BlockMaskParams block_mask_params(const at::Tensor& seeds, int64_t height, int64_t width,
+                                         int64_t num_masking, int64_t min_patches,
+                                         int64_t max_patches, double min_aspect,
+                                         double max_aspect, bool exact) {
   check_dim(seeds, 1, "seeds", "[N]");
   check_dtype(seeds, {at::kLong}, "seeds");
   TORCH_CHECK_VALUE(height >= 0 && width >= 0, "height and width must be >= 0, got ", height,
@@ -66,6 +71,16 @@ inline void check_block_masking(const at::Tensor& seeds, int64_t height, int64_t
   TORCH_CHECK_VALUE(max_aspect >= min_aspect && std::isfinite(max_aspect),
                     "max_aspect must be finite and >= min_aspect=", min_aspect, ", got ",
                     max_aspect);
+  BlockMaskParams params;
+  params.height = height;
+  params.width = width;
+  params.num_masking = num_masking;
+  params.min_patches = min_patches;
+  params.max_patches = max_patches;
+  params.log_aspect_lo = std::log(min_aspect);
+  params.log_aspect_hi = std::log(max_aspect);
+  params.exact = exact;
+  return params;
 }
 
 }  // namespace pyssl::masking

@@ -118,20 +118,19 @@ Tensor block_masking_cuda(const Tensor& seeds, int64_t height, int64_t width,
                           int64_t num_masking_patches, int64_t min_num_patches,
                           int64_t max_num_patches, double min_aspect, double max_aspect,
                           bool exact) {
-  check_block_masking(seeds, height, width, num_masking_patches, min_num_patches,
-                      max_num_patches, min_aspect, max_aspect);
+  const BlockMaskParams params =
+      block_mask_params(seeds, height, width, num_masking_patches, min_num_patches,
+                        max_num_patches, min_aspect, max_aspect, exact);
   const c10::cuda::CUDAGuard guard(seeds.device());
   const int64_t N = seeds.size(0);
   Tensor out = at::zeros({N, height, width}, seeds.options().dtype(at::kBool));
-  Tensor scratch = at::empty({N, height * width}, seeds.options().dtype(at::kInt));
-  const BlockMaskParams params{height,          width,
-                               num_masking_patches, min_num_patches,
-                               max_num_patches, std::log(min_aspect),
-                               std::log(max_aspect), exact};
+  // The top-up shuffle (exact=True) is the only user of the per-sample scratch.
+  Tensor scratch = at::empty({exact ? N : 0, height * width}, seeds.options().dtype(at::kInt));
   const Tensor sc = seeds.contiguous();
   PYSSL_CUDA_CHECK(cuda::block_masking(sc.const_data_ptr<int64_t>(), N, params,
                                        out.mutable_data_ptr<bool>(),
-                                       scratch.mutable_data_ptr<int32_t>(), current_stream()));
+                                       exact ? scratch.mutable_data_ptr<int32_t>() : nullptr,
+                                       current_stream()));
   return out;
 }
 

@@ -193,10 +193,7 @@ std::tuple<Tensor, Tensor> segment_mean_cpu(const Tensor& values, const Tensor& 
 // grad_values[n] = grad_means[id[n]] / counts[id[n]] (0 for ignored rows): a gather, no atomics.
 Tensor segment_mean_backward_cpu(const Tensor& grad_means, const Tensor& segment_ids,
                                  const Tensor& counts) {
-  check_dim(grad_means, 2, "grad_means", "[S, D]");
-  check_dim(segment_ids, 1, "segment_ids", "[N]");
-  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad_means.size(0),
-                    "counts must have shape [S] = [", grad_means.size(0), "]");
+  check_segment_mean_backward(grad_means, segment_ids, counts);
   const int64_t N = segment_ids.size(0), D = grad_means.size(1), S = grad_means.size(0);
   const Tensor g = grad_means.contiguous(), ids = segment_ids.contiguous(), cnt = counts.contiguous();
   Tensor out = at::empty({N, D}, g.options());

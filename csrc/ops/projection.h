@@ -89,4 +89,17 @@ inline void check_segments(const at::Tensor& values, const at::Tensor& segment_i
   TORCH_CHECK_VALUE(num_segments >= 0, "num_segments must be >= 0, got ", num_segments);
 }
 
+inline void check_segment_mean_backward(const at::Tensor& grad_means, const at::Tensor& segment_ids,
+                                        const at::Tensor& counts) {
+  check_dim(grad_means, 2, "grad_means", "[S, D]");
+  check_dim(segment_ids, 1, "segment_ids", "[N]");
+  check_dtype(segment_ids, {at::kLong}, "segment_ids");
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad_means.size(0),
+                    "counts must have shape [S] = [", grad_means.size(0), "], got ",
+                    counts.sizes());
+  check_dtype(counts, {at::kLong}, "counts");
+  check_same_device(segment_ids, grad_means, "segment_ids", "grad_means");
+  check_same_device(counts, grad_means, "counts", "grad_means");
+}
+
 }  // namespace pyssl::projection

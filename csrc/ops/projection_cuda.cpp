@@ -123,12 +123,7 @@ std::tuple<Tensor, Tensor> segment_mean_cuda(const Tensor& values, const Tensor&
 
 Tensor segment_mean_backward_cuda(const Tensor& grad_means, const Tensor& segment_ids,
                                   const Tensor& counts) {
-  check_dim(grad_means, 2, "grad_means", "[S, D]");
-  check_dim(segment_ids, 1, "segment_ids", "[N]");
-  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad_means.size(0),
-                    "counts must have shape [S] = [", grad_means.size(0), "]");
-  check_same_device(segment_ids, grad_means, "segment_ids", "grad_means");
-  check_same_device(counts, grad_means, "counts", "grad_means");
+  check_segment_mean_backward(grad_means, segment_ids, counts);
   const c10::cuda::CUDAGuard guard(grad_means.device());
   const Tensor g = grad_means.contiguous(), ids = segment_ids.contiguous(), cnt = counts.contiguous();
   Tensor out = at::empty({ids.size(0), g.size(1)}, g.options());

@@ -214,8 +214,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
     const Tensor& grad, const Tensor& features, const std::optional<Tensor>& image_index,
     const Tensor& xy, int64_t mode, bool features_grad, bool xy_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.M && grad.size(1) == s.D,
-                    "grad must have shape [M, D] = [", s.M, ", ", s.D, "], got ", grad.sizes());
+  check_sample_grad(grad, features, s);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
   Tensor gacc = features_grad ? feature_accumulator(p.features, p.xy.options(), !image_index.has_value())
@@ -342,9 +341,7 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
                                             const Tensor& xy, const std::optional<Tensor>& weights,
                                             int64_t mode, int64_t loss) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, weights, s, loss);
-  check_same_device(point_features, features, "point_features", "features");
-  if (weights.has_value()) check_same_device(*weights, features, "weights", "features");
+  check_distill(point_features, features, weights, s, loss);
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   Tensor stats = at::empty({s.M, 3}, in.p.xy.options());
   double total = 0, wsum = 0;
@@ -422,7 +419,8 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
     const std::optional<Tensor>& weights, const Tensor& stats, int64_t mode, int64_t loss,
     bool point_features_grad, bool features_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, weights, s, loss);
+  check_distill(point_features, features, weights, s, loss);
+  check_distill_backward(grad_loss, stats, features, s);
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? at::empty_like(in.pf) : at::empty({0}, in.p.xy.options());

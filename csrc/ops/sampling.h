@@ -84,9 +84,11 @@ namespace pyssl::sampling {
 enum DistillLoss : int { kCosine = 0, kL2Normalized = 1 };
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
-inline void check_distill(const at::Tensor& point_features, const std::optional<at::Tensor>& weights,
-                          const SampleShape& s, int64_t loss) {
+inline void check_distill(const at::Tensor& point_features, const at::Tensor& features,
+                          const std::optional<at::Tensor>& weights, const SampleShape& s,
+                          int64_t loss) {
   check_floating(point_features, "point_features");
+  check_same_device(point_features, features, "point_features", "features");
   if (point_features.dim() == 2) {
     TORCH_CHECK_VALUE(point_features.size(0) == s.M && point_features.size(1) == s.D,
                       "point_features must have shape [M, D] = [", s.M, ", ", s.D,
@@ -101,9 +103,32 @@ inline void check_distill(const at::Tensor& point_features, const std::optional<
     TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == s.M, "weights must have shape [M] = [",
                       s.M, "], got ", weights->sizes());
     check_floating(*weights, "weights");
+    check_same_device(*weights, features, "weights", "features");
   }
   TORCH_CHECK_VALUE(loss == kCosine || loss == kL2Normalized,
                     "loss must be 0 (cosine) or 1 (l2_normalized), got ", loss);
+}
+
+// sample_points' output gradient: [M, D] on the features' device.
+inline void check_sample_grad(const at::Tensor& grad, const at::Tensor& features,
+                              const SampleShape& s) {
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.M && grad.size(1) == s.D,
+                    "grad must have shape [M, D] = [", s.M, ", ", s.D, "], got ", grad.sizes());
+  check_floating(grad, "grad");
+  check_same_device(grad, features, "grad", "features");
+}
+
+// The backward's extra inputs: the forward's per-pair statistics and the scalar gradient.
+inline void check_distill_backward(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                   const at::Tensor& features, const SampleShape& s) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ",
+                    grad_loss.sizes());
+  check_floating(grad_loss, "grad_loss");
+  check_same_device(grad_loss, features, "grad_loss", "features");
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == s.M && stats.size(1) == 3,
+                    "stats must have shape [M, 3] = [", s.M, ", 3], got ", stats.sizes());
+  check_floating(stats, "stats");
+  check_same_device(stats, features, "stats", "features");
 }
 
 inline RowLayout row_layout(const at::Tensor& pf) {

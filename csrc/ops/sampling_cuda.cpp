@@ -54,8 +54,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
     const Tensor& grad, const Tensor& features, const std::optional<Tensor>& image_index,
     const Tensor& xy, int64_t mode, bool features_grad, bool xy_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == s.M && grad.size(1) == s.D,
-                    "grad must have shape [M, D] = [", s.M, ", ", s.D, "], got ", grad.sizes());
+  check_sample_grad(grad, features, s);
   const c10::cuda::CUDAGuard guard(features.device());
   const Prepared p = prepare(features, image_index, xy, mode, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
@@ -105,9 +104,7 @@ std::tuple<Tensor, Tensor> distill_loss_cuda(const Tensor& point_features, const
                                              const Tensor& xy, const std::optional<Tensor>& weights,
                                              int64_t mode, int64_t loss) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, weights, s, loss);
-  check_same_device(point_features, features, "point_features", "features");
-  if (weights.has_value()) check_same_device(*weights, features, "weights", "features");
+  check_distill(point_features, features, weights, s, loss);
   const c10::cuda::CUDAGuard guard(features.device());
   const Prepared p = prepare(features, image_index, xy, mode, s);
   const auto acc = p.xy.scalar_type();
@@ -132,7 +129,8 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
     const std::optional<Tensor>& weights, const Tensor& stats, int64_t mode, int64_t loss,
     bool point_features_grad, bool features_grad, bool deterministic) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
-  check_distill(point_features, weights, s, loss);
+  check_distill(point_features, features, weights, s, loss);
+  check_distill_backward(grad_loss, stats, features, s);
   const c10::cuda::CUDAGuard guard(features.device());
   const Prepared p = prepare(features, image_index, xy, mode, s);
   const auto acc = p.xy.scalar_type();

@@ -542,3 +542,50 @@ def test_cuda_fused_distillation_loss(deterministic):
         torch.testing.assert_close(fc.grad.cpu(), fr.grad, rtol=1e-4, atol=1e-8)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def _backward_args():
+    feats = torch.randn(2, 3, 4, 5)
+    idx = torch.tensor([0, 1, 1])
+    xy = torch.tensor([[0.5, 1.0], [2.0, 3.0], [4.0, 0.0]])
+    pf = torch.randn(3, 3)
+    return feats, idx, xy, pf
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # Backward ops called directly (not through autograd): saved tensors of the wrong kind.
+        (lambda f, i, xy, pf: torch.ops.pyssl.segment_mean_backward(
+            torch.randn(3, 2), torch.tensor([0, 1, 2], dtype=torch.int32),
+            torch.ones(3, dtype=torch.long)), "segment_ids"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.segment_mean_backward(
+            torch.randn(3, 2), torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.int32)), "counts"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.segment_mean_backward(
+            torch.randn(3, 2), torch.tensor([0, 1, 2]), torch.ones(2, dtype=torch.long)), "counts"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.sample_points_backward(
+            torch.ones(3, 3, dtype=torch.long), f, i, xy, 1, True, True, False), "grad"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.sample_points_backward(
+            torch.ones(3, 2), f, i, xy, 1, True, True, False), "grad"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.distill_loss_backward(
+            torch.tensor(1.0), pf, f, i, xy, None, torch.zeros(2, 3), 1, 0, True, True, False),
+         "stats"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.distill_loss_backward(
+            torch.ones(2), pf, f, i, xy, None, torch.zeros(3, 3), 1, 0, True, True, False),
+         "grad_loss"),
+        (lambda f, i, xy, pf: torch.ops.pyssl.distill_loss_backward(
+            torch.tensor(1.0), pf, f, i, xy, None, torch.zeros(3, 3, dtype=torch.long), 1, 0,
+            True, True, False), "stats"),
+    ],
+)
+def test_backward_ops_check_their_inputs(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call(*_backward_args())
+
+
+def test_backward_ops_accept_their_forward_outputs():
+    feats, idx, xy, pf = _backward_args()
+    loss, stats = torch.ops.pyssl.distill_loss(pf, feats, idx, xy, None, 1, 0)
+    gpf, gf = torch.ops.pyssl.distill_loss_backward(torch.ones(()), pf, feats, idx, xy, None,
+                                                    stats, 1, 0, True, True, False)
+    assert gpf.shape == pf.shape and gf.shape == feats.shape
