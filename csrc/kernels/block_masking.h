@@ -45,9 +45,11 @@ PYSSL_HD int64_t block_mask_sample(uint64_t seed, const BlockMaskParams& p, bool
       const double target_area = rng.uniform(static_cast<double>(p.min_patches),
                                              static_cast<double>(budget));
       const double aspect = exp(rng.uniform(p.log_aspect_lo, p.log_aspect_hi));
-      const int64_t h = static_cast<int64_t>(rint(sqrt(target_area * aspect)));
-      const int64_t w = static_cast<int64_t>(rint(sqrt(target_area / aspect)));
-      if (w < W && h < H) {
+      // Compared as doubles before the cast: an extreme aspect ratio gives sides beyond int64.
+      const double hd = rint(sqrt(target_area * aspect));
+      const double wd = rint(sqrt(target_area / aspect));
+      if (wd < static_cast<double>(W) && hd < static_cast<double>(H)) {
+        const int64_t h = static_cast<int64_t>(hd), w = static_cast<int64_t>(wd);
         const int64_t top = rng.randint(0, H - h);
         const int64_t left = rng.randint(0, W - w);
         int64_t already = 0;

@@ -52,13 +52,15 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
               " is on ", ref.device(), "; move them to the same device");
 }
 
-// Every value of the int64 tensor `index` must lie in [0, bound): one aminmax (a host
-// synchronisation on CUDA) and a ValueError naming `name` and `what` otherwise.
+// Every value of the int64 tensor `index` must lie in [0, bound): one aminmax and one copy of
+// its two values to the host (a single synchronisation on CUDA), and a ValueError naming
+// `name` and `what` otherwise.
 inline void check_index_range(const at::Tensor& index, int64_t bound, const char* name,
                               const char* what) {
   if (index.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(index);
-  const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
+  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU);
+  const int64_t l = range.const_data_ptr<int64_t>()[0], h = range.const_data_ptr<int64_t>()[1];
   TORCH_CHECK_VALUE(l >= 0 && h < bound, name, " values must be in [0, ", bound, ") (", what,
                     "), got values in [", l, ", ", h, "]");
 }

@@ -61,6 +61,10 @@ inline BlockMaskParams block_mask_params(const at::Tensor& seeds, int64_t height
   check_dtype(seeds, {at::kLong}, "seeds");
   TORCH_CHECK_VALUE(height >= 0 && width >= 0, "height and width must be >= 0, got ", height,
                     " and ", width);
+  // Each factor below 2^31 first, so that the product cannot overflow int64.
+  TORCH_CHECK_VALUE(height < (int64_t{1} << 31) && width < (int64_t{1} << 31) &&
+                        height * width < (int64_t{1} << 31),
+                    "height*width must be < 2**31 patches, got ", height, "*", width);
   TORCH_CHECK_VALUE(num_masking >= 0 && num_masking <= height * width,
                     "num_masking_patches must be in [0, height*width=", height * width,
                     "], got ", num_masking);

@@ -3,6 +3,10 @@ else the plain-PyTorch reference (pyssl.ops.reference), which implements the sam
 
 from __future__ import annotations
 
+import functools
+import inspect
+import numbers
+
 import torch
 
 from .._native import has_cuda_kernels
@@ -36,3 +40,45 @@ def check_int(value, name: str, *, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_generator(value, name: str = "generator") -> torch.Generator | None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def same_device_fake(fn):
+    """Wraps a fake (meta) kernel so that it rejects tensors on different devices, as the
+    compiled kernels do. Without it, one input on ``meta`` among CPU inputs would send the
+    call to the fake kernel, which returns uninitialised memory instead of an error."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        first = None
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if first is None:
+                    first = (name, v.device)
+                elif v.device != first[1]:
+                    raise RuntimeError(f"{name} is on {v.device} but {first[0]} is on {first[1]}; "
+                                       "move them to the same device")
+        return fn(*args, **kwargs)
+
+    return checked

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import check_bool, check_int, check_tensor, has_kernel, same_device_fake
 
 __all__ = [
     "DinoLossResult",
@@ -76,8 +76,9 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
     check_tensor(student, "student")
     check_tensor(teacher, "teacher")
     check_tensor(center, "center")
-    args = (int(n_teacher_crops), _check_temp(student_temp, "student_temp"),
-            _check_temp(teacher_temp, "teacher_temp"), bool(skip_same_view))
+    args = (check_int(n_teacher_crops, "n_teacher_crops", minimum=1),
+            _check_temp(student_temp, "student_temp"), _check_temp(teacher_temp, "teacher_temp"),
+            check_bool(skip_same_view, "skip_same_view"))
     if has_kernel(student.device):
         loss, mean, _, _ = _ops.dino_loss(student, teacher, center, None, *args)
         return DinoLossResult(loss, mean)
@@ -101,13 +102,30 @@ def ibot_patch_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor
     """
     check_tensor(student_patches, "student_patches")
     check_tensor(teacher_patches, "teacher_patches")
+    check_tensor(center, "center")
     check_tensor(weights, "weights")
     ts = _check_temp(student_temp, "student_temp")
     tt = _check_temp(teacher_temp, "teacher_temp")
-    if student_patches.dim() == 2 and teacher_patches.dim() == 2 and \
-            student_patches.shape[0] != teacher_patches.shape[0]:
-        raise ValueError(f"student_patches and teacher_patches must have the same number of rows "
-                         f"(pairs), got {student_patches.shape[0]} and {teacher_patches.shape[0]}")
+    # Checked here with iBOT's names; the shared kernel would name dino_loss's arguments.
+    if student_patches.dim() != 2:
+        raise ValueError(f"student_patches must be a 2-D tensor [M, K], got shape "
+                         f"{tuple(student_patches.shape)}")
+    M, K = student_patches.shape
+    if tuple(teacher_patches.shape) != (M, K):
+        raise ValueError(f"teacher_patches must have the shape of student_patches [M, K] = "
+                         f"{(M, K)} (row m pairs with row m), got {tuple(teacher_patches.shape)}")
+    if M == 0:
+        raise ValueError("student_patches has no rows: ibot_patch_loss needs at least one masked "
+                         "patch (skip the loss when no patch is masked)")
+    if tuple(center.shape) != (K,):
+        raise ValueError(f"center must have shape [K] = [{K}], got {tuple(center.shape)}")
+    if tuple(weights.shape) != (M,):
+        raise ValueError(f"weights must have shape [M] = [{M}] (one per patch), got "
+                         f"{tuple(weights.shape)}")
+    for name, t in (("teacher_patches", teacher_patches), ("center", center), ("weights", weights)):
+        if t.device != student_patches.device:
+            raise RuntimeError(f"{name} is on {t.device} but student_patches is on "
+                               f"{student_patches.device}; move them to the same device")
     if has_kernel(student_patches.device):
         loss, mean, _, _ = _ops.dino_loss(student_patches, teacher_patches, center, weights, 1, ts,
                                           tt, False)
@@ -125,6 +143,7 @@ def ibot_weights(masks: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("pyssl::dino_loss")
+@same_device_fake
 def _dino_loss_fake(student, teacher, center, weights, n_teacher_crops, student_temp,
                     teacher_temp, skip_same_view):
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
@@ -156,6 +175,7 @@ torch.library.register_autograd("pyssl::dino_loss", _dino_backward, setup_contex
 
 
 @torch.library.register_fake("pyssl::dino_loss_backward")
+@same_device_fake
 def _dino_loss_backward_fake(grad_loss, student, *args):
     return torch.empty_like(student)
 
@@ -198,6 +218,7 @@ torch.library.register_autograd("pyssl::dino_loss_backward", _dino_double_backwa
 
 
 @torch.library.register_fake("pyssl::offset_logsumexp")
+@same_device_fake
 def _offset_lse_fake(x, row_offset, col_offset, scale, dim):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(x.shape[1 - dim], dtype=acc)
@@ -243,14 +264,17 @@ def sinkhorn_knopp_center(teacher: torch.Tensor, teacher_temp: float, n_iteratio
         ``[K]`` float32 centre (float64 for float64 input).
     """
     check_tensor(teacher, "teacher")
-    if teacher.dim() != 2:
-        raise ValueError(f"teacher must be a 2-D tensor [R, K], got shape {tuple(teacher.shape)}")
+    if teacher.dim() != 2 or teacher.shape[1] == 0:
+        raise ValueError(f"teacher must be a 2-D tensor [R, K] with K >= 1 prototypes, got shape "
+                         f"{tuple(teacher.shape)}")
     inv = 1.0 / _check_temp(teacher_temp, "teacher_temp")
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be a positive int, got {n_iterations!r}")
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(process_group) if distributed else 1
     n_samples = teacher.shape[0] * world
+    if n_samples == 0:
+        raise ValueError("teacher has no rows: Sinkhorn-Knopp needs at least one sample")
     log_k = math.log(teacher.shape[1])
     log_n = math.log(max(n_samples, 1))
     sample_offset = None

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import check_tensor, has_kernel, same_device_fake
 from .sampling import sample_points
 
 __all__ = [
@@ -72,6 +72,7 @@ def _acc(t):
 
 
 @torch.library.register_fake("pyssl::flow_correspondence")
+@same_device_fake
 def _flow_fake(flow_fw, flow_bw, alpha1, alpha2):
     B, _, H, W = flow_fw.shape
     return (flow_fw.new_empty(B, H, W, 2, dtype=_acc(flow_fw)),
@@ -115,6 +116,7 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
 
 
 @torch.library.register_fake("pyssl::sample_features_dense")
+@same_device_fake
 def _dense_fake(features, coords):
     return features.new_empty(features.shape[0], features.shape[1], coords.shape[1], coords.shape[2])
 
@@ -134,6 +136,7 @@ torch.library.register_autograd("pyssl::sample_features_dense", _dense_backward,
 
 
 @torch.library.register_fake("pyssl::sample_features_dense_backward")
+@same_device_fake
 def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
     B, Ho, Wo, _ = coords.shape
     # the coordinate gradient lives in planes [B, 2, Ho, Wo] (the kernel's layout; a flow's
@@ -199,6 +202,7 @@ def _size(size, name):
 
 
 @torch.library.register_fake("pyssl::affine_correspondence")
+@same_device_fake
 def _affine_fake(theta, height_in, width_in, height_out, width_out):
     return theta.new_empty(theta.shape[0], height_out, width_out, 2, dtype=_acc(theta))
 

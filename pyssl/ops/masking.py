@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_int, check_tensor, has_kernel
+from ._dispatch import (check_generator, check_int, check_real, check_tensor, has_kernel,
+                        same_device_fake)
 
 __all__ = ["MaskingResult", "block_masking", "random_masking", "unshuffle_tokens"]
 
@@ -72,6 +73,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, *, noise: torch.Tensor | 
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     N, L, _ = x.shape
     len_keep = int(L * (1 - float(mask_ratio)))
+    check_generator(generator)
     if noise is None:
         gen_device = generator.device if generator is not None else x.device
         noise = torch.rand(N, L, generator=generator, device=gen_device).to(x.device)
@@ -87,6 +89,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, *, noise: torch.Tensor | 
 
 
 @torch.library.register_fake("pyssl::random_masking")
+@same_device_fake
 def _random_masking_fake(x, noise, len_keep):
     N, L, D = x.shape
     return (
@@ -156,6 +159,7 @@ def unshuffle_tokens(visible: torch.Tensor, ids_restore: torch.Tensor, mask_toke
 
 
 @torch.library.register_fake("pyssl::unshuffle_tokens")
+@same_device_fake
 def _unshuffle_fake(visible, ids_restore, mask_token, validate=True):
     N, _, D = visible.shape
     return visible.new_empty(N, ids_restore.shape[1], D)
@@ -179,6 +183,7 @@ torch.library.register_autograd("pyssl::unshuffle_tokens", _unshuffle_backward,
 
 
 @torch.library.register_fake("pyssl::unshuffle_tokens_backward")
+@same_device_fake
 def _unshuffle_backward_fake(grad_output, ids_restore, num_visible, mask_token_grad):
     N, _, D = grad_output.shape
     return (grad_output.new_empty(N, num_visible, D),
@@ -250,6 +255,8 @@ def block_masking(batch_size: int, height: int, width: int, num_masking_patches:
     height = check_int(height, "height", minimum=0)
     width = check_int(width, "width", minimum=0)
     num_masking_patches = check_int(num_masking_patches, "num_masking_patches", minimum=0)
+    if height * width >= 2**31:
+        raise ValueError(f"height*width must be < 2**31 patches, got {height}*{width}")
     if num_masking_patches > height * width:
         raise ValueError(f"num_masking_patches ({num_masking_patches}) must be <= height*width "
                          f"({height}*{width} = {height * width})")
@@ -257,13 +264,19 @@ def block_masking(batch_size: int, height: int, width: int, num_masking_patches:
     if max_num_patches is None:
         max_num_patches = max(num_masking_patches, 1)
     max_num_patches = check_int(max_num_patches, "max_num_patches", minimum=1)
-    if not isinstance(min_aspect, numbers.Real) or not (0 < min_aspect < math.inf):
+    min_aspect = check_real(min_aspect, "min_aspect")
+    if not 0 < min_aspect < math.inf:
         raise ValueError(f"min_aspect must be a positive finite number, got {min_aspect}")
     if max_aspect is None:
+        if min_aspect > 1:
+            raise ValueError(f"min_aspect ({min_aspect}) > 1 needs an explicit max_aspect >= "
+                             f"min_aspect: the default max_aspect = 1/min_aspect is smaller")
         max_aspect = 1.0 / min_aspect
-    if not isinstance(max_aspect, numbers.Real) or not (min_aspect <= max_aspect < math.inf):
+    max_aspect = check_real(max_aspect, "max_aspect")
+    if not min_aspect <= max_aspect < math.inf:
         raise ValueError(f"max_aspect must be finite and >= min_aspect ({min_aspect}), "
                          f"got {max_aspect}")
+    check_generator(generator)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)
@@ -278,6 +291,7 @@ def block_masking(batch_size: int, height: int, width: int, num_masking_patches:
 
 
 @torch.library.register_fake("pyssl::block_masking")
+@same_device_fake
 def _block_masking_fake(seeds, height, width, num_masking_patches, min_num_patches,
                         max_num_patches, min_aspect, max_aspect, exact):
     return seeds.new_empty(seeds.shape[0], height, width, dtype=torch.bool)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import check_generator, check_tensor, has_kernel, same_device_fake
 from .sampling import sample_points
 
 __all__ = [
@@ -132,6 +132,7 @@ def _acc(*tensors):
 
 
 @torch.library.register_fake("pyssl::project_points")
+@same_device_fake
 def _project_fake(points, lidar_to_cam, intrinsics, image_size, batch, min_depth, margin, rounding):
     acc = _acc(points, lidar_to_cam, intrinsics)
     C, P = lidar_to_cam.shape[-3], points.shape[0]
@@ -224,6 +225,7 @@ def point_pixel_pairs(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsi
         raise ValueError(f"cameras must be one of {tuple(_CAMERAS)}, got {cameras!r}")
     size = _image_size_tensor(image_size, lidar_to_cam, batch is not None)
     random = None
+    check_generator(generator)
     if cameras == "random":
         gen_device = generator.device if generator is not None else points.device
         random = torch.rand(points.shape[0], generator=generator, device=gen_device,
@@ -235,6 +237,7 @@ def point_pixel_pairs(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsi
 
 
 @torch.library.register_fake("pyssl::point_pixel_pairs")
+@same_device_fake
 def _pairs_fake(points, lidar_to_cam, intrinsics, image_size, batch, min_depth, margin, rounding,
                 cameras, random):
     n = torch.library.get_ctx().new_dynamic_size()
@@ -315,6 +318,7 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
 
 
 @torch.library.register_fake("pyssl::distill_loss")
+@same_device_fake
 def _distill_fake(point_features, features, image_index, xy, weights, mode, loss):
     acc = torch.float64 if torch.float64 in (features.dtype, xy.dtype) else torch.float32
     return features.new_empty((), dtype=acc), features.new_empty(xy.shape[0], 3, dtype=acc)
@@ -343,6 +347,7 @@ torch.library.register_autograd("pyssl::distill_loss", _distill_backward, setup_
 
 
 @torch.library.register_fake("pyssl::distill_loss_backward")
+@same_device_fake
 def _distill_backward_fake(grad_loss, point_features, features, image_index, xy, weights, stats, mode,
                            loss, point_features_grad, features_grad, deterministic):
     return (torch.empty_like(point_features) if point_features_grad else point_features.new_empty(0),
@@ -369,6 +374,7 @@ def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
 
 
 @torch.library.register_fake("pyssl::segment_mean")
+@same_device_fake
 def _segment_fake(values, segment_ids, num_segments, deterministic):
     return (values.new_empty(num_segments, values.shape[1]),
             segment_ids.new_empty(num_segments, dtype=torch.long))
@@ -384,6 +390,7 @@ def _segment_backward(ctx, grad_means, _grad_counts):
 
 
 @torch.library.register_fake("pyssl::segment_mean_backward")
+@same_device_fake
 def _segment_backward_fake(grad_means, segment_ids, counts):
     return grad_means.new_empty(segment_ids.shape[0], grad_means.shape[1])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel
+from ._dispatch import check_tensor, has_kernel, same_device_fake
 from .reference.sampling import BILINEAR, NEAREST
 
 __all__ = ["sample_points", "BILINEAR", "NEAREST"]
@@ -44,6 +44,7 @@ def sample_points(features: torch.Tensor, xy: torch.Tensor, image_index: torch.T
 
 
 @torch.library.register_fake("pyssl::sample_points")
+@same_device_fake
 def _sample_points_fake(features, image_index, xy, mode):
     return features.new_empty(xy.shape[0], features.shape[1])
 
@@ -68,6 +69,7 @@ torch.library.register_autograd("pyssl::sample_points", _backward, setup_context
 
 
 @torch.library.register_fake("pyssl::sample_points_backward")
+@same_device_fake
 def _sample_points_backward_fake(grad, features, image_index, xy, mode, features_grad, xy_grad,
                                  deterministic):
     gf = torch.empty_like(features) if features_grad else features.new_empty(0)

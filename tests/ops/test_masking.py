@@ -1,6 +1,8 @@
 """Patch-masking ops against the plain-PyTorch reference (pyssl.ops.reference)."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -261,6 +263,13 @@ def test_empty_batch_and_edges():
         (lambda: ops.block_masking(2, 4, 4, 3, min_aspect=2, max_aspect=1), "max_aspect"),
         (lambda: ops.block_masking(2, 4.5, 4, 3), "height"),
         (lambda: ops.block_masking(2, 4, 4, 3, max_num_patches=0), "max_num_patches"),
+        (lambda: ops.block_masking(2, 4, 4, 3, min_aspect=2.0), "max_aspect"),
+        (lambda: ops.block_masking(2, 4, 4, 3, min_aspect="0.3"), "min_aspect"),
+        (lambda: ops.block_masking(2, 4, 4, 3, max_aspect="3"), "max_aspect"),
+        (lambda: ops.block_masking(2, 2**33, 2**31, 3), "height\\*width"),
+        (lambda: torch.ops.pyssl.block_masking(torch.zeros(2, dtype=torch.long), 2**33, 2**31, 3, 4, 3, 0.3, 3.0, True), "height\\*width"),
+        (lambda: ops.block_masking(2, 4, 4, 3, generator=5), "generator"),
+        (lambda: ops.random_masking(torch.randn(2, 4, 5), 0.5, generator=5), "generator"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):
@@ -273,6 +282,13 @@ def test_cross_device_inputs_are_rejected():
     x = torch.randn(2, 4, 3)
     with pytest.raises(RuntimeError, match="noise"):
         ops.random_masking(x, 0.5, noise=torch.rand(2, 4, device="meta"))
+    # A meta tensor among CPU tensors reaches the fake kernel, which must refuse rather than
+    # return uninitialised memory.
+    ids = torch.stack([torch.randperm(5) for _ in range(2)])
+    with pytest.raises(RuntimeError, match="ids_restore"):
+        ops.unshuffle_tokens(x, ids.to("meta"), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="mask_token"):
+        ops.unshuffle_tokens(x, ids, torch.zeros(3, device="meta"))
 
 
 @pytest.mark.cuda
@@ -318,6 +334,25 @@ def test_block_masking_kernel_equals_python_reference(seed, n, h, w, frac, min_p
         assert (counts == num).all()
     else:
         assert (counts <= num).all()
+
+
+def test_block_masking_extreme_aspect_ratios_terminate():
+    # Sides of ~1e20 patches once overflowed int64 in the kernel and looped ~2**63 times; run
+    # in a subprocess so that a regression fails instead of hanging the suite.
+    code = (
+        "import torch\n"
+        "from pyssl import ops\n"
+        "from pyssl.ops import reference\n"
+        "for lo, hi in ((0.3, 1e40), (1e-300, None), (1e38, 1e39)):\n"
+        "    g = torch.Generator().manual_seed(3)\n"
+        "    got = ops.block_masking(4, 14, 14, 75, min_aspect=lo, max_aspect=hi, generator=g)\n"
+        "    seeds = torch.randint(-(2**63), 2**63 - 1, (4,), generator=torch.Generator().manual_seed(3))\n"
+        "    want = reference.block_masking(seeds, 14, 14, 75, 4, None, lo, hi, True)\n"
+        "    assert torch.equal(got, want) and (got.flatten(1).sum(1) == 75).all()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
 
 
 def test_block_masking_exact_counts_and_thread_independence():
