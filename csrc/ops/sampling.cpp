@@ -746,11 +746,13 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   // The coordinate gradient is computed in planes [B, 2, Ho, Wo] and returned as its [B, Ho, Wo,
   // 2] view: the gradient of flow_correspondence's flow [B, 2, H, W] is then that contiguous
   // storage, which autograd stores as the flow's .grad without a copy.
-  // With one task per image (C < 16, or exactly 16 channels in one band) the planar loop zeroes
-  // its blocks as it goes; band tasks accumulate into a zeroed buffer.
-  Tensor gc = !coords_grad       ? at::empty({0}, xy.options())
-              : split.slices == 0 ? empty_large({B, 2, Ho, Wo}, xy.options())
-                                  : zeros_large({B, 2, Ho, Wo}, xy.options());
+  // With one planar task per image (0 < C and no band slices) the planar loop zeroes its
+  // blocks as it goes; band tasks accumulate into a zeroed buffer, and C = 0 runs no task at
+  // all (the gradient is 0).
+  const bool one_task = split.slices == 0 && split.tasks == 1;
+  Tensor gc = !coords_grad ? at::empty({0}, xy.options())
+              : one_task   ? empty_large({B, 2, Ho, Wo}, xy.options())
+                           : zeros_large({B, 2, Ho, Wo}, xy.options());
   float* gcp = coords_grad ? gc.mutable_data_ptr<float>() : nullptr;
   const int64_t gsb = g.stride(0), gsc = g.stride(1);
   if (quad) {

@@ -82,3 +82,19 @@ def same_device_fake(fn):
         return fn(*args, **kwargs)
 
     return checked
+
+
+def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """Python twin of ATen's ``Tensor::suggest_memory_format()``: the layout the kernels give a
+    gradient shaped like ``t`` (fake kernels must predict it to the stride)."""
+    try:
+        from torch._prims_common import suggest_memory_format as suggest
+    except ImportError:  # older torch: the same rule, spelled out
+        from torch._prims_common import are_strides_like_channels_last
+
+        def suggest(x):
+            if x.layout == torch.strided and x.dim() == 4 and \
+                    are_strides_like_channels_last(x.shape, x.stride()):
+                return torch.channels_last
+            return torch.contiguous_format
+    return suggest(t)

@@ -177,7 +177,7 @@ torch.library.register_autograd("pyssl::dino_loss", _dino_backward, setup_contex
 @torch.library.register_fake("pyssl::dino_loss_backward")
 @same_device_fake
 def _dino_loss_backward_fake(grad_loss, student, *args):
-    return torch.empty_like(student)
+    return student.new_empty(student.shape)  # contiguous, as the kernels write it
 
 
 def _dino_bw_setup(ctx, inputs, output):

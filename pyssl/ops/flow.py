@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel, same_device_fake
+from ._dispatch import check_int, check_tensor, has_kernel, same_device_fake
 from .sampling import sample_points
 
 __all__ = [
@@ -92,7 +92,8 @@ torch.library.register_autograd("pyssl::flow_correspondence", _flow_backward, se
 
 def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear sampling of ``features`` ``[B, C, H, W]`` at pixel coordinates ``coords``
-    ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]`` (channels-last memory format),
+    ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]`` (NCHW-contiguous from the CPU
+    fast path for contiguous fp32/bf16 features and fp32 coords, channels-last otherwise),
     equal to ``grid_sample(features, normalised coords, align_corners=True,
     padding_mode="zeros")`` when H, W > 1 (grid_sample maps every coordinate of a size-1 axis
     onto its pixel; here pixel coordinates keep their meaning). Gradients to ``features`` and ``coords``; the scatter into
@@ -105,6 +106,7 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
     if coords.dim() != 4 or coords.shape[-1] != 2 or coords.shape[0] != features.shape[0]:
         raise ValueError(f"coords must have shape [B, Ho, Wo, 2] with B = {features.shape[0]}, "
                          f"got {tuple(coords.shape)}")
+    _check_float(coords, "coords")
     B, Ho, Wo, _ = coords.shape
     if (features.device.type == "cpu" and features.dtype in (torch.float32, torch.bfloat16)
             and coords.dtype == torch.float32 and features.is_contiguous()):
@@ -141,7 +143,8 @@ def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
     B, Ho, Wo, _ = coords.shape
     # the coordinate gradient lives in planes [B, 2, Ho, Wo] (the kernel's layout; a flow's
     # gradient is then contiguous) and is returned as its [B, Ho, Wo, 2] view
-    return (torch.empty_like(features) if features_grad else features.new_empty(0),
+    # the feature gradient is NCHW-contiguous whatever the features' layout
+    return (features.new_empty(features.shape) if features_grad else features.new_empty(0),
             coords.new_empty(B, 2, Ho, Wo).permute(0, 2, 3, 1) if coords_grad else coords.new_empty(0))
 
 
@@ -191,11 +194,17 @@ def affine_correspondence(theta: torch.Tensor, size_in, size_out) -> torch.Tenso
     return reference.affine_correspondence(theta, (hin, win), (hout, wout))
 
 
+def _check_float(t, name):
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (pixel coordinates), got {t.dtype}")
+
+
 def _size(size, name):
     try:
-        h, w = (int(v) for v in size)
+        h, w = size
+        h, w = check_int(h, name), check_int(w, name)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be (H, W), got {size!r}") from None
+        raise TypeError(f"{name} must be (H, W) of ints, got {size!r}") from None
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive (H, W), got {tuple(size)}")
     return h, w
@@ -242,6 +251,10 @@ def crop_theta(boxes: torch.Tensor, size_in, flip: torch.Tensor | None = None) -
     ax, bx = (x1 - x0) / max(w - 1, 1), (x0 + x1) / max(w - 1, 1) - 1
     ay, by = (y1 - y0) / max(h - 1, 1), (y0 + y1) / max(h - 1, 1) - 1
     if flip is not None:
+        check_tensor(flip, "flip")
+        if flip.dtype != torch.bool or tuple(flip.shape) != (boxes.shape[0],):
+            raise ValueError(f"flip must be a bool tensor of shape [B] = [{boxes.shape[0]}], got "
+                             f"{flip.dtype} {tuple(flip.shape)}")
         ax = torch.where(flip.to(boxes.device), -ax, ax)
     zero = torch.zeros_like(ax)
     return torch.stack([torch.stack([ax, zero, bx], -1), torch.stack([zero, ay, by], -1)], 1)
@@ -280,8 +293,9 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
         raise ValueError(f"coords must have shape [B, H, W, 2] = {(B, H, W, 2)}, got {tuple(coords.shape)}")
     if tuple(valid.shape) != (B, H, W):
         raise ValueError(f"valid must have shape [B, H, W] = {(B, H, W)}, got {tuple(valid.shape)}")
+    _check_float(coords, "coords")
     xy = coords.reshape(B * H * W, 2)
-    weights = valid.reshape(B * H * W).to(xy.dtype if xy.is_floating_point() else torch.float32)
+    weights = valid.reshape(B * H * W).to(xy.dtype)
     if has_kernel(online.device):
         return _ops.distill_loss(online, target, None, xy, weights, 0, _LOSSES[loss])[0]
     return reference.dense_correspondence_loss(online, target, coords, valid, loss)

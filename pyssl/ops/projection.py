@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_generator, check_tensor, has_kernel, same_device_fake
+from ._dispatch import (check_generator, check_int, check_tensor, has_kernel, same_device_fake,
+                        suggest_memory_format)
 from .sampling import sample_points
 
 __all__ = [
@@ -60,8 +61,9 @@ def _image_size_tensor(image_size, lidar_to_cam: torch.Tensor, batched: bool) ->
                 raise TypeError(f"image_size must be (H, W), [C, 2] or a tensor, got {image_size!r}")
             return [x]
 
-        if any(v <= 0 for v in flat(image_size)):
-            raise ValueError(f"image_size entries must be positive, got {image_size!r}")
+        if not all(0 < v < 2**31 for v in flat(image_size)):  # NaN fails too
+            raise ValueError(f"image_size entries must be positive and below 2**31, got "
+                             f"{image_size!r}")
         size = torch.tensor(image_size, dtype=torch.float64, device=lidar_to_cam.device)
     if size.dim() == 1:
         if size.numel() != 2:
@@ -263,11 +265,18 @@ def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, ro
     if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
         raise ValueError(f"camera_index, row and col must be 1-D of the same length, got "
                          f"{tuple(camera_index.shape)}, {tuple(row.shape)}, {tuple(col.shape)}")
+    _check_camera_index(camera_index)
     xy = _pair_coordinates(features, row, col, mode)
     return sample_points(features, xy, camera_index.long(), mode=mode)
 
 
 _LOSSES = {"cosine": 0, "l2_normalized": 1}
+
+
+def _check_camera_index(camera_index):
+    if camera_index.is_floating_point() or camera_index.is_complex() or \
+            camera_index.dtype == torch.bool:
+        raise TypeError(f"camera_index must be an integer tensor, got {camera_index.dtype}")
 
 
 def _pair_coordinates(features, row, col, mode):
@@ -308,6 +317,7 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
         raise ValueError(f"loss must be one of {tuple(_LOSSES)}, got {loss!r}")
     if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
         raise ValueError("camera_index, row and col must be 1-D of the same length")
+    _check_camera_index(camera_index)
     xy = _pair_coordinates(features, row, col, mode)
     code = 0 if mode == "bilinear" else 1
     if has_kernel(features.device):
@@ -351,7 +361,8 @@ torch.library.register_autograd("pyssl::distill_loss", _distill_backward, setup_
 def _distill_backward_fake(grad_loss, point_features, features, image_index, xy, weights, stats, mode,
                            loss, point_features_grad, features_grad, deterministic):
     return (torch.empty_like(point_features) if point_features_grad else point_features.new_empty(0),
-            torch.empty_like(features) if features_grad else features.new_empty(0))
+            torch.empty_like(features, memory_format=suggest_memory_format(features))
+            if features_grad else features.new_empty(0))
 
 
 def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int, *,
@@ -366,8 +377,7 @@ def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
     """
     check_tensor(values, "values")
     check_tensor(segment_ids, "segment_ids")
-    if isinstance(num_segments, bool) or not isinstance(num_segments, int):
-        raise TypeError(f"num_segments must be an int, got {type(num_segments).__name__}")
+    num_segments = check_int(num_segments, "num_segments")
     if not has_kernel(values.device):
         raise NotImplementedError(f"segment_mean has no kernel for device {values.device}")
     return tuple(_ops.segment_mean(values, segment_ids, num_segments, bool(deterministic)))

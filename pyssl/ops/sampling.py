@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import check_tensor, has_kernel, same_device_fake
+from ._dispatch import check_tensor, has_kernel, same_device_fake, suggest_memory_format
 from .reference.sampling import BILINEAR, NEAREST
 
 __all__ = ["sample_points", "BILINEAR", "NEAREST"]
@@ -72,8 +72,10 @@ torch.library.register_autograd("pyssl::sample_points", _backward, setup_context
 @same_device_fake
 def _sample_points_backward_fake(grad, features, image_index, xy, mode, features_grad, xy_grad,
                                  deterministic):
-    gf = torch.empty_like(features) if features_grad else features.new_empty(0)
-    gxy = torch.empty_like(xy) if xy_grad else xy.new_empty(0)
+    # the kernels' layouts: features' suggested memory format, xy contiguous
+    gf = (torch.empty_like(features, memory_format=suggest_memory_format(features))
+          if features_grad else features.new_empty(0))
+    gxy = xy.new_empty(xy.shape) if xy_grad else xy.new_empty(0)
     return gf, gxy
 
 

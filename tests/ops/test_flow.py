@@ -555,6 +555,19 @@ def test_opcheck_gradcheck_compile():
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(*args), step(*args))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sample_features_without_channels_has_zero_coordinate_gradient(dtype):
+    # C = 0 runs no task in the CPU kernel: the coordinate gradient must still be written (zeros).
+    for _ in range(3):
+        f = torch.randn(2, 0, 16, 16, dtype=dtype, requires_grad=True)
+        c = (torch.rand(2, 64, 64, 2) * 15).requires_grad_(True)
+        out = ops.sample_features(f, c)
+        assert out.shape == (2, 0, 64, 64)
+        out.sum().backward()
+        assert torch.equal(c.grad, torch.zeros_like(c))
+        assert f.grad.shape == f.shape
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -569,6 +582,12 @@ def test_opcheck_gradcheck_compile():
         (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4)), "target"),
         (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 5, 2), torch.ones(1, 4, 4)), "coords"),
         (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4), loss="l1"), "loss"),
+        (lambda: ops.sample_features(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, 2, dtype=torch.long)), "coords"),
+        (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, 2, dtype=torch.long), torch.ones(1, 4, 4)), "coords"),
+        (lambda: ops.affine_correspondence(torch.randn(2, 2, 3), (5.7, 6), (4, 4)), "size_in"),
+        (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([True])), "flip"),
+        (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([1, 0, 1])), "flip"),
+        (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4, device="meta")), "flow_bw"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

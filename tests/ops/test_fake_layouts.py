@@ -1,0 +1,93 @@
+"""Fake (meta) kernels must predict the real kernels' outputs to the stride: torch.compile
+plans its backward from the fake outputs and fails (or reads memory wrongly) otherwise. Inputs
+in every layout a user may pass: contiguous, channels-last, permuted, transposed."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import pyssl  # noqa: F401  (registers the ops)
+from pyssl import ops
+
+P = torch.ops.pyssl
+
+
+def _assert_fake_matches_real(op, args):
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real = real if isinstance(real, tuple) else (real,)
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    assert len(real) == len(fake)
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert (r.shape, r.dtype, r.device.type) == (f.shape, f.dtype, f.device.type), i
+        if r.numel() > 1:
+            assert r.stride() == f.stride(), (i, r.stride(), f.stride())
+
+
+def _features():
+    return {
+        "nchw": torch.randn(3, 5, 7, 9),
+        "channels_last": torch.randn(3, 5, 7, 9).contiguous(memory_format=torch.channels_last),
+        "hw_transposed": torch.randn(3, 5, 9, 7).transpose(2, 3),
+        "nc_permuted": torch.randn(5, 3, 7, 9).permute(1, 0, 2, 3),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_features()))
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("xy_transposed", [False, True])
+def test_point_sampling_fakes_predict_layouts(layout, mode, xy_transposed):
+    f = _features()[layout]
+    idx = torch.tensor([0, 1, 2, 1])
+    xy = (torch.rand(2, 4) * 6).t() if xy_transposed else torch.rand(4, 2) * 6
+    _assert_fake_matches_real(P.sample_points, [f, idx, xy, mode])
+    _assert_fake_matches_real(P.sample_points_backward,
+                              [torch.randn(4, 5), f, idx, xy, mode, True, True, False])
+    for pf in (torch.randn(4, 5), torch.randn(5, 4).t()):
+        _, stats = P.distill_loss(pf, f, idx, xy, None, mode, 0)
+        _assert_fake_matches_real(P.distill_loss, [pf, f, idx, xy, None, mode, 0])
+        _assert_fake_matches_real(P.distill_loss_backward, [torch.ones(()), pf, f, idx, xy, None,
+                                                            stats, mode, 0, True, True, False])
+
+
+@pytest.mark.parametrize("layout", list(_features()))
+@pytest.mark.parametrize("channels", [3, 5, 40])
+def test_dense_sampling_fakes_predict_layouts(layout, channels):
+    f = _features()[layout]
+    f = f.repeat(1, channels, 1, 1)[:, :channels] if layout == "nchw" else \
+        torch.cat([f] * 8, 1)[:, :channels]
+    for coords in (torch.rand(3, 4, 6, 2) * 6, (torch.rand(3, 2, 4, 6) * 6).permute(0, 2, 3, 1)):
+        out = P.sample_features_dense(f, coords)
+        _assert_fake_matches_real(P.sample_features_dense, [f, coords])
+        _assert_fake_matches_real(P.sample_features_dense_backward,
+                                  [torch.randn_like(out), f, coords, True, True])
+
+
+def test_dino_fakes_predict_layouts():
+    t, c = torch.randn(4, 10), torch.zeros(10)
+    for s in (torch.randn(8, 10), torch.randn(10, 8).t()):
+        _, _, sl, tl = P.dino_loss(s, t, c, None, 2, 0.1, 0.04, True)
+        _assert_fake_matches_real(P.dino_loss, [s, t, c, None, 2, 0.1, 0.04, True])
+        _assert_fake_matches_real(P.dino_loss_backward,
+                                  [torch.ones(()), s, t, c, None, sl, tl, 2, 0.1, 0.04, True])
+
+
+@pytest.mark.parametrize("layout", ["hw_transposed", "nc_permuted", "channels_last"])
+def test_compiled_backward_with_unusual_feature_layouts(layout):
+    feats = _features()[layout]
+    cam = torch.tensor([0, 1, 2, 1, 0])
+    row = torch.tensor([0.5, 1.0, 6.0, 3.25, 2.0])
+    col = torch.tensor([0.0, 8.0, 4.5, 2.0, 7.75])
+    pf = torch.randn(5, 5)
+
+    def loss(f):
+        g = ops.gather_pixel_features(f, cam, row, col, mode="bilinear").sum()
+        d = ops.pixel_to_point_distillation_loss(pf, f, cam, row, col, mode="bilinear")
+        return g + d
+
+    want_f = feats.clone().requires_grad_(True)
+    loss(want_f).backward()
+    got_f = feats.clone().requires_grad_(True)
+    torch.compile(loss, fullgraph=True)(got_f).backward()
+    torch.testing.assert_close(got_f.grad, want_f.grad)
