@@ -147,7 +147,8 @@ __global__ void invert_kernel(const int64_t* __restrict__ ids, int64_t N, int64_
 
 constexpr int64_t kRowChunk = 256;
 
-// partial[c, d] = sum over rows r in chunk c (ascending) with ids[r] >= K of grad[r, d].
+// partial[c, d] = sum over rows r in chunk c (ascending) with ids[r] outside [0, K) of
+// grad[r, d]: the rows where the forward wrote mask_token.
 template <typename T>
 __global__ void masked_row_partial_kernel(const T* __restrict__ grad,
                                           const int64_t* __restrict__ ids, int64_t rows,
@@ -159,7 +160,7 @@ __global__ void masked_row_partial_kernel(const T* __restrict__ grad,
        d += int64_t(gridDim.y) * blockDim.x) {
     acc_t<T> acc = 0;
     for (int64_t r = c * kRowChunk; r < r1; ++r) {
-      if (ids[r] >= K) acc += to_acc(grad[r * D + d]);
+      if (ids[r] < 0 || ids[r] >= K) acc += to_acc(grad[r * D + d]);  // as the forward
     }
     partial[c * D + d] = acc;
   }

@@ -125,9 +125,9 @@ Tensor unshuffle_tokens_cpu(const Tensor& visible, const Tensor& ids_restore,
   return out;
 }
 
-// sum over rows r (in order) with ids[r] >= K of grad[r, :], accumulated in acc_t, using a
-// fixed partition of the rows (independent of the thread count) so results are bitwise
-// repeatable.
+// sum over rows r (in order) with ids[r] outside [0, K) (where the forward wrote mask_token) of
+// grad[r, :], accumulated in acc_t, using a fixed partition of the rows (independent of the
+// thread count) so results are bitwise repeatable.
 template <typename scalar_t>
 void masked_row_sum_cpu(const Tensor& grad, const Tensor& ids, int64_t K, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -142,7 +142,7 @@ void masked_row_sum_cpu(const Tensor& grad, const Tensor& ids, int64_t K, Tensor
       acc_t* acc = partial.data() + c * D;
       const int64_t r1 = std::min(rows, (c + 1) * kChunk);
       for (int64_t r = c * kChunk; r < r1; ++r) {
-        if (ix[r] < K) continue;
+        if (ix[r] >= 0 && ix[r] < K) continue;
         const scalar_t* gr = g + r * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(gr[d]);
       }

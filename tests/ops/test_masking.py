@@ -472,3 +472,17 @@ def test_cuda_opcheck_and_gradcheck():
         return ops.unshuffle_tokens(r.visible, r.ids_restore, token)
 
     assert torch.autograd.gradcheck(fn, (x, token))
+
+
+def test_unshuffle_without_validation_keeps_forward_and_token_gradient_consistent():
+    # validate=False trusts ids_restore; out-of-range ids (here -1 and L) then read mask_token,
+    # and the mask-token gradient must sum exactly the positions that read it.
+    vis = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    tok = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, -1, 3, 2, 1, 9], [5, 4, 3, 2, 1, 0]])
+    out = ops.unshuffle_tokens(vis, ids, tok, validate=False)
+    reads_token = (ids < 0) | (ids >= 3)
+    torch.testing.assert_close(out[reads_token], tok.expand(int(reads_token.sum()), 4))
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.testing.assert_close(tok.grad, g[reads_token].sum(0))
