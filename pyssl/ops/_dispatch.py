@@ -42,6 +42,16 @@ def check_int(value, name: str, *, minimum: int | None = None) -> int:
     return int(value)
 
 
+def check_size(condition, message) -> None:
+    """A ValueError with ``message()`` unless ``condition`` holds. Under torch.compile sizes
+    may be data-dependent (unbacked): the condition then becomes a runtime assertion
+    (``torch._check``) instead of a guard that cannot be decided at trace time."""
+    if torch.compiler.is_compiling():
+        torch._check(condition)  # dynamo takes no message closure over non-constants
+    elif not condition:
+        raise ValueError(message())
+
+
 def check_generator(value, name: str = "generator") -> torch.Generator | None:
     if value is not None and not isinstance(value, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")

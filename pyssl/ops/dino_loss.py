@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from ._dispatch import check_bool, check_int, check_tensor, has_kernel, same_device_fake
+from ._dispatch import (check_bool, check_int, check_size, check_tensor, has_kernel,
+                        same_device_fake)
 
 __all__ = [
     "DinoLossResult",
@@ -106,22 +107,30 @@ def ibot_patch_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor
     check_tensor(weights, "weights")
     ts = _check_temp(student_temp, "student_temp")
     tt = _check_temp(teacher_temp, "teacher_temp")
-    # Checked here with iBOT's names; the shared kernel would name dino_loss's arguments.
+    # Checked here with iBOT's names; the shared kernel would name dino_loss's arguments. Sizes
+    # may be data-dependent under torch.compile (patches selected by a mask): check_size.
     if student_patches.dim() != 2:
         raise ValueError(f"student_patches must be a 2-D tensor [M, K], got shape "
                          f"{tuple(student_patches.shape)}")
     M, K = student_patches.shape
-    if tuple(teacher_patches.shape) != (M, K):
-        raise ValueError(f"teacher_patches must have the shape of student_patches [M, K] = "
-                         f"{(M, K)} (row m pairs with row m), got {tuple(teacher_patches.shape)}")
-    if M == 0:
-        raise ValueError("student_patches has no rows: ibot_patch_loss needs at least one masked "
-                         "patch (skip the loss when no patch is masked)")
-    if tuple(center.shape) != (K,):
+    if teacher_patches.dim() != 2:
+        raise ValueError(f"teacher_patches must be a 2-D tensor [M, K], got shape "
+                         f"{tuple(teacher_patches.shape)}")
+    for i in range(2):
+        check_size(teacher_patches.shape[i] == student_patches.shape[i],
+                   lambda: f"teacher_patches must have the shape of student_patches [M, K] = "
+                           f"{(M, K)} (row m pairs with row m), got {tuple(teacher_patches.shape)}")
+    check_size(M > 0, lambda: "student_patches has no rows: ibot_patch_loss needs at least one "
+                              "masked patch (skip the loss when no patch is masked)")
+    if center.dim() != 1:
         raise ValueError(f"center must have shape [K] = [{K}], got {tuple(center.shape)}")
-    if tuple(weights.shape) != (M,):
-        raise ValueError(f"weights must have shape [M] = [{M}] (one per patch), got "
-                         f"{tuple(weights.shape)}")
+    check_size(center.shape[0] == K,
+               lambda: f"center must have shape [K] = [{K}], got {tuple(center.shape)}")
+    if weights.dim() != 1:
+        raise ValueError(f"weights must have shape [M] = [{M}], got {tuple(weights.shape)}")
+    check_size(weights.shape[0] == M,
+               lambda: f"weights must have shape [M] = [{M}] (one per patch), got "
+                       f"{tuple(weights.shape)}")
     for name, t in (("teacher_patches", teacher_patches), ("center", center), ("weights", weights)):
         if t.device != student_patches.device:
             raise RuntimeError(f"{name} is on {t.device} but student_patches is on "
