@@ -83,8 +83,11 @@ class _CenteredLoss(nn.Module):
             self._apply_center_update(payload)
 
     def _apply_center_update(self, payload: torch.Tensor) -> None:
-        batch_center = (payload[:-1] / payload[-1]).to(self.center.dtype)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        count = payload[-1]
+        batch_center = (payload[:-1] / count).to(self.center.dtype)
+        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        # no rows on any rank (iBOT without masked patches): the centre stays (no host sync)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -177,6 +180,13 @@ class IBOTPatchLoss(_CenteredLoss):
         temp = self.teacher_temperature(epoch)
         weights = ibot_weights(masks).to(student_patches.device)
         if teacher_patches.shape[0] == 0:
+            # No masked patch here. Under torch.distributed the other ranks still wait for this
+            # rank's share of the collectives (Sinkhorn-Knopp sums, centre update): join them.
+            if self._distributed():
+                if self.centering == "sinkhorn_knopp":
+                    self._targets_center(teacher_patches, temp)
+                elif self.training:
+                    self._update_center(teacher_patches.new_zeros(teacher_patches.shape[1]), 0)
             return student_patches.sum() * 0.0
         center = self._targets_center(teacher_patches, temp)
         loss, teacher_mean = ibot_patch_loss(student_patches, teacher_patches, center, weights,

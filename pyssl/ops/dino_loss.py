@@ -267,8 +267,9 @@ def sinkhorn_knopp_center(teacher: torch.Tensor, teacher_temp: float, n_iteratio
     Args:
         teacher: ``[R, K]`` teacher outputs (all teacher crops of this process).
         teacher_temp: temperature (> 0). n_iterations: Sinkhorn iterations (DINOv2: 3).
-        process_group: when torch.distributed is initialised, the sums over samples are
-            all-reduced across this group (default: the world), as in DINOv2.
+        process_group: when torch.distributed is initialised, the sums over samples and the
+            number of samples are all-reduced across this group (default: the world), as in
+            DINOv2; ranks may hold different numbers of rows, or none (every rank must call).
     Returns:
         ``[K]`` float32 centre (float64 for float64 input).
     """
@@ -280,12 +281,17 @@ def sinkhorn_knopp_center(teacher: torch.Tensor, teacher_temp: float, n_iteratio
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be a positive int, got {n_iterations!r}")
     distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size(process_group) if distributed else 1
-    n_samples = teacher.shape[0] * world
-    if n_samples == 0:
-        raise ValueError("teacher has no rows: Sinkhorn-Knopp needs at least one sample")
     log_k = math.log(teacher.shape[1])
-    log_n = math.log(max(n_samples, 1))
+    if distributed:
+        # Ranks may hold different numbers of rows (iBOT's masked patches), even none: the
+        # sample count is all-reduced too (as DINOv2 does for patches), kept on the device.
+        count = torch.tensor(float(teacher.shape[0]), device=teacher.device, dtype=torch.float64)
+        dist.all_reduce(count, group=process_group)
+        log_n = count.log().to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
+    else:
+        if teacher.shape[0] == 0:
+            raise ValueError("teacher has no rows: Sinkhorn-Knopp needs at least one sample")
+        log_n = math.log(teacher.shape[0])
     sample_offset = None
     proto_offset = None
     for _ in range(n_iterations):

@@ -175,3 +175,54 @@ def test_two_process_center_and_sinkhorn_equal_single_process():
     for rank, r in enumerate(results):
         rows = torch.cat([torch.arange(c * B + rank * Bl, c * B + (rank + 1) * Bl) for c in range(2)])
         torch.testing.assert_close(r["sk"], sk_full[rows], rtol=1e-4, atol=1e-6)
+
+
+def _ibot_worker(rank, world, port, out_dir, t_full, masks, ranges):
+    import datetime
+
+    # A rank left out of a collective makes the others wait: the timeout turns that into a
+    # failure instead of a hang.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        lo, hi = ranges[rank]  # this rank's images
+        m = masks[lo:hi]
+        before = int(masks[:lo].sum())
+        t = t_full[before:before + int(m.sum())]  # its patch rows, in masks[masks] order
+        s = t.clone().mul(0.5).requires_grad_(True)
+        out = {"rows": t.shape[0], "sk_center": ops.sinkhorn_knopp_center(t, 0.05)}
+        for centering in ("center", "sinkhorn_knopp"):
+            fn = IBOTPatchLoss(t_full.shape[1], teacher_temp=0.05, centering=centering)
+            loss = fn(s, t, m)
+            loss.backward()
+            out[centering] = {"loss": loss.detach(), "center": fn.state_dict()["center"]}
+        dist.barrier()
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ibot_with_uneven_and_empty_ranks():
+    """Rank 1 holds one image without a masked patch, rank 0 the rest: neither rank may hang,
+    the Sinkhorn-Knopp centre counts the samples of all ranks (not rows x world size), and the
+    EMA centre equals one process's over all patches."""
+    K = 40
+    g = torch.Generator().manual_seed(11)
+    masks = torch.zeros(4, 9, dtype=torch.bool)
+    masks[:3].view(-1)[torch.randperm(27, generator=g)[:13]] = True
+    t_full = torch.randn(int(masks.sum()), K, generator=g, dtype=torch.float64) * 4
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_ibot_worker, args=(2, _free_port(), out, t_full, masks, [(0, 3), (3, 4)]),
+                 nprocs=2, join=True)
+        results = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
+    assert [r["rows"] for r in results] == [13, 0]
+    want_sk = ops.sinkhorn_knopp_center(t_full, 0.05)
+    single = IBOTPatchLoss(K, teacher_temp=0.05).double()
+    single(t_full * 0.5, t_full, masks[:3])
+    for r in results:
+        torch.testing.assert_close(r["sk_center"], want_sk, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(r["center"]["center"], single.center.to(r["center"]["center"].dtype),
+                                   rtol=1e-6, atol=1e-7)
+        assert torch.isfinite(r["sinkhorn_knopp"]["loss"])
+    assert results[1]["center"]["loss"] == 0 and results[1]["sinkhorn_knopp"]["loss"] == 0
