@@ -2,6 +2,7 @@
 #include "cpu/projection.h"
 
 #include "cpu/simd.h"
+#include "kernels/projection_math.h"
 
 namespace pyssl::cpu {
 namespace {
@@ -16,7 +17,7 @@ PYSSL_INLINE void project_body(const T* pts, int64_t F, int64_t n, const T* M, c
   const T m0 = M[0], m1 = M[1], m2 = M[2], m3 = M[3], m4 = M[4], m5 = M[5], m6 = M[6], m7 = M[7];
   const T m8 = M[8], m9 = M[9], m10 = M[10], m11 = M[11];
   const T k0 = K[0], k1 = K[1], k2 = K[2], k3 = K[3], k4 = K[4], k5 = K[5];
-  const T umax = W - T(1) - margin, vmax = H - T(1) - margin;
+  const T umax = clamp_image_side(W) - T(1) - margin, vmax = clamp_image_side(H) - T(1) - margin;
   for (int64_t i = 0; i < n; ++i) {
     const T x = pts[i * F], y = pts[i * F + 1], z = pts[i * F + 2];
     const T cx = m0 * x + m1 * y + m2 * z + m3;

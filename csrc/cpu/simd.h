@@ -35,10 +35,12 @@ PYSSL_INLINE float u2f(uint32_t u) {
 }
 
 // exp(x) for x <= 88, relative error < 1e-7 (Cody-Waite range reduction + degree-6
-// polynomial for e^r on [-ln2/2, ln2/2]). Inputs below -87 give exp(-87) ~ 1.6e-38, i.e.
-// a negligible positive number instead of 0 (softmax sums are unaffected).
+// polynomial for e^r on [-ln2/2, ln2/2]). Inputs below -87 (where exp is at most ~1.6e-38)
+// give exactly 0, so exp(-inf) = 0 as in IEEE (a masked prototype has probability 0, and
+// 0 * log 0 is NaN as in float64); NaN stays NaN.
 PYSSL_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
   const float t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) in the mantissa
   const float n = t - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -50,7 +52,8 @@ PYSSL_INLINE float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t ni = static_cast<int32_t>(f2u(t)) - 0x4B400000;
-  return p * u2f(static_cast<uint32_t>(ni + 127) << 23);
+  const float e = p * u2f(static_cast<uint32_t>(ni + 127) << 23);
+  return underflow ? 0.0f : e;
 }
 PYSSL_INLINE double exp_approx(double x) { return std::exp(x); }
 

@@ -31,10 +31,11 @@ bool fused_colsum(const DinoArgs& a) { return ceil_div(a.B, kGroup) * a.K <= kMa
 
 template <typename T> __device__ __forceinline__ acc_t<T> neg_inf() { return -INFINITY; }
 
-// Online log-sum-exp: (m, z) with z = sum exp(y - m); NaN poisons m, -inf terms add nothing.
+// Online log-sum-exp: (m, z) with z = sum exp(y - m); NaN and +inf poison m (a NaN result, as
+// on the CPU: "+inf logits give NaN"), -inf terms add nothing.
 template <typename A>
 __device__ __forceinline__ void lse_push(A& m, A& z, A y) {
-  if (y != y) {
+  if (y != y || y == A(INFINITY)) {
     m = A(NAN);
   } else if (y > m) {
     z = z * device_exp(m - y) + A(1);

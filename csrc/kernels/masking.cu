@@ -141,7 +141,10 @@ __global__ void invert_kernel(const int64_t* __restrict__ ids, int64_t N, int64_
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t v = ids[t];
-    if (v >= 0 && v < K) inverse[(t / L) * K + v] = t % L;
+    // The largest position wins, as on the CPU, if ids repeat (validate=False): no race.
+    if (v >= 0 && v < K)
+      atomicMax(reinterpret_cast<long long*>(inverse + (t / L) * K + v),
+                static_cast<long long>(t % L));
   }
 }
 

@@ -75,7 +75,7 @@ __global__ void pair_write_kernel(DevProjector<T> proj, int cameras, const doubl
       int64_t nvalid = 0;
       for (int64_t c = 0; c < proj.a.C; ++c) nvalid += proj(p, c).valid ? 1 : 0;
       if (nvalid == 0) continue;
-      pick = min(nvalid - 1, static_cast<int64_t>(random[p] * double(nvalid)));
+      pick = pick_camera(random[p], nvalid);
     }
     int64_t seen = 0;
     for (int64_t c = 0; c < proj.a.C; ++c) {

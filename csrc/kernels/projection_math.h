@@ -17,6 +17,14 @@ struct Projection {
   bool valid;
 };
 
+// Image sides beyond 2^31 count as 2^31, so that a valid pixel always fits int64 (and int32
+// rows/cols downstream); a NaN side stays NaN and validates nothing.
+template <typename T>
+PYSSL_HD T clamp_image_side(T side) {
+  const T max_side = T(2147483648.0);
+  return side > max_side ? max_side : side;
+}
+
 // M: row-major 4x4 lidar_to_cam (the top 3 rows are used), K: row-major 3x3 intrinsics.
 template <typename T>
 PYSSL_HD Projection<T> project_point(T x, T y, T z, const T* M, const T* K, T H, T W,
@@ -37,10 +45,21 @@ PYSSL_HD Projection<T> project_point(T x, T y, T z, const T* M, const T* K, T H,
     r.u = rint(r.u);
     r.v = rint(r.v);
   }
+  H = clamp_image_side(H);
+  W = clamp_image_side(W);
   const bool finite = isfinite(r.u) && isfinite(r.v) && isfinite(r.depth);
   r.valid = finite && r.depth > min_depth && r.u >= margin && r.u <= W - T(1) - margin &&
             r.v >= margin && r.v <= H - T(1) - margin;
   return r;
+}
+
+// Which of `nvalid` >= 1 valid cameras the uniform draw r in [0, 1) picks (cameras="random").
+// A draw outside [0, 1) is clamped and NaN picks the first, the same on both devices.
+PYSSL_HD int64_t pick_camera(double r, int64_t nvalid) {
+  if (!(r > 0.0)) return 0;
+  if (!(r < 1.0)) return nvalid - 1;
+  const int64_t k = static_cast<int64_t>(r * static_cast<double>(nvalid));
+  return k < nvalid - 1 ? k : nvalid - 1;
 }
 
 }  // namespace pyssl

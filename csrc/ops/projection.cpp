@@ -55,7 +55,8 @@ std::tuple<Tensor, Tensor, Tensor> project_points_cpu(const Tensor& points,
                                                       const std::optional<Tensor>& batch,
                                                       double min_depth, double margin,
                                                       int64_t rounding) {
-  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
+  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding,
+                                       margin);
   const Inputs in = prepare_projection(points, lidar_to_cam, intrinsics, image_size, batch, s);
   auto opts = in.points.options();
   Tensor pixels = at::empty({s.C, s.P, 2}, opts), depth = at::empty({s.C, s.P}, opts);
@@ -73,13 +74,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
     const Tensor& points, const Tensor& lidar_to_cam, const Tensor& intrinsics,
     const Tensor& image_size, const std::optional<Tensor>& batch, double min_depth, double margin,
     int64_t rounding, int64_t cameras, const std::optional<Tensor>& random) {
-  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
+  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding,
+                                       margin);
   TORCH_CHECK_VALUE(rounding != kRoundNone, "point_pixel_pairs needs integer pixels: rounding must be "
                     "'floor' or 'round', got 'none'");
-  TORCH_CHECK_VALUE(cameras >= 0 && cameras <= 2, "cameras must be 0 (all), 1 (first) or 2 (random)");
-  TORCH_CHECK_VALUE(cameras != kRandom || (random.has_value() && random->dim() == 1 &&
-                                           random->size(0) == s.P),
-                    "cameras='random' needs random [P] uniform numbers in [0, 1)");
+  check_pair_choice(cameras, random, points, s.P);
   const Inputs in = prepare_projection(points, lidar_to_cam, intrinsics, image_size, batch, s);
   const Tensor rnd = cameras == kRandom ? random->to(at::kDouble).contiguous() : Tensor();
   std::vector<int64_t> offsets(s.P + 1, 0);
@@ -117,7 +116,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
         if (cameras == kRandom) {
           int64_t nvalid = 0;
           for (int64_t c = 0; c < s.C; ++c) nvalid += valid[c * s.P + p] ? 1 : 0;
-          pick = std::min<int64_t>(nvalid - 1, static_cast<int64_t>(r[p] * double(nvalid)));
+          if (nvalid > 0) pick = pick_camera(r[p], nvalid);
         }
         int64_t seen = 0;
         for (int64_t c = 0; c < s.C; ++c) {

@@ -13,7 +13,10 @@ struct ProjShape {
 
 inline ProjShape check_projection(const at::Tensor& points, const at::Tensor& lidar_to_cam,
                                   const at::Tensor& intrinsics, const at::Tensor& image_size,
-                                  const std::optional<at::Tensor>& batch, int64_t rounding) {
+                                  const std::optional<at::Tensor>& batch, int64_t rounding,
+                                  double margin) {
+  // a negative margin would validate pixels outside the image
+  TORCH_CHECK_VALUE(margin >= 0, "margin must be >= 0, got ", margin);
   check_dim(points, 2, "points", "[P, 3+] (x, y, z, extra columns ignored)");
   TORCH_CHECK_VALUE(points.size(1) >= 3, "points must have at least 3 columns (x, y, z), got shape ",
                     points.sizes());
@@ -87,6 +90,19 @@ inline void check_segments(const at::Tensor& values, const at::Tensor& segment_i
   check_size(segment_ids, 0, values.size(0), "segment_ids", "N, the number of rows of values");
   check_same_device(segment_ids, values, "segment_ids", "values");
   TORCH_CHECK_VALUE(num_segments >= 0, "num_segments must be >= 0, got ", num_segments);
+}
+
+// point_pixel_pairs' camera choice: cameras in {0 all, 1 first, 2 random}; random [P] on the
+// points' device for cameras = 2.
+inline void check_pair_choice(int64_t cameras, const std::optional<at::Tensor>& random,
+                              const at::Tensor& points, int64_t P) {
+  TORCH_CHECK_VALUE(cameras >= 0 && cameras <= 2, "cameras must be 0 (all), 1 (first) or 2 (random)");
+  TORCH_CHECK_VALUE(cameras != 2 || (random.has_value() && random->dim() == 1 && random->size(0) == P),
+                    "cameras='random' needs random [P] uniform numbers in [0, 1)");
+  if (cameras == 2) {
+    check_floating(*random, "random");
+    check_same_device(*random, points, "random", "points");
+  }
 }
 
 inline void check_segment_mean_backward(const at::Tensor& grad_means, const at::Tensor& segment_ids,

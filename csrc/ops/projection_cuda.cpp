@@ -35,7 +35,8 @@ std::tuple<Tensor, Tensor, Tensor> project_points_cuda(const Tensor& points,
                                                        const std::optional<Tensor>& batch,
                                                        double min_depth, double margin,
                                                        int64_t rounding) {
-  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
+  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding,
+                                       margin);
   const c10::cuda::CUDAGuard guard(points.device());
   const Inputs in = prepare(points, lidar_to_cam, intrinsics, image_size, batch, s, min_depth, margin, rounding);
   auto opts = in.points.options();
@@ -52,12 +53,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cuda(
     const Tensor& points, const Tensor& lidar_to_cam, const Tensor& intrinsics,
     const Tensor& image_size, const std::optional<Tensor>& batch, double min_depth, double margin,
     int64_t rounding, int64_t cameras, const std::optional<Tensor>& random) {
-  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding);
+  const ProjShape s = check_projection(points, lidar_to_cam, intrinsics, image_size, batch, rounding,
+                                       margin);
   TORCH_CHECK_VALUE(rounding != kRoundNone, "point_pixel_pairs needs integer pixels: rounding must be "
                     "'floor' or 'round', got 'none'");
-  TORCH_CHECK_VALUE(cameras >= 0 && cameras <= 2, "cameras must be 0 (all), 1 (first) or 2 (random)");
-  TORCH_CHECK_VALUE(cameras != 2 || (random.has_value() && random->dim() == 1 && random->size(0) == s.P),
-                    "cameras='random' needs random [P] uniform numbers in [0, 1)");
+  check_pair_choice(cameras, random, points, s.P);
   const c10::cuda::CUDAGuard guard(points.device());
   const Inputs in = prepare(points, lidar_to_cam, intrinsics, image_size, batch, s, min_depth, margin, rounding);
   const cudaStream_t stream = current_stream();

@@ -87,6 +87,9 @@ def _options(min_depth, margin, rounding):
     for name, value in (("min_depth", min_depth), ("margin", margin)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not float(margin) >= 0:
+        raise ValueError(f"margin must be >= 0 (a negative margin validates pixels outside the "
+                         f"image), got {margin}")
     if rounding not in _ROUNDING:
         raise ValueError(f"rounding must be one of {tuple(_ROUNDING)}, got {rounding!r}")
     return float(min_depth), float(margin), _ROUNDING[rounding]
@@ -102,9 +105,10 @@ def project_points(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsics:
             ignored).
         lidar_to_cam: ``[C, 4, 4]`` (``[B, C, 4, 4]`` with ``batch``).
         intrinsics: ``[C, 3, 3]`` (``[B, C, 3, 3]`` with ``batch``).
-        image_size: ``(H, W)``, or ``[C, 2]`` / ``[B, C, 2]`` per camera.
+        image_size: ``(H, W)``, or ``[C, 2]`` / ``[B, C, 2]`` per camera (Python sizes must be
+            below 2**31; a size tensor's sides above 2**31 count as 2**31).
         min_depth: points at camera depth ``<= min_depth`` are invalid.
-        margin: pixels closer than ``margin`` to the border are invalid.
+        margin: pixels closer than ``margin`` (>= 0) to the border are invalid.
         rounding: ``"none"`` | ``"floor"`` (ScaLR) | ``"round"`` (SLidR; half to even).
         batch: optional ``[P]`` int64 scan index of each point, for several scans at once.
 

@@ -139,6 +139,25 @@ def test_minus_inf_logits_are_masked_prototypes(device):
         tb = t.clone()
         tb[1, 3] = bad
         assert torch.isnan(ops.dino_loss(s.to(device), tb.to(device), c.to(device)).loss)
+    # The same prototype masked in a student row and a teacher row: 0 * log 0, NaN in float64
+    # and in the reference; float32 must agree (its fast exp once gave exp(-inf) ~ 1e-38, +inf).
+    sb, tb = s.clone(), t.clone()
+    sb[:, 11] = tb[:, 11] = -math.inf
+    assert torch.isnan(reference.dino_loss(sb, tb, c)[0])
+    for dtype in (torch.float64, torch.float32):
+        assert torch.isnan(ops.dino_loss(sb.to(device, dtype), tb.to(device, dtype),
+                                         c.to(device, dtype)).loss)
+    # A column of -inf: its log-sum-exp is -inf in every dtype (Sinkhorn-Knopp's offsets).
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    x[:, 2] = -math.inf
+    for dtype in (torch.float64, torch.float32):
+        col = torch.ops.pyssl.offset_logsumexp(x.to(device, dtype), None, None, 25.0, 0)
+        assert col[2] == -math.inf and torch.isfinite(col[[0, 1, 3]]).all()
+    # +inf anywhere in a column or row: NaN (as the loss)
+    x[1, 0] = math.inf
+    for dim in (0, 1):
+        lse = torch.ops.pyssl.offset_logsumexp(x.to(device, torch.float32), None, None, 1.0, dim)
+        assert torch.isnan(lse[0] if dim == 0 else lse[1])
 
 
 def test_nan_logits_give_nan_not_a_crash():

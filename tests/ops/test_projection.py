@@ -595,3 +595,45 @@ def test_backward_ops_accept_their_forward_outputs():
     gpf, gf = torch.ops.pyssl.distill_loss_backward(torch.ones(()), pf, feats, idx, xy, None,
                                                     stats, 1, 0, True, True, False)
     assert gpf.shape == pf.shape and gf.shape == feats.shape
+
+
+def test_random_camera_choice_clamps_draws_outside_unit_interval():
+    # torch.ops.pyssl.point_pixel_pairs called directly with draws outside [0, 1) or NaN: each
+    # point still gets one of its valid cameras (0 for r <= 0 or NaN, the last for r >= 1),
+    # never an unwritten output row.
+    M, K = random_rig(3, 61, torch.float64)
+    pts = random_points(400, 62, torch.float64)
+    size = torch.tensor([480.0, 640.0], dtype=torch.float64).expand(3, 2)
+    valid = ops.project_points(pts, M, K, (480, 640), rounding="round").valid  # [C, P]
+    has = valid.any(0)
+    draws = torch.tensor([-1.0, -1e-300, float("nan"), 1.0, 5.0, 1e300, float("inf"),
+                          -float("inf")], dtype=torch.float64).repeat(50)
+    point_index, camera_index, _, _ = torch.ops.pyssl.point_pixel_pairs(pts, M, K, size, None, 1.0,
+                                                                        0.0, 2, 2, draws)
+    assert torch.equal(point_index, torch.nonzero(has).flatten())
+    cams = valid[:, has].T  # [P', C]
+    first = cams.float().argmax(1)
+    last = cams.shape[1] - 1 - cams.flip(1).float().argmax(1)
+    d = draws[has]
+    want = torch.where((d >= 1) & ~d.isnan(), last, first)
+    assert torch.equal(camera_index, want)
+
+
+def test_image_sides_beyond_int_range_count_as_2_to_31():
+    # a size tensor is passed through unchecked; a valid pixel must still fit int64
+    pts = torch.tensor([[2e19, 2e19, 2.0], [10.0, 20.0, 2.0]], dtype=torch.float64)
+    M = torch.eye(4, dtype=torch.float64)[None]
+    K = torch.eye(3, dtype=torch.float64)[None]
+    size = torch.tensor([[1e30, 1e30]], dtype=torch.float64)
+    pairs = ops.point_pixel_pairs(pts, M, K, size)
+    assert pairs.point_index.tolist() == [1]
+    assert (pairs.row.tolist(), pairs.col.tolist()) == ([10], [5])
+
+
+def test_negative_margin_is_rejected():
+    M, K = random_rig(2, 0, torch.float32)
+    with pytest.raises(ValueError, match="margin"):
+        ops.project_points(torch.randn(5, 3), M, K, (4, 4), margin=-1)
+    size = torch.tensor([[4.0, 4.0]] * 2)
+    with pytest.raises(ValueError, match="margin"):
+        torch.ops.pyssl.project_points(torch.randn(5, 3), M, K, size, None, 1.0, -0.5, 0)
