@@ -11,12 +11,22 @@ from pathlib import Path
 __all__ = ["MetricLogger", "plot_metrics", "read_metrics", "save_figure"]
 
 
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def save_figure(fig, out_png: str | Path, dpi: int = 100) -> Path:
     """Write a matplotlib figure as a PNG atomically (temporary file + rename: a reader never
-    sees half a file) and close it."""
+    sees half a file) and close it. Under torch.distributed only rank 0 writes (sharded models
+    make every rank compute the figure; the others just close it)."""
     import matplotlib.pyplot as plt
 
     out_png = Path(out_png)
+    if not _is_rank_zero():
+        plt.close(fig)
+        return out_png
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(".tmp-" + out_png.name)
     fig.savefig(tmp, dpi=dpi, format="png")

@@ -254,6 +254,8 @@ class Trainer:
                                 isinstance(out[k], torch.Tensor) else
                                 torch.tensor(float(out[k])) for k in keys]
                         if gnorm is not None:
+                            if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor (collective)
+                                gnorm = gnorm.full_tensor()
                             keys.append("grad_norm")
                             vals.append(torch.as_tensor(gnorm, dtype=torch.float32).reshape(()))
                         vals.append(torch.tensor(float(self._stop_signal > 0)))

@@ -74,6 +74,10 @@ class KNNMonitor:
                 m.train(mode)
         acc = knn_accuracy(*tr, *te, k=self.k, temperature=self.temperature,
                            num_classes=self.train.num_classes)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return acc  # a sharded encoder: every rank computes, rank 0 writes
         recs = [r for r in self.records() if r.get("epoch") != epoch]
         recs.append({"epoch": int(epoch), "knn": acc, "k": self.k, "data": self.data,
                      "train": len(self.train), "test": len(self.test), **(extra or {})})

@@ -45,6 +45,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         rank, world = rank_and_world(group)
+        _check_equal_rows(x, group, world)
         ctx.group, ctx.rows = group, (rank * x.shape[0], (rank + 1) * x.shape[0])
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
@@ -73,7 +74,21 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _check_equal_rows(x: torch.Tensor, group, world: int) -> None:
+    """all_gather needs the same number of rows on every rank; with fewer rows on one rank it
+    reads garbage or aborts the process. Every rank learns every count (one small collective)
+    and all raise the same error together, so none is left waiting."""
+    counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device),
+                    group=group)
+    counts = [int(c) for c in counts]
+    if len(set(counts)) > 1:
+        raise ValueError(f"every rank must hold the same number of rows for the cross-rank "
+                         f"gather, got {counts} (use drop_last=True, or equal per-rank batches)")
+
+
 def _gather_ids(ids: torch.Tensor, group=None) -> torch.Tensor:
+    _check_equal_rows(ids, group, rank_and_world(group)[1])
     out = [torch.empty_like(ids) for _ in range(rank_and_world(group)[1])]
     dist.all_gather(out, ids.contiguous(), group=group)
     return torch.cat(out)

@@ -186,6 +186,7 @@ class IBOTPatchLoss(_CenteredLoss):
                 if self.centering == "sinkhorn_knopp":
                     self._targets_center(teacher_patches, temp)
                 elif self.training:
+                    self.flush()  # the previous step's update first, as _targets_center does
                     self._update_center(teacher_patches.new_zeros(teacher_patches.shape[1]), 0)
             return student_patches.sum() * 0.0
         center = self._targets_center(teacher_patches, temp)

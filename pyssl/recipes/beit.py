@@ -46,6 +46,13 @@ from ..ops import block_masking
 from .common import normalize_pixels
 from .modern import ModernRecipe, ViTConfig, check_range
 
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
 __all__ = ["BEiT", "BEiTConfig", "TokenizerAdapter", "load_tokenizer"]
 
 
@@ -224,9 +231,11 @@ class BEiT(ModernRecipe):
             if ctx.rank == 0:
                 print(f"[pyssl] beit: training the tokenizer (vq_tokenizer, "
                       f"{self.cfg.tokenizer_epochs} epochs) into {run}", flush=True)
+            _barrier()  # every rank sees the same run folder before deciding to resume
             resume = (run / "last.pt").exists()
             pretrain("vq_tokenizer", data=tc.data, epochs=self.cfg.tokenizer_epochs, out=run,
                      overrides=ov, resume=resume)
+            _barrier()  # rank 0 writes last.pt: the others wait for the finished file
         return load_tokenizer(run / "last.pt")
 
     def on_train_start(self, ctx):

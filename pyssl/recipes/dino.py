@@ -303,6 +303,9 @@ class DINO(ModernRecipe):
             # teacher entropy / prototype usage: collapse diagnostics, only on the steps the
             # engine logs (they build the [rows, K] probabilities the fused loss avoids)
             with torch.no_grad():
+                # the centre after this step's update, as on one process (under
+                # torch.distributed the update waits in flight until flushed)
+                self.dino_loss.flush()
                 probs = torch.softmax((t_out.float() - self.dino_loss.center) /
                                       self.dino_loss.teacher_temperature(ctx.epoch), -1)
                 out["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()

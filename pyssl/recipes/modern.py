@@ -9,6 +9,7 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from ..engine.config import ConfigError
@@ -91,9 +92,19 @@ class ModernRecipe(Recipe):
     def monitor_encoder(self):
         return self.encoder
 
+    @staticmethod
+    def _sharded(ctx: StepContext) -> bool:
+        """FSDP over several processes: the model's forward is a collective, so the k-NN
+        monitor and the figures run on every rank (rank 0 alone writes them)."""
+        tc = getattr(ctx, "train_config", None)
+        return ctx.world_size > 1 and getattr(tc, "distributed", "ddp") == "fsdp"
+
+    def _runs_model_work(self, ctx: StepContext) -> bool:
+        return ctx.rank == 0 or self._sharded(ctx)
+
     def _monitor(self, ctx: StepContext):
-        if getattr(self, "_knn", None) is None and self.cfg.knn_every > 0 and ctx.rank == 0 \
-                and getattr(ctx, "trainer", None) is not None:
+        if getattr(self, "_knn", None) is None and self.cfg.knn_every > 0 \
+                and self._runs_model_work(ctx) and getattr(ctx, "trainer", None) is not None:
             from ..eval.monitor import KNNMonitor
 
             tc = ctx.train_config
@@ -102,31 +113,52 @@ class ModernRecipe(Recipe):
                                    seed=tc.seed, root=tc.data_root or None)
         return getattr(self, "_knn", None)
 
+    @contextlib.contextmanager
+    def _whole_parameters(self, ctx: StepContext, needed: bool = True):
+        """Sharded: sub-modules (the encoder) are called outside the recipe's own forward, whose
+        hook would gather the parameters the recipe's FSDP group holds; gather them here, on
+        every rank, while ``needed`` (the blocks sharded on their own gather in their forward)."""
+        if needed and self._sharded(ctx) and hasattr(self, "unshard"):
+            self.unshard()
+            try:
+                yield
+            finally:
+                self.reshard()
+        else:
+            yield
+
     def on_train_start(self, ctx: StepContext) -> None:
         mon = self._monitor(ctx)
-        if mon is not None and ctx.step == 0 and not mon.has(0):
-            trainer = ctx.trainer
-            if getattr(trainer, "resume", None) is None:
+        trainer = getattr(ctx, "trainer", None)
+        # (sharded: every rank must take the same decision, so no per-rank file check)
+        if mon is not None and ctx.step == 0 and getattr(trainer, "resume", None) is None and \
+                (self._sharded(ctx) or not mon.has(0)):
+            with self._whole_parameters(ctx):
                 mon.evaluate(self.monitor_encoder(), self.encoder_spec(), 0)
 
     def on_epoch_end(self, ctx: StepContext) -> None:
         ep = ctx.epoch + 1
         mon = self._monitor(ctx)
-        if mon is not None and (ep % self.cfg.knn_every == 0 or
-                                ep == ctx.train_config.epochs):
-            acc = mon.evaluate(self.monitor_encoder(), self.encoder_spec(), ep)
-            if acc is not None and getattr(ctx.train_config, "progress", False):
-                print(f"\n[pyssl] epoch {ep}: k-NN {100 * acc:.2f}%", flush=True)
-        if self.cfg.figures and ctx.rank == 0 and getattr(ctx, "trainer", None) is not None:
-            self.write_figures(ctx, ep)
-            self._figures_at = ctx.trainer.step
+        knn = mon is not None and (ep % self.cfg.knn_every == 0 or ep == ctx.train_config.epochs)
+        figures = self.cfg.figures and self._runs_model_work(ctx) and \
+            getattr(ctx, "trainer", None) is not None
+        with self._whole_parameters(ctx, knn or figures):
+            if knn:
+                acc = mon.evaluate(self.monitor_encoder(), self.encoder_spec(), ep)
+                if acc is not None and ctx.rank == 0 and \
+                        getattr(ctx.train_config, "progress", False):
+                    print(f"\n[pyssl] epoch {ep}: k-NN {100 * acc:.2f}%", flush=True)
+            if figures:
+                self.write_figures(ctx, ep)
+                self._figures_at = ctx.trainer.step
 
     def on_train_end(self, ctx: StepContext) -> None:
         # a run stopped part-way through an epoch (max_steps, a signal) still gets its figures
         trainer = getattr(ctx, "trainer", None)
-        if self.cfg.figures and ctx.rank == 0 and trainer is not None and \
+        if self.cfg.figures and self._runs_model_work(ctx) and trainer is not None and \
                 getattr(self, "_figures_at", -1) != trainer.step:
-            self.write_figures(ctx, trainer.epoch)
+            with self._whole_parameters(ctx):
+                self.write_figures(ctx, trainer.epoch)
 
     def write_figures(self, ctx: StepContext, epoch: int) -> None:
         pass

@@ -96,7 +96,9 @@ class VQTokenizerRecipe(ModernRecipe):
         self.tokenizer.encoder = self.build_encoder()
         self.aug = TensorAugment(cfg.image_size, channels, (cfg.crop_scale_min, 1.0),
                                  jitter=0.0, gray_p=0.0)
-        self.register_buffer("epoch_counts", torch.zeros(cfg.num_codes), persistent=False)
+        # Per-rank code counts of the epoch: a plain attribute, not a buffer, which DDP would
+        # overwrite with rank 0's copy at every forward (broadcast_buffers).
+        self.epoch_counts: torch.Tensor | None = None
 
     @property
     def encoder(self):
@@ -110,17 +112,18 @@ class VQTokenizerRecipe(ModernRecipe):
         recon, codes, commit, stats = self.tokenizer(x)
         rec = F.mse_loss(recon.float(), x.float())
         with torch.no_grad():
-            self.epoch_counts += torch.bincount(codes.reshape(-1),
-                                                minlength=self.cfg.num_codes).float()
+            counts = torch.bincount(codes.reshape(-1), minlength=self.cfg.num_codes).float()
+            self.epoch_counts = counts if self.epoch_counts is None else self.epoch_counts + counts
         return {"loss": rec + self.cfg.commitment * commit, "rec_loss": rec.detach(),
                 "commitment": commit.detach(), "codes_used": stats["usage"],
                 "perplexity": stats["perplexity"], "restarted": stats["restarted"]}
 
     def on_epoch_start(self, ctx):
-        self.epoch_counts.zero_()
+        self.epoch_counts = None
 
     def on_epoch_end(self, ctx):
-        counts = self.epoch_counts.clone()
+        counts = (self.epoch_counts.clone() if self.epoch_counts is not None else
+                  torch.zeros(self.cfg.num_codes, device=ctx.device))
         if ctx.world_size > 1:
             import torch.distributed as dist
 

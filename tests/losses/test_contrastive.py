@@ -235,3 +235,33 @@ def test_gradients_at_world_size_two_equal_world_size_one():
     ref = _grads(single, x, y, "info_nce", ids)
     diff = max((res[0]["naive"][n] - ref[n]).abs().max().item() for n in ("b.weight",))
     assert diff > 1e-3
+
+
+def _uneven_worker(rank, world, port, out_dir):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        n = 3 if rank == 0 else 5  # unequal local batches
+        x = torch.randn(n, 4)
+        errors = []
+        for fn in (info_nce, nt_xent):
+            try:
+                fn(x, x + 0.1)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        torch.save(errors, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batches_across_ranks_raise_on_every_rank():
+    # all_gather needs equal rows: one rank read garbage and the other aborted the process
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_uneven_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        res = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
+    for errors in res:
+        assert len(errors) == 2 and all(e is not None and "[3, 5]" in e for e in errors), errors

@@ -226,3 +226,46 @@ def test_two_process_ibot_with_uneven_and_empty_ranks():
                                    rtol=1e-6, atol=1e-7)
         assert torch.isfinite(r["sinkhorn_knopp"]["loss"])
     assert results[1]["center"]["loss"] == 0 and results[1]["sinkhorn_knopp"]["loss"] == 0
+
+
+def _ibot_two_step_worker(rank, world, port, out_dir, t_full, masks_steps, ranges):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        fn = IBOTPatchLoss(t_full[0].shape[1], teacher_temp=0.05)
+        for t_all, masks in zip(t_full, masks_steps):
+            lo, hi = ranges[rank]
+            m = masks[lo:hi]
+            before = int(masks[:lo].sum())
+            t = t_all[before:before + int(m.sum())]
+            fn(t * 0.5, t, m)
+        torch.save(fn.state_dict()["center"], os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ibot_keeps_the_pending_update_when_a_rank_goes_empty():
+    """Step 1: both ranks hold masked patches; step 2: rank 1 holds none. Rank 1 must apply
+    step 1's in-flight centre update before joining step 2's, as the other rank does."""
+    K = 24
+    g = torch.Generator().manual_seed(12)
+    m1 = torch.zeros(4, 9, dtype=torch.bool)
+    m1.view(-1)[torch.randperm(36, generator=g)[:14]] = True
+    m2 = m1.clone()
+    m2[3] = False
+    m2[0, :3] = True
+    t1 = torch.randn(int(m1.sum()), K, generator=g, dtype=torch.float64) * 3
+    t2 = torch.randn(int(m2.sum()), K, generator=g, dtype=torch.float64) * 3
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_ibot_two_step_worker,
+                 args=(2, _free_port(), out, [t1, t2], [m1, m2], [(0, 3), (3, 4)]),
+                 nprocs=2, join=True)
+        centers = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
+    single = IBOTPatchLoss(K, teacher_temp=0.05).double()
+    single(t1 * 0.5, t1, m1)
+    single(t2 * 0.5, t2, m2)
+    for c in centers:
+        torch.testing.assert_close(c.double(), single.center, rtol=1e-6, atol=1e-7)
