@@ -222,7 +222,9 @@ def point_pixel_pairs(points: torch.Tensor, lidar_to_cam: torch.Tensor, intrinsi
     Returns:
         :class:`PixelPairs` ``(point_index, camera_index, row, col)``, int64 [M], ordered by
         point, then camera (deterministic; the output size is data dependent, so on CUDA this
-        synchronises once).
+        synchronises once). With ``batch``, ``camera_index`` is the camera within the point's
+        scan (0..C-1): for features stacked as ``[B*C, D, H, W]`` index them with
+        ``batch[point_index] * C + camera_index``.
     """
     check_tensor(points, "points")
     _check_devices(points, lidar_to_cam=lidar_to_cam, intrinsics=intrinsics, batch=batch)

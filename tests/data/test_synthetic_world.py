@@ -329,3 +329,13 @@ def test_cli_data_without_subcommand_prints_help(capsys):
 
     assert main(["data"]) == 0
     assert "synth" in capsys.readouterr().out
+
+
+def test_world_with_nothing_in_range_renders_ground_and_sky():
+    # camera and LiDAR ranges too short to reach any object: no primitive is kept for the ray
+    # cast (this once indexed an empty tensor)
+    cfg = dict(TINY, frames=2)
+    w = SyntheticWorld(WorldConfig(seed=0, camera_far=1.5, lidar_max_range=1.5, **cfg))
+    s = w.render(0)
+    assert s["points"].shape[1] == 4
+    assert torch.isfinite(s["depth"]).all()

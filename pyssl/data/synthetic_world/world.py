@@ -163,7 +163,10 @@ class SyntheticWorld:
         stats = {}
         dist, hit = cast(origins, dirs, near, far_t, prims, ground_z=-float(origin[2]),
                           stats=stats)
-        hit = torch.where(hit < 0, hit, torch.where(hit == len(prims), k, keep[hit.clamp(max=len(prims) - 1)]))
+        # local hit ids -> world ids: -1 miss, len(prims) the ground (id k), else keep[hit]; with
+        # no primitive in range only the ground and the sky remain
+        obj = keep[hit.clamp(0, len(prims) - 1)] if len(prims) else torch.full_like(hit, k)
+        hit = torch.where(hit < 0, hit, torch.where(hit == len(prims), k, obj))
         tm["cast"] = time.perf_counter() - t1
         tm["pairs"] = stats.get("pairs", 0)
 
