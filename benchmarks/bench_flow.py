@@ -34,14 +34,16 @@ def grid_sample_pipeline(flow_fw, flow_bw, feats, alpha1=0.01, alpha2=0.5):
     base = reference_flow.pixel_grid(B, h, w, flow_fw.device, flow_fw.dtype)
     coords = base + flow_fw.permute(0, 2, 3, 1)
     grid = reference_flow.normalise(coords, h, w)
-    bw = F.grid_sample(flow_bw, grid, align_corners=True, padding_mode="zeros")
-    lhs = ((flow_fw + bw) ** 2).sum(1)
-    rhs = alpha1 * ((flow_fw ** 2).sum(1) + (bw ** 2).sum(1)) + alpha2
-    x, y = coords[..., 0], coords[..., 1]
-    valid = (lhs <= rhs) & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    with torch.no_grad():  # a boolean mask: no graph (UnFlow stops its gradient too)
+        bw = F.grid_sample(flow_bw, grid, align_corners=True, padding_mode="zeros")
+        lhs = ((flow_fw + bw) ** 2).sum(1)
+        rhs = alpha1 * ((flow_fw ** 2).sum(1) + (bw ** 2).sum(1)) + alpha2
+        x, y = coords[..., 0], coords[..., 1]
+        valid = (lhs <= rhs) & (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
     if feats.dtype == torch.bfloat16 and feats.device.type == "cpu":
-        # torch 2.14.1's CPU grid_sample segfaults on bf16 input + bf16 grid for this flow field
-        # (benchmarks/RESULTS.md): sample in fp32 as a user would have to
+        # torch 2.14.1's CPU grid_sample segfaults on bf16 input + bf16 grid for this flow field,
+        # forward (checked again 2026-11-27) and backward (benchmarks/RESULTS.md): sample in
+        # fp32 as a user would have to
         warped = F.grid_sample(feats.float(), grid, align_corners=True, padding_mode="zeros").to(feats.dtype)
     else:
         warped = F.grid_sample(feats, grid.to(feats.dtype), align_corners=True, padding_mode="zeros")

@@ -13,6 +13,7 @@ Run:  pytest benchmarks/bench_masking.py --benchmark-json out.json && python -m 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -49,8 +50,10 @@ def mae_restore(visible, restore, token):
 
 def beit_numpy_block_masks(batch, height, width, num_masking, min_patches=4, min_aspect=0.3,
                            rng=None):
-    """BEiT's block-mask generator, one sample at a time in Python + numpy."""
-    rng = rng or np.random.default_rng(0)
+    """BEiT's block-mask generator, one sample at a time in Python + numpy: scalars from
+    Python's ``random`` (as BEiT; numpy's per-call scalar draws are ~1.3x slower), blocks by
+    numpy slicing."""
+    rng = rng or random.Random(0)
     lo, hi = math.log(min_aspect), math.log(1 / min_aspect)
     out = np.zeros((batch, height, width), dtype=bool)
     for b in range(batch):
@@ -65,8 +68,8 @@ def beit_numpy_block_masks(batch, height, width, num_masking, min_patches=4, min
                 h = int(round(math.sqrt(area * aspect)))
                 w = int(round(math.sqrt(area / aspect)))
                 if w < width and h < height:
-                    top = int(rng.integers(0, height - h + 1))
-                    left = int(rng.integers(0, width - w + 1))
+                    top = rng.randint(0, height - h)
+                    left = rng.randint(0, width - w)
                     block = mask[top:top + h, left:left + w]
                     fresh = h * w - int(block.sum())
                     if 0 < fresh <= budget:
@@ -164,7 +167,7 @@ def test_block_masking(benchmark, device, impl):
     if impl == "beit_numpy":
         if torch.device(device).type != "cpu":
             pytest.skip("the numpy loop runs on the CPU")
-        rng = np.random.default_rng(0)
+        rng = random.Random(0)
 
         def fn():
             return beit_numpy_block_masks(batch, side, side, count, rng=rng)

@@ -98,14 +98,18 @@ def test_project(benchmark, device, impl):
     run(benchmark, fn, device, impl=impl, group=f"project_points P=35000 C=6 1600x900 [{device}]")
 
 
+def _cosine_loss(a, b):
+    # normalise once (cosine_similarity would normalise the unit vectors again)
+    return (1 - (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)).mean()
+
+
 def scalr_gather_loss(point_feats, feats, cam, row, col):
     pix = feats.permute(0, 2, 3, 1)[cam, row, col]  # ScaLR-style gather from a permuted map
-    return (1 - F.cosine_similarity(F.normalize(point_feats, dim=1), F.normalize(pix, dim=1), dim=1)).mean()
+    return _cosine_loss(point_feats, pix)
 
 
 def pyssl_gather_loss(point_feats, feats, cam, row, col):
-    pix = ops.gather_pixel_features(feats, cam, row, col)
-    return (1 - F.cosine_similarity(F.normalize(point_feats, dim=1), F.normalize(pix, dim=1), dim=1)).mean()
+    return _cosine_loss(point_feats, ops.gather_pixel_features(feats, cam, row, col))
 
 
 def pyssl_fused_loss(point_feats, feats, cam, row, col):

@@ -15,21 +15,26 @@ def synchronize(device) -> None:
 
 
 def saved_bytes(fn, inputs=()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while running ``fn()``,
-    excluding the storages of ``inputs`` (they exist anyway)."""
+    """Bytes of the distinct storages autograd saves for backward while running ``fn()`` and
+    still holds when it returns (with its output alive), excluding the storages of ``inputs``
+    (they exist anyway). Storages saved by graphs that ``fn`` dropped before returning (e.g. a
+    mask computed from a tensor that requires grad) are freed by then and not counted."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     input_ptrs = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-    storages: dict[int, int] = {}
+    storages: dict[int, tuple[int, StorageWeakRef]] = {}
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in input_ptrs:
-            storages[s.data_ptr()] = s.nbytes()
+            storages[s.data_ptr()] = (s.nbytes(), StorageWeakRef(s))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    total = sum(n for n, ref in storages.values() if not ref.expired())
     del out
-    return sum(storages.values())
+    return total
 
 
 def peak_memory(fn, device) -> int | None:
