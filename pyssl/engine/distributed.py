@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "wrap_model"]
+__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "initialized",
+           "is_rank_zero", "wrap_model"]
 
 
 class DistInfo:
@@ -70,8 +71,18 @@ def all_reduce_max(value: float, info: DistInfo, device) -> float:
     return float(t.item())
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_rank_zero() -> bool:
+    """True on rank 0, or without torch.distributed: the process that writes shared files."""
+    return not initialized() or dist.get_rank() == 0
+
+
+def barrier(info: DistInfo | None = None) -> None:
+    """Waits for every rank (``info``: the trainer's view; None: whatever group is set up)."""
+    if (info.enabled if info is not None else initialized()):
         dist.barrier()
 
 

@@ -8,13 +8,9 @@ import math
 import os
 from pathlib import Path
 
+from .distributed import is_rank_zero
+
 __all__ = ["MetricLogger", "plot_metrics", "read_metrics", "save_figure"]
-
-
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def save_figure(fig, out_png: str | Path, dpi: int = 100) -> Path:
@@ -24,7 +20,7 @@ def save_figure(fig, out_png: str | Path, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     out_png = Path(out_png)
-    if not _is_rank_zero():
+    if not is_rank_zero():
         plt.close(fig)
         return out_png
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine.distributed import is_rank_zero
 from ..engine.logger import save_figure
 from .features import extract_features
 from .knn import knn_accuracy
@@ -74,9 +75,7 @@ class KNNMonitor:
                 m.train(mode)
         acc = knn_accuracy(*tr, *te, k=self.k, temperature=self.temperature,
                            num_classes=self.train.num_classes)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not is_rank_zero():
             return acc  # a sharded encoder: every rank computes, rank 0 writes
         recs = [r for r in self.records() if r.get("epoch") != epoch]
         recs.append({"epoch": int(epoch), "knn": acc, "k": self.k, "data": self.data,

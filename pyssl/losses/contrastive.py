@@ -45,7 +45,6 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         rank, world = rank_and_world(group)
-        _check_equal_rows(x, group, world)
         ctx.group, ctx.rows = group, (rank * x.shape[0], (rank + 1) * x.shape[0])
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
@@ -63,9 +62,17 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``x`` ``[n, ...]`` from every rank along dim 0 (rank-major; every rank must
     hold the same ``n``), differentiably: the backward pass sends each rank the sum over ranks
     of the gradient of its slice. Identity on a single process."""
+    return _gather(x, group, check_rows=True)
+
+
+def _gather(x: torch.Tensor, group, check_rows: bool) -> torch.Tensor:
+    """gather_with_grad; ``check_rows=False`` where an earlier gather of the same call already
+    checked that every rank holds the same number of rows (one collective fewer)."""
     _, world = rank_and_world(group)
     if world == 1:
         return x
+    if check_rows:
+        _check_equal_rows(x, group, world)
     return _GatherWithGrad.apply(x, group)
 
 
@@ -88,7 +95,7 @@ def _check_equal_rows(x: torch.Tensor, group, world: int) -> None:
 
 
 def _gather_ids(ids: torch.Tensor, group=None) -> torch.Tensor:
-    _check_equal_rows(ids, group, rank_and_world(group)[1])
+    """all_gather of ids with as many rows as a tensor gathered (and checked) before."""
     out = [torch.empty_like(ids) for _ in range(rank_and_world(group)[1])]
     dist.all_gather(out, ids.contiguous(), group=group)
     return torch.cat(out)
@@ -159,7 +166,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float | None =
     loss = ce(scale * (query @ all_k.T))                                # [n, N] logits
     if not symmetric:
         return loss
-    all_q = gather_with_grad(query, group) if world > 1 else query
+    all_q = _gather(query, group, check_rows=False) if world > 1 else query
     return 0.5 * (loss + ce(scale * (key @ all_q.T)))
 
 
@@ -177,7 +184,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
     rank, world = rank_and_world(group) if gather else (0, 1)
     n = z1.shape[0]
     g1 = gather_with_grad(z1, group) if world > 1 else z1
-    g2 = gather_with_grad(z2, group) if world > 1 else z2
+    g2 = _gather(z2, group, check_rows=False) if world > 1 else z2
     N = g1.shape[0]
     keys = torch.cat([g1, g2])                                         # [2N, D]
     queries = torch.cat([z1, z2])                                      # [2n, D]

@@ -42,16 +42,10 @@ from torch import nn
 from ..data.multicrop import TensorAugment
 from ..data.transforms import match_channels
 from ..engine.config import ConfigError
+from ..engine.distributed import barrier
 from ..ops import block_masking
 from .common import normalize_pixels
 from .modern import ModernRecipe, ViTConfig, check_range
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 __all__ = ["BEiT", "BEiTConfig", "TokenizerAdapter", "load_tokenizer"]
 
@@ -231,11 +225,11 @@ class BEiT(ModernRecipe):
             if ctx.rank == 0:
                 print(f"[pyssl] beit: training the tokenizer (vq_tokenizer, "
                       f"{self.cfg.tokenizer_epochs} epochs) into {run}", flush=True)
-            _barrier()  # every rank sees the same run folder before deciding to resume
+            barrier()  # every rank sees the same run folder before deciding to resume
             resume = (run / "last.pt").exists()
             pretrain("vq_tokenizer", data=tc.data, epochs=self.cfg.tokenizer_epochs, out=run,
                      overrides=ov, resume=resume)
-            _barrier()  # rank 0 writes last.pt: the others wait for the finished file
+            barrier()  # rank 0 writes last.pt: the others wait for the finished file
         return load_tokenizer(run / "last.pt")
 
     def on_train_start(self, ctx):
