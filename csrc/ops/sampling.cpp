@@ -1,14 +1,15 @@
 // Point sampling of image features: schema and CPU kernels. See csrc/ops/sampling.h.
 //
 // The backward into the features is a scatter-add. On the CPU it is always deterministic
-// without atomics: tasks own fixed 16-channel slices of the accumulation buffer (laid out like
-// the features) and visit the points in order.
+// without atomics: tasks own fixed channel slices of the accumulation buffer (laid out like the
+// features) and visit the points in a fixed order that depends only on the points.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/sample_dense.h"
@@ -95,37 +96,239 @@ void forward_impl(const Prepared& p, const SampleShape& s, int64_t mode, Tensor&
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Scattered pairs (image_index given: gather_pixel_features, and the fused distillation loss).
+// Each pair's taps are computed once, as element offsets with the image base included. The
+// loops then follow the memory layout:
+//  * channel stride 1 (channels-last): pair by pair, each tap one contiguous run of channels;
+//  * planar (NCHW): kChunk channels at a time over all pairs, so each pair's kChunk row entries
+//    fill whole cache lines. Pair by pair, every pair would load D cache lines, one per plane.
+// Planar loops and scatter-adds visit the pairs in pixel order (a stable counting sort of their
+// first tap), so the planes (or the accumulator's rows) stream through the cache instead of being
+// read at random; the pairs' own rows, then read out of order, are prefetched kAhead pairs ahead.
+// Reductions over channels run in channel order, and scatter-adds in the visiting order, which
+// depends only on the pairs: the results are the same for every thread count.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kChunk = 16;
+constexpr int64_t kPairTile = 2048;
+constexpr int64_t kAhead = 32;
+
+inline void prefetch_read(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+inline void prefetch_write(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 1, 3);
+#endif
+}
+
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename A>
+struct PairTaps {
+  int nt = 1;                // taps per pair: 1 (nearest) or 4 (bilinear)
+  std::vector<int64_t> ptr;  // [M * nt] element offsets (-1: outside the image)
+  std::vector<A> w;          // [M * 4] tap weights (bilinear only)
+  std::vector<int64_t> order;  // [M] visiting order: by image and pixel of the first tap, stable
+};
+
+// Stable sort of the pairs by key (the image-and-pixel index of their first tap; pairs outside
+// every image, key -1, go last): a counting sort when the key range is small, else a sort of
+// (key, pair) tuples.
+std::vector<int64_t> pixel_order(const std::vector<int64_t>& key, int64_t range) {
+  const int64_t M = static_cast<int64_t>(key.size());
+  std::vector<int64_t> order(M);
+  if (range <= 4 * M + (int64_t{1} << 16)) {
+    std::vector<int64_t> start(range + 2, 0);
+    for (int64_t m = 0; m < M; ++m) ++start[(key[m] < 0 ? range : key[m]) + 1];
+    for (int64_t k = 0; k <= range; ++k) start[k + 1] += start[k];
+    for (int64_t m = 0; m < M; ++m) order[start[key[m] < 0 ? range : key[m]]++] = m;
+    return order;
+  }
+  std::vector<std::pair<int64_t, int64_t>> kv(M);
+  for (int64_t m = 0; m < M; ++m) kv[m] = {key[m] < 0 ? range : key[m], m};
+  std::sort(kv.begin(), kv.end());
+  for (int64_t m = 0; m < M; ++m) order[m] = kv[m].second;
+  return order;
+}
+
+template <typename A>
+PairTaps<A> pair_taps(const A* xy, const int64_t* idx, const SampleShape& s, int64_t mode,
+                      at::IntArrayRef strides) {
+  PairTaps<A> t;
+  t.nt = mode == kNearest ? 1 : 4;
+  t.ptr.resize(s.M * t.nt);
+  if (t.nt == 4) t.w.resize(s.M * 4);
+  const int64_t sN = strides[0], sH = strides[2], sW = strides[3];
+  std::vector<int64_t> key(s.M);
+  at::parallel_for(0, s.M, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = idx ? idx[m] : m / s.per_image;
+      const Taps<A> k = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
+      key[m] = -1;
+      for (int c = 0; c < t.nt; ++c) {
+        const int64_t o = tap_offset(k.offset[c], s.W, sH, sW);
+        t.ptr[m * t.nt + c] = o < 0 ? -1 : n * sN + o;
+        if (t.nt == 4) t.w[m * 4 + c] = k.weight[c];
+        if (key[m] < 0 && o >= 0) key[m] = n * s.H * s.W + k.offset[c];
+      }
+    }
+  });
+  t.order = pixel_order(key, s.N * s.H * s.W);
+  return t;
+}
+
+// Calls fn with std::integral_constant<int, taps per pair>.
+template <typename A, typename Fn>
+void with_taps(const PairTaps<A>& t, Fn fn) {
+  if (t.nt == 1) fn(std::integral_constant<int, 1>{});
+  else fn(std::integral_constant<int, 4>{});
+}
+
+// The sampled value of pair m at element offset `dofs` from its taps (channel d: d * sD).
+template <int NT, typename F, typename A>
+inline A tap_value(const F* f, const int64_t* ptr, const A* w, int64_t dofs) {
+  if constexpr (NT == 1) {
+    return ptr[0] < 0 ? A(0) : static_cast<A>(f[ptr[0] + dofs]);
+  } else {
+    A acc = 0;
+    for (int c = 0; c < NT; ++c)
+      if (ptr[c] >= 0) acc += w[c] * static_cast<A>(f[ptr[c] + dofs]);
+    return acc;
+  }
+}
+
+template <int NT, typename A>
+inline const A* tap_weights(const PairTaps<A>& t, int64_t m) {
+  return NT == 1 ? nullptr : t.w.data() + m * NT;
+}
+
+// out [M, D] (contiguous) = features sampled at the pairs.
+template <int NT, typename F, typename A>
+void gather_pairs(const F* f, int64_t sD, const PairTaps<A>& t, int64_t M, int64_t D, F* out) {
+  if (sD == 1) {
+    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const int64_t* p = t.ptr.data() + m * NT;
+        const A* w = tap_weights<NT>(t, m);
+        F* row = out + m * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<F>(tap_value<NT>(f, p, w, d));
+      }
+    });
+    return;
+  }
+  const int64_t chunks = div_up(D, kChunk), tiles = div_up(M, kPairTile);
+  // chunk-major tasks: a thread's consecutive tasks read the same planes
+  at::parallel_for(0, chunks * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t d0 = (task / tiles) * kChunk, d1 = std::min(D, d0 + kChunk);
+      const int64_t m0 = (task % tiles) * kPairTile, m1 = std::min(M, m0 + kPairTile);
+      for (int64_t q = m0; q < m1; ++q) {
+        const int64_t m = t.order[q];
+        if (q + kAhead < M) prefetch_write(out + t.order[q + kAhead] * D + d0);
+        const int64_t* p = t.ptr.data() + m * NT;
+        const A* w = tap_weights<NT>(t, m);
+        for (int64_t d = d0; d < d1; ++d) out[m * D + d] = static_cast<F>(tap_value<NT>(f, p, w, d * sD));
+      }
+    }
+  });
+}
+
+// Scatter-add of per-pair rows into gacc (t: element offsets in gacc), deterministic without
+// atomics: tasks own channel chunks (kChunk channels; for a channel stride of 1, about D / threads
+// of them, at least kChunk) and visit the pairs in t.order. row_of(m, d0, d1, row) fills pair m's
+// row entries d0 .. d1-1 (false skips the pair); ahead(m, d0) prefetches what it will read.
+template <int NT, typename A, typename RowFn, typename AheadFn>
+void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, RowFn row_of,
+                   AheadFn ahead) {
+  A* acc = gacc.mutable_data_ptr<A>();
+  const int64_t gD = gacc.stride(1);
+  int64_t chunk = kChunk;
+  if (gD == 1) chunk = std::max(kChunk, div_up(div_up(D, at::get_num_threads()), kChunk) * kChunk);
+  const int64_t chunks = div_up(D, chunk);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> row(chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t d0 = task * chunk, d1 = std::min(D, d0 + chunk), nd = d1 - d0;
+      for (int64_t q = 0; q < M; ++q) {
+        const int64_t m = t.order[q];
+        if (q + kAhead < M) ahead(t.order[q + kAhead], d0);
+        if (!row_of(m, d0, d1, row.data())) continue;
+        const int64_t* p = t.ptr.data() + m * NT;
+        for (int c = 0; c < NT; ++c) {
+          if (p[c] < 0) continue;
+          A* dst = acc + p[c] + d0 * gD;
+          if constexpr (NT == 1) {  // weight 1: 1 * x == x exactly
+            if (gD == 1) for (int64_t k = 0; k < nd; ++k) dst[k] += row[k];
+            else for (int64_t k = 0; k < nd; ++k) dst[k * gD] += row[k];
+          } else {
+            const A wc = t.w[m * NT + c];
+            if (gD == 1) for (int64_t k = 0; k < nd; ++k) dst[k] += wc * row[k];
+            else for (int64_t k = 0; k < nd; ++k) dst[k * gD] += wc * row[k];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Feature-gradient accumulator for scattered pairs, in the features' memory format (planar
+// accumulators are filled chunk by chunk, see above).
+Tensor pair_accumulator(const Tensor& features, const at::TensorOptions& acc) {
+  if (features.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
+    return channels_last_accumulator(features, acc);
+  return at::zeros(features.sizes(), acc);
+}
+
+// Runs body(begin, end) over pairs split into one contiguous range per thread (planar loops
+// keep their chunk's planes in cache across the whole range).
+template <typename Fn>
+void per_thread_ranges(int64_t M, Fn body) {
+  const int64_t grain = std::max<int64_t>(64, div_up(M, std::max(1, at::get_num_threads())));
+  at::parallel_for(0, M, grain, body);
+}
+
 Tensor sample_points_cpu(const Tensor& features, const std::optional<Tensor>& image_index,
                          const Tensor& xy, int64_t mode) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
   Tensor out = at::empty({s.M, s.D}, p.features.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(), "sample_points",
-                                  [&] { forward_impl<scalar_t>(p, s, mode, out); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(), "sample_points", [&] {
+    if (!p.index.defined()) return forward_impl<scalar_t>(p, s, mode, out);
+    using A = at::opmath_type<scalar_t>;
+    const PairTaps<A> t = pair_taps<A>(p.xy.const_data_ptr<A>(), p.index.const_data_ptr<int64_t>(), s,
+                                       mode, p.features.strides());
+    with_taps(t, [&](auto nt) {
+      gather_pairs<decltype(nt)::value>(p.features.const_data_ptr<scalar_t>(), p.features.stride(1), t,
+                                        s.M, s.D, out.mutable_data_ptr<scalar_t>());
+    });
+  });
   return out.scalar_type() == features.scalar_type() ? out : out.to(features.scalar_type());
 }
 
 
-// Scatter-add of per-point rows into the feature-gradient accumulator `gacc` ([N, D, H, W],
-// any strides), deterministic without atomics: tasks own fixed 16-channel slices (and, for dense
-// sampling without image_index, one image each) and visit their points in order.
-// row_of(m, d0, d1, out) fills the slice of point m's row; taps_of(m) gives its taps.
+// Dense sampling (no image_index: the points of image n are m in [n*per, (n+1)*per)):
+// scatter-add of per-point rows into the feature-gradient accumulator `gacc` ([N, D, H, W], any
+// strides), deterministic without atomics: tasks own one image and a fixed 16-channel slice and
+// visit their points in order. row_of(m, d0, d1, out) fills the slice of point m's row; taps_of(m)
+// gives its taps.
 template <typename A, typename TapsFn, typename RowFn>
-void scatter_to_features(const SampleShape& s, const int64_t* idx, Tensor& gacc, TapsFn taps_of,
-                         RowFn row_of) {
+void scatter_dense(const SampleShape& s, Tensor& gacc, TapsFn taps_of, RowFn row_of) {
   A* acc = gacc.mutable_data_ptr<A>();
   const auto gs = gacc.strides();
   const int64_t gN = gs[0], gD = gs[1], gH = gs[2], gW = gs[3];
   const int64_t slices = (s.D + kChannelSlice - 1) / kChannelSlice;
-  const int64_t groups = idx ? 1 : s.N;  // dense: points of image n are m in [n*per, (n+1)*per)
-  at::parallel_for(0, groups * slices, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.N * slices, 1, [&](int64_t begin, int64_t end) {
     A rows[kBlock][kChannelSlice];
     bool keep[kBlock];
     Taps<A> taps[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t grp = task / slices, sl = task % slices;
       const int64_t d0 = sl * kChannelSlice, d1 = std::min(s.D, d0 + kChannelSlice), nd = d1 - d0;
-      const int64_t m0 = idx ? 0 : grp * s.per_image, m1 = idx ? s.M : m0 + s.per_image;
+      const int64_t m0 = grp * s.per_image, m1 = m0 + s.per_image;
       for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
         const int64_t cnt = std::min<int64_t>(kBlock, m1 - b0);
         for (int64_t i = 0; i < cnt; ++i) {
@@ -137,7 +340,7 @@ void scatter_to_features(const SampleShape& s, const int64_t* idx, Tensor& gacc,
           A* plane = acc + (d0 + k) * gD;
           for (int64_t i = 0; i < cnt; ++i) {
             if (!keep[i]) continue;
-            const int64_t n = idx ? idx[b0 + i] : grp;
+            const int64_t n = grp;
             const Taps<A>& t = taps[i];
             for (int c = 0; c < 4; ++c) {
               if (t.offset[c] < 0) continue;
@@ -150,13 +353,6 @@ void scatter_to_features(const SampleShape& s, const int64_t* idx, Tensor& gacc,
   });
 }
 
-// Accumulator for the feature gradient: for dense sampling (points in raster order, each image's
-// points touching only that image) the features' own layout, written plane by plane; for
-// scattered pairs a channels-last buffer, where each write is one contiguous channel run.
-Tensor feature_accumulator(const Tensor& features, const at::TensorOptions& acc, bool dense) {
-  return dense ? at::zeros_like(features, acc) : channels_last_accumulator(features, acc);
-}
-
 template <typename F>
 void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, int64_t mode,
                    bool need_features, bool need_xy, Tensor& gacc, Tensor& gxy) {
@@ -164,9 +360,17 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   const F* g = grad.const_data_ptr<F>();
-  if (need_features) {
-    scatter_to_features<A>(
-        s, idx, gacc,
+  if (need_features && idx) {
+    const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
+    with_taps(t, [&](auto nt) {
+      scatter_pairs<decltype(nt)::value>(t, s.M, s.D, gacc, [&](int64_t m, int64_t d0, int64_t d1, A* row) {
+        for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
+        return true;
+      }, [&](int64_t m, int64_t d0) { prefetch_read(g + m * s.D + d0); });
+    });
+  } else if (need_features) {
+    scatter_dense<A>(
+        s, gacc,
         [&](int64_t m) { return sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode)); },
         [&](int64_t m, int64_t d0, int64_t d1, A* row) {
           for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
@@ -217,8 +421,9 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   check_sample_grad(grad, features, s);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
-  Tensor gacc = features_grad ? feature_accumulator(p.features, p.xy.options(), !image_index.has_value())
-                              : at::empty({0}, p.xy.options());
+  Tensor gacc = !features_grad ? at::empty({0}, p.xy.options())
+                : image_index.has_value() ? pair_accumulator(p.features, p.xy.options())
+                                          : at::zeros_like(p.features, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
                                   "sample_points_backward", [&] {
@@ -261,18 +466,6 @@ A distill_value(A nf_raw, A ng_raw, A fg, int64_t loss) {
   return nf_raw * nf_raw / (nf * nf) + ng_raw * ng_raw / (ng * ng) - A(2) * ab;
 }
 
-// f[d0:d1] of pair m (bilinear / nearest taps)
-template <typename F, typename A>
-inline void gather_row(const F* base, const Taps<A>& t, const int64_t* po, int64_t sD, int64_t d0,
-                       int64_t d1, A* out) {
-  for (int64_t d = d0; d < d1; ++d) {
-    A acc = 0;
-    for (int c = 0; c < 4; ++c)
-      if (po[c] >= 0) acc += t.weight[c] * static_cast<A>(base[d * sD + po[c]]);
-    out[d - d0] = acc;
-  }
-}
-
 struct DistillInputs {
   Prepared p;
   Tensor pf;  // point features in the accumulation dtype (any strides)
@@ -296,36 +489,67 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
                           int64_t loss, Tensor& stats, double* total, double* weight_sum) {
   using A = at::opmath_type<F>;
   const F* f = in.p.features.const_data_ptr<F>();
-  const auto st = in.p.features.strides();
-  const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
-  const A* xy = in.p.xy.const_data_ptr<A>();
+  const int64_t sD = in.p.features.stride(1);
   const A* g = in.pf.const_data_ptr<A>();
   const A* w = in.w.defined() ? in.w.const_data_ptr<A>() : nullptr;
   const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
+  const PairTaps<A> t = pair_taps<A>(in.p.xy.const_data_ptr<A>(), idx, s, mode, in.p.features.strides());
   A* out = stats.mutable_data_ptr<A>();
   std::vector<double> per(s.M);
-  at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
-    std::vector<A> row(s.D);
-    for (int64_t m = begin; m < end; ++m) {
-      const int64_t n = idx ? idx[m] : m / s.per_image;
-      const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
-      int64_t po[4];
-      for (int c = 0; c < 4; ++c)
-        po[c] = tap_offset(t.offset[c], s.W, sH, sW);
-      gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
-      A ff = 0, gg = 0, fg = 0;
-      const A* gm = g + in.pl.base(m);
-      for (int64_t d = 0; d < s.D; ++d) {
-        const A gv = gm[d * in.pl.sD];
-        ff += row[d] * row[d];
-        gg += gv * gv;
-        fg += row[d] * gv;
-      }
-      out[3 * m] = std::sqrt(ff);
-      out[3 * m + 1] = std::sqrt(gg);
-      out[3 * m + 2] = fg;
-      per[m] = double(distill_value<A>(out[3 * m], out[3 * m + 1], fg, loss)) * (w ? double(w[m]) : 1.0);
+  auto finish = [&](int64_t m, A ff, A gg, A fg) {
+    out[3 * m] = std::sqrt(ff);
+    out[3 * m + 1] = std::sqrt(gg);
+    out[3 * m + 2] = fg;
+    per[m] = double(distill_value<A>(out[3 * m], out[3 * m + 1], fg, loss)) * (w ? double(w[m]) : 1.0);
+  };
+  with_taps(t, [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    if (sD == 1) {  // pair by pair
+      at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const int64_t* p = t.ptr.data() + m * NT;
+          const A* tw = tap_weights<NT>(t, m);
+          const A* gm = g + in.pl.base(m);
+          A ff = 0, gg = 0, fg = 0;
+          for (int64_t d = 0; d < s.D; ++d) {
+            const A fv = tap_value<NT>(f, p, tw, d), gv = gm[d * in.pl.sD];
+            ff += fv * fv;
+            gg += gv * gv;
+            fg += fv * gv;
+          }
+          finish(m, ff, gg, fg);
+        }
+      });
+      return;
     }
+    per_thread_ranges(s.M, [&](int64_t begin, int64_t end) {  // planar: chunk by chunk
+      std::vector<A> sums(3 * (end - begin), A(0));
+      for (int64_t d0 = 0; d0 < s.D; d0 += kChunk) {
+        const int64_t d1 = std::min(s.D, d0 + kChunk);
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t m = t.order[q];
+          if (q + kAhead < end) prefetch_read(g + in.pl.base(t.order[q + kAhead]) + d0 * in.pl.sD);
+          const int64_t* p = t.ptr.data() + m * NT;
+          const A* tw = tap_weights<NT>(t, m);
+          const A* gm = g + in.pl.base(m);
+          A* sm = sums.data() + 3 * (q - begin);
+          A ff = sm[0], gg = sm[1], fg = sm[2];
+          for (int64_t d = d0; d < d1; ++d) {
+            const A fv = tap_value<NT>(f, p, tw, d * sD), gv = gm[d * in.pl.sD];
+            ff += fv * fv;
+            gg += gv * gv;
+            fg += fv * gv;
+          }
+          sm[0] = ff;
+          sm[1] = gg;
+          sm[2] = fg;
+        }
+      }
+      for (int64_t q = begin; q < end; ++q) {
+        const A* sm = sums.data() + 3 * (q - begin);
+        finish(t.order[q], sm[0], sm[1], sm[2]);
+      }
+    });
   });
   double sum = 0, wsum = 0;
   for (int64_t m = 0; m < s.M; ++m) {
@@ -358,8 +582,7 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
                            bool need_features, Tensor& gpf, Tensor& gacc) {
   using A = at::opmath_type<F>;
   const F* f = in.p.features.const_data_ptr<F>();
-  const auto st = in.p.features.strides();
-  const int64_t sN = st[0], sD = st[1], sH = st[2], sW = st[3];
+  const int64_t sD = in.p.features.stride(1);
   const A* xy = in.p.xy.const_data_ptr<A>();
   const A* g = in.pf.const_data_ptr<A>();
   const A* w = in.w.defined() ? in.w.const_data_ptr<A>() : nullptr;
@@ -373,44 +596,55 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
     DistillCoef<A> c = distill_coef<A>(sts[3 * m], sts[3 * m + 1], sts[3 * m + 2], loss);
     coef[m] = {c.cf1 * scale, c.cf2 * scale, c.cg1 * scale, c.cg2 * scale};
   }
-  auto taps_of = [&](int64_t m, int64_t* po) {
-    const Taps<A> t = sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode));
-    for (int c = 0; c < 4; ++c)
-      po[c] = tap_offset(t.offset[c], s.W, sH, sW);
-    return t;
-  };
-  const RowLayout gl = row_layout(gpf.defined() && gpf.numel() ? gpf : in.pf);
-  if (need_pf) {
-    A* o = gpf.mutable_data_ptr<A>();
-    at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
-      std::vector<A> row(s.D);
-      for (int64_t m = begin; m < end; ++m) {
-        int64_t po[4];
-        const Taps<A> t = taps_of(m, po);
-        const int64_t n = idx ? idx[m] : m / s.per_image;
-        gather_row(f + n * sN, t, po, sD, 0, s.D, row.data());
+  const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, in.p.features.strides());
+  with_taps(t, [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    if (need_pf) {  // d L / d g = cg1 g + cg2 f, element by element
+      const RowLayout gl = row_layout(gpf);
+      A* o = gpf.mutable_data_ptr<A>();
+      auto pair_rows = [&](int64_t m, int64_t d0, int64_t d1) {
+        const int64_t* p = t.ptr.data() + m * NT;
+        const A* tw = tap_weights<NT>(t, m);
         const A* gm = g + in.pl.base(m);
         A* om = o + gl.base(m);
-        for (int64_t d = 0; d < s.D; ++d)
-          om[d * gl.sD] = coef[m].cg1 * gm[d * in.pl.sD] + coef[m].cg2 * row[d];
-      }
-    });
-  }
-  if (need_features) {
-    scatter_to_features<A>(
-        s, idx, gacc, [&](int64_t m) { int64_t po[4]; return taps_of(m, po); },
-        [&](int64_t m, int64_t d0, int64_t d1, A* row) {
-          if (coef[m].cf1 == A(0) && coef[m].cf2 == A(0)) return false;  // zero weight
-          int64_t po[4];
-          const Taps<A> t = taps_of(m, po);
-          const int64_t n = idx ? idx[m] : m / s.per_image;
-          gather_row(f + n * sN, t, po, sD, d0, d1, row);
-          const A* gm = g + in.pl.base(m);
-          for (int64_t d = d0; d < d1; ++d)
-            row[d - d0] = coef[m].cf1 * row[d - d0] + coef[m].cf2 * gm[d * in.pl.sD];
-          return true;
+        for (int64_t d = d0; d < d1; ++d)
+          om[d * gl.sD] = coef[m].cg1 * gm[d * in.pl.sD] + coef[m].cg2 * tap_value<NT>(f, p, tw, d * sD);
+      };
+      if (sD == 1) {
+        at::parallel_for(0, s.M, 64, [&](int64_t begin, int64_t end) {
+          for (int64_t m = begin; m < end; ++m) pair_rows(m, 0, s.D);
         });
-  }
+      } else {
+        per_thread_ranges(s.M, [&](int64_t begin, int64_t end) {
+          for (int64_t d0 = 0; d0 < s.D; d0 += kChunk)
+            for (int64_t q = begin; q < end; ++q) {
+              if (q + kAhead < end) {
+                const int64_t ma = t.order[q + kAhead];
+                prefetch_read(g + in.pl.base(ma) + d0 * in.pl.sD);
+                prefetch_write(o + gl.base(ma) + d0 * gl.sD);
+              }
+              pair_rows(t.order[q], d0, std::min(s.D, d0 + kChunk));
+            }
+        });
+      }
+    }
+    if (need_features) {  // d L / d f = cf1 f + cf2 g, scattered through the taps
+      const bool same = gacc.strides() == in.p.features.strides();
+      const PairTaps<A> ta = same ? PairTaps<A>() : pair_taps<A>(xy, idx, s, mode, gacc.strides());
+      scatter_pairs<NT>(same ? t : ta, s.M, s.D, gacc, [&](int64_t m, int64_t d0, int64_t d1, A* row) {
+        if (coef[m].cf1 == A(0) && coef[m].cf2 == A(0)) return false;  // zero weight
+        const int64_t* p = t.ptr.data() + m * NT;
+        const A* tw = tap_weights<NT>(t, m);
+        const A* gm = g + in.pl.base(m);
+        for (int64_t d = d0; d < d1; ++d)
+          row[d - d0] = coef[m].cf1 * tap_value<NT>(f, p, tw, d * sD) + coef[m].cf2 * gm[d * in.pl.sD];
+        return true;
+      }, [&](int64_t m, int64_t d0) {
+        prefetch_read(&coef[m]);
+        prefetch_read(g + in.pl.base(m) + d0 * in.pl.sD);
+      });
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
@@ -424,8 +658,9 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? at::empty_like(in.pf) : at::empty({0}, in.p.xy.options());
-  Tensor gacc = features_grad ? feature_accumulator(in.p.features, in.p.xy.options(), !image_index.has_value())
-                              : at::empty({0}, in.p.xy.options());
+  Tensor gacc = !features_grad ? at::empty({0}, in.p.xy.options())
+                : image_index.has_value() ? pair_accumulator(in.p.features, in.p.xy.options())
+                                          : at::zeros_like(in.p.features, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);

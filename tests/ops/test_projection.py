@@ -526,6 +526,70 @@ def test_fused_distillation_loss_gradcheck_opcheck_compile():
     torch.testing.assert_close(fn(pf, feats), ops.pixel_to_point_distillation_loss(pf, feats, cam, row.long(), col.long()))
 
 
+def _with_threads(n, fn):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("D", [40, 70])
+def test_scattered_pairs_at_scale_match_references_for_any_thread_count(layout, mode, D):
+    """Sizes past the CPU kernels' blocking (more than one 2048-pair tile, channel chunks with a
+    remainder): gather, its feature gradient and the fused loss against float64 references, and
+    bitwise the same for 1, 2 and 3 threads."""
+    g = torch.Generator().manual_seed(D)
+    C, H, W, M = 3, 11, 13, 5000
+    feats = torch.randn(C, D, H, W, generator=g)
+    if layout == "channels_last":
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    cam = torch.randint(0, C, (M,), generator=g)
+    if mode == "nearest":
+        row, col = torch.randint(0, H, (M,), generator=g), torch.randint(0, W, (M,), generator=g)
+    else:
+        row = torch.rand(M, generator=g) * (H + 1) - 1
+        col = torch.rand(M, generator=g) * (W + 1) - 1
+    pf = torch.randn(M, D, generator=g)
+    grad_out = torch.randn(M, D, generator=g)
+
+    def run():
+        x = feats.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        out = ops.gather_pixel_features(x, cam, row, col, mode=mode)
+        (gx,) = torch.autograd.grad(out, x, grad_out)
+        y = feats.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        p = pf.clone().requires_grad_(True)
+        loss = ops.pixel_to_point_distillation_loss(p, y, cam, row, col, mode=mode)
+        gy, gp = torch.autograd.grad(loss, (y, p))
+        return out, gx, loss, gy, gp
+
+    results = [_with_threads(n, run) for n in (1, 2, 3)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    out, gx, loss, gy, gp = results[0]
+    assert gx.stride() == feats.stride() and gy.stride() == feats.stride()
+    f64 = feats.double().requires_grad_(True)
+    p64 = pf.double().requires_grad_(True)
+    want = reference.sample_points(f64, cam, torch.stack([col, row], -1).double(),
+                                   0 if mode == "bilinear" else 1)
+    if mode == "nearest":
+        assert torch.equal(out, feats[cam, :, row, col])
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    (gx_want,) = torch.autograd.grad(want, f64, grad_out.double(), retain_graph=True)
+    torch.testing.assert_close(gx.double(), gx_want, rtol=1e-5, atol=1e-5)
+    a = torch.nn.functional.normalize(want, dim=1)
+    b = torch.nn.functional.normalize(p64, dim=1)
+    loss_want = (1 - (a * b).sum(1)).mean()
+    torch.testing.assert_close(loss.double(), loss_want, rtol=1e-6, atol=1e-7)
+    gy_want, gp_want = torch.autograd.grad(loss_want, (f64, p64))
+    torch.testing.assert_close(gy.double(), gy_want, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(gp.double(), gp_want, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_cuda_fused_distillation_loss(deterministic):
