@@ -16,10 +16,12 @@ using at::Tensor;
 
 using Inputs = ProjInputs;
 
-constexpr int64_t kPointBlock = 4096;
+constexpr int64_t kPointBlock = 1024;
 
 // Projects all points into all cameras: pixels [C, P, 2], depth [C, P], valid [C, P]. Tasks are
-// (camera, block of points); within a block, runs of points of the same scan share matrices.
+// blocks of points: a block's coordinates are copied once into separate x, y, z arrays, which
+// every camera then reads with plain vector loads; runs of points of the same scan share
+// matrices.
 template <typename T>
 void project_all(const Inputs& in, const ProjShape& s, double min_depth, double margin,
                  int64_t rounding, T* px, T* dp, bool* vd) {
@@ -29,19 +31,28 @@ void project_all(const Inputs& in, const ProjShape& s, double min_depth, double 
   const T* size = in.size.const_data_ptr<T>();
   const int64_t* batch = in.batch.defined() ? in.batch.const_data_ptr<int64_t>() : nullptr;
   const int64_t blocks = (s.P + kPointBlock - 1) / kPointBlock;
-  at::parallel_for(0, s.C * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / blocks, p1 = std::min(s.P, (task % blocks + 1) * kPointBlock);
-      for (int64_t p = (task % blocks) * kPointBlock; p < p1;) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xyz(3 * kPointBlock);
+    T *xs = xyz.data(), *ys = xs + kPointBlock, *zs = ys + kPointBlock;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kPointBlock, p1 = std::min(s.P, p0 + kPointBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        xs[p - p0] = pts[p * s.F];
+        ys[p - p0] = pts[p * s.F + 1];
+        zs[p - p0] = pts[p * s.F + 2];
+      }
+      for (int64_t p = p0; p < p1;) {
         const int64_t b = batch ? batch[p] : 0;
         int64_t q = p + 1;
         while (batch && q < p1 && batch[q] == b) ++q;
         if (!batch) q = p1;
-        const int64_t bc = b * s.C + c;
-        cpu::project_block(pts + p * s.F, s.F, q - p, M + bc * 16, K + bc * 9, size[bc * 2],
-                           size[bc * 2 + 1], static_cast<T>(min_depth), static_cast<T>(margin),
-                           static_cast<int>(rounding), px + (c * s.P + p) * 2, dp + c * s.P + p,
-                           vd + c * s.P + p);
+        for (int64_t c = 0; c < s.C; ++c) {
+          const int64_t bc = b * s.C + c;
+          cpu::project_block(xs + (p - p0), ys + (p - p0), zs + (p - p0), q - p, M + bc * 16,
+                             K + bc * 9, size[bc * 2], size[bc * 2 + 1], static_cast<T>(min_depth),
+                             static_cast<T>(margin), static_cast<int>(rounding),
+                             px + (c * s.P + p) * 2, dp + c * s.P + p, vd + c * s.P + p);
+        }
         p = q;
       }
     }

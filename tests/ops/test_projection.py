@@ -78,6 +78,31 @@ def test_project_points_matches_reference(P, C, seed, rounding, min_depth, margi
                             raw, rounding)
 
 
+@pytest.mark.parametrize("rounding", ["none", "floor", "round"])
+@pytest.mark.parametrize("extra", [0, 2])
+def test_project_points_past_the_point_blocks(rounding, extra):
+    """More points than one CPU block (1024), rows of 3 and 5 columns, single and batched scans
+    whose runs cross block boundaries: against the float64 reference and per-scan calls."""
+    P, C = 2500, 3
+    pts = random_points(P, 11, torch.float64, extra=extra)
+    M, K = random_rig(C, 12)
+    got = ops.project_points(pts, M, K, (480, 640), margin=1.0, rounding=rounding)
+    want = reference.project_points(pts, M, K, (480, 640), 1.0, 1.0, rounding)
+    raw = reference.project_points(pts, M, K, (480, 640), 1.0, 1.0)[0]
+    assert_projection_close(got, want, 480, 640, 1.0, 1e-9, raw, rounding)
+    assert got.valid.sum() > 100
+    B = 3
+    Mb, Kb = random_rig(C, 13, B=B)
+    batch = torch.cat([torch.full((n,), b) for b, n in enumerate((700, 1100, 700))])
+    for bt in (batch, batch[torch.randperm(P, generator=torch.Generator().manual_seed(3))]):
+        gotb = ops.project_points(pts, Mb, Kb, (480, 640), batch=bt, rounding=rounding)
+        for b in range(B):
+            sel = bt == b
+            wantb = ops.project_points(pts[sel], Mb[b], Kb[b], (480, 640), rounding=rounding)
+            for g_, w_ in zip(gotb, wantb):
+                assert torch.equal(g_[:, sel], w_)
+
+
 def test_non_finite_points_are_invalid_and_do_not_crash():
     pts = torch.tensor([[5.0, 0, 0], [math.nan, 0, 0], [math.inf, 1, 1], [0, 0, 0]])
     M, K = random_rig(2, 0, torch.float32)
