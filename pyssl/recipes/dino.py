@@ -61,6 +61,17 @@ from ..models.heads import DINOHead
 from ..ops import block_masking
 from .modern import ModernRecipe, ViTConfig, check_range
 
+
+def prototypes_used(probs: torch.Tensor) -> float:
+    """How many prototypes are the argmax of at least one teacher row ``probs`` [rows, K], over
+    the global batch: under torch.distributed the ranks' sets are merged (an all-reduce, so every
+    rank must call it), so the logged value does not depend on the number of processes."""
+    used = torch.zeros(probs.shape[-1], dtype=torch.int32, device=probs.device)
+    used[probs.argmax(-1)] = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+    return float(used.sum())
+
 __all__ = ["DINO", "DINOConfig", "DINOv2", "DINOv2Config", "sample_ibot_masks"]
 
 
@@ -309,7 +320,7 @@ class DINO(ModernRecipe):
                 probs = torch.softmax((t_out.float() - self.dino_loss.center) /
                                       self.dino_loss.teacher_temperature(ctx.epoch), -1)
                 out["teacher_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-                out["prototypes_used"] = float(probs.argmax(-1).unique().numel())
+                out["prototypes_used"] = prototypes_used(probs)
         out["teacher_temp"] = self.dino_loss.teacher_temperature(ctx.epoch)
         out["momentum"] = self.teacher.momentum(ctx.step)
         return out

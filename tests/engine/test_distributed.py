@@ -125,3 +125,34 @@ def test_vq_tokenizer_epoch_code_counts_survive_ddp_buffer_broadcast(tmp_path):
     counts, seen = torch.load(tmp_path / "0.pt")
     assert seen.sum() > 0
     torch.testing.assert_close(counts, seen)
+
+
+def _prototypes_worker(rank, world, port, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    from pyssl.recipes.dino import prototypes_used
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        probs = torch.zeros(4, 8)
+        winners = [[0, 1, 1, 0], [1, 2, 5, 2]][rank]  # {0, 1} and {1, 2, 5}: 4 in all
+        probs[torch.arange(4), torch.tensor(winners)] = 1.0
+        torch.save(prototypes_used(probs), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dino_prototypes_used_counts_the_global_batch(tmp_path):
+    # each rank used to count its own rows' prototypes (2 and 3, logged as their mean, 2.5)
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_prototypes_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [4.0, 4.0]
