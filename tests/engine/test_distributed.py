@@ -75,17 +75,35 @@ def test_beit_auto_tokenizer_waits_for_rank_zero(tmp_path):
     assert len(read_metrics(tmp_path / "run")) == 1
 
 
-def _vq_counts_worker(rank, world, port, out_dir):
+def _init_gloo(rank, world, port):
     import datetime
 
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def _spawn_two(worker, tmp_path):
+    """Runs worker(rank, world=2, port, out_dir) in two processes joined by a gloo group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+
+
+def _vq_counts_worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
     from pyssl.engine.distributed import DistInfo, wrap_model
     from pyssl.engine.recipe import StepContext
     from pyssl.engine.run import build_configs
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    _init_gloo(rank, world, port)
     try:
         torch.set_num_threads(1)
         cls, _, rcfg = build_configs("vq_tokenizer", ["width=16", "num_codes=32", "code_dim=8",
@@ -114,28 +132,18 @@ def _vq_counts_worker(rank, world, port, out_dir):
 
 
 def test_vq_tokenizer_epoch_code_counts_survive_ddp_buffer_broadcast(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_vq_counts_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two(_vq_counts_worker, tmp_path)
     counts, seen = torch.load(tmp_path / "0.pt")
     assert seen.sum() > 0
     torch.testing.assert_close(counts, seen)
 
 
 def _prototypes_worker(rank, world, port, out_dir):
-    import datetime
-
     import torch.distributed as dist
 
     from pyssl.recipes.dino import prototypes_used
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    _init_gloo(rank, world, port)
     try:
         probs = torch.zeros(4, 8)
         winners = [[0, 1, 1, 0], [1, 2, 5, 2]][rank]  # {0, 1} and {1, 2, 5}: 4 in all
@@ -147,12 +155,5 @@ def _prototypes_worker(rank, world, port, out_dir):
 
 def test_dino_prototypes_used_counts_the_global_batch(tmp_path):
     # each rank used to count its own rows' prototypes (2 and 3, logged as their mean, 2.5)
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_prototypes_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two(_prototypes_worker, tmp_path)
     assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [4.0, 4.0]
