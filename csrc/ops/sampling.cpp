@@ -283,8 +283,8 @@ Tensor pair_accumulator(const Tensor& features, const at::TensorOptions& acc) {
   return at::zeros(features.sizes(), acc);
 }
 
-// Runs body(begin, end) over pairs split into one contiguous range per thread (planar loops
-// keep their chunk's planes in cache across the whole range).
+// Runs body(begin, end) over pairs split into one contiguous range per thread: planar loops
+// then stream each chunk's planes once per thread, in pixel order.
 template <typename Fn>
 void per_thread_ranges(int64_t M, Fn body) {
   const int64_t grain = std::max<int64_t>(64, div_up(M, std::max(1, at::get_num_threads())));
