@@ -265,6 +265,10 @@ def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, ro
         ``[M, D]``. Gradient to ``features`` (a scatter-add: deterministic on the CPU; on CUDA
         without float atomics when ``torch.are_deterministic_algorithms_enabled()``), and to
         row/col in bilinear mode.
+
+    For a cosine or normalised-L2 distillation loss, :func:`pixel_to_point_distillation_loss`
+    reads the same features without this ``[M, D]`` copy (on the CPU it is also faster:
+    benchmarks/RESULTS.md).
     """
     for name, t in (("features", features), ("camera_index", camera_index), ("row", row), ("col", col)):
         check_tensor(t, name)
