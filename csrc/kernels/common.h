@@ -15,6 +15,9 @@ namespace pyssl {
 // Element types the kernels understand. The glue maps at::ScalarType onto this.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// ceil(a / b) for a >= 0, b > 0.
+PYSSL_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Order-preserving integer keys for floating-point sort keys: a < b (as floats) iff
 // key(a) < key(b); -0.0 and +0.0 map to the same key, every NaN maps to the largest key
 // (NaN sorts last, as in torch.sort). Ties are then broken by index, giving a stable order.

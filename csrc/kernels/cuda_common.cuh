@@ -27,8 +27,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Calls f with a typed null pointer for the element type of `dtype`:
 //   dispatch_dtype(dtype, [&](auto tag) { using T = std::remove_pointer_t<decltype(tag)>; ... });
 template <typename F>

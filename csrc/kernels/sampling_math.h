@@ -74,7 +74,6 @@ struct RowLayout {
   int64_t sN, sD, sH, sW;
 
   PYSSL_HD int64_t base(int64_t m) const {
-    if (Ho == 1 && Wo == 1) return m * sN;  // [M, D]: no divisions
     const int64_t per = Ho * Wo, r = m % per;
     return (m / per) * sN + (r / Wo) * sH + (r % Wo) * sW;
   }

@@ -125,8 +125,6 @@ inline void prefetch_write(const void* p) {
 #endif
 }
 
-int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <typename A>
 struct PairTaps {
   int nt = 1;                // taps per pair: 1 (nearest) or 4 (bilinear)
@@ -220,7 +218,7 @@ void gather_pairs(const F* f, int64_t sD, const PairTaps<A>& t, int64_t M, int64
     });
     return;
   }
-  const int64_t chunks = div_up(D, kChunk), tiles = div_up(M, kPairTile);
+  const int64_t chunks = ceil_div(D, kChunk), tiles = ceil_div(M, kPairTile);
   // chunk-major tasks: a thread's consecutive tasks read the same planes
   at::parallel_for(0, chunks * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -247,8 +245,8 @@ void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, Row
   A* acc = gacc.mutable_data_ptr<A>();
   const int64_t gD = gacc.stride(1);
   int64_t chunk = kChunk;
-  if (gD == 1) chunk = std::max(kChunk, div_up(div_up(D, at::get_num_threads()), kChunk) * kChunk);
-  const int64_t chunks = div_up(D, chunk);
+  if (gD == 1) chunk = std::max(kChunk, ceil_div(ceil_div(D, at::get_num_threads()), kChunk) * kChunk);
+  const int64_t chunks = ceil_div(D, chunk);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> row(chunk);
     for (int64_t task = begin; task < end; ++task) {
@@ -287,7 +285,7 @@ Tensor pair_accumulator(const Tensor& features, const at::TensorOptions& acc) {
 // then stream each chunk's planes once per thread, in pixel order.
 template <typename Fn>
 void per_thread_ranges(int64_t M, Fn body) {
-  const int64_t grain = std::max<int64_t>(64, div_up(M, std::max(1, at::get_num_threads())));
+  const int64_t grain = std::max<int64_t>(64, ceil_div(M, std::max(1, at::get_num_threads())));
   at::parallel_for(0, M, grain, body);
 }
 

@@ -39,9 +39,9 @@ inline SampleShape check_sample(const at::Tensor& features,
 }
 
 // Scatter-adds on CUDA, and on the CPU into channels-last features, accumulate in a zeroed
-// [N, D, H, W] buffer with channels-last strides: each (pixel, channel-run) write is contiguous. like_features()
-// converts an accumulator to the features' dtype and memory format (a no-op when they match), so
-// autograd accumulates it without another copy.
+// [N, D, H, W] buffer with channels-last strides: each (pixel, channel-run) write is
+// contiguous. like_features() converts an accumulator to the features' dtype and memory format
+// (a no-op when they match), so autograd accumulates it without another copy.
 inline at::Tensor channels_last_accumulator(const at::Tensor& features, const at::TensorOptions& acc) {
   return at::zeros({features.size(0), features.size(2), features.size(3), features.size(1)}, acc)
       .permute({0, 3, 1, 2});

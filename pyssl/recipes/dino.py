@@ -54,12 +54,15 @@ from torch import nn
 from ..data.multicrop import FastMultiCrop
 from ..data.transforms import input_spec, multicrop_collate
 from ..engine.config import ConfigError
+from ..engine.distributed import initialized
 from ..engine.ema import MomentumTeacher
 from ..losses.dino import CENTERINGS, DINOLoss, IBOTPatchLoss
 from ..losses.koleo import koleo_loss
 from ..models.heads import DINOHead
 from ..ops import block_masking
 from .modern import ModernRecipe, ViTConfig, check_range
+
+__all__ = ["DINO", "DINOConfig", "DINOv2", "DINOv2Config", "sample_ibot_masks"]
 
 
 def prototypes_used(probs: torch.Tensor) -> float:
@@ -68,11 +71,9 @@ def prototypes_used(probs: torch.Tensor) -> float:
     rank must call it), so the logged value does not depend on the number of processes."""
     used = torch.zeros(probs.shape[-1], dtype=torch.int32, device=probs.device)
     used[probs.argmax(-1)] = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialized():
         torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
     return float(used.sum())
-
-__all__ = ["DINO", "DINOConfig", "DINOv2", "DINOv2Config", "sample_ibot_masks"]
 
 
 def sample_ibot_masks(n: int, h: int, w: int, ratio_min: float = 0.1, ratio_max: float = 0.5,
