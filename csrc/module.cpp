@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "cpu/simd.h"
 #include "ops/quad.h"
 
 #ifndef PYSSL_VERSION
@@ -46,6 +47,7 @@ std::string build_info_json() {
 #else
   s += ", \"compiler\": \"unknown\"";
 #endif
+  s += std::string(", \"cpu_isa\": \"") + pyssl::cpu::cpu_isa_name() + "\"";
   s += "}";
   return s;
 }

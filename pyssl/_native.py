@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import torch
 
@@ -17,9 +18,18 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     ) from exc
 
 
+# The widest CPU kernel build the run-time dispatch may pick (csrc/cpu/simd.h reads it once).
+CPU_ISAS = ("baseline", "avx2", "avx512")
+_isa = os.environ.get("PYSSL_CPU_ISA")
+if _isa is not None and _isa not in CPU_ISAS:
+    raise ValueError(f"PYSSL_CPU_ISA={_isa!r} is not one of {', '.join(CPU_ISAS)} (the widest CPU "
+                     "kernel build pyssl may use; unset it to use the widest the CPU has)")
+
+
 @functools.cache
 def build_info() -> dict:
-    """How the loaded extension was built: version, torch version, CUDA, OpenMP, compiler."""
+    """How the loaded extension was built: version, torch version, CUDA, OpenMP, compiler, and
+    ``cpu_isa``, the CPU kernel build in use ("avx512", "avx2" or "baseline")."""
     return json.loads(_C.build_info())
 
 

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace pyssl::cpu {
@@ -67,13 +68,45 @@ PYSSL_INLINE uint16_t float_to_bf16(float x) {  // round to nearest even; NaN st
 PYSSL_INLINE float max_of(float a, float b) { return a > b ? a : b; }
 PYSSL_INLINE double max_of(double a, double b) { return a > b ? a : b; }
 
+// The widest build the run-time dispatch may pick: 2 = AVX-512, 1 = AVX2+FMA, 0 = baseline.
+// The environment variable PYSSL_CPU_ISA = baseline | avx2 | avx512 lowers it (tests compare the
+// builds' results bit for bit; pyssl/_native.py rejects other values); it never raises it above
+// what the CPU has.
+int cpu_isa_cap() {
+  static const int cap = [] {
+    const char* e = std::getenv("PYSSL_CPU_ISA");
+    if (e == nullptr) return 2;
+    if (std::strcmp(e, "baseline") == 0) return 0;
+    if (std::strcmp(e, "avx2") == 0) return 1;
+    return 2;
+  }();
+  return cap;
+}
+
 bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      cpu_isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 #else
   return false;
 #endif
+}
+
+bool cpu_has_avx512() {  // the subset PYSSL_MULTIVERSION_AVX512 builds for (AVX-512 F/BW/VL/DQ)
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool ok = cpu_isa_cap() >= 2 && cpu_has_avx2_fma() &&
+                         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The build the dispatch picks on this CPU: "avx512", "avx2" or "baseline".
+const char* cpu_isa_name() {
+  return cpu_has_avx512() ? "avx512" : cpu_has_avx2_fma() ? "avx2" : "baseline";
 }
 
 }  // namespace
@@ -92,5 +125,26 @@ bool cpu_has_avx2_fma() {
   }
 #else
 #define PYSSL_MULTIVERSION(ret, name, params, args, body) \
+  ret name params { return body args; }
+#endif
+
+// As PYSSL_MULTIVERSION, with a third build of `body` for AVX-512 (512-bit vectors), picked
+// first when the CPU has it. Lane-array bodies give the same bits in all three builds. Used
+// where a benchmark showed the 512-bit build pays (the DINO loss's exp-bound row passes).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYSSL_MULTIVERSION_AVX512(ret, name, params, args, body)                                \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"))) \
+  static ret name##_avx512 params {                                                             \
+    return body args;                                                                           \
+  }                                                                                             \
+  __attribute__((target("avx2,fma"))) static ret name##_avx2 params { return body args; }      \
+  static ret name##_base params { return body args; }                                           \
+  ret name params {                                                                             \
+    return ::pyssl::cpu::cpu_has_avx512()     ? name##_avx512 args                              \
+           : ::pyssl::cpu::cpu_has_avx2_fma() ? name##_avx2 args                                \
+                                              : name##_base args;                               \
+  }
+#else
+#define PYSSL_MULTIVERSION_AVX512(ret, name, params, args, body) \
   ret name params { return body args; }
 #endif

@@ -32,6 +32,7 @@ def info_text() -> str:
         f"python {platform.python_version()} on {platform.machine()}",
         f"torch {torch.__version__} (pyssl built against {b['torch_version']})",
         f"compiler: {b['compiler']}; OpenMP: {b['openmp']}; CPU threads: {torch.get_num_threads()}",
+        f"CPU kernel build in use: {b['cpu_isa']} (PYSSL_CPU_ISA=baseline|avx2|avx512 lowers it)",
         f"CUDA kernels in this build: {b['cuda']}"
         + (f" (nvcc {b['cuda_version']}, archs {b['cuda_archs']})" if b["cuda"] else ""),
         f"CUDA device available: {torch.cuda.is_available()}"

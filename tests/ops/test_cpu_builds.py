@@ -1,0 +1,90 @@
+"""The CPU kernels' instruction-set builds (csrc/cpu/simd.h: baseline, AVX2+FMA and, for the DINO
+loss's row passes, AVX-512) against each other. The lane-array kernel bodies promise the same bits
+from every build; the run-time dispatch picks the widest the CPU has, so without this test only
+that one build would ever run here. PYSSL_CPU_ISA caps the dispatch in a child process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pyssl
+from pyssl._native import CPU_ISAS
+
+# Runs in a child process (the cap is read once per process) and prints a digest of every output.
+CHILD = r"""
+import hashlib, json, math
+import torch, pyssl
+from pyssl import ops
+
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+
+def digest(*ts):
+    m = hashlib.sha256()
+    for t in ts:
+        t = t.detach().contiguous().reshape(-1)
+        m.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return m.hexdigest()
+
+out = {}
+# Row lengths and chunks: tails of the 32-wide lanes and of the 4096-wide chunks; T = 1, 2, 3
+# (the two-row fused pass, the one-row case and the extra dot pass); a NaN-free row of -inf.
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for T, S, K, skip in ((2, 6, 4099, True), (1, 3, 77, False), (3, 5, 8200, True), (2, 4, 31, False)):
+        s = torch.randn(S * 3, K, generator=g).mul(3).to(dtype).requires_grad_(True)
+        t = torch.randn(T * 3, K, generator=g).mul(3).to(dtype)
+        t[0, : K // 2] = -math.inf
+        c = (torch.randn(K, generator=g) * 0.1).to(dtype)
+        loss, mean = ops.dino_loss(s, t, c, n_teacher_crops=T, skip_same_view=skip)
+        loss.backward()
+        out[f"dino_loss {dtype} T={T} K={K}"] = digest(loss, mean, s.grad)
+x = torch.randn(40, 5000, generator=g) * 4
+out["offset_logsumexp"] = digest(*(torch.ops.pyssl.offset_logsumexp(x, None, None, 25.0, d)
+                                   for d in (0, 1)))
+pts = torch.randn(2500, 4, generator=g) * 15
+T_cam = torch.eye(4).repeat(3, 1, 1)
+T_cam[:, :3, 3] = torch.randn(3, 3, generator=g)
+K_cam = torch.tensor([[300.0, 0, 320], [0, 300.0, 240], [0, 0, 1]]).repeat(3, 1, 1)
+for rounding in ("none", "floor", "round"):
+    p = ops.project_points(pts, T_cam, K_cam, (480, 640), rounding=rounding)
+    out[f"project_points {rounding}"] = digest(*(v for v in p if isinstance(v, torch.Tensor)))
+print(json.dumps({"isa": pyssl.build_info()["cpu_isa"], "digests": out}))
+"""
+
+
+def _run(isa):
+    env = {**os.environ, "PYSSL_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_every_cpu_build_gives_the_same_bits():
+    runs = {}
+    for isa in CPU_ISAS:
+        res = _run(isa)
+        runs.setdefault(res["isa"], res["digests"])  # a cap above the CPU runs a narrower build
+    assert "baseline" in runs
+    if len(runs) == 1:
+        pytest.skip("this CPU has no AVX2+FMA: only the baseline build can run")
+    names = sorted(runs)
+    first = runs[names[0]]
+    for name in names[1:]:
+        differ = [k for k in first if runs[name][k] != first[k]]
+        assert not differ, f"{name} and {names[0]} builds differ on {differ}"
+
+
+def test_a_bad_isa_cap_is_refused_with_its_name():
+    env = {**os.environ, "PYSSL_CPU_ISA": "sse9"}
+    r = subprocess.run([sys.executable, "-c", "import pyssl"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode != 0
+    assert "PYSSL_CPU_ISA='sse9'" in r.stderr and "baseline, avx2, avx512" in r.stderr
+
+
+def test_build_info_names_the_cpu_build_in_use():
+    assert pyssl.build_info()["cpu_isa"] in CPU_ISAS
