@@ -6,30 +6,207 @@
 namespace pyssl::cpu {
 namespace {
 
+// Element k of a row of dtype In, converted to acc_t.
 template <typename acc_t>
-PYSSL_INLINE void load_body(const void* x, DType dt, int64_t n, acc_t* out) {
-  if (dt == DType::kFloat32) {
-    const float* p = static_cast<const float*>(x);
-    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<acc_t>(p[k]);
-  } else if (dt == DType::kFloat64) {
-    const double* p = static_cast<const double*>(x);
-    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<acc_t>(p[k]);
-  } else {
-    const uint16_t* p = static_cast<const uint16_t*>(x);
-    for (int64_t k = 0; k < n; ++k) out[k] = static_cast<acc_t>(bf16_to_float(p[k]));
+PYSSL_INLINE acc_t ld(const float* p, int64_t k) { return static_cast<acc_t>(p[k]); }
+template <typename acc_t>
+PYSSL_INLINE acc_t ld(const double* p, int64_t k) { return static_cast<acc_t>(p[k]); }
+template <typename acc_t>
+PYSSL_INLINE acc_t ld(const uint16_t* p, int64_t k) { return static_cast<acc_t>(bf16_to_float(p[k])); }
+
+template <typename acc_t>
+PYSSL_INLINE void st(float* p, int64_t k, acc_t x) { p[k] = static_cast<float>(x); }
+template <typename acc_t>
+PYSSL_INLINE void st(double* p, int64_t k, acc_t x) { p[k] = static_cast<double>(x); }
+template <typename acc_t>
+PYSSL_INLINE void st(uint16_t* p, int64_t k, acc_t x) { p[k] = float_to_bf16(static_cast<float>(x)); }
+
+// Runs `call` with p_ bound to the row as a typed pointer (float, double or bf16 bits). A macro,
+// not a lambda, so that the call is inlined into each ISA build of the caller.
+#define PYSSL_DINO_DISPATCH(dt, ptr, call)                                          \
+  do {                                                                              \
+    if ((dt) == DType::kFloat32) {                                                  \
+      const float* p_ = static_cast<const float*>(ptr);                             \
+      call;                                                                         \
+    } else if ((dt) == DType::kFloat64) {                                           \
+      const double* p_ = static_cast<const double*>(ptr);                           \
+      call;                                                                         \
+    } else {                                                                        \
+      const uint16_t* p_ = static_cast<const uint16_t*>(ptr);                       \
+      call;                                                                         \
+    }                                                                               \
+  } while (0)
+
+// Lanes of the row passes below: 32, so that bf16 rows (16-bit loads) still fill 512-bit
+// vectors in the AVX-512 build (GCC sizes the vectors of a lane loop by its narrowest type),
+// and the dot products run several independent accumulator chains.
+constexpr int kRowLanes = 32;
+
+template <typename acc_t>
+PYSSL_INLINE acc_t lanes_max(const acc_t* lanes) {
+  acc_t m = lanes[0];
+  for (int j = 1; j < kRowLanes; ++j) m = max_of(m, lanes[j]);
+  return m;
+}
+template <typename acc_t>
+PYSSL_INLINE acc_t lanes_sum(const acc_t* lanes) {
+  acc_t s = 0;
+  for (int j = 0; j < kRowLanes; ++j) s += lanes[j];
+  return s;
+}
+
+// sum_k exp(x_k * scale - shift) (scale = 1 when x is already scaled), lane-wise.
+template <typename acc_t, typename In>
+PYSSL_INLINE acc_t sum_exp(const In* __restrict x, int64_t n, acc_t scale, acc_t shift) {
+  acc_t lanes[kRowLanes] = {};
+  int64_t k = 0;
+  for (; k + kRowLanes <= n; k += kRowLanes)
+    for (int j = 0; j < kRowLanes; ++j) lanes[j] += exp_approx(ld<acc_t>(x, k + j) * scale - shift);
+  for (int j = 0; k + j < n; ++j) lanes[j] += exp_approx(ld<acc_t>(x, k + j) * scale - shift);
+  return lanes_sum(lanes);
+}
+
+// NaN and +inf need no probe in these maxima (unlike lane_max below): the exp pass that follows
+// over the same values turns a NaN, or a +inf max (inf - inf), into a NaN sum, and so a NaN loss.
+template <typename acc_t, typename In>
+PYSSL_INLINE void teacher_forward_typed(const In* __restrict t, const acc_t* __restrict c,
+                                        int64_t n, acc_t inv, acc_t* __restrict colsum,
+                                        acc_t* __restrict e, acc_t* m_out, acc_t* z_out) {
+  acc_t mx[kRowLanes];
+  for (int j = 0; j < kRowLanes; ++j) mx[j] = -INFINITY;
+  int64_t k = 0;
+  for (; k + kRowLanes <= n; k += kRowLanes)
+    for (int j = 0; j < kRowLanes; ++j) {
+      const acc_t x = ld<acc_t>(t, k + j);
+      colsum[k + j] += x;
+      e[k + j] = (x - c[k + j]) * inv;
+      mx[j] = max_of(mx[j], e[k + j]);
+    }
+  for (int j = 0; k + j < n; ++j) {
+    const acc_t x = ld<acc_t>(t, k + j);
+    colsum[k + j] += x;
+    e[k + j] = (x - c[k + j]) * inv;
+    mx[j] = max_of(mx[j], e[k + j]);
   }
+  const acc_t m = lanes_max(mx);
+  const acc_t shift = m == -INFINITY ? acc_t(0) : m;
+  acc_t lanes[kRowLanes] = {};
+  k = 0;
+  for (; k + kRowLanes <= n; k += kRowLanes)
+    for (int j = 0; j < kRowLanes; ++j) {
+      e[k + j] = exp_approx(e[k + j] - shift);
+      lanes[j] += e[k + j];
+    }
+  for (int j = 0; k + j < n; ++j) {
+    e[k + j] = exp_approx(e[k + j] - shift);
+    lanes[j] += e[k + j];
+  }
+  *m_out = m;
+  *z_out = lanes_sum(lanes);
 }
 
 template <typename acc_t>
-PYSSL_INLINE void add_body(acc_t* dst, const acc_t* src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
+PYSSL_INLINE void teacher_forward_body(const void* t, DType dt, const acc_t* c, int64_t n,
+                                       acc_t inv, acc_t* colsum, acc_t* e, acc_t* m, acc_t* z) {
+  PYSSL_DINO_DISPATCH(dt, t, teacher_forward_typed<acc_t>(p_, c, n, inv, colsum, e, m, z));
+}
+
+// One pass for the max and the dots with two teacher rows (DINO's two global crops), one per
+// further teacher row, then the exp pass.
+template <typename acc_t, typename In>
+PYSSL_INLINE void student_forward_typed(const In* __restrict s, int64_t n, acc_t inv,
+                                        const acc_t* __restrict e, int64_t lde, int64_t n_e,
+                                        acc_t* dots, acc_t* m_out, acc_t* z_out) {
+  const acc_t* __restrict e0 = e;
+  const acc_t* __restrict e1 = n_e > 1 ? e + lde : e;
+  acc_t mx[kRowLanes], d0[kRowLanes] = {}, d1[kRowLanes] = {};
+  for (int j = 0; j < kRowLanes; ++j) mx[j] = -INFINITY;
+  int64_t k = 0;
+  for (; k + kRowLanes <= n; k += kRowLanes)
+    for (int j = 0; j < kRowLanes; ++j) {
+      const acc_t x = ld<acc_t>(s, k + j);
+      mx[j] = max_of(mx[j], x);
+      d0[j] += e0[k + j] * x;
+      d1[j] += e1[k + j] * x;
+    }
+  for (int j = 0; k + j < n; ++j) {
+    const acc_t x = ld<acc_t>(s, k + j);
+    mx[j] = max_of(mx[j], x);
+    d0[j] += e0[k + j] * x;
+    d1[j] += e1[k + j] * x;
+  }
+  if (n_e > 0) dots[0] = lanes_sum(d0);
+  if (n_e > 1) dots[1] = lanes_sum(d1);
+  for (int64_t i = 2; i < n_e; ++i) {
+    const acc_t* __restrict ei = e + i * lde;
+    acc_t d[kRowLanes] = {};
+    k = 0;
+    for (; k + kRowLanes <= n; k += kRowLanes)
+      for (int j = 0; j < kRowLanes; ++j) d[j] += ei[k + j] * ld<acc_t>(s, k + j);
+    for (int j = 0; k + j < n; ++j) d[j] += ei[k + j] * ld<acc_t>(s, k + j);
+    dots[i] = lanes_sum(d);
+  }
+  const acc_t m = lanes_max(mx) * inv;
+  const acc_t shift = m == -INFINITY ? acc_t(0) : m;
+  *m_out = m;
+  *z_out = sum_exp(s, n, inv, shift);
+}
+
+template <typename acc_t>
+PYSSL_INLINE void student_forward_body(const void* s, DType dt, int64_t n, acc_t inv,
+                                       const acc_t* e, int64_t lde, int64_t n_e, acc_t* dots,
+                                       acc_t* m, acc_t* z) {
+  PYSSL_DINO_DISPATCH(dt, s, student_forward_typed<acc_t>(p_, n, inv, e, lde, n_e, dots, m, z));
+}
+
+template <typename acc_t, typename In>
+PYSSL_INLINE void teacher_probs_typed(const In* __restrict t, const acc_t* __restrict c, int64_t n,
+                                      acc_t inv, acc_t lse, acc_t* __restrict q) {
+  for (int64_t k = 0; k < n; ++k) q[k] = exp_approx((ld<acc_t>(t, k) - c[k]) * inv - lse);
+}
+
+template <typename acc_t>
+PYSSL_INLINE void teacher_probs_body(const void* t, DType dt, const acc_t* c, int64_t n,
+                                     acc_t inv, acc_t lse, acc_t* q) {
+  PYSSL_DINO_DISPATCH(dt, t, teacher_probs_typed<acc_t>(p_, c, n, inv, lse, q));
+}
+
+template <typename acc_t>
+PYSSL_INLINE void sum_rows_body(const acc_t* src, int64_t lds, int64_t n_src, int64_t skip,
+                                int64_t n, acc_t* __restrict dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = 0;
+  for (int64_t i = 0; i < n_src; ++i) {
+    if (i == skip) continue;
+    const acc_t* __restrict r = src + i * lds;
+    for (int64_t k = 0; k < n; ++k) dst[k] += r[k];
+  }
+}
+
+template <typename acc_t, typename In>
+PYSSL_INLINE void grad_typed(const In* __restrict s, int64_t n, acc_t inv, acc_t lse,
+                             const acc_t* __restrict Q, acc_t n_v, acc_t coef, In* __restrict o) {
+  for (int64_t k = 0; k < n; ++k)
+    st<acc_t>(o, k, coef * (n_v * exp_approx(ld<acc_t>(s, k) * inv - lse) - Q[k]));
+}
+
+template <typename acc_t>
+PYSSL_INLINE void grad_body(const void* s, DType dt, int64_t n, acc_t inv, acc_t lse,
+                            const acc_t* Q, acc_t n_v, acc_t coef, void* out) {
+  if (dt == DType::kFloat32) {
+    grad_typed<acc_t>(static_cast<const float*>(s), n, inv, lse, Q, n_v, coef, static_cast<float*>(out));
+  } else if (dt == DType::kFloat64) {
+    grad_typed<acc_t>(static_cast<const double*>(s), n, inv, lse, Q, n_v, coef, static_cast<double*>(out));
+  } else {
+    grad_typed<acc_t>(static_cast<const uint16_t*>(s), n, inv, lse, Q, n_v, coef,
+                      static_cast<uint16_t*>(out));
+  }
 }
 
 // Lane-wise max over a chunk: element k goes to lane k % kLanes, lanes combine in order.
 // Vector max instructions drop NaNs, so a parallel probe (x * 0 is NaN exactly for NaN and
 // +-inf; -inf is probed as 0) makes the result NaN whenever the chunk holds a NaN or +inf:
-// such logits give a NaN loss, never a silently finite one. -inf is an ordinary logit of
-// probability 0 (a masked prototype), as in torch's softmax and logsumexp.
+// such logits give a NaN log-sum-exp, never a silently finite one. -inf is an ordinary logit
+// of probability 0 (a masked prototype), as in torch's softmax and logsumexp.
 template <typename acc_t>
 PYSSL_INLINE acc_t lane_max(const acc_t* x, int64_t n) {
   acc_t lanes[kLanes], probe[kLanes];
@@ -56,80 +233,8 @@ PYSSL_INLINE acc_t lane_max(const acc_t* x, int64_t n) {
 }
 
 template <typename acc_t>
-PYSSL_INLINE void teacher_body(acc_t* buf, const acc_t* center, int64_t n, acc_t inv_temp,
-                               acc_t* m_out, acc_t* z_out) {
-  for (int64_t k = 0; k < n; ++k) buf[k] = (buf[k] - center[k]) * inv_temp;
-  const acc_t m = lane_max(buf, n);
-  const acc_t shift = m == -INFINITY ? acc_t(0) : m;
-  acc_t lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t e = exp_approx(buf[k + j] - shift);
-      buf[k + j] = e;
-      lanes[j] += e;
-    }
-  for (int j = 0; k + j < n; ++j) {
-    const acc_t e = exp_approx(buf[k + j] - shift);
-    buf[k + j] = e;
-    lanes[j] += e;
-  }
-  acc_t z = 0;
-  for (int j = 0; j < kLanes; ++j) z += lanes[j];
-  *m_out = m;
-  *z_out = z;
-}
-
-template <typename acc_t>
-PYSSL_INLINE void student_body(const acc_t* s, int64_t n, acc_t inv_temp, acc_t* m_out,
-                               acc_t* z_out) {
-  const acc_t m = lane_max(s, n) * inv_temp;
-  const acc_t shift = m == -INFINITY ? acc_t(0) : m;
-  acc_t lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += exp_approx(s[k + j] * inv_temp - shift);
-  for (int j = 0; k + j < n; ++j) lanes[j] += exp_approx(s[k + j] * inv_temp - shift);
-  acc_t z = 0;
-  for (int j = 0; j < kLanes; ++j) z += lanes[j];
-  *m_out = m;
-  *z_out = z;
-}
-
-template <typename acc_t>
-PYSSL_INLINE acc_t dot_body(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[k + j] * b[k + j];
-  for (int j = 0; k + j < n; ++j) lanes[j] += a[k + j] * b[k + j];
-  acc_t s = 0;
-  for (int j = 0; j < kLanes; ++j) s += lanes[j];
-  return s;
-}
-
-template <typename acc_t>
-PYSSL_INLINE void probs_body(acc_t* buf, const acc_t* center, int64_t n, acc_t inv_temp,
-                             acc_t lse) {
-  for (int64_t k = 0; k < n; ++k) buf[k] = exp_approx((buf[k] - center[k]) * inv_temp - lse);
-}
-
-template <typename acc_t>
-PYSSL_INLINE void grad_body(const acc_t* s, int64_t n, acc_t inv_temp, acc_t lse, const acc_t* Q,
-                            acc_t n_v, acc_t coef, void* out, DType dt) {
-  if (dt == DType::kFloat32) {
-    float* o = static_cast<float*>(out);
-    for (int64_t k = 0; k < n; ++k)
-      o[k] = static_cast<float>(coef * (n_v * exp_approx(s[k] * inv_temp - lse) - Q[k]));
-  } else if (dt == DType::kFloat64) {
-    double* o = static_cast<double*>(out);
-    for (int64_t k = 0; k < n; ++k)
-      o[k] = static_cast<double>(coef * (n_v * exp_approx(s[k] * inv_temp - lse) - Q[k]));
-  } else {
-    uint16_t* o = static_cast<uint16_t*>(out);
-    for (int64_t k = 0; k < n; ++k)
-      o[k] = float_to_bf16(static_cast<float>(coef * (n_v * exp_approx(s[k] * inv_temp - lse) - Q[k])));
-  }
+PYSSL_INLINE void load_body(const void* x, DType dt, int64_t n, acc_t* out) {
+  PYSSL_DINO_DISPATCH(dt, x, for (int64_t k = 0; k < n; ++k) out[k] = ld<acc_t>(p_, k));
 }
 
 template <typename acc_t>
@@ -169,24 +274,30 @@ PYSSL_INLINE void sumexp_into_body(acc_t* z, const acc_t* buf, const acc_t* m, i
   }
 }
 
-// Multiversioned entry points (float bodies get an AVX2+FMA build; double ones too, cheaply).
+// Multiversioned entry points: the row passes get an AVX-512 build too (they are exp-bound:
+// 512-bit vectors halve their instruction count); double bodies are built alike, cheaply.
 #define PYSSL_DINO_ENTRY(T)                                                                      \
+  PYSSL_MULTIVERSION_AVX512(void, tfwd_##T,                                                      \
+                            (const void* t, DType dt, const T* c, int64_t n, T inv, T* cs, T* e,  \
+                             T* m, T* z),                                                         \
+                            (t, dt, c, n, inv, cs, e, m, z), teacher_forward_body<T>)             \
+  PYSSL_MULTIVERSION_AVX512(void, sfwd_##T,                                                      \
+                            (const void* s, DType dt, int64_t n, T inv, const T* e, int64_t lde,  \
+                             int64_t n_e, T* dots, T* m, T* z),                                   \
+                            (s, dt, n, inv, e, lde, n_e, dots, m, z), student_forward_body<T>)    \
+  PYSSL_MULTIVERSION_AVX512(void, probs_##T,                                                     \
+                            (const void* t, DType dt, const T* c, int64_t n, T inv, T lse, T* q), \
+                            (t, dt, c, n, inv, lse, q), teacher_probs_body<T>)                    \
+  PYSSL_MULTIVERSION_AVX512(void, sumrows_##T,                                                   \
+                            (const T* src, int64_t lds, int64_t n_src, int64_t skip, int64_t n,   \
+                             T* dst),                                                             \
+                            (src, lds, n_src, skip, n, dst), sum_rows_body<T>)                    \
+  PYSSL_MULTIVERSION_AVX512(void, grad_##T,                                                      \
+                            (const void* s, DType dt, int64_t n, T inv, T lse, const T* Q, T n_v, \
+                             T coef, void* out),                                                  \
+                            (s, dt, n, inv, lse, Q, n_v, coef, out), grad_body<T>)                \
   PYSSL_MULTIVERSION(void, load_##T, (const void* x, DType dt, int64_t n, T* out),              \
                      (x, dt, n, out), load_body<T>)                                              \
-  PYSSL_MULTIVERSION(void, add_##T, (T * dst, const T* src, int64_t n), (dst, src, n),           \
-                     add_body<T>)                                                                \
-  PYSSL_MULTIVERSION(void, teacher_##T,                                                          \
-                     (T * buf, const T* c, int64_t n, T inv, T* m, T* z),                        \
-                     (buf, c, n, inv, m, z), teacher_body<T>)                                    \
-  PYSSL_MULTIVERSION(void, student_##T, (const T* s, int64_t n, T inv, T* m, T* z),             \
-                     (s, n, inv, m, z), student_body<T>)                                         \
-  PYSSL_MULTIVERSION(T, dot_##T, (const T* a, const T* b, int64_t n), (a, b, n), dot_body<T>)    \
-  PYSSL_MULTIVERSION(void, probs_##T, (T * buf, const T* c, int64_t n, T inv, T lse),            \
-                     (buf, c, n, inv, lse), probs_body<T>)                                       \
-  PYSSL_MULTIVERSION(void, grad_##T,                                                             \
-                     (const T* s, int64_t n, T inv, T lse, const T* Q, T n_v, T coef, void* out, \
-                      DType dt),                                                                 \
-                     (s, n, inv, lse, Q, n_v, coef, out, dt), grad_body<T>)                     \
   PYSSL_MULTIVERSION(void, affine_##T, (T * buf, int64_t n, T scale, const T* col, T row),       \
                      (buf, n, scale, col, row), affine_body<T>)                                  \
   PYSSL_MULTIVERSION(void, mse_##T, (const T* buf, int64_t n, T* m, T* z), (buf, n, m, z),       \
@@ -202,18 +313,25 @@ PYSSL_DINO_ENTRY(double)
 }  // namespace
 
 #define PYSSL_DINO_EXPORT(T)                                                                    \
+  void teacher_forward(const void* t, DType dt, const T* c, int64_t n, T inv, T* cs, T* e, T* m, \
+                       T* z) {                                                                \
+    tfwd_##T(t, dt, c, n, inv, cs, e, m, z);                                                  \
+  }                                                                                           \
+  void student_forward(const void* s, DType dt, int64_t n, T inv, const T* e, int64_t lde,    \
+                       int64_t n_e, T* dots, T* m, T* z) {                                    \
+    sfwd_##T(s, dt, n, inv, e, lde, n_e, dots, m, z);                                         \
+  }                                                                                           \
+  void teacher_probs(const void* t, DType dt, const T* c, int64_t n, T inv, T lse, T* q) {    \
+    probs_##T(t, dt, c, n, inv, lse, q);                                                      \
+  }                                                                                           \
+  void sum_rows(const T* src, int64_t lds, int64_t n_src, int64_t skip, int64_t n, T* dst) {  \
+    sumrows_##T(src, lds, n_src, skip, n, dst);                                               \
+  }                                                                                           \
+  void dino_grad(const void* s, DType dt, int64_t n, T inv, T lse, const T* Q, T n_v, T coef, \
+                 void* out) {                                                                 \
+    grad_##T(s, dt, n, inv, lse, Q, n_v, coef, out);                                          \
+  }                                                                                           \
   void load_row(const void* x, DType dt, int64_t n, T* out) { load_##T(x, dt, n, out); }      \
-  void add_into(T* dst, const T* src, int64_t n) { add_##T(dst, src, n); }                    \
-  void teacher_chunk(T* buf, const T* c, int64_t n, T inv, T* m, T* z) {                      \
-    teacher_##T(buf, c, n, inv, m, z);                                                        \
-  }                                                                                           \
-  void student_chunk(const T* s, int64_t n, T inv, T* m, T* z) { student_##T(s, n, inv, m, z); } \
-  T dot(const T* a, const T* b, int64_t n) { return dot_##T(a, b, n); }                        \
-  void teacher_probs(T* buf, const T* c, int64_t n, T inv, T lse) { probs_##T(buf, c, n, inv, lse); } \
-  void dino_grad(const T* s, int64_t n, T inv, T lse, const T* Q, T n_v, T coef, void* out,    \
-                 DType dt) {                                                                  \
-    grad_##T(s, n, inv, lse, Q, n_v, coef, out, dt);                                          \
-  }                                                                                           \
   void affine_offsets(T* buf, int64_t n, T scale, const T* col, T row) {                      \
     affine_##T(buf, n, scale, col, row);                                                      \
   }                                                                                           \

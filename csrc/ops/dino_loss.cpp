@@ -7,8 +7,9 @@
 //   pair (i, v):    N_iv = sum_k e_k s_k                             -> <q_i, s_v> = N_iv / z_i
 // then chunks are merged in a fixed order (online-softmax rescaling) and
 //   CE(i, v, b) = LSE(s_vb / student_temp) - <q_ib, s_vb> / student_temp.
-// Each input element is read once; only per-row log-sum-exps are kept for backward, which
-// recomputes p and q from them:
+// Each input element is read from memory once (a student chunk takes two passes, the max and the
+// dots with both teacher rows in one, the sum of exp in the second, while it is in cache); only
+// per-row log-sum-exps are kept for backward, which recomputes p and q from them:
 //   dL/ds_vbk = w_b / (n_terms * student_temp) * (n_v * p_vbk - sum_{i paired with v} q_ibk).
 // Tasks are (block of 16 images, chunk of 4096 prototypes): a fixed partition, so results are
 // bitwise identical for any number of threads.
@@ -53,7 +54,7 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
   std::vector<acc_t> dots(T * S * B * nk), colsum(nbb * K);
 
   at::parallel_for(0, nbb * nk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tbuf(T * kChunk), sbuf(kChunk);
+    std::vector<acc_t> tbuf(T * kChunk), sdots(T);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / nk, kc = task % nk;
       const int64_t k0 = kc * kChunk, n = std::min(kChunk, K - k0);
@@ -61,18 +62,15 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
       std::fill(cs, cs + n, acc_t(0));
       for (int64_t b = bb * kImageBlock; b < std::min(B, (bb + 1) * kImageBlock); ++b) {
         for (int64_t i = 0; i < T; ++i) {
-          acc_t* e = tbuf.data() + i * kChunk;
           const int64_t row = i * B + b;
-          cpu::load_row(t_ptr + (row * K + k0) * t_es, te_dt, n, e);
-          cpu::add_into(cs, e, n);
-          cpu::teacher_chunk(e, c + k0, n, inv_tt, &tm[row * nk + kc], &tz[row * nk + kc]);
+          cpu::teacher_forward(t_ptr + (row * K + k0) * t_es, te_dt, c + k0, n, inv_tt, cs,
+                               tbuf.data() + i * kChunk, &tm[row * nk + kc], &tz[row * nk + kc]);
         }
         for (int64_t v = 0; v < S; ++v) {
           const int64_t row = v * B + b;
-          cpu::load_row(s_ptr + (row * K + k0) * s_es, st_dt, n, sbuf.data());
-          cpu::student_chunk(sbuf.data(), n, inv_ts, &sm[row * nk + kc], &sz[row * nk + kc]);
-          for (int64_t i = 0; i < T; ++i)
-            dots[((i * S + v) * B + b) * nk + kc] = cpu::dot(tbuf.data() + i * kChunk, sbuf.data(), n);
+          cpu::student_forward(s_ptr + (row * K + k0) * s_es, st_dt, n, inv_ts, tbuf.data(), kChunk,
+                               T, sdots.data(), &sm[row * nk + kc], &sz[row * nk + kc]);
+          for (int64_t i = 0; i < T; ++i) dots[((i * S + v) * B + b) * nk + kc] = sdots[i];
         }
       }
     }
@@ -164,41 +162,46 @@ void backward_impl(double grad, const Tensor& student, const Tensor& teacher, co
   const int64_t B = d.B, S = d.S, T = d.T, K = d.K;
   const int64_t nk = (K + kChunk - 1) / kChunk;
   const DType st_dt = to_dtype(student.scalar_type()), te_dt = to_dtype(teacher.scalar_type());
-  const DType g_dt = to_dtype(grad_student.scalar_type());
+  TORCH_INTERNAL_ASSERT(grad_student.scalar_type() == student.scalar_type());
   const auto* s_ptr = static_cast<const char*>(student.const_data_ptr());
   const auto* t_ptr = static_cast<const char*>(teacher.const_data_ptr());
   auto* g_ptr = static_cast<char*>(grad_student.mutable_data_ptr());
   const int64_t s_es = student.element_size(), t_es = teacher.element_size();
-  const int64_t g_es = grad_student.element_size();
   const acc_t* c = center.const_data_ptr<acc_t>();
   const acc_t* w = weights.defined() ? weights.const_data_ptr<acc_t>() : nullptr;
   const acc_t* s_lse = student_lse.const_data_ptr<acc_t>();
   const acc_t* t_lse = teacher_lse.const_data_ptr<acc_t>();
   at::parallel_for(0, B * nk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(T * kChunk), Q(kChunk), sbuf(kChunk);
+    std::vector<acc_t> q(T * kChunk), Q_all(kChunk), Q_skip(kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nk, kc = task % nk;
       const int64_t k0 = kc * kChunk, n = std::min(kChunk, K - k0);
       for (int64_t i = 0; i < T; ++i) {
         const int64_t row = i * B + b;
-        acc_t* qi = q.data() + i * kChunk;
-        cpu::load_row(t_ptr + (row * K + k0) * t_es, te_dt, n, qi);
-        cpu::teacher_probs(qi, c + k0, n, inv_tt, t_lse[row]);
+        cpu::teacher_probs(t_ptr + (row * K + k0) * t_es, te_dt, c + k0, n, inv_tt, t_lse[row],
+                           q.data() + i * kChunk);
       }
+      // Q = sum of the teacher probabilities paired with crop v, summed in crop order: the same
+      // for every crop but the teacher's own views when skip_same_view.
+      const bool any_full = !skip || S > T;
+      if (any_full) cpu::sum_rows(q.data(), kChunk, T, -1, n, Q_all.data());
       const double wb = w ? double(w[b]) : 1.0 / double(B);
       const acc_t coef = static_cast<acc_t>(grad * wb * double(inv_ts) / double(d.n_terms));
       for (int64_t v = 0; v < S; ++v) {
         const int64_t row = v * B + b;
-        std::fill(Q.begin(), Q.begin() + n, acc_t(0));
-        int64_t n_v = 0;
-        for (int64_t i = 0; i < T; ++i) {
-          if (skip && i == v) continue;
-          cpu::add_into(Q.data(), q.data() + i * kChunk, n);
-          ++n_v;
+        const acc_t* Q = Q_all.data();
+        int64_t n_v = T;
+        if (skip && v < T) {
+          n_v = T - 1;
+          if (T == 2) {
+            Q = q.data() + (1 - v) * kChunk;  // 0 + q_other is q_other exactly
+          } else {
+            cpu::sum_rows(q.data(), kChunk, T, v, n, Q_skip.data());
+            Q = Q_skip.data();
+          }
         }
-        cpu::load_row(s_ptr + (row * K + k0) * s_es, st_dt, n, sbuf.data());
-        cpu::dino_grad(sbuf.data(), n, inv_ts, s_lse[row], Q.data(), acc_t(n_v), coef,
-                       g_ptr + (row * K + k0) * g_es, g_dt);
+        cpu::dino_grad(s_ptr + (row * K + k0) * s_es, st_dt, n, inv_ts, s_lse[row], Q, acc_t(n_v),
+                       coef, g_ptr + (row * K + k0) * s_es);
       }
     }
   });
@@ -221,7 +224,7 @@ Tensor dino_loss_backward_cpu(const Tensor& grad_loss, const Tensor& student,
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   const Tensor sl = student_lse.to(acc).contiguous(), tl = teacher_lse.to(acc).contiguous();
   const bool half = student.scalar_type() == at::kHalf;
-  Tensor grad = at::empty(student.sizes(), student.options().dtype(half ? at::kFloat : student.scalar_type()));
+  Tensor grad = empty_large(student.sizes(), student.options().dtype(half ? at::kFloat : student.scalar_type()));
   const double g = grad_loss.item<double>();
   if (acc == at::kDouble) {
     backward_impl<double>(g, s, t, c, w, sl, tl, d, skip_same_view, 1.0 / student_temp,

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from pyssl import ops
 from pyssl.ops import reference
 
-# K values around the kernel's 4096-wide chunks and 16-wide lanes
-K_VALUES = [1, 2, 15, 17, 257, 4095, 4096, 4097, 9001]
+# K values around the kernel's 4096-wide chunks and its 16- and 32-wide lanes
+K_VALUES = [1, 2, 15, 17, 31, 33, 63, 65, 257, 4095, 4096, 4097, 9001]
 
 
 @st.composite
