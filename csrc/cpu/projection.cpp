@@ -54,12 +54,12 @@ PYSSL_INLINE void project_body(const T* x, const T* y, const T* z, int64_t n, co
     project_loop<T, 0>(x, y, z, n, M, K, H, W, min_depth, margin, pixels, depth, valid);
 }
 
-#define PYSSL_PROJECT_ENTRY(T)                                                                   \
-  PYSSL_MULTIVERSION(void, project_##T,                                                         \
-                     (const T* x, const T* y, const T* z, int64_t n, const T* M, const T* K, T H, \
-                      T W, T min_depth, T margin, int rounding, T* pixels, T* depth, bool* valid), \
-                     (x, y, z, n, M, K, H, W, min_depth, margin, rounding, pixels, depth, valid), \
-                     project_body<T>)
+#define PYSSL_PROJECT_ENTRY(T)                                                                  \
+  PYSSL_MULTIVERSION_AVX512(                                                                   \
+      void, project_##T,                                                                       \
+      (const T* x, const T* y, const T* z, int64_t n, const T* M, const T* K, T H, T W,        \
+       T min_depth, T margin, int rounding, T* pixels, T* depth, bool* valid),                  \
+      (x, y, z, n, M, K, H, W, min_depth, margin, rounding, pixels, depth, valid), project_body<T>)
 
 PYSSL_PROJECT_ENTRY(float)
 PYSSL_PROJECT_ENTRY(double)

@@ -1,5 +1,5 @@
 // Torch-free CPU kernel of the point projection (csrc/ops/projection.cpp parallelises it over
-// blocks of points). Vectorisable, built for AVX2+FMA and the baseline (simd.h).
+// blocks of points). Vectorisable, built for AVX-512, AVX2+FMA and the baseline (simd.h).
 #pragma once
 
 #include <cstdint>

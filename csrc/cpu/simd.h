@@ -130,7 +130,7 @@ const char* cpu_isa_name() {
 
 // As PYSSL_MULTIVERSION, with a third build of `body` for AVX-512 (512-bit vectors), picked
 // first when the CPU has it. Lane-array bodies give the same bits in all three builds. Used
-// where a benchmark showed the 512-bit build pays (the DINO loss's exp-bound row passes).
+// where a benchmark showed the 512-bit build pays (the DINO loss's row passes, project_points).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PYSSL_MULTIVERSION_AVX512(ret, name, params, args, body)                                \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"))) \
