@@ -21,19 +21,19 @@ PYSSL_INLINE void st(double* p, int64_t k, acc_t x) { p[k] = static_cast<double>
 template <typename acc_t>
 PYSSL_INLINE void st(uint16_t* p, int64_t k, acc_t x) { p[k] = float_to_bf16(static_cast<float>(x)); }
 
-// Runs `call` with p_ bound to the row as a typed pointer (float, double or bf16 bits). A macro,
-// not a lambda, so that the call is inlined into each ISA build of the caller.
-#define PYSSL_DINO_DISPATCH(dt, ptr, call)                                          \
+// Runs the statement given last with p_ bound to the row as a typed pointer (float, double or bf16
+// bits). A macro, not a lambda, so that the call is inlined into each ISA build of the caller.
+#define PYSSL_DINO_DISPATCH(dt, ptr, ...)                                           \
   do {                                                                              \
     if ((dt) == DType::kFloat32) {                                                  \
       const float* p_ = static_cast<const float*>(ptr);                             \
-      call;                                                                         \
+      __VA_ARGS__;                                                                  \
     } else if ((dt) == DType::kFloat64) {                                           \
       const double* p_ = static_cast<const double*>(ptr);                           \
-      call;                                                                         \
+      __VA_ARGS__;                                                                  \
     } else {                                                                        \
       const uint16_t* p_ = static_cast<const uint16_t*>(ptr);                       \
-      call;                                                                         \
+      __VA_ARGS__;                                                                  \
     }                                                                               \
   } while (0)
 
@@ -111,14 +111,15 @@ PYSSL_INLINE void teacher_forward_body(const void* t, DType dt, const acc_t* c, 
   PYSSL_DINO_DISPATCH(dt, t, teacher_forward_typed<acc_t>(p_, c, n, inv, colsum, e, m, z));
 }
 
-// One pass for the max and the dots with two teacher rows (DINO's two global crops), one per
-// further teacher row, then the exp pass.
-template <typename acc_t, typename In>
+// One pass for the max and the dots with the first teacher rows (NE = 2: DINO's two global crops;
+// NE = 1: one teacher row, as iBOT's patches), one pass per further teacher row, then the exp
+// pass.
+template <typename acc_t, int NE, typename In>
 PYSSL_INLINE void student_forward_typed(const In* __restrict s, int64_t n, acc_t inv,
                                         const acc_t* __restrict e, int64_t lde, int64_t n_e,
                                         acc_t* dots, acc_t* m_out, acc_t* z_out) {
   const acc_t* __restrict e0 = e;
-  const acc_t* __restrict e1 = n_e > 1 ? e + lde : e;
+  const acc_t* __restrict e1 = e + (NE > 1 ? lde : 0);
   acc_t mx[kRowLanes], d0[kRowLanes] = {}, d1[kRowLanes] = {};
   for (int j = 0; j < kRowLanes; ++j) mx[j] = -INFINITY;
   int64_t k = 0;
@@ -127,17 +128,17 @@ PYSSL_INLINE void student_forward_typed(const In* __restrict s, int64_t n, acc_t
       const acc_t x = ld<acc_t>(s, k + j);
       mx[j] = max_of(mx[j], x);
       d0[j] += e0[k + j] * x;
-      d1[j] += e1[k + j] * x;
+      if (NE > 1) d1[j] += e1[k + j] * x;
     }
   for (int j = 0; k + j < n; ++j) {
     const acc_t x = ld<acc_t>(s, k + j);
     mx[j] = max_of(mx[j], x);
     d0[j] += e0[k + j] * x;
-    d1[j] += e1[k + j] * x;
+    if (NE > 1) d1[j] += e1[k + j] * x;
   }
-  if (n_e > 0) dots[0] = lanes_sum(d0);
-  if (n_e > 1) dots[1] = lanes_sum(d1);
-  for (int64_t i = 2; i < n_e; ++i) {
+  dots[0] = lanes_sum(d0);
+  if (NE > 1) dots[1] = lanes_sum(d1);
+  for (int64_t i = NE; i < n_e; ++i) {
     const acc_t* __restrict ei = e + i * lde;
     acc_t d[kRowLanes] = {};
     k = 0;
@@ -156,7 +157,11 @@ template <typename acc_t>
 PYSSL_INLINE void student_forward_body(const void* s, DType dt, int64_t n, acc_t inv,
                                        const acc_t* e, int64_t lde, int64_t n_e, acc_t* dots,
                                        acc_t* m, acc_t* z) {
-  PYSSL_DINO_DISPATCH(dt, s, student_forward_typed<acc_t>(p_, n, inv, e, lde, n_e, dots, m, z));
+  if (n_e >= 2) {  // n_e >= 1: n_teacher_crops >= 1
+    PYSSL_DINO_DISPATCH(dt, s, student_forward_typed<acc_t, 2>(p_, n, inv, e, lde, n_e, dots, m, z));
+  } else {
+    PYSSL_DINO_DISPATCH(dt, s, student_forward_typed<acc_t, 1>(p_, n, inv, e, lde, n_e, dots, m, z));
+  }
 }
 
 template <typename acc_t, typename In>
