@@ -1,7 +1,8 @@
-"""The CPU kernels' instruction-set builds (csrc/cpu/simd.h: baseline, AVX2+FMA and, for the DINO
-loss's row passes, AVX-512) against each other. The lane-array kernel bodies promise the same bits
-from every build; the run-time dispatch picks the widest the CPU has, so without this test only
-that one build would ever run here. PYSSL_CPU_ISA caps the dispatch in a child process."""
+"""The CPU kernels' instruction-set builds (csrc/cpu/simd.h: baseline, AVX2+FMA and, where it
+pays, AVX-512) against each other. The lane-array kernel bodies and the hand-written AVX2 sampling
+kernels promise the same bits as their baseline builds, with one exception (below). The run-time
+dispatch picks the widest build the CPU has, so without this test only that one would ever run
+here. PYSSL_CPU_ISA caps the dispatch in a child process."""
 
 import json
 import os
@@ -51,6 +52,36 @@ K_cam = torch.tensor([[300.0, 0, 320], [0, 300.0, 240], [0, 0, 1]]).repeat(3, 1,
 for rounding in ("none", "floor", "round"):
     p = ops.project_points(pts, T_cam, K_cam, (480, 640), rounding=rounding)
     out[f"project_points {rounding}"] = digest(*(v for v in p if isinstance(v, torch.Tensor)))
+# Dense sampling: pixel-interleaved kernels (3, 4 channels), 16-channel band kernels plus planar
+# rest (20), both layouts, fp32 and bf16, forward and backward; the flow check; scattered pairs.
+for C in (3, 4, 20):
+    for dtype in (torch.float32, torch.bfloat16):
+        for cl in (False, True):
+            f = torch.randn(2, C, 24, 40, generator=g).to(dtype)
+            if cl:
+                f = f.contiguous(memory_format=torch.channels_last)
+            f.requires_grad_(True)
+            coords = torch.rand(2, 24, 40, 2, generator=g) * torch.tensor([43.0, 27.0]) - 1.5
+            coords.requires_grad_(True)
+            o = ops.sample_features(f, coords)
+            o.float().square().sum().backward()
+            if C >= 16 and not cl:
+                # NCHW with 16+ channels: the AVX2 build runs 16-channel slices through the
+                # channels-last band kernels, which sum the coordinate gradient (and the rest
+                # channels' feature gradient) in another order than the planar kernels: the
+                # same values to rounding, not the same bits (README, "The op API").
+                out[f"sample_features C={C} {dtype} NCHW forward"] = digest(o)
+            else:
+                out[f"sample_features C={C} {dtype} cl={cl}"] = digest(o, f.grad, coords.grad)
+fw, bw = torch.randn(2, 2, 24, 40, generator=g) * 3, torch.randn(2, 2, 24, 40, generator=g) * 3
+r = ops.flow_correspondence(fw, bw)
+out["flow_correspondence"] = digest(r.coords, r.valid.to(torch.uint8))
+feats = torch.randn(6, 40, 20, 30, generator=g).requires_grad_(True)
+pf = torch.randn(2000, 40, generator=g).requires_grad_(True)
+idx = [torch.randint(0, n, (2000,), generator=g) for n in (6, 20, 30)]
+loss = ops.pixel_to_point_distillation_loss(pf, feats, *idx)
+loss.backward()
+out["pixel_to_point_distillation_loss"] = digest(loss, pf.grad, feats.grad)
 print(json.dumps({"isa": pyssl.build_info()["cpu_isa"], "digests": out}))
 """
 
