@@ -71,4 +71,7 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pyssl native ops", -1, m
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__C(void) {
+  pyssl::cpu::cpu_has_avx512();  // latch PYSSL_CPU_ISA now: later changes to it have no effect
+  return PyModule_Create(&module_def);
+}

@@ -1,15 +1,15 @@
 // Torch-free helpers for the CPU kernels in csrc/cpu/*.cpp: a vectorisable exp, bf16
-// conversions, fixed-lane reductions, and run-time dispatch between an AVX2+FMA build of a
-// kernel body and the baseline build.
+// conversions, fixed-lane reductions, and run-time dispatch between AVX-512, AVX2+FMA and
+// baseline builds of a kernel body.
 //
 // Kernel bodies are written as plain loops over fixed-width lane arrays (kLanes accumulators)
 // so that (a) GCC vectorises them without -ffast-math and (b) the summation order does not
-// depend on the SIMD width: the AVX2 and the baseline builds give bitwise identical results.
-// Files including this header are compiled with -fno-trapping-math (CMakeLists.txt), which
-// lets GCC if-convert the selects below into vector blends.
+// depend on the SIMD width: every build gives bitwise identical results. The kernel files
+// (csrc/cpu/*.cpp) are compiled with -fno-trapping-math (CMakeLists.txt), which lets GCC
+// if-convert the selects below into vector blends.
 //
-// Everything here has internal linkage (anonymous namespace / static), so the AVX2 bodies
-// never leak into symbols shared with baseline code.
+// The helpers have internal linkage (anonymous namespace / static), so the AVX2 bodies never leak
+// into symbols shared with baseline code; only the dispatch queries at the end are shared.
 #pragma once
 
 #include <cmath>
@@ -68,11 +68,14 @@ PYSSL_INLINE uint16_t float_to_bf16(float x) {  // round to nearest even; NaN st
 PYSSL_INLINE float max_of(float a, float b) { return a > b ? a : b; }
 PYSSL_INLINE double max_of(double a, double b) { return a > b ? a : b; }
 
+}  // namespace
+
 // The widest build the run-time dispatch may pick: 2 = AVX-512, 1 = AVX2+FMA, 0 = baseline.
 // The environment variable PYSSL_CPU_ISA = baseline | avx2 | avx512 lowers it (tests compare the
-// builds' results bit for bit; pyssl/_native.py rejects other values); it never raises it above
-// what the CPU has.
-int cpu_isa_cap() {
+// builds' results bit for bit); it never raises it above what the CPU has. Inline functions with
+// external linkage: one cached value for the whole extension, latched when pyssl._C loads
+// (csrc/module.cpp), after pyssl/_native.py has rejected any other value.
+inline int cpu_isa_cap() {
   static const int cap = [] {
     const char* e = std::getenv("PYSSL_CPU_ISA");
     if (e == nullptr) return 2;
@@ -83,7 +86,7 @@ int cpu_isa_cap() {
   return cap;
 }
 
-bool cpu_has_avx2_fma() {
+inline bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool ok =
       cpu_isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -93,7 +96,7 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-bool cpu_has_avx512() {  // the subset PYSSL_MULTIVERSION_AVX512 builds for (AVX-512 F/BW/VL/DQ)
+inline bool cpu_has_avx512() {  // the subset PYSSL_MULTIVERSION_AVX512 builds for (AVX-512 F/BW/VL/DQ)
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool ok = cpu_isa_cap() >= 2 && cpu_has_avx2_fma() &&
                          __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -105,11 +108,10 @@ bool cpu_has_avx512() {  // the subset PYSSL_MULTIVERSION_AVX512 builds for (AVX
 }
 
 // The build the dispatch picks on this CPU: "avx512", "avx2" or "baseline".
-const char* cpu_isa_name() {
+inline const char* cpu_isa_name() {
   return cpu_has_avx512() ? "avx512" : cpu_has_avx2_fma() ? "avx2" : "baseline";
 }
 
-}  // namespace
 }  // namespace pyssl::cpu
 
 // Defines `name(args)` that runs `body` compiled for AVX2+FMA when the CPU has them, else the

@@ -45,6 +45,8 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
   const int64_t nk = (K + kChunk - 1) / kChunk;
   const int64_t nbb = (B + kImageBlock - 1) / kImageBlock;
   const DType st_dt = to_dtype(student.scalar_type()), te_dt = to_dtype(teacher.scalar_type());
+  // the row kernels read fp32, fp64 and bf16 (fp16 arrives as a float32 copy: cpu_readable)
+  TORCH_INTERNAL_ASSERT(st_dt != DType::kFloat16 && te_dt != DType::kFloat16);
   const auto* s_ptr = static_cast<const char*>(student.const_data_ptr());
   const auto* t_ptr = static_cast<const char*>(teacher.const_data_ptr());
   const int64_t s_es = student.element_size(), t_es = teacher.element_size();
@@ -162,6 +164,8 @@ void backward_impl(double grad, const Tensor& student, const Tensor& teacher, co
   const int64_t B = d.B, S = d.S, T = d.T, K = d.K;
   const int64_t nk = (K + kChunk - 1) / kChunk;
   const DType st_dt = to_dtype(student.scalar_type()), te_dt = to_dtype(teacher.scalar_type());
+  // the row kernels read fp32, fp64 and bf16 (fp16 arrives as a float32 copy: cpu_readable)
+  TORCH_INTERNAL_ASSERT(st_dt != DType::kFloat16 && te_dt != DType::kFloat16);
   TORCH_INTERNAL_ASSERT(grad_student.scalar_type() == student.scalar_type());
   const auto* s_ptr = static_cast<const char*>(student.const_data_ptr());
   const auto* t_ptr = static_cast<const char*>(teacher.const_data_ptr());
@@ -243,6 +247,7 @@ void offset_lse_impl(const Tensor& x, const Tensor& row_off, const Tensor& col_o
                      int64_t dim, Tensor& out) {
   const int64_t R = x.size(0), K = x.size(1);
   const DType dt = to_dtype(x.scalar_type());
+  TORCH_INTERNAL_ASSERT(dt != DType::kFloat16);  // cpu_readable made a float32 copy
   const auto* xp = static_cast<const char*>(x.const_data_ptr());
   const int64_t es = x.element_size();
   const acc_t* ro = row_off.defined() ? row_off.const_data_ptr<acc_t>() : nullptr;

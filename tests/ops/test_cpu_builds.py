@@ -119,3 +119,22 @@ def test_a_bad_isa_cap_is_refused_with_its_name():
 
 def test_build_info_names_the_cpu_build_in_use():
     assert pyssl.build_info()["cpu_isa"] in CPU_ISAS
+
+
+def test_the_cap_is_read_once_when_the_extension_loads():
+    """Setting PYSSL_CPU_ISA after import changes nothing (the C++ side latched it at load)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYSSL_CPU_ISA"}
+
+    def child(code):
+        r = subprocess.run([sys.executable, "-c", "import os, pyssl\n" + code], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.strip()
+
+    widest = child("print(pyssl.build_info()['cpu_isa'])")
+    if widest == "baseline":
+        pytest.skip("this CPU has no AVX2+FMA: a later cap could not show")
+    late = child("os.environ['PYSSL_CPU_ISA'] = 'baseline'\n"
+                 "pyssl.build_info.cache_clear()\n"
+                 "print(pyssl.build_info()['cpu_isa'])")
+    assert late == widest

@@ -118,11 +118,12 @@ def test_minus_inf_logits_are_masked_prototypes(device):
     """-inf is a logit of probability 0 (as in torch's softmax): a teacher row with masked
     prototypes gives the reference's finite loss and gradient; NaN and +inf give NaN."""
     g = torch.Generator().manual_seed(5)
-    B, S, T, K = 3, 4, 2, 300
+    B, S, T, K = 3, 4, 2, 4200
     s = torch.randn(S * B, K, generator=g, dtype=torch.float64)
     t = torch.randn(T * B, K, generator=g, dtype=torch.float64)
     c = torch.randn(K, generator=g, dtype=torch.float64) * 0.1
-    t[0, 7] = t[4, :50] = -math.inf  # masked prototypes in two teacher rows
+    # masked prototypes in two teacher rows, one with a whole 4096-wide kernel chunk of them
+    t[0, 7] = t[4, :4100] = -math.inf
     rs = s.clone().requires_grad_(True)
     rloss, rmean = reference.dino_loss(rs, t, c)
     (rgrad,) = torch.autograd.grad(rloss, rs)
@@ -136,9 +137,23 @@ def test_minus_inf_logits_are_masked_prototypes(device):
         torch.testing.assert_close(grad.cpu().double(), rgrad, rtol=tol, atol=tol)
         torch.testing.assert_close(mean.cpu().double(), rmean, rtol=tol, atol=tol)
     for bad in (math.nan, math.inf):
-        tb = t.clone()
-        tb[1, 3] = bad
-        assert torch.isnan(ops.dino_loss(s.to(device), tb.to(device), c.to(device)).loss)
+        tb, sb = t.clone(), s.clone()
+        tb[1, 3] = sb[5, 3] = bad
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            to = dict(device=device, dtype=dtype)
+            assert torch.isnan(ops.dino_loss(s.to(**to), tb.to(**to), c.to(**to)).loss)
+            assert torch.isnan(ops.dino_loss(sb.to(**to), t.to(**to), c.to(**to)).loss)
+    # A student chunk of -inf (crop 1 of image 2, paired with a teacher row without -inf):
+    # log p = -inf where q > 0, an infinite loss, as in the reference. In float32 some q
+    # underflow to 0 (teacher_temp 0.04), and 0 * log 0 is NaN, in the reference too.
+    sb = s.clone()
+    sb[5, :4100] = -math.inf
+    assert reference.dino_loss(sb, t, c)[0] == math.inf
+    assert ops.dino_loss(sb.to(device), t.to(device), c.to(device)).loss == math.inf
+    ref32 = reference.dino_loss(sb.float(), t.float(), c.float())[0]
+    loss32 = ops.dino_loss(sb.to(device, torch.float32), t.to(device, torch.float32),
+                           c.to(device, torch.float32)).loss
+    assert torch.isnan(ref32) and torch.isnan(loss32)
     # The same prototype masked in a student row and a teacher row: 0 * log 0, NaN in float64
     # and in the reference; float32 must agree (its fast exp once gave exp(-inf) ~ 1e-38, +inf).
     sb, tb = s.clone(), t.clone()
@@ -215,15 +230,17 @@ def test_compile_fullgraph_dino_step():
     torch.testing.assert_close(head.weight.grad, g_eager)
 
 
-def test_bitwise_repeatable_across_thread_counts():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_repeatable_across_thread_counts(dtype):
+    # 20 images: a full block of 16 and a partial one; K = 9000: three chunks, the last partial
     g = torch.Generator().manual_seed(4)
-    s = torch.randn(12 * 16, 9000, generator=g)
-    t = torch.randn(2 * 16, 9000, generator=g)
+    s = torch.randn(12 * 20, 9000, generator=g).to(dtype)
+    t = torch.randn(2 * 20, 9000, generator=g).to(dtype)
     c = torch.randn(9000, generator=g)
     results = []
     prev = torch.get_num_threads()
     try:
-        for threads in (1, 2, 1):
+        for threads in (1, 2, 3, 1):
             torch.set_num_threads(threads)
             ss = s.clone().requires_grad_(True)
             loss, mean = ops.dino_loss(ss, t, c)
