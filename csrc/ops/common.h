@@ -102,4 +102,13 @@ inline at::Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& op
   return empty_large(sizes, options).zero_();
 }
 
+// t converted to dtype (t itself when it has it), a contiguous copy in huge-page-advised memory:
+// for the multi-MB conversions around the CPU kernels (a bf16 gradient to float32 and back).
+inline at::Tensor to_large(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t;
+  at::Tensor out = empty_large(t.sizes(), t.options().dtype(dtype));
+  out.copy_(t);
+  return out;
+}
+
 }  // namespace pyssl

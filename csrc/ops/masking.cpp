@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_masking_cpu(const Tensor& x,
   Tensor ids_keep = at::empty({N, K}, long_opts);
   Tensor ids_restore = at::empty({N, L}, long_opts);
   Tensor mask = at::empty({N, L}, x.options().dtype(at::kBool));
-  Tensor visible = at::empty({N, K, D}, x.options());
+  Tensor visible = empty_large({N, K, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, nc.scalar_type(), "random_masking",
                                   [&] { masking_ranks_cpu<scalar_t>(nc, K, ids_keep, ids_restore, mask); });
   gather_rows_cpu(xc, ids_keep, L, nullptr, visible);
@@ -120,7 +120,7 @@ Tensor unshuffle_tokens_cpu(const Tensor& visible, const Tensor& ids_restore,
   if (validate) check_permutation_cpu(ids, "ids_restore");
   const Tensor vis = visible.contiguous();
   const Tensor tok = mask_token.contiguous();
-  Tensor out = at::empty({N, L, D}, visible.options());
+  Tensor out = empty_large({N, L, D}, visible.options());
   gather_rows_cpu(vis, ids, K, &tok, out);
   return out;
 }
@@ -180,7 +180,7 @@ std::tuple<Tensor, Tensor> unshuffle_tokens_backward_cpu(const Tensor& grad_outp
         }
     });
   }
-  Tensor grad_visible = at::empty({N, K, D}, g.options());
+  Tensor grad_visible = empty_large({N, K, D}, g.options());
   gather_rows_cpu(g, inverse, L, nullptr, grad_visible);
   Tensor grad_token = at::empty({mask_token_grad ? D : 0}, g.options());
   if (mask_token_grad) {

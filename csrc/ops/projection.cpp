@@ -206,7 +206,7 @@ Tensor segment_mean_backward_cpu(const Tensor& grad_means, const Tensor& segment
   check_segment_mean_backward(grad_means, segment_ids, counts);
   const int64_t N = segment_ids.size(0), D = grad_means.size(1), S = grad_means.size(0);
   const Tensor g = grad_means.contiguous(), ids = segment_ids.contiguous(), cnt = counts.contiguous();
-  Tensor out = at::empty({N, D}, g.options());
+  Tensor out = empty_large({N, D}, g.options());
   const int64_t* id = ids.const_data_ptr<int64_t>();
   const int64_t* c = cnt.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "segment_mean_backward", [&] {

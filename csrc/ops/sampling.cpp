@@ -278,7 +278,7 @@ void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, Row
 Tensor pair_accumulator(const Tensor& features, const at::TensorOptions& acc) {
   if (features.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
     return channels_last_accumulator(features, acc);
-  return at::zeros(features.sizes(), acc);
+  return zeros_large(features.sizes(), acc);
 }
 
 // Runs body(begin, end) over pairs split into one contiguous range per thread: planar loops
@@ -293,7 +293,7 @@ Tensor sample_points_cpu(const Tensor& features, const std::optional<Tensor>& im
                          const Tensor& xy, int64_t mode) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
-  Tensor out = at::empty({s.M, s.D}, p.features.options());
+  Tensor out = empty_large({s.M, s.D}, p.features.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(), "sample_points", [&] {
     if (!p.index.defined()) return forward_impl<scalar_t>(p, s, mode, out);
     using A = at::opmath_type<scalar_t>;
@@ -967,7 +967,7 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   // the output gradient as planes: any batch and channel strides (an expanded gradient, e.g. of
   // a sum over channels, has channel stride 0 and is not copied), points contiguous; float32,
   // or bfloat16 as it comes for the quad kernels
-  Tensor g = quad && grad.scalar_type() == at::kBFloat16 ? grad : grad.to(at::kFloat);
+  Tensor g = quad && grad.scalar_type() == at::kBFloat16 ? grad : to_large(grad, at::kFloat);
   if (!(g.stride(3) == 1 && g.stride(2) == g.size(3))) g = g.contiguous();
   const float* cp = xy.const_data_ptr<float>();
   // The feature gradient accumulates in float32: in the quad path in its accumulator, unpacked
@@ -1012,7 +1012,7 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   } else {
     dense_backward(kernel_ptr<float>(f), cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   }
-  if (features_grad && gf.scalar_type() != f.scalar_type()) gf = gf.to(f.scalar_type());
+  if (features_grad) gf = to_large(gf, f.scalar_type());
   return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
 }
 

@@ -43,12 +43,19 @@ inline SampleShape check_sample(const at::Tensor& features,
 // contiguous. like_features() converts an accumulator to the features' dtype and memory format
 // (a no-op when they match), so autograd accumulates it without another copy.
 inline at::Tensor channels_last_accumulator(const at::Tensor& features, const at::TensorOptions& acc) {
-  return at::zeros({features.size(0), features.size(2), features.size(3), features.size(1)}, acc)
+  return zeros_large({features.size(0), features.size(2), features.size(3), features.size(1)}, acc)
       .permute({0, 3, 1, 2});
 }
 
+// The feature gradient from its accumulator: the accumulator itself when it has the features'
+// dtype and memory format, else a copy (in huge-page-advised memory: it can be 100s of MB).
 inline at::Tensor like_features(const at::Tensor& acc, const at::Tensor& features) {
-  return acc.to(features.scalar_type()).contiguous(features.suggest_memory_format());
+  const auto format = features.suggest_memory_format();
+  if (acc.scalar_type() == features.scalar_type() && acc.is_contiguous(format)) return acc;
+  at::Tensor out = empty_large(features.sizes(),
+                               acc.options().dtype(features.scalar_type()).memory_format(format));
+  out.copy_(acc);
+  return out;
 }
 
 inline at::ScalarType sample_acc(const at::Tensor& features, const at::Tensor& xy) {
