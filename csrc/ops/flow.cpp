@@ -22,7 +22,7 @@ std::tuple<Tensor, Tensor> flow_correspondence_cpu(const Tensor& flow_fw,
   const auto acc = flow_acc(flow_fw);
   const Tensor fw = flow_fw.to(acc);
   const Tensor bw = flow_bw.has_value() ? flow_bw->to(acc) : Tensor();
-  Tensor coords = at::empty({B, H, W, 2}, fw.options());
+  Tensor coords = empty_large({B, H, W, 2}, fw.options());
   Tensor valid = at::empty({B, H, W}, fw.options().dtype(at::kBool));
   if (acc == at::kFloat && H * W < (int64_t{1} << 31)) {
     // float32: rows through the vectorised kernel (csrc/cpu/sample_dense.cpp, flow_row), which
@@ -92,7 +92,7 @@ Tensor affine_correspondence_cpu(const Tensor& theta, int64_t hin, int64_t win, 
   check_affine(theta, hin, win, hout, wout);
   const int64_t B = theta.size(0);
   const Tensor th = theta.to(flow_acc(theta)).contiguous();
-  Tensor coords = at::empty({B, hout, wout, 2}, th.options());
+  Tensor coords = empty_large({B, hout, wout, 2}, th.options());
   AT_DISPATCH_FLOATING_TYPES(th.scalar_type(), "affine_correspondence", [&] {
     const scalar_t* t = th.const_data_ptr<scalar_t>();
     scalar_t* c = coords.mutable_data_ptr<scalar_t>();
