@@ -102,6 +102,17 @@ inline at::Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& op
   return empty_large(sizes, options).zero_();
 }
 
+// at::empty_like / at::zeros_like (same strides) in huge-page-advised memory.
+inline at::Tensor empty_like_large(const at::Tensor& t, const at::TensorOptions& options) {
+  at::Tensor out = at::empty_like(t, options);
+  advise_huge_pages(out);
+  return out;
+}
+
+inline at::Tensor zeros_like_large(const at::Tensor& t, const at::TensorOptions& options) {
+  return empty_like_large(t, options).zero_();
+}
+
 // t converted to dtype (t itself when it has it), a contiguous copy in huge-page-advised memory:
 // for the multi-MB conversions around the CPU kernels (a bf16 gradient to float32 and back).
 inline at::Tensor to_large(const at::Tensor& t, at::ScalarType dtype) {

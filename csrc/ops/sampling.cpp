@@ -421,7 +421,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
   Tensor gacc = !features_grad ? at::empty({0}, p.xy.options())
                 : image_index.has_value() ? pair_accumulator(p.features, p.xy.options())
-                                          : at::zeros_like(p.features, p.xy.options());
+                                          : zeros_like_large(p.features, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
                                   "sample_points_backward", [&] {
@@ -655,10 +655,10 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   check_distill_backward(grad_loss, stats, features, s);
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
-  Tensor gpf = point_features_grad ? at::empty_like(in.pf) : at::empty({0}, in.p.xy.options());
+  Tensor gpf = point_features_grad ? empty_like_large(in.pf, in.pf.options()) : at::empty({0}, in.p.xy.options());
   Tensor gacc = !features_grad ? at::empty({0}, in.p.xy.options())
                 : image_index.has_value() ? pair_accumulator(in.p.features, in.p.xy.options())
-                                          : at::zeros_like(in.p.features, in.p.xy.options());
+                                          : zeros_like_large(in.p.features, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);
