@@ -62,6 +62,14 @@ def format_table(data: dict) -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     header = (f"machine: {mi.get('node', platform.node())}, {mi.get('cpu', {}).get('brand_raw', platform.processor())}, "
               f"python {mi.get('python_version', '')}; CPU threads: {threads}; date {data.get('datetime', '')[:10]}")
+    px = mi.get("pyssl")
+    if px:  # recorded by benchmarks/conftest.py
+        cpu = px.get("cpu", {})
+        header += (f"\nCPU: {cpu.get('name', '?')} (family {cpu.get('family', '?')}, model "
+                   f"{cpu.get('model', '?')}; {', '.join(cpu.get('vector') or []) or 'no AVX2'}); "
+                   f"torch {px.get('torch')} (CPU kernels {px.get('torch_cpu_capability')}); "
+                   f"pyssl {px.get('version')} (CPU kernels {px.get('cpu_kernels')})"
+                   + (f"; GPU: {px['gpu']}" if px.get("gpu") else ""))
     lines = [header, "",
              "| configuration | impl | median ms | time / pyssl time | saved for backward MB | peak MB |",
              "|---|---|---:|---:|---:|---:|"]

@@ -41,6 +41,30 @@ def test_merged_table_has_every_run_and_the_ratios(tmp_path, capsys):
     assert report.rows(merged) == report.rows(report.merge([a, b]))
 
 
+def test_header_names_the_cpu_the_kernels_and_the_gpu():
+    data = _result("masking fwd", {"pyssl": 0.001, "mae_torch": 0.003})
+    data["machine_info"]["pyssl"] = {
+        "version": "0.1", "cpu_kernels": "avx512", "torch": "2.14.1",
+        "torch_cpu_capability": "AVX512", "gpu": "NVIDIA H100 80GB HBM3",
+        "cpu": {"name": "AMD EPYC", "family": "26", "model": "2", "vector": ["avx2", "avx512f"]}}
+    head = report.format_table(data).splitlines()[1]
+    assert head == ("CPU: AMD EPYC (family 26, model 2; avx2, avx512f); torch 2.14.1 (CPU kernels "
+                    "AVX512); pyssl 0.1 (CPU kernels avx512); GPU: NVIDIA H100 80GB HBM3")
+
+
+def test_benchmark_runs_record_the_cpu_and_kernel_builds():
+    from benchmarks import conftest
+
+    class Config:
+        pass
+
+    info = {}
+    conftest.pytest_benchmark_update_machine_info(Config(), info)
+    px = info["pyssl"]
+    assert px["cpu_kernels"] in ("baseline", "avx2", "avx512") and px["torch"]
+    assert px["cpu"]["name"]
+
+
 def test_merge_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no benchmark results"):
         report.merge([])
