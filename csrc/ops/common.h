@@ -113,13 +113,17 @@ inline at::Tensor zeros_like_large(const at::Tensor& t, const at::TensorOptions&
   return empty_like_large(t, options).zero_();
 }
 
+// A copy of t with `options` (dtype, memory format) in huge-page-advised memory.
+inline at::Tensor copy_large(const at::Tensor& t, const at::TensorOptions& options) {
+  at::Tensor out = empty_large(t.sizes(), options);
+  out.copy_(t);
+  return out;
+}
+
 // t converted to dtype (t itself when it has it), a contiguous copy in huge-page-advised memory:
 // for the multi-MB conversions around the CPU kernels (a bf16 gradient to float32 and back).
 inline at::Tensor to_large(const at::Tensor& t, at::ScalarType dtype) {
-  if (t.scalar_type() == dtype) return t;
-  at::Tensor out = empty_large(t.sizes(), t.options().dtype(dtype));
-  out.copy_(t);
-  return out;
+  return t.scalar_type() == dtype ? t : copy_large(t, t.options().dtype(dtype));
 }
 
 }  // namespace pyssl

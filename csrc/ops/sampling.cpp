@@ -273,9 +273,11 @@ void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, Row
   });
 }
 
-// Feature-gradient accumulator for scattered pairs, in the features' memory format (planar
-// accumulators are filled chunk by chunk, see above).
-Tensor pair_accumulator(const Tensor& features, const at::TensorOptions& acc) {
+// Zeroed feature-gradient accumulator: for scattered pairs in the features' memory format
+// (planar accumulators are filled chunk by chunk, see above); for dense sampling (no
+// image_index) with the features' own strides, written plane by plane (scatter_dense).
+Tensor feature_accumulator(const Tensor& features, const at::TensorOptions& acc, bool pairs) {
+  if (!pairs) return zeros_like_large(features, acc);
   if (features.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
     return channels_last_accumulator(features, acc);
   return zeros_large(features.sizes(), acc);
@@ -419,9 +421,8 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   check_sample_grad(grad, features, s);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
-  Tensor gacc = !features_grad ? at::empty({0}, p.xy.options())
-                : image_index.has_value() ? pair_accumulator(p.features, p.xy.options())
-                                          : zeros_like_large(p.features, p.xy.options());
+  Tensor gacc = features_grad ? feature_accumulator(p.features, p.xy.options(), image_index.has_value())
+                              : at::empty({0}, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
                                   "sample_points_backward", [&] {
@@ -656,9 +657,8 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? empty_like_large(in.pf, in.pf.options()) : at::empty({0}, in.p.xy.options());
-  Tensor gacc = !features_grad ? at::empty({0}, in.p.xy.options())
-                : image_index.has_value() ? pair_accumulator(in.p.features, in.p.xy.options())
-                                          : zeros_like_large(in.p.features, in.p.xy.options());
+  Tensor gacc = features_grad ? feature_accumulator(in.p.features, in.p.xy.options(), image_index.has_value())
+                              : at::empty({0}, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);

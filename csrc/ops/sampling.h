@@ -52,10 +52,7 @@ inline at::Tensor channels_last_accumulator(const at::Tensor& features, const at
 inline at::Tensor like_features(const at::Tensor& acc, const at::Tensor& features) {
   const auto format = features.suggest_memory_format();
   if (acc.scalar_type() == features.scalar_type() && acc.is_contiguous(format)) return acc;
-  at::Tensor out = empty_large(features.sizes(),
-                               acc.options().dtype(features.scalar_type()).memory_format(format));
-  out.copy_(acc);
-  return out;
+  return copy_large(acc, acc.options().dtype(features.scalar_type()).memory_format(format));
 }
 
 inline at::ScalarType sample_acc(const at::Tensor& features, const at::Tensor& xy) {
