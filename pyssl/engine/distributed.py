@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "initialized",
-           "is_rank_zero", "wrap_model"]
+           "is_rank_zero", "shutdown_distributed", "wrap_model"]
 
 
 class DistInfo:
@@ -52,6 +52,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world, local, dev, here)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Leaves the process group that init_distributed joined, once every rank is done. Left to
+    interpreter exit, gloo's threads sometimes aborted a finished run ("terminate called without
+    an active exception", SIGABRT: about one torchrun in seven on a 2-core VM)."""
+    if info.initialized_here and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ..data.datasets import resolve_data
 from .checkpoint import load_checkpoint
 from .config import (ConfigError, TrainConfig, apply_overrides, config_from_dict,
                      config_to_dict, parse_overrides)
-from .distributed import init_distributed
+from .distributed import init_distributed, shutdown_distributed
 from .trainer import Trainer
 
 __all__ = ["build_configs", "default_run_dir", "pretrain"]
@@ -121,4 +121,5 @@ def pretrain(recipe: str, *, data: str | None = None, epochs: int | None = None,
                       resume=out / "last.pt" if resume else None, dist_info=info)
     summary = trainer.fit()
     summary["history"] = trainer.history
+    shutdown_distributed(info)
     return summary
