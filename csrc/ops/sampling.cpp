@@ -131,6 +131,7 @@ struct PairTaps {
   std::vector<int64_t> ptr;  // [M * nt] element offsets (-1: outside the image)
   std::vector<A> w;          // [M * 4] tap weights (bilinear only)
   std::vector<int64_t> order;  // [M] visiting order: by image and pixel of the first tap, stable
+  std::vector<int64_t> key;    // [M] image * H * W + pixel of the first tap (-1: none)
 };
 
 // Stable sort of the pairs by key (the image-and-pixel index of their first tap; pairs outside
@@ -161,7 +162,8 @@ PairTaps<A> pair_taps(const A* xy, const int64_t* idx, const SampleShape& s, int
   t.ptr.resize(s.M * t.nt);
   if (t.nt == 4) t.w.resize(s.M * 4);
   const int64_t sN = strides[0], sH = strides[2], sW = strides[3];
-  std::vector<int64_t> key(s.M);
+  std::vector<int64_t>& key = t.key;
+  key.resize(s.M);
   at::parallel_for(0, s.M, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t n = idx ? idx[m] : m / s.per_image;
@@ -273,14 +275,88 @@ void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, Row
   });
 }
 
-// Zeroed feature-gradient accumulator: for scattered pairs in the features' memory format
-// (planar accumulators are filled chunk by chunk, see above); for dense sampling (no
-// image_index) with the features' own strides, written plane by plane (scatter_dense).
-Tensor feature_accumulator(const Tensor& features, const at::TensorOptions& acc, bool pairs) {
-  if (!pairs) return zeros_like_large(features, acc);
-  if (features.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
-    return channels_last_accumulator(features, acc);
-  return zeros_large(features.sizes(), acc);
+// Nearest-mode scatter-add into planar (NCHW) features, the faster path for their backwards.
+// `acc` is a contiguous [N, D, H, W] buffer that starts uninitialised: this pass zeroes it too.
+// Tasks own contiguous runs of the pairs in pixel order, cut at pixel boundaries, and with them
+// a range of pixels (keys): no two tasks touch the same accumulator entry, and each pixel's adds
+// run in the visiting order (as in scatter_pairs), whatever the thread count. A task takes
+// blocks of kPlanarBlock pairs, kPlanarChunk channels at a time, and calls
+//   block(b0, nb, d0, d1, aoff, zero)
+// for the pairs order[b0 .. b0+nb-1], whose accumulator entries in channel d are
+// acc[d * H * W + aoff[i]]. The block goes channel by channel and calls zero(d) before its adds
+// to plane d: that zeroes the block's run of the plane (its pixels and the gap up to the next
+// block's), which then stays in L1 for the adds, as do the block's own per-pair rows.
+constexpr int64_t kPlanarBlock = 64;
+constexpr int64_t kPlanarChunk = 64;
+
+template <typename A, typename BlockFn>
+void scatter_planar_nearest(const PairTaps<A>& t, const SampleShape& s, A* acc, BlockFn block) {
+  const int64_t D = s.D, HW = s.H * s.W, NHW = s.N * HW;
+  const int64_t* order = t.order.data();
+  auto key_at = [&](int64_t q) { return t.key[order[q]]; };
+  int64_t valid = s.M;  // pairs outside every image (key -1) are sorted last
+  while (valid > 0 && key_at(valid - 1) < 0) --valid;
+  // Task boundaries: about equal numbers of pairs, moved forward to the next new pixel.
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), valid / 256));
+  std::vector<int64_t> cut(tasks + 1, valid), lo_key(tasks + 1, NHW);
+  cut[0] = 0;
+  lo_key[0] = 0;
+  for (int64_t i = 1; i < tasks; ++i) {
+    int64_t r = std::max(cut[i - 1], valid * i / tasks);
+    while (r > 0 && r < valid && key_at(r) == key_at(r - 1)) ++r;
+    cut[i] = r;
+    lo_key[i] = r < valid ? key_at(r) : NHW;
+  }
+  // Zero plane d over the keys [k0, k1) (they may span images).
+  auto zero_keys = [&](int64_t d, int64_t k0, int64_t k1) {
+    while (k0 < k1) {
+      const int64_t n = k0 / HW, end = std::min(k1, (n + 1) * HW);
+      A* plane = acc + n * (D - 1) * HW + d * HW;  // + key: entry (n, d, pixel)
+      std::fill(plane + k0, plane + end, A(0));
+      k0 = end;
+    }
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    int64_t aoff[kPlanarBlock];
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t begin = cut[task], end = cut[task + 1];
+      for (int64_t d0 = 0; d0 < D; d0 += kPlanarChunk) {
+        const int64_t d1 = std::min(D, d0 + kPlanarChunk);
+        if (acc && begin == end)
+          for (int64_t d = d0; d < d1; ++d) zero_keys(d, lo_key[task], lo_key[task + 1]);
+        int64_t zlo = lo_key[task];
+        for (int64_t b0 = begin; b0 < end; b0 += kPlanarBlock) {
+          const int64_t b1 = std::min(end, b0 + kPlanarBlock);
+          // keys this block zeroes: from the last block's end past its own last pixel, up to the
+          // next block's first pixel (or the task's end)
+          const int64_t zhi = b1 < end ? std::max(key_at(b1), key_at(b1 - 1) + 1) : lo_key[task + 1];
+          for (int64_t i = 0; i < b1 - b0; ++i) {
+            const int64_t k = key_at(b0 + i);
+            aoff[i] = k + (k / HW) * (D - 1) * HW;
+          }
+          block(b0, b1 - b0, d0, d1, static_cast<const int64_t*>(aoff),
+                [&](int64_t d) { zero_keys(d, zlo, zhi); });
+          zlo = zhi;
+        }
+      }
+    }
+  });
+}
+
+// The feature-gradient accumulator. Nearest pairs on planar features: contiguous and
+// uninitialised (scatter_planar_nearest zeroes it). Other pairs: zeroed, in the features' memory
+// format (scatter_pairs). Dense sampling (no image_index): zeroed, with the features' own strides
+// (scatter_dense).
+bool planar_nearest(const Prepared& p, int64_t mode) {
+  return mode == kNearest && p.index.defined() && p.features.stride(1) != 1;
+}
+
+Tensor feature_accumulator(const Prepared& p, const at::TensorOptions& acc, int64_t mode) {
+  if (planar_nearest(p, mode)) return empty_large(p.features.sizes(), acc);
+  if (!p.index.defined()) return zeros_like_large(p.features, acc);
+  if (p.features.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
+    return channels_last_accumulator(p.features, acc);
+  return zeros_large(p.features.sizes(), acc);
 }
 
 // Runs body(begin, end) over pairs split into one contiguous range per thread: planar loops
@@ -360,7 +436,19 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   const F* g = grad.const_data_ptr<F>();
-  if (need_features && idx) {
+  if (need_features && planar_nearest(p, mode)) {
+    const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
+    scatter_planar_nearest(t, s, gacc.mutable_data_ptr<A>(),
+                           [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, const int64_t* aoff, auto zero) {
+      const F* rows[kPlanarBlock];
+      for (int64_t i = 0; i < nb; ++i) rows[i] = g + t.order[b0 + i] * s.D;
+      for (int64_t d = d0; d < d1; ++d) {
+        zero(d);
+        A* ad = gacc.mutable_data_ptr<A>() + d * s.H * s.W;
+        for (int64_t i = 0; i < nb; ++i) ad[aoff[i]] += static_cast<A>(rows[i][d]);
+      }
+    });
+  } else if (need_features && idx) {
     const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
     with_taps(t, [&](auto nt) {
       scatter_pairs<decltype(nt)::value>(t, s.M, s.D, gacc, [&](int64_t m, int64_t d0, int64_t d1, A* row) {
@@ -421,8 +509,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   check_sample_grad(grad, features, s);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
-  Tensor gacc = features_grad ? feature_accumulator(p.features, p.xy.options(), image_index.has_value())
-                              : at::empty({0}, p.xy.options());
+  Tensor gacc = features_grad ? feature_accumulator(p, p.xy.options(), mode) : at::empty({0}, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
                                   "sample_points_backward", [&] {
@@ -575,6 +662,46 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
   return {value, stats};
 }
 
+// Nearest pairs on planar features: d L / d g and d L / d f in one scatter_planar_nearest pass
+// (o: the point-feature gradient or null; acc: the feature accumulator or null).
+template <typename F, typename A>
+void distill_backward_planar_nearest(const F* f, int64_t sD, const A* g, const RowLayout& pl,
+                                     const PairTaps<A>& t, const std::vector<DistillCoef<A>>& coef,
+                                     const SampleShape& s, A* o, const RowLayout& gl, A* acc) {
+  const int64_t HW = s.H * s.W;
+  if (o) {  // pairs outside every image (sorted last): their sampled features are 0
+    for (int64_t q = s.M - 1; q >= 0 && t.key[t.order[q]] < 0; --q) {
+      const int64_t m = t.order[q];
+      for (int64_t d = 0; d < s.D; ++d)
+        o[gl.base(m) + d * gl.sD] = coef[m].cg1 * g[pl.base(m) + d * pl.sD] + coef[m].cg2 * A(0);
+    }
+  }
+  scatter_planar_nearest(t, s, acc, [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, const int64_t* aoff, auto zero) {
+    int64_t foff[kPlanarBlock], goff[kPlanarBlock], ooff[kPlanarBlock];
+    DistillCoef<A> c[kPlanarBlock];
+    bool adds[kPlanarBlock];
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t m = t.order[b0 + i];
+      foff[i] = t.ptr[m];
+      goff[i] = pl.base(m);
+      ooff[i] = o ? gl.base(m) : 0;
+      c[i] = coef[m];
+      adds[i] = acc && !(c[i].cf1 == A(0) && c[i].cf2 == A(0));  // zero weight: no add
+    }
+    for (int64_t d = d0; d < d1; ++d) {
+      if (acc) zero(d);
+      const F* fd = f + d * sD;
+      const A* gd = g + d * pl.sD;
+      A* ad = acc + d * HW;
+      for (int64_t i = 0; i < nb; ++i) {
+        const A fv = static_cast<A>(fd[foff[i]]), gv = gd[goff[i]];
+        if (o) o[ooff[i] + d * gl.sD] = c[i].cg1 * gv + c[i].cg2 * fv;
+        if (adds[i]) ad[aoff[i]] += c[i].cf1 * fv + c[i].cf2 * gv;
+      }
+    }
+  });
+}
+
 template <typename F>
 void distill_backward_impl(double grad, const DistillInputs& in, const SampleShape& s,
                            const Tensor& stats, int64_t mode, int64_t loss, bool need_pf,
@@ -596,6 +723,11 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
     coef[m] = {c.cf1 * scale, c.cf2 * scale, c.cg1 * scale, c.cg2 * scale};
   }
   const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, in.p.features.strides());
+  if (planar_nearest(in.p, mode)) {  // both gradients in one pass
+    distill_backward_planar_nearest<F, A>(f, sD, g, in.pl, t, coef, s, need_pf ? gpf.mutable_data_ptr<A>() : nullptr,
+                                          need_pf ? row_layout(gpf) : RowLayout{}, need_features ? gacc.mutable_data_ptr<A>() : nullptr);
+    return;
+  }
   with_taps(t, [&](auto nt) {
     constexpr int NT = decltype(nt)::value;
     if (need_pf) {  // d L / d g = cg1 g + cg2 f, element by element
@@ -657,8 +789,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? empty_like_large(in.pf, in.pf.options()) : at::empty({0}, in.p.xy.options());
-  Tensor gacc = features_grad ? feature_accumulator(in.p.features, in.p.xy.options(), image_index.has_value())
-                              : at::empty({0}, in.p.xy.options());
+  Tensor gacc = features_grad ? feature_accumulator(in.p, in.p.xy.options(), mode) : at::empty({0}, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);
