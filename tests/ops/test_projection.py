@@ -1,12 +1,14 @@
 """Point-to-pixel projection ops against float64 references, a geometric round trip, and real
 calibrated stereo data (Middlebury 2014 motorcycle, via scikit-image)."""
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+import torch.utils.deterministic
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyssl import ops
@@ -606,6 +608,70 @@ def test_nearest_feature_gradient_is_zero_where_no_pair_lands(outside):
 
     finally:
         torch.set_num_threads(prev)
+
+
+@contextlib.contextmanager
+def _nan_filled_empty(threads):
+    """torch.empty (and at::empty in the kernels) NaN-filled, and `threads` CPU threads."""
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory, torch.get_num_threads())
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.utils.deterministic.fill_uninitialized_memory = prev[1]
+        torch.set_num_threads(prev[2])
+
+
+@given(N=st.integers(1, 4), D=st.sampled_from([1, 3, 64, 65, 130]), H=st.integers(1, 12),
+       W=st.integers(1, 12), M=st.sampled_from([0, 1, 255, 256, 257, 600, 1500]),
+       hot=st.floats(0, 0.7), outside=st.floats(0, 0.3), threads=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       grads=st.sampled_from(["both", "points", "features"]), weights=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=25)
+def test_planar_nearest_backward_matches_channels_last_bitwise(N, D, H, W, M, hot, outside, threads, dtype,
+                                                               grads, weights, seed):
+    """The one-pass backward of nearest pairs on planar features (uninitialised accumulator,
+    zeroed block by block; threads own pixel runs) against the channels-last path (zeroed
+    accumulator, channel slices per thread): the same bits, with every uninitialised allocation
+    NaN-filled, pixel runs of a hot pixel across block and thread cuts, pairs outside the images
+    (rows and columns), empty cameras, zero weights, one or both gradients."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(N, D, H, W, generator=g).to(dtype)
+    cam = torch.randint(0, N, (M,), generator=g)
+    row, col = torch.randint(0, H, (M,), generator=g), torch.randint(0, W, (M,), generator=g)
+    at_hot = torch.rand(M, generator=g) < hot
+    cam[at_hot], row[at_hot], col[at_hot] = N - 1, H - 1, W // 2
+    off = torch.rand(M, generator=g) < outside
+    row[off & (torch.arange(M) % 2 == 0)] = -1
+    col[off & (torch.arange(M) % 2 == 1)] = W
+    xy = torch.stack([col, row], -1).float()
+    pf = torch.randn(M, D, generator=g).to(dtype)
+    w = torch.rand(M, generator=g) * (torch.rand(M, generator=g) < 0.8) if weights else None
+    grad_out = torch.randn(M, D, generator=g).to(dtype)
+    need_p, need_f = grads in ("both", "points"), grads in ("both", "features")
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        f = torch.empty_like(feats, memory_format=layout).copy_(feats)
+        with _nan_filled_empty(threads):
+            loss, stats = torch.ops.pyssl.distill_loss(pf, f, cam, xy, w, 1, 0)
+            gp, gf = torch.ops.pyssl.distill_loss_backward(torch.tensor(0.5), pf, f, cam, xy, w, stats, 1, 0,
+                                                           need_p, need_f, False)
+            (gx,) = torch.autograd.grad(ops.gather_pixel_features(f.requires_grad_(True), cam, row.clamp(0, H - 1),
+                                                                  col.clamp(0, W - 1)), f, grad_out)
+        results.append((loss, stats, gp, gf.contiguous(), gx.contiguous()))
+    assert gf.numel() == (N * D * H * W if need_f else 0) and gp.numel() == (M * D if need_p else 0)
+    for a, b in zip(*results):
+        assert not a.isnan().any()
+        assert torch.equal(a, b)
+    want = torch.zeros(N, H, W, D, dtype=torch.float64)
+    want.index_put_((cam, row.clamp(0, H - 1), col.clamp(0, W - 1)), grad_out.double(), accumulate=True)
+    torch.testing.assert_close(results[0][4].double(), want.permute(0, 3, 1, 2).to(dtype).double(),
+                               rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-2 if dtype != torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("layout", ["planar", "channels_last"])
