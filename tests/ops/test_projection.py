@@ -566,8 +566,7 @@ def _with_threads(n, fn):
 def test_nearest_feature_gradient_is_zero_where_no_pair_lands(outside):
     """The nearest-mode planar backwards (gather_pixel_features, the fused loss) zero their
     accumulator in the same pass as the adds: pixels no pair reads, whole cameras, and pairs
-    outside every image must still give exact zeros, also when the allocator hands back memory
-    full of NaN."""
+    outside every image must still give exact zeros with uninitialised memory NaN-filled."""
     g = torch.Generator().manual_seed(3)
     C, D, H, W, M = 3, 2, 30, 40, 700  # several blocks of pairs, two tasks with two threads
     feats = torch.randn(C, D, H, W, generator=g, dtype=torch.float64)
@@ -577,37 +576,27 @@ def test_nearest_feature_gradient_is_zero_where_no_pair_lands(outside):
     if outside != "none":
         off = torch.arange(M) % 3 == 0 if outside == "some" else torch.ones(M, dtype=torch.bool)
         row = torch.where(off, torch.where(torch.arange(M) % 2 == 0, -1, H), row)
-    prev = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 1, 2):
-            dirty = torch.full((C, D, H, W), float("nan"), dtype=torch.float64)
-            del dirty  # freed: the next allocation of this size may reuse it
-            torch.set_num_threads(threads)
+    inside = (row >= 0) & (row < H)
+    seen = torch.zeros(C, H, W, dtype=torch.bool)
+    seen[cam[inside], row[inside], col[inside]] = True
+    f64, p64 = feats.clone().requires_grad_(True), pf.clone().requires_grad_(True)
+    pix = ops.gather_pixel_features(f64, cam, row, col)
+    a, b = torch.nn.functional.normalize(pix, dim=1), torch.nn.functional.normalize(p64, dim=1)
+    want = torch.autograd.grad((1 - (a * b).sum(1)).mean(), (f64, p64))
+    grad_out = torch.randn(M, D, generator=g, dtype=torch.float64)
+    want_x = torch.zeros(C, H, W, D, dtype=torch.float64)
+    want_x.index_put_((cam[inside], row[inside], col[inside]), grad_out[inside], accumulate=True)
+    for threads in (1, 2):
+        with _nan_filled_empty(threads):
             f = feats.clone().requires_grad_(True)
             p = pf.clone().requires_grad_(True)
             gf, gp = torch.autograd.grad(ops.pixel_to_point_distillation_loss(p, f, cam, row, col), (f, p))
-            inside = (row >= 0) & (row < H)
-            seen = torch.zeros(C, H, W, dtype=torch.bool)
-            seen[cam[inside], row[inside], col[inside]] = True
-            assert not gf.isnan().any() and not gp.isnan().any()
-            assert torch.equal(gf.permute(0, 2, 3, 1)[~seen], torch.zeros((~seen).sum(), D, dtype=torch.float64))
-            f64 = feats.clone().requires_grad_(True)
-            p64 = pf.clone().requires_grad_(True)
-            pix = ops.gather_pixel_features(f64, cam, row, col)
-            a, b = torch.nn.functional.normalize(pix, dim=1), torch.nn.functional.normalize(p64, dim=1)
-            want = torch.autograd.grad((1 - (a * b).sum(1)).mean(), (f64, p64))
-            torch.testing.assert_close(gf, want[0], rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(gp, want[1], rtol=1e-10, atol=1e-12)
-            dirty = torch.full((C, D, H, W), float("nan"), dtype=torch.float64)
-            del dirty
-            grad_out = torch.randn(M, D, generator=g, dtype=torch.float64)
             (gx,) = torch.autograd.grad(ops.gather_pixel_features(f, cam, row, col), f, grad_out)
-            want = torch.zeros(C, H, W, D, dtype=torch.float64)
-            want.index_put_((cam[inside], row[inside], col[inside]), grad_out[inside], accumulate=True)
-            torch.testing.assert_close(gx, want.permute(0, 3, 1, 2), rtol=1e-12, atol=0)
-
-    finally:
-        torch.set_num_threads(prev)
+        assert not gf.isnan().any() and not gp.isnan().any()
+        assert torch.equal(gf.permute(0, 2, 3, 1)[~seen], torch.zeros((~seen).sum(), D, dtype=torch.float64))
+        torch.testing.assert_close(gf, want[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gp, want[1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gx, want_x.permute(0, 3, 1, 2), rtol=1e-12, atol=0)
 
 
 @contextlib.contextmanager
