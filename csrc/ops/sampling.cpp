@@ -348,7 +348,8 @@ void scatter_planar_nearest(const PairTaps<A>& t, const SampleShape& s, A* acc, 
 // format (scatter_pairs). Dense sampling (no image_index): zeroed, with the features' own strides
 // (scatter_dense).
 bool planar_nearest(const Prepared& p, int64_t mode) {
-  return mode == kNearest && p.index.defined() && p.features.stride(1) != 1;
+  return mode == kNearest && p.index.defined() && p.features.stride(1) != 1 &&
+         p.features.suggest_memory_format() != at::MemoryFormat::ChannelsLast;
 }
 
 Tensor feature_accumulator(const Prepared& p, const at::TensorOptions& acc, int64_t mode) {
