@@ -275,34 +275,40 @@ void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, Row
   });
 }
 
-// Nearest-mode scatter-add into planar (NCHW) features, the faster path for their backwards.
-// `acc` is a contiguous [N, D, H, W] buffer that starts uninitialised: this pass zeroes it too.
-// Tasks own contiguous runs of the pairs in pixel order, cut at pixel boundaries, and with them
-// a range of pixels (keys): no two tasks touch the same accumulator entry, and each pixel's adds
-// run in the visiting order (as in scatter_pairs), whatever the thread count. A task takes
-// blocks of kPlanarBlock pairs, kPlanarChunk channels at a time, and calls
-//   block(b0, nb, d0, d1, aoff, zero)
-// for the pairs order[b0 .. b0+nb-1], whose accumulator entries in channel d are
-// acc[d * H * W + aoff[i]]. The block goes channel by channel and calls zero(d) before its adds
-// to plane d: that zeroes the block's run of the plane (its pixels and the gap up to the next
-// block's), which then stays in L1 for the adds, as do the block's own per-pair rows.
+// Scatter-add of pairs into planar (NCHW) features, the faster path for their backwards. `acc`
+// is a contiguous [N, D, H, W] buffer that starts uninitialised: this pass zeroes it too. The
+// pairs go in pixel order (t.order; keys image * H * W + pixel of the first tap), in blocks of
+// kPlanarBlock, kPlanarChunk channels at a time; for each block the routine calls
+//   block(b0, nb, d0, d1, zero)
+// for the pairs order[b0 .. b0+nb-1] and channels d0 .. d1-1. The block goes channel by channel
+// and calls zero(d) before its adds to plane d: that zeroes a run of the plane's keys which ends
+// past every key the block's taps reach (its last key + `halo`: 0 for nearest taps, W + 1 for
+// bilinear ones) and starts where the last block's run ended, so each entry is zeroed once,
+// before its first add, and the run is in L1 for the adds, as are the block's own rows.
+// Tasks, deterministic without atomics: for nearest pairs, runs of the pairs cut at pixel
+// boundaries (each owns a range of keys in every plane); for bilinear pairs, whose taps reach
+// into the next pixels' range, ranges of channels over all pairs. Each entry's adds run in the
+// visiting order (pair, then tap), as in scatter_pairs, whatever the thread count.
 constexpr int64_t kPlanarBlock = 64;
 constexpr int64_t kPlanarChunk = 64;
 
 template <typename A, typename BlockFn>
-void scatter_planar_nearest(const PairTaps<A>& t, const SampleShape& s, A* acc, BlockFn block) {
+void scatter_planar(const PairTaps<A>& t, const SampleShape& s, A* acc, BlockFn block) {
   const int64_t D = s.D, HW = s.H * s.W, NHW = s.N * HW;
+  const int64_t halo = t.nt == 1 ? 0 : s.W + 1;
   const int64_t* order = t.order.data();
   auto key_at = [&](int64_t q) { return t.key[order[q]]; };
   int64_t valid = s.M;  // pairs outside every image (key -1) are sorted last
   while (valid > 0 && key_at(valid - 1) < 0) --valid;
-  // Task boundaries: about equal numbers of pairs, moved forward to the next new pixel.
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), valid / 256));
-  std::vector<int64_t> cut(tasks + 1, valid), lo_key(tasks + 1, NHW);
+  const int64_t threads = at::get_num_threads();
+  const int64_t runs = halo == 0 ? std::max<int64_t>(1, std::min(threads, valid / 256)) : 1;
+  const int64_t ranges = halo == 0 ? 1 : std::max<int64_t>(1, std::min(threads, D));
+  // Runs: about equal numbers of pairs, each cut moved forward to the next new pixel.
+  std::vector<int64_t> cut(runs + 1, valid), lo_key(runs + 1, NHW);
   cut[0] = 0;
   lo_key[0] = 0;
-  for (int64_t i = 1; i < tasks; ++i) {
-    int64_t r = std::max(cut[i - 1], valid * i / tasks);
+  for (int64_t i = 1; i < runs; ++i) {
+    int64_t r = std::max(cut[i - 1], valid * i / runs);
     while (r > 0 && r < valid && key_at(r) == key_at(r - 1)) ++r;
     cut[i] = r;
     lo_key[i] = r < valid ? key_at(r) : NHW;
@@ -316,26 +322,20 @@ void scatter_planar_nearest(const PairTaps<A>& t, const SampleShape& s, A* acc, 
       k0 = end;
     }
   };
-  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    int64_t aoff[kPlanarBlock];
+  at::parallel_for(0, runs * ranges, 1, [&](int64_t tb, int64_t te) {
     for (int64_t task = tb; task < te; ++task) {
-      const int64_t begin = cut[task], end = cut[task + 1];
-      for (int64_t d0 = 0; d0 < D; d0 += kPlanarChunk) {
-        const int64_t d1 = std::min(D, d0 + kPlanarChunk);
+      const int64_t run = task / ranges, range = task % ranges;
+      const int64_t begin = cut[run], end = cut[run + 1], klo = lo_key[run], khi = lo_key[run + 1];
+      const int64_t c0 = D * range / ranges, c1 = D * (range + 1) / ranges;
+      for (int64_t d0 = c0; d0 < c1; d0 += kPlanarChunk) {
+        const int64_t d1 = std::min(c1, d0 + kPlanarChunk);
         if (acc && begin == end)
-          for (int64_t d = d0; d < d1; ++d) zero_keys(d, lo_key[task], lo_key[task + 1]);
-        int64_t zlo = lo_key[task];
+          for (int64_t d = d0; d < d1; ++d) zero_keys(d, klo, khi);
+        int64_t zlo = klo;
         for (int64_t b0 = begin; b0 < end; b0 += kPlanarBlock) {
           const int64_t b1 = std::min(end, b0 + kPlanarBlock);
-          // keys this block zeroes: from the last block's end past its own last pixel, up to the
-          // next block's first pixel (or the task's end)
-          const int64_t zhi = b1 < end ? std::max(key_at(b1), key_at(b1 - 1) + 1) : lo_key[task + 1];
-          for (int64_t i = 0; i < b1 - b0; ++i) {
-            const int64_t k = key_at(b0 + i);
-            aoff[i] = k + (k / HW) * (D - 1) * HW;
-          }
-          block(b0, b1 - b0, d0, d1, static_cast<const int64_t*>(aoff),
-                [&](int64_t d) { zero_keys(d, zlo, zhi); });
+          const int64_t zhi = b1 < end ? std::min(khi, std::max(zlo, key_at(b1 - 1) + halo + 1)) : khi;
+          block(b0, b1 - b0, d0, d1, [&](int64_t d) { zero_keys(d, zlo, zhi); });
           zlo = zhi;
         }
       }
@@ -343,17 +343,17 @@ void scatter_planar_nearest(const PairTaps<A>& t, const SampleShape& s, A* acc, 
   });
 }
 
-// The feature-gradient accumulator. Nearest pairs on planar features: contiguous and
-// uninitialised (scatter_planar_nearest zeroes it). Other pairs: zeroed, in the features' memory
-// format (scatter_pairs). Dense sampling (no image_index): zeroed, with the features' own strides
+// The feature-gradient accumulator. Pairs on planar features: contiguous and uninitialised
+// (scatter_planar zeroes it). Pairs on channels-last features: zeroed, channels-last
+// (scatter_pairs). Dense sampling (no image_index): zeroed, with the features' own strides
 // (scatter_dense).
-bool planar_nearest(const Prepared& p, int64_t mode) {
-  return mode == kNearest && p.index.defined() && p.features.stride(1) != 1 &&
+bool planar_pairs(const Prepared& p) {
+  return p.index.defined() && p.features.stride(1) != 1 &&
          p.features.suggest_memory_format() != at::MemoryFormat::ChannelsLast;
 }
 
-Tensor feature_accumulator(const Prepared& p, const at::TensorOptions& acc, int64_t mode) {
-  if (planar_nearest(p, mode)) return empty_large(p.features.sizes(), acc);
+Tensor feature_accumulator(const Prepared& p, const at::TensorOptions& acc) {
+  if (planar_pairs(p)) return empty_large(p.features.sizes(), acc);
   if (!p.index.defined()) return zeros_like_large(p.features, acc);
   if (p.features.suggest_memory_format() == at::MemoryFormat::ChannelsLast)
     return channels_last_accumulator(p.features, acc);
@@ -437,17 +437,37 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   const F* g = grad.const_data_ptr<F>();
-  if (need_features && planar_nearest(p, mode)) {
+  if (need_features && planar_pairs(p)) {
     const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
-    scatter_planar_nearest(t, s, gacc.mutable_data_ptr<A>(),
-                           [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, const int64_t* aoff, auto zero) {
-      const F* rows[kPlanarBlock];
-      for (int64_t i = 0; i < nb; ++i) rows[i] = g + t.order[b0 + i] * s.D;
-      for (int64_t d = d0; d < d1; ++d) {
-        zero(d);
-        A* ad = gacc.mutable_data_ptr<A>() + d * s.H * s.W;
-        for (int64_t i = 0; i < nb; ++i) ad[aoff[i]] += static_cast<A>(rows[i][d]);
-      }
+    A* acc = gacc.mutable_data_ptr<A>();
+    with_taps(t, [&](auto nt) {
+      constexpr int NT = decltype(nt)::value;
+      scatter_planar(t, s, acc, [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, auto zero) {
+        const F* rows[kPlanarBlock];
+        int64_t taps[kPlanarBlock][NT];
+        A ws[kPlanarBlock][NT];
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t m = t.order[b0 + i];
+          rows[i] = g + m * s.D;
+          for (int c = 0; c < NT; ++c) {
+            taps[i][c] = t.ptr[m * NT + c];
+            ws[i][c] = NT == 1 ? A(1) : t.w[m * NT + c];
+          }
+        }
+        for (int64_t d = d0; d < d1; ++d) {
+          zero(d);
+          A* ad = acc + d * s.H * s.W;
+          for (int64_t i = 0; i < nb; ++i) {
+            const A r = static_cast<A>(rows[i][d]);
+            if constexpr (NT == 1) {
+              ad[taps[i][0]] += r;
+            } else {
+              for (int c = 0; c < NT; ++c)
+                if (taps[i][c] >= 0) ad[taps[i][c]] += ws[i][c] * r;
+            }
+          }
+        }
+      });
     });
   } else if (need_features && idx) {
     const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
@@ -510,7 +530,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   check_sample_grad(grad, features, s);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
   const Tensor g = grad.to(p.features.scalar_type()).contiguous();
-  Tensor gacc = features_grad ? feature_accumulator(p, p.xy.options(), mode) : at::empty({0}, p.xy.options());
+  Tensor gacc = features_grad ? feature_accumulator(p, p.xy.options()) : at::empty({0}, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),
                                   "sample_points_backward", [&] {
@@ -663,12 +683,14 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
   return {value, stats};
 }
 
-// Nearest pairs on planar features: d L / d g and d L / d f in one scatter_planar_nearest pass
-// (o: the point-feature gradient or null; acc: the feature accumulator or null).
-template <typename F, typename A>
-void distill_backward_planar_nearest(const F* f, int64_t sD, const A* g, const RowLayout& pl,
-                                     const PairTaps<A>& t, const std::vector<DistillCoef<A>>& coef,
-                                     const SampleShape& s, A* o, const RowLayout& gl, A* acc) {
+// Pairs on planar features: d L / d g and d L / d f in one scatter_planar pass (t: taps in the
+// features, ta: the same taps in the contiguous accumulator; o: the point-feature gradient or
+// null; acc: the feature accumulator or null). Same expressions, in the same order, as the
+// two-pass path below.
+template <int NT, typename F, typename A>
+void distill_backward_planar(const F* f, int64_t sD, const A* g, const RowLayout& pl, const PairTaps<A>& t,
+                             const PairTaps<A>& ta, const std::vector<DistillCoef<A>>& coef,
+                             const SampleShape& s, A* o, const RowLayout& gl, A* acc) {
   const int64_t HW = s.H * s.W;
   if (o) {  // pairs outside every image (sorted last): their sampled features are 0
     for (int64_t q = s.M - 1; q >= 0 && t.key[t.order[q]] < 0; --q) {
@@ -677,13 +699,18 @@ void distill_backward_planar_nearest(const F* f, int64_t sD, const A* g, const R
         o[gl.base(m) + d * gl.sD] = coef[m].cg1 * g[pl.base(m) + d * pl.sD] + coef[m].cg2 * A(0);
     }
   }
-  scatter_planar_nearest(t, s, acc, [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, const int64_t* aoff, auto zero) {
-    int64_t foff[kPlanarBlock], goff[kPlanarBlock], ooff[kPlanarBlock];
+  scatter_planar(t, s, acc, [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, auto zero) {
+    int64_t fp[kPlanarBlock][NT], ap[kPlanarBlock][NT], goff[kPlanarBlock], ooff[kPlanarBlock];
+    A w[kPlanarBlock][NT];
     DistillCoef<A> c[kPlanarBlock];
     bool adds[kPlanarBlock];
     for (int64_t i = 0; i < nb; ++i) {
       const int64_t m = t.order[b0 + i];
-      foff[i] = t.ptr[m];
+      for (int k = 0; k < NT; ++k) {
+        fp[i][k] = t.ptr[m * NT + k];
+        ap[i][k] = ta.ptr[m * NT + k];
+        w[i][k] = NT == 1 ? A(1) : t.w[m * NT + k];
+      }
       goff[i] = pl.base(m);
       ooff[i] = o ? gl.base(m) : 0;
       c[i] = coef[m];
@@ -691,13 +718,21 @@ void distill_backward_planar_nearest(const F* f, int64_t sD, const A* g, const R
     }
     for (int64_t d = d0; d < d1; ++d) {
       if (acc) zero(d);
-      const F* fd = f + d * sD;
       const A* gd = g + d * pl.sD;
       A* ad = acc + d * HW;
       for (int64_t i = 0; i < nb; ++i) {
-        const A fv = static_cast<A>(fd[foff[i]]), gv = gd[goff[i]];
+        const A fv = NT == 1 ? static_cast<A>(f[fp[i][0] + d * sD])  // valid pairs: the tap is inside
+                             : tap_value<NT>(f, fp[i], w[i], d * sD);
+        const A gv = gd[goff[i]];
         if (o) o[ooff[i] + d * gl.sD] = c[i].cg1 * gv + c[i].cg2 * fv;
-        if (adds[i]) ad[aoff[i]] += c[i].cf1 * fv + c[i].cf2 * gv;
+        if (!adds[i]) continue;
+        const A r = c[i].cf1 * fv + c[i].cf2 * gv;
+        if constexpr (NT == 1) {
+          ad[ap[i][0]] += r;
+        } else {
+          for (int k = 0; k < NT; ++k)
+            if (ap[i][k] >= 0) ad[ap[i][k]] += w[i][k] * r;
+        }
       }
     }
   });
@@ -724,9 +759,14 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
     coef[m] = {c.cf1 * scale, c.cf2 * scale, c.cg1 * scale, c.cg2 * scale};
   }
   const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, in.p.features.strides());
-  if (planar_nearest(in.p, mode)) {  // both gradients in one pass
-    distill_backward_planar_nearest<F, A>(f, sD, g, in.pl, t, coef, s, need_pf ? gpf.mutable_data_ptr<A>() : nullptr,
-                                          need_pf ? row_layout(gpf) : RowLayout{}, need_features ? gacc.mutable_data_ptr<A>() : nullptr);
+  if (planar_pairs(in.p)) {  // both gradients in one pass
+    const bool same = !need_features || gacc.strides() == in.p.features.strides();
+    const PairTaps<A> ta = same ? PairTaps<A>() : pair_taps<A>(xy, idx, s, mode, gacc.strides());
+    with_taps(t, [&](auto nt) {
+      distill_backward_planar<decltype(nt)::value, F, A>(
+          f, sD, g, in.pl, t, same ? t : ta, coef, s, need_pf ? gpf.mutable_data_ptr<A>() : nullptr,
+          need_pf ? row_layout(gpf) : RowLayout{}, need_features ? gacc.mutable_data_ptr<A>() : nullptr);
+    });
     return;
   }
   with_taps(t, [&](auto nt) {
@@ -790,7 +830,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   Tensor gpf = point_features_grad ? empty_like_large(in.pf, in.pf.options()) : at::empty({0}, in.p.xy.options());
-  Tensor gacc = features_grad ? feature_accumulator(in.p, in.p.xy.options(), mode) : at::empty({0}, in.p.xy.options());
+  Tensor gacc = features_grad ? feature_accumulator(in.p, in.p.xy.options()) : at::empty({0}, in.p.xy.options());
   const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);

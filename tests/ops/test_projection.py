@@ -625,15 +625,16 @@ def _nan_filled_empty(threads):
        hot=st.floats(0, 0.7), outside=st.floats(0, 0.3), threads=st.integers(1, 4),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        grads=st.sampled_from(["both", "points", "features"]), weights=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=25)
-def test_planar_nearest_backward_matches_channels_last_bitwise(N, D, H, W, M, hot, outside, threads, dtype,
-                                                               grads, weights, seed):
-    """The one-pass backward of nearest pairs on planar features (uninitialised accumulator,
-    zeroed block by block; threads own pixel runs) against the channels-last path (zeroed
-    accumulator, channel slices per thread): the same bits, with every uninitialised allocation
-    NaN-filled, pixel runs of a hot pixel across block and thread cuts, pairs outside the images
-    (rows and columns), empty cameras, zero weights, one or both gradients."""
+       mode=st.sampled_from(["nearest", "bilinear"]), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=40)
+def test_planar_pair_backward_matches_channels_last_bitwise(N, D, H, W, M, hot, outside, threads, dtype,
+                                                            grads, weights, mode, seed):
+    """The one-pass backward of pairs on planar features (uninitialised accumulator, zeroed
+    block by block; threads own pixel runs (nearest) or channel ranges (bilinear)) against the
+    channels-last path (zeroed accumulator, channel slices per thread): the same bits, with every
+    uninitialised allocation NaN-filled, pixel runs of a hot pixel across block and thread cuts,
+    pairs outside the images (rows and columns), empty cameras, zero weights, one or both
+    gradients."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(N, D, H, W, generator=g).to(dtype)
     cam = torch.randint(0, N, (M,), generator=g)
@@ -644,6 +645,10 @@ def test_planar_nearest_backward_matches_channels_last_bitwise(N, D, H, W, M, ho
     row[off & (torch.arange(M) % 2 == 0)] = -1
     col[off & (torch.arange(M) % 2 == 1)] = W
     xy = torch.stack([col, row], -1).float()
+    code = 1
+    if mode == "bilinear":  # off the pixel centres, also just outside the borders
+        xy = xy + torch.rand(M, 2, generator=g) * 1.5 - 0.75
+        code = 0
     pf = torch.randn(M, D, generator=g).to(dtype)
     w = torch.rand(M, generator=g) * (torch.rand(M, generator=g) < 0.8) if weights else None
     grad_out = torch.randn(M, D, generator=g).to(dtype)
@@ -652,20 +657,24 @@ def test_planar_nearest_backward_matches_channels_last_bitwise(N, D, H, W, M, ho
     for layout in (torch.contiguous_format, torch.channels_last):
         f = torch.empty_like(feats, memory_format=layout).copy_(feats)
         with _nan_filled_empty(threads):
-            loss, stats = torch.ops.pyssl.distill_loss(pf, f, cam, xy, w, 1, 0)
-            gp, gf = torch.ops.pyssl.distill_loss_backward(torch.tensor(0.5), pf, f, cam, xy, w, stats, 1, 0,
+            loss, stats = torch.ops.pyssl.distill_loss(pf, f, cam, xy, w, code, 0)
+            gp, gf = torch.ops.pyssl.distill_loss_backward(torch.tensor(0.5), pf, f, cam, xy, w, stats, code, 0,
                                                            need_p, need_f, False)
-            (gx,) = torch.autograd.grad(ops.gather_pixel_features(f.requires_grad_(True), cam, row.clamp(0, H - 1),
-                                                                  col.clamp(0, W - 1)), f, grad_out)
+            inside = xy.clamp(torch.zeros(2), torch.tensor([W - 1.0, H - 1.0]))  # pairs of the gather
+            if mode == "nearest":
+                inside = inside.round()
+            gx = torch.ops.pyssl.sample_points_backward(grad_out, f, cam, inside, code, True, False, False)[0]
         results.append((loss, stats, gp, gf.contiguous(), gx.contiguous()))
     assert gf.numel() == (N * D * H * W if need_f else 0) and gp.numel() == (M * D if need_p else 0)
     for a, b in zip(*results):
         assert not a.isnan().any()
         assert torch.equal(a, b)
-    want = torch.zeros(N, H, W, D, dtype=torch.float64)
-    want.index_put_((cam, row.clamp(0, H - 1), col.clamp(0, W - 1)), grad_out.double(), accumulate=True)
-    torch.testing.assert_close(results[0][4].double(), want.permute(0, 3, 1, 2).to(dtype).double(),
-                               rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-2 if dtype != torch.float32 else 1e-3)
+    if mode == "nearest":
+        want = torch.zeros(N, H, W, D, dtype=torch.float64)
+        want.index_put_((cam, row.clamp(0, H - 1), col.clamp(0, W - 1)), grad_out.double(), accumulate=True)
+        torch.testing.assert_close(results[0][4].double(), want.permute(0, 3, 1, 2).to(dtype).double(),
+                                   rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                                   atol=1e-2 if dtype != torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("layout", ["planar", "channels_last"])
