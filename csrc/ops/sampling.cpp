@@ -1,8 +1,9 @@
 // Point sampling of image features: schema and CPU kernels. See csrc/ops/sampling.h.
 //
 // The backward into the features is a scatter-add. On the CPU it is always deterministic
-// without atomics: tasks own fixed channel slices of the accumulation buffer (laid out like the
-// features) and visit the points in a fixed order that depends only on the points.
+// without atomics: tasks own fixed parts of the accumulation buffer (channel slices, or for
+// nearest pairs on planar features pixel ranges) and visit the points in a fixed order that
+// depends only on the points.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -107,7 +108,9 @@ void forward_impl(const Prepared& p, const SampleShape& s, int64_t mode, Tensor&
 // first tap), so the planes (or the accumulator's rows) stream through the cache instead of being
 // read at random; the pairs' own rows, then read out of order, are prefetched kAhead pairs ahead.
 // Reductions over channels run in channel order, and scatter-adds in the visiting order, which
-// depends only on the pairs: the results are the same for every thread count.
+// depends only on the pairs: the results are the same for every thread count. The backwards
+// into planar features take scatter_planar (one pass, no separate zeroing); channels-last ones
+// scatter_pairs.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kChunk = 16;
