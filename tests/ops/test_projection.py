@@ -625,10 +625,10 @@ def _nan_filled_empty(threads):
        hot=st.floats(0, 0.7), outside=st.floats(0, 0.3), threads=st.integers(1, 4),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        grads=st.sampled_from(["both", "points", "features"]), weights=st.booleans(),
-       mode=st.sampled_from(["nearest", "bilinear"]), seed=st.integers(0, 2**31 - 1))
+       mode=st.sampled_from(["nearest", "bilinear"]), sliced=st.booleans(), seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=40)
 def test_planar_pair_backward_matches_channels_last_bitwise(N, D, H, W, M, hot, outside, threads, dtype,
-                                                            grads, weights, mode, seed):
+                                                            grads, weights, mode, sliced, seed):
     """The one-pass backward of pairs on planar features (uninitialised accumulator, zeroed
     block by block; threads own pixel runs (nearest) or channel ranges (bilinear)) against the
     channels-last path (zeroed accumulator, channel slices per thread): the same bits, with every
@@ -640,7 +640,7 @@ def test_planar_pair_backward_matches_channels_last_bitwise(N, D, H, W, M, hot, 
     cam = torch.randint(0, N, (M,), generator=g)
     row, col = torch.randint(0, H, (M,), generator=g), torch.randint(0, W, (M,), generator=g)
     at_hot = torch.rand(M, generator=g) < hot
-    cam[at_hot], row[at_hot], col[at_hot] = N - 1, H - 1, W // 2
+    cam[at_hot], row[at_hot], col[at_hot] = N - 1, H - 1, W - 1 if seed % 2 else W // 2  # or the last pixel
     off = torch.rand(M, generator=g) < outside
     row[off & (torch.arange(M) % 2 == 0)] = -1
     col[off & (torch.arange(M) % 2 == 1)] = W
@@ -656,6 +656,8 @@ def test_planar_pair_backward_matches_channels_last_bitwise(N, D, H, W, M, hot, 
     results = []
     for layout in (torch.contiguous_format, torch.channels_last):
         f = torch.empty_like(feats, memory_format=layout).copy_(feats)
+        if sliced and layout == torch.contiguous_format:  # planar, strides other than the accumulator's
+            f = torch.cat([f, f[:, :2]], 1)[:, :D]
         with _nan_filled_empty(threads):
             loss, stats = torch.ops.pyssl.distill_loss(pf, f, cam, xy, w, code, 0)
             gp, gf = torch.ops.pyssl.distill_loss_backward(torch.tensor(0.5), pf, f, cam, xy, w, stats, code, 0,
