@@ -305,7 +305,8 @@ void scatter_planar(const PairTaps<A>& t, const SampleShape& s, A* acc, BlockFn 
   while (valid > 0 && key_at(valid - 1) < 0) --valid;
   const int64_t threads = at::get_num_threads();
   const int64_t runs = halo == 0 ? std::max<int64_t>(1, std::min(threads, valid / 256)) : 1;
-  const int64_t ranges = halo == 0 ? 1 : std::max<int64_t>(1, std::min(threads, D));
+  // (at least 8 channels a task: each task sets up every block's taps and coefficients)
+  const int64_t ranges = halo == 0 ? 1 : std::max<int64_t>(1, std::min(threads, (D + 7) / 8));
   // Runs: about equal numbers of pairs, each cut moved forward to the next new pixel.
   std::vector<int64_t> cut(runs + 1, valid), lo_key(runs + 1, NHW);
   cut[0] = 0;
