@@ -723,7 +723,7 @@ void distill_backward_planar(const F* f, int64_t sD, const A* g, const RowLayout
     for (int64_t d = d0; d < d1; ++d) {
       if (acc) zero(d);
       const A* gd = g + d * pl.sD;
-      A* ad = acc + d * HW;
+      A* ad = acc ? acc + d * HW : nullptr;
       for (int64_t i = 0; i < nb; ++i) {
         const A fv = NT == 1 ? static_cast<A>(f[fp[i][0] + d * sD])  // valid pairs: the tap is inside
                              : tap_value<NT>(f, fp[i], w[i], d * sD);
