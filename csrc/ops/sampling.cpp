@@ -441,11 +441,18 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   const F* g = grad.const_data_ptr<F>();
-  if (need_features && planar_pairs(p)) {
+  if (need_features && p.index.defined()) {  // (idx is null when there are no pairs)
     const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
-    A* acc = gacc.mutable_data_ptr<A>();
     with_taps(t, [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
+      if (!planar_pairs(p)) {
+        scatter_pairs<NT>(t, s.M, s.D, gacc, [&](int64_t m, int64_t d0, int64_t d1, A* row) {
+          for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
+          return true;
+        }, [&](int64_t m, int64_t d0) { prefetch_read(g + m * s.D + d0); });
+        return;
+      }
+      A* acc = gacc.mutable_data_ptr<A>();
       scatter_planar(t, s, acc, [&](int64_t b0, int64_t nb, int64_t d0, int64_t d1, auto zero) {
         const F* rows[kPlanarBlock];
         int64_t taps[kPlanarBlock][NT];
@@ -472,14 +479,6 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
           }
         }
       });
-    });
-  } else if (need_features && idx) {
-    const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
-    with_taps(t, [&](auto nt) {
-      scatter_pairs<decltype(nt)::value>(t, s.M, s.D, gacc, [&](int64_t m, int64_t d0, int64_t d1, A* row) {
-        for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
-        return true;
-      }, [&](int64_t m, int64_t d0) { prefetch_read(g + m * s.D + d0); });
     });
   } else if (need_features) {
     scatter_dense<A>(
