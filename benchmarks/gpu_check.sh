@@ -10,8 +10,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# OUTDIR gets at most 7 files: summary.md, build.log, tests.log, memcheck.log, racecheck.log,
-# bench.txt, bench.json (the device tool brings back at most 8).
+# OUTDIR gets at most 8 files: summary.md, build.log, tests.log, memcheck.log, racecheck.log,
+# bench.txt, bench.json, ratios.png (the chart of the table; the device tool brings back at most 8).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -138,7 +138,7 @@ for i in "${!fams[@]}"; do
   status "benchmarks $f" "$(verdict $rc)" "bench.txt, $(elapsed $fs)"
 done
 if [ ${#done_fams[@]} -gt 0 ]; then
-  $PY -m benchmarks.report "${done_fams[@]}" --merged "$OUT/bench.json" >"$WORK/table.md" 2>>"$OUT/bench.txt"
+  $PY -m benchmarks.report "${done_fams[@]}" --merged "$OUT/bench.json" --plot "$OUT/ratios.png" >"$WORK/table.md" 2>>"$OUT/bench.txt"
 fi
 
 # 5. Summary.

@@ -2,7 +2,10 @@
 implementation's median time and its ratio to pyssl's (> 1: pyssl is faster), plus the memory
 saved for backward and the peak memory where measured.
 
-    python -m benchmarks.report results.json [more.json ...] [--merged all.json]
+    python -m benchmarks.report results.json [more.json ...] [--merged all.json] [--plot r.png]
+
+``--plot`` draws the same ratios as a chart: one bar per configuration and baseline, on a log
+axis with parity (1x) marked, so a glance shows where pyssl wins and by how much.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+import textwrap
 from collections import defaultdict
 
 from .common import PYSSL
@@ -82,16 +87,56 @@ def format_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(data: dict, path: str) -> str:
+    """A horizontal bar chart of ``time(baseline) / time(pyssl)`` for every configuration and
+    baseline of ``data`` (log axis, parity at 1x; bars right of it: pyssl is faster), written as
+    a PNG at ``path``. Configurations without a pyssl timing have no ratio and are left out.
+    Returns ``path``."""
+    from pyssl.engine.logger import save_figure
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [r for r in rows(data) if r["ratio"] is not None]
+    if not bars:
+        raise ValueError("no configuration has both a pyssl and a baseline timing: nothing to plot")
+    labels = [f"{r['group']}  vs {r['impl']}" for r in bars]
+    ratios = [r["ratio"] for r in bars]
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.24 * len(bars)))
+    y = list(range(len(bars)))[::-1]  # first row at the top, as in the table
+    ax.barh(y, ratios, color=["tab:green" if v >= 1 else "tab:red" for v in ratios], height=0.7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1)
+    for yi, v in zip(y, ratios):
+        ax.text(v, yi, f" {v:.2f}x", va="center", ha="left", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(-0.6, len(bars) - 0.4)
+    lo, hi = min(ratios + [1.0]), max(ratios + [1.0])
+    ax.set_xlim(lo / 1.5, hi * 3)  # room for the labels right of the longest bar
+    ax.set_xlabel("time(baseline) / time(pyssl)   (> 1: pyssl is faster)")
+    header = format_table(data).split("\n\n")[0]  # machine, CPU/GPU, builds
+    fig.suptitle("\n".join(textwrap.fill(line, 140) for line in header.splitlines()), fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="+", help="pytest-benchmark JSON files (merged into one table)")
     p.add_argument("--merged", help="also write the merged JSON here")
+    p.add_argument("--plot", help="also draw the ratios as a bar chart (PNG) here")
     args = p.parse_args(argv)
     data = merge([load(f) for f in args.json])
     if args.merged:
         with open(args.merged, "w") as f:
             json.dump(data, f)
     print(format_table(data))
+    if args.plot:
+        print(f"ratio chart: {plot(data, args.plot)}", file=sys.stderr)  # stdout: the table alone
 
 
 if __name__ == "__main__":

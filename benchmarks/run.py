@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # every benchmarks/bench_*.py
     python -m benchmarks.run masking --quick # benchmarks/bench_masking.py, small configs
     python -m benchmarks.run masking --json out.json --device cpu
+    python -m benchmarks.run flow --threads 1 --plot flow.png   # also a chart of the ratios
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller configurations")
     p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     p.add_argument("--json", help="also keep pytest-benchmark's JSON here")
+    p.add_argument("--plot", help="also draw the ratios as a bar chart (PNG) here")
     p.add_argument("--max-time", default="0.5", help="seconds per benchmark (pytest-benchmark)")
     p.add_argument("--threads", type=int, help="CPU threads for torch and pyssl (OMP_NUM_THREADS); "
                    "1 gives stable figures on a shared machine")
@@ -50,7 +52,13 @@ def main(argv=None) -> int:
               else f"the benchmarks failed (pytest exit status {rc}) before writing results")
         return rc or 1
     # A failing benchmark still leaves the others' figures: print them, then report the failure.
-    print(report.format_table(report.load(out)))
+    data = report.load(out)
+    print(report.format_table(data))
+    if args.plot:
+        try:
+            print(f"ratio chart: {report.plot(data, args.plot)}")
+        except ValueError as e:  # e.g. only baselines ran
+            print(f"no ratio chart: {e}")
     return 0 if rc in (0, 5) else rc
 
 

@@ -68,3 +68,34 @@ def test_benchmark_runs_record_the_cpu_and_kernel_builds():
 def test_merge_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no benchmark results"):
         report.merge([])
+
+
+def test_ratio_chart_is_a_png_with_a_bar_per_baseline(tmp_path, monkeypatch):
+    data = report.merge([_result("masking fwd", {"pyssl": 0.001, "mae_torch": 0.003, "beit": 0.0005}),
+                         _result("flow fwd", {"grid_sample": 0.005})])  # no pyssl: no ratio
+    drawn = {}
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.barh
+
+    def barh(self, y, width, *a, **k):
+        drawn["ratios"] = list(width)
+        return real(self, y, width, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh", barh)
+    out = tmp_path / "ratios.png"
+    report.main([_write(tmp_path, data), "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn["ratios"]) == pytest.approx([0.5, 3.0])  # beit slower than pyssl: 0.5
+
+
+def test_ratio_chart_without_any_ratio_is_a_clear_error(tmp_path):
+    data = _result("flow fwd", {"grid_sample": 0.005})
+    with pytest.raises(ValueError, match="nothing to plot"):
+        report.plot(data, str(tmp_path / "r.png"))
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    return str(path)
