@@ -37,6 +37,7 @@ struct BandScratch {
   int64_t ftag[64], gtag[64];      // source row held by each slot, -1: none
   alignas(32) float zero[kS];      // read by taps outside the image (weight 0)
   alignas(32) float tile[kTile][kS];
+  alignas(32) float tile2[kTile][kS];  // the fused loss: online rows, then their gradient
   int32_t row[kTile][4], col[kTile][4];
   float w[kTile][4], dx[kTile][4], dy[kTile][4];
   // planar fallback taps ([4][n] layout)
@@ -56,6 +57,103 @@ BandScratch* band_scratch_new(int64_t W) {
   return s;
 }
 void band_scratch_free(BandScratch* s) { delete s; }
+
+// ---------------------------------------------------------------------------------------------
+// The fused dense loss (pyssl.ops.dense_correspondence_loss), planar: any number of channels, a
+// point's channels one plane after the other. It serves the channels left after the 16-channel
+// slices, CPUs without AVX2, and the band kernels' blocks whose band does not fit the ring.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+inline float value1(const float* p) { return *p; }
+inline float value1(const uint16_t* p) { return bf16_to_float(*p); }
+
+// sum_k weight[k][j] * plane[index[k][j]] over the corners inside the image, in corner order
+template <typename F>
+inline float planar_tap(const F* plane, const DenseTaps& t, int64_t n, int64_t j) {
+  float acc = 0.0f;
+  for (int k = 0; k < 4; ++k) {
+    const int32_t i = t.index[k * n + j];
+    if (i >= 0) acc += t.weight[k * n + j] * value1(plane + i);
+  }
+  return acc;
+}
+
+template <typename F>
+void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                              int64_t P, const float* o, int64_t os, float* sums, int64_t ss) {
+  const int64_t HW = H * W;
+  int32_t index[4 * kTile];
+  float weight[4 * kTile];
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int64_t n = std::min<int64_t>(kTile, P - p0);
+    const DenseTaps t{index, weight, nullptr, nullptr};
+    dense_taps(coords + 2 * p0, n, H, W, t);
+    for (int64_t j = 0; j < n; ++j) {
+      float tt = 0.0f, oo = 0.0f, to = 0.0f;
+      for (int64_t c = 0; c < C; ++c) {
+        const float tv = planar_tap(f + c * HW, t, n, j), ov = o[c * os + p0 + j];
+        tt += tv * tv;
+        oo += ov * ov;
+        to += tv * ov;
+      }
+      sums[p0 + j] = tt;
+      sums[ss + p0 + j] = oo;
+      sums[2 * ss + p0 + j] = to;
+    }
+  }
+}
+
+template <typename F>
+void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                               int64_t P, const float* o, int64_t os, const float* coef,
+                               int64_t cs, float* go, float* gf) {
+  const int64_t HW = H * W;
+  int32_t index[4 * kTile];
+  float weight[4 * kTile];
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int64_t n = std::min<int64_t>(kTile, P - p0);
+    const DenseTaps t{index, weight, nullptr, nullptr};
+    dense_taps(coords + 2 * p0, n, H, W, t);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = p0 + j;
+      const float cf1 = coef[p], cf2 = coef[cs + p], cg1 = coef[2 * cs + p], cg2 = coef[3 * cs + p];
+      const bool adds = gf && !(cf1 == 0.0f && cf2 == 0.0f);  // zero weight: no add
+      for (int64_t c = 0; c < C; ++c) {
+        const float tv = planar_tap(f + c * HW, t, n, j), ov = o[c * os + p];
+        if (go) go[c * os + p] = cg1 * ov + cg2 * tv;
+        if (!adds) continue;
+        const float r = cf1 * tv + cf2 * ov;
+        float* plane = gf + c * HW;
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = t.index[k * n + j];
+          if (i >= 0) plane[i] += t.weight[k * n + j] * r;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void planar_loss_forward(const float* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                         int64_t P, const float* o, int64_t os, float* sums, int64_t ss) {
+  planar_loss_forward_impl(f, C, H, W, coords, P, o, os, sums, ss);
+}
+void planar_loss_forward(const uint16_t* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                         int64_t P, const float* o, int64_t os, float* sums, int64_t ss) {
+  planar_loss_forward_impl(f, C, H, W, coords, P, o, os, sums, ss);
+}
+void planar_loss_backward(const float* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                          int64_t P, const float* o, int64_t os, const float* coef, int64_t cs,
+                          float* go, float* gf) {
+  planar_loss_backward_impl(f, C, H, W, coords, P, o, os, coef, cs, go, gf);
+}
+void planar_loss_backward(const uint16_t* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                          int64_t P, const float* o, int64_t os, const float* coef, int64_t cs,
+                          float* go, float* gf) {
+  planar_loss_backward_impl(f, C, H, W, coords, P, o, os, coef, cs, go, gf);
+}
 
 #ifdef PYSSL_BAND_KERNELS
 namespace {
@@ -295,6 +393,168 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
       if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
 }
 
+// The samples of a block's n points, channels-last, as gather_impl computes them (its band's rows
+// in the ring, its taps in s)
+PYSSL_AVX2 void band_sample_tile(const BandScratch* s, int n, int64_t W, float (*tile)[kS]) {
+  const int K = s->K;
+  for (int i = 0; i < n; ++i) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      const int32_t r = s->row[i][k];
+      const float* p = r < 0 ? s->zero : s->fring.get() + ((r % K) * W + s->col[i][k]) * kS;
+      const __m256 wv = _mm256_set1_ps(s->w[i][k]);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p + 8)));
+    }
+    _mm256_store_ps(tile[i], a0);
+    _mm256_store_ps(tile[i] + 8, a1);
+  }
+}
+
+template <typename F>
+PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                                  const float* o, int64_t os, float* sums, int64_t ss,
+                                  BandScratch* s) {
+  const int64_t HW = H * W;
+  const int K = s->K;
+  std::fill(s->ftag, s->ftag + K, int64_t{-1});
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
+    int64_t rmin, rmax;
+    block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
+    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar
+      planar_loss_forward_impl(f, kS, H, W, coords + 2 * p0, n, o + p0, os, sums + p0, ss);
+      continue;
+    }
+    for (int64_t r = rmin; r <= rmax; ++r) {
+      const int slot = static_cast<int>(r % K);
+      if (s->ftag[slot] != r) {
+        load_row(f, HW, W, r, s->fring.get() + slot * W * kS);
+        s->ftag[slot] = r;
+      }
+    }
+    band_sample_tile(s, n, W, s->tile);
+    // per point, channel by channel in order: 8 points per vector
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      __m256 tt = _mm256_setzero_ps(), oo = _mm256_setzero_ps(), to = _mm256_setzero_ps();
+      for (int h = 0; h < 2; ++h) {
+        __m256 a[8];
+        for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile[i + q] + h * 8);
+        transpose8(a);  // a[q]: channel h * 8 + q of the 8 points
+        for (int q = 0; q < 8; ++q) {
+          const __m256 ov = _mm256_loadu_ps(o + (h * 8 + q) * os + p0 + i);
+          tt = _mm256_add_ps(tt, _mm256_mul_ps(a[q], a[q]));
+          oo = _mm256_add_ps(oo, _mm256_mul_ps(ov, ov));
+          to = _mm256_add_ps(to, _mm256_mul_ps(a[q], ov));
+        }
+      }
+      _mm256_storeu_ps(sums + p0 + i, tt);
+      _mm256_storeu_ps(sums + ss + p0 + i, oo);
+      _mm256_storeu_ps(sums + 2 * ss + p0 + i, to);
+    }
+    for (; i < n; ++i) {
+      float tt = 0.0f, oo = 0.0f, to = 0.0f;
+      for (int c = 0; c < kS; ++c) {
+        const float tv = s->tile[i][c], ov = o[c * os + p0 + i];
+        tt += tv * tv;
+        oo += ov * ov;
+        to += tv * ov;
+      }
+      sums[p0 + i] = tt;
+      sums[ss + p0 + i] = oo;
+      sums[2 * ss + p0 + i] = to;
+    }
+  }
+}
+
+template <typename F>
+PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                                   const float* o, int64_t os, const float* coef, int64_t cs,
+                                   float* go, float* gf, BandScratch* s) {
+  const int64_t HW = H * W;
+  const int K = s->K;
+  std::fill(s->ftag, s->ftag + K, int64_t{-1});
+  std::fill(s->gtag, s->gtag + K, int64_t{-1});
+  float* fring = s->fring.get();
+  float* gring = s->gring.get();
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
+    int64_t rmin, rmax;
+    block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
+    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar
+      planar_loss_backward_impl(f, kS, H, W, coords + 2 * p0, n, o + p0, os, coef + p0, cs,
+                                go ? go + p0 : nullptr, gf);
+      continue;
+    }
+    for (int64_t r = rmin; r <= rmax; ++r) {
+      const int slot = static_cast<int>(r % K);
+      if (s->ftag[slot] != r) {
+        load_row(f, HW, W, r, fring + slot * W * kS);
+        s->ftag[slot] = r;
+      }
+      if (gf && s->gtag[slot] != r) {
+        if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+        std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
+        s->gtag[slot] = r;
+      }
+    }
+    band_sample_tile(s, n, W, s->tile);
+    // the online rows of the block, channels-last
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int h = 0; h < 2; ++h) {
+        __m256 a[8];
+        for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(o + (h * 8 + q) * os + p0 + i);
+        transpose8(a);
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(s->tile2[i + q] + h * 8, a[q]);
+      }
+    }
+    for (; i < n; ++i)
+      for (int c = 0; c < kS; ++c) s->tile2[i][c] = o[c * os + p0 + i];
+    for (int j = 0; j < n; ++j) {
+      const int64_t p = p0 + j;
+      const float cf1 = coef[p], cf2 = coef[cs + p];
+      const __m256 t0 = _mm256_load_ps(s->tile[j]), t1 = _mm256_load_ps(s->tile[j] + 8);
+      const __m256 o0 = _mm256_load_ps(s->tile2[j]), o1 = _mm256_load_ps(s->tile2[j] + 8);
+      if (gf && !(cf1 == 0.0f && cf2 == 0.0f)) {  // zero weight: no add
+        const __m256 a = _mm256_set1_ps(cf1), b = _mm256_set1_ps(cf2);
+        const __m256 r0 = _mm256_add_ps(_mm256_mul_ps(a, t0), _mm256_mul_ps(b, o0));
+        const __m256 r1 = _mm256_add_ps(_mm256_mul_ps(a, t1), _mm256_mul_ps(b, o1));
+        for (int k = 0; k < 4; ++k) {
+          const int32_t r = s->row[j][k];
+          if (r < 0) continue;  // outside the image
+          float* q = gring + ((r % K) * W + s->col[j][k]) * kS;
+          const __m256 wv = _mm256_set1_ps(s->w[j][k]);
+          _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(wv, r0)));
+          _mm256_storeu_ps(q + 8, _mm256_add_ps(_mm256_loadu_ps(q + 8), _mm256_mul_ps(wv, r1)));
+        }
+      }
+      if (go) {  // d L / d o = cg1 o + cg2 t, into tile2 (o is no longer needed)
+        const __m256 a = _mm256_set1_ps(coef[2 * cs + p]), b = _mm256_set1_ps(coef[3 * cs + p]);
+        _mm256_store_ps(s->tile2[j], _mm256_add_ps(_mm256_mul_ps(a, o0), _mm256_mul_ps(b, t0)));
+        _mm256_store_ps(s->tile2[j] + 8, _mm256_add_ps(_mm256_mul_ps(a, o1), _mm256_mul_ps(b, t1)));
+      }
+    }
+    if (go) {  // back to planes
+      i = 0;
+      for (; i + 8 <= n; i += 8) {
+        for (int h = 0; h < 2; ++h) {
+          __m256 a[8];
+          for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile2[i + q] + h * 8);
+          transpose8(a);
+          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(go + (h * 8 + q) * os + p0 + i, a[q]);
+        }
+      }
+      for (; i < n; ++i)
+        for (int c = 0; c < kS; ++c) go[c * os + p0 + i] = s->tile2[i][c];
+    }
+  }
+  if (gf)
+    for (int slot = 0; slot < K; ++slot)
+      if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+}
+
 }  // namespace
 
 bool band_kernels_available() { return band_ok(); }
@@ -317,6 +577,25 @@ void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int
   backward_impl(f, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
 
+void band_loss_forward(const float* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                       const float* o, int64_t os, float* sums, int64_t ss, BandScratch* s) {
+  loss_forward_impl(f, H, W, coords, P, o, os, sums, ss, s);
+}
+void band_loss_forward(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                       const float* o, int64_t os, float* sums, int64_t ss, BandScratch* s) {
+  loss_forward_impl(f, H, W, coords, P, o, os, sums, ss, s);
+}
+void band_loss_backward(const float* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                        const float* o, int64_t os, const float* coef, int64_t cs, float* go,
+                        float* gf, BandScratch* s) {
+  loss_backward_impl(f, H, W, coords, P, o, os, coef, cs, go, gf, s);
+}
+void band_loss_backward(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                        const float* o, int64_t os, const float* coef, int64_t cs, float* go,
+                        float* gf, BandScratch* s) {
+  loss_backward_impl(f, H, W, coords, P, o, os, coef, cs, go, gf, s);
+}
+
 #else  // no AVX2 build: callers use the planar kernels
 
 bool band_kernels_available() { return false; }
@@ -326,6 +605,14 @@ void band_backward(const float*, const float*, int64_t, int64_t, int64_t, const 
                    float*, float*, float*, BandScratch*) {}
 void band_backward(const uint16_t*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
                    float*, float*, float*, BandScratch*) {}
+void band_loss_forward(const float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                       float*, int64_t, BandScratch*) {}
+void band_loss_forward(const uint16_t*, int64_t, int64_t, const float*, int64_t, const float*,
+                       int64_t, float*, int64_t, BandScratch*) {}
+void band_loss_backward(const float*, int64_t, int64_t, const float*, int64_t, const float*,
+                        int64_t, const float*, int64_t, float*, float*, BandScratch*) {}
+void band_loss_backward(const uint16_t*, int64_t, int64_t, const float*, int64_t, const float*,
+                        int64_t, const float*, int64_t, float*, float*, BandScratch*) {}
 
 #endif
 

@@ -670,6 +670,16 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
   *weight_sum = wsum;
 }
 
+// The fused dense loss fast path (pyssl.ops.dense_correspondence_loss), below with the dense
+// sampling kernels it uses.
+bool dense_loss_path(const DistillInputs& in, const Tensor& point_features, const SampleShape& s,
+                     int64_t mode);
+void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t loss, Tensor& stats,
+                        double* total, double* weight_sum);
+void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape& s,
+                         const Tensor& stats, int64_t loss, bool need_pf, bool need_features,
+                         Tensor& gpf, Tensor& gacc);
+
 std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const Tensor& features,
                                             const std::optional<Tensor>& image_index,
                                             const Tensor& xy, const std::optional<Tensor>& weights,
@@ -679,9 +689,13 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   Tensor stats = at::empty({s.M, 3}, in.p.xy.options());
   double total = 0, wsum = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss", [&] {
-    distill_forward_impl<scalar_t>(in, s, mode, loss, stats, &total, &wsum);
-  });
+  if (dense_loss_path(in, point_features, s, mode)) {
+    dense_loss_forward(in, s, loss, stats, &total, &wsum);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss", [&] {
+      distill_forward_impl<scalar_t>(in, s, mode, loss, stats, &total, &wsum);
+    });
+  }
   Tensor value = at::full({}, wsum != 0 ? total / wsum : 0.0, in.p.xy.options());
   return {value, stats};
 }
@@ -832,9 +846,15 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   check_distill_backward(grad_loss, stats, features, s);
   const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
+  const double g = grad_loss.item<double>();
+  if (dense_loss_path(in, point_features, s, mode)) {
+    Tensor gpf, gacc;
+    dense_loss_backward(g, in, s, st, loss, point_features_grad, features_grad, gpf, gacc);
+    return {point_features_grad ? gpf.to(point_features.scalar_type()) : at::empty({0}, point_features.options()),
+            features_grad ? like_features(gacc, features) : at::empty({0}, features.options())};
+  }
   Tensor gpf = point_features_grad ? empty_like_large(in.pf, in.pf.options()) : at::empty({0}, in.p.xy.options());
   Tensor gacc = features_grad ? feature_accumulator(in.p, in.p.xy.options()) : at::empty({0}, in.p.xy.options());
-  const double g = grad_loss.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss_backward", [&] {
     distill_backward_impl<scalar_t>(g, in, s, st, mode, loss, point_features_grad, features_grad, gpf, gacc);
   });
@@ -1189,6 +1209,157 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   }
   if (features_grad) gf = to_large(gf, f.scalar_type());
   return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused dense loss on the dense sampling kernels (pyssl.ops.dense_correspondence_loss): one
+// pair per pixel of a dense online map [N, D, Ho, Wo], in pixel order, sampling image n of the
+// features at xy (bilinear). The generic pair path above builds per-pair tap pointers, sorts the
+// pairs and reads each pixel's D online values D planes apart; here each (image, 16-channel
+// slice) task walks its points in blocks through the band kernels (csrc/cpu/sample_band.cpp):
+// the source rows a block reads transposed once into a ring of channels-last rows, the online
+// values and their gradient moved 8 points x 8 channels at a time. The channels left over (all
+// of them without AVX2) go through the planar kernels. Every task writes its own planes (online
+// gradient, feature gradient) or its own partial sums, added in slice order after: the results
+// do not depend on the number of threads. Float32 or bfloat16 features (float32 math), float32
+// coordinates; otherwise the generic path.
+// ---------------------------------------------------------------------------------------------
+
+bool dense_loss_path(const DistillInputs& in, const Tensor& point_features, const SampleShape& s,
+                     int64_t mode) {
+  const auto ft = in.p.features.scalar_type();
+  return mode == kBilinear && !in.p.index.defined() && point_features.dim() == 4 &&
+         point_features.size(0) == s.N && s.M > 0 && s.D > 0 &&
+         (ft == at::kFloat || ft == at::kBFloat16) && in.p.xy.scalar_type() == at::kFloat &&
+         in.p.features.is_contiguous() && s.H * s.W < (int64_t{1} << 31);
+}
+
+// body(b, q, c0, C, features, coords, online, scratch) for each (image b, task q) of channels
+// [c0, c0 + C): scratch set for the 16-channel band slices, null for the planar rest
+template <typename F, typename Body>
+void dense_loss_tasks(const F* fp, const SampleShape& s, int64_t P, const float* cp,
+                      const float* op, const Body& body) {
+  const DenseSplit split(s.D);
+  const int64_t T = split.tasks, HW = s.H * s.W, S = cpu::kBandChannels;
+  at::parallel_for(0, s.N * T, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / T, q = task % T, c0 = q * S;
+      const bool band = q < split.slices;
+      if (band && !scratch) scratch.reset(cpu::band_scratch_new(s.W));
+      body(b, q, c0, band ? S : split.rest, fp + (b * s.D + c0) * HW, cp + b * P * 2,
+           op + (b * s.D + c0) * P, band ? scratch.get() : nullptr);
+    }
+  });
+}
+
+void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t loss, Tensor& stats,
+                        double* total, double* weight_sum) {
+  const int64_t P = s.per_image, T = DenseSplit(s.D).tasks;
+  const Tensor o = in.pf.contiguous();
+  const float* op = o.const_data_ptr<float>();
+  const float* cp = in.p.xy.const_data_ptr<float>();
+  Tensor part = empty_large({s.N, T, 3, P}, in.p.xy.options());  // every element written
+  float* pp = part.mutable_data_ptr<float>();
+  auto run = [&](const auto* fp) {
+    using F = std::remove_cv_t<std::remove_pointer_t<decltype(fp)>>;
+    dense_loss_tasks<F>(fp, s, P, cp, op, [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f,
+                                              const float* c, const float* ob, cpu::BandScratch* sc) {
+      float* sums = pp + (b * T + q) * 3 * P;
+      if (sc) {
+        cpu::band_loss_forward(f, s.H, s.W, c, P, ob, P, sums, P, sc);
+      } else {
+        cpu::planar_loss_forward(f, C, s.H, s.W, c, P, ob, P, sums, P);
+      }
+    });
+  };
+  if (in.p.features.scalar_type() == at::kBFloat16) {
+    run(kernel_ptr<uint16_t>(in.p.features));
+  } else {
+    run(in.p.features.const_data_ptr<float>());
+  }
+  const float* w = in.w.defined() ? in.w.const_data_ptr<float>() : nullptr;
+  float* out = stats.mutable_data_ptr<float>();
+  std::vector<double> per(s.M);
+  at::parallel_for(0, s.M, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t b = m / P, p = m % P;
+      const float* pb = pp + b * T * 3 * P + p;
+      float tt = pb[0], oo = pb[P], to = pb[2 * P];
+      for (int64_t q = 1; q < T; ++q) {  // the slices' partial sums, in slice order
+        tt += pb[q * 3 * P];
+        oo += pb[q * 3 * P + P];
+        to += pb[q * 3 * P + 2 * P];
+      }
+      out[3 * m] = std::sqrt(tt);
+      out[3 * m + 1] = std::sqrt(oo);
+      out[3 * m + 2] = to;
+      per[m] = double(distill_value<float>(out[3 * m], out[3 * m + 1], to, loss)) * (w ? double(w[m]) : 1.0);
+    }
+  });
+  double sum = 0, wsum = 0;
+  for (int64_t m = 0; m < s.M; ++m) {  // in pair order, as the generic path
+    sum += per[m];
+    wsum += w ? double(w[m]) : 1.0;
+  }
+  *total = sum;
+  *weight_sum = wsum;
+}
+
+void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape& s,
+                         const Tensor& stats, int64_t loss, bool need_pf, bool need_features,
+                         Tensor& gpf, Tensor& gacc) {
+  const int64_t P = s.per_image;
+  const Tensor o = in.pf.contiguous();
+  const float* op = o.const_data_ptr<float>();
+  const float* cp = in.p.xy.const_data_ptr<float>();
+  const float* w = in.w.defined() ? in.w.const_data_ptr<float>() : nullptr;
+  const float* sts = stats.const_data_ptr<float>();
+  double wsum = 0;
+  for (int64_t m = 0; m < s.M; ++m) wsum += w ? double(w[m]) : 1.0;
+  // per image, coefficient planes [4][P]: cf1, cf2, cg1, cg2 (as distill_backward_impl)
+  Tensor coef = empty_large({s.N, 4, P}, in.p.xy.options());
+  float* kp = coef.mutable_data_ptr<float>();
+  at::parallel_for(0, s.M, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float scale = wsum != 0 ? static_cast<float>(grad * (w ? double(w[m]) : 1.0) / wsum) : 0.0f;
+      const DistillCoef<float> c = distill_coef<float>(sts[3 * m], sts[3 * m + 1], sts[3 * m + 2], loss);
+      float* k = kp + (m / P) * 4 * P + m % P;
+      k[0] = c.cf1 * scale;
+      k[P] = c.cf2 * scale;
+      k[2 * P] = c.cg1 * scale;
+      k[3 * P] = c.cg2 * scale;
+    }
+  });
+  // The online gradient in the layout of the online map (as the fake kernel predicts): written
+  // in place when that is NCHW, else through an NCHW buffer. Every element is written.
+  gpf = need_pf ? empty_like_large(in.pf, in.pf.options()) : Tensor();
+  const bool direct = need_pf && gpf.is_contiguous();
+  Tensor go_buf = need_pf && !direct ? empty_large(o.sizes(), o.options()) : gpf;
+  gacc = need_features ? zeros_large(in.p.features.sizes(), in.p.xy.options()) : Tensor();
+  float* gop = need_pf ? go_buf.mutable_data_ptr<float>() : nullptr;
+  float* gfp = need_features ? gacc.mutable_data_ptr<float>() : nullptr;
+  const int64_t HW = s.H * s.W;
+  auto run = [&](const auto* fp) {
+    using F = std::remove_cv_t<std::remove_pointer_t<decltype(fp)>>;
+    dense_loss_tasks<F>(fp, s, P, cp, op, [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f,
+                                              const float* c, const float* ob, cpu::BandScratch* sc) {
+      const float* k = kp + b * 4 * P;
+      float* go = gop ? gop + (b * s.D + c0) * P : nullptr;
+      float* gf = gfp ? gfp + (b * s.D + c0) * HW : nullptr;
+      if (sc) {
+        cpu::band_loss_backward(f, s.H, s.W, c, P, ob, P, k, P, go, gf, sc);
+      } else {
+        cpu::planar_loss_backward(f, C, s.H, s.W, c, P, ob, P, k, P, go, gf);
+      }
+    });
+  };
+  if (in.p.features.scalar_type() == at::kBFloat16) {
+    run(kernel_ptr<uint16_t>(in.p.features));
+  } else {
+    run(in.p.features.const_data_ptr<float>());
+  }
+  if (need_pf && !direct) gpf.copy_(go_buf);
 }
 
 }  // namespace

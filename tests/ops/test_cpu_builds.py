@@ -73,6 +73,15 @@ for C in (3, 4, 20):
                 out[f"sample_features C={C} {dtype} NCHW forward"] = digest(o)
             else:
                 out[f"sample_features C={C} {dtype} cl={cl}"] = digest(o, f.grad, coords.grad)
+# The fused dense loss with fewer than 16 channels: planar kernels in every build (16+ channels
+# take the band kernels in the AVX2 build, which sum channels in slices: equal to rounding).
+for dtype in (torch.float32, torch.bfloat16):
+    on = torch.randn(2, 5, 24, 40, generator=g).to(dtype).requires_grad_(True)
+    tg = torch.randn(2, 5, 26, 38, generator=g).to(dtype).requires_grad_(True)
+    coords = torch.rand(2, 24, 40, 2, generator=g) * torch.tensor([41.0, 29.0]) - 1.5
+    loss = ops.dense_correspondence_loss(on, tg, coords, torch.rand(2, 24, 40, generator=g) > 0.2)
+    loss.backward()
+    out[f"dense_correspondence_loss C=5 {dtype}"] = digest(loss, on.grad, tg.grad)
 fw, bw = torch.randn(2, 2, 24, 40, generator=g) * 3, torch.randn(2, 2, 24, 40, generator=g) * 3
 r = ops.flow_correspondence(fw, bw)
 out["flow_correspondence"] = digest(r.coords, r.valid.to(torch.uint8))

@@ -58,6 +58,24 @@ def test_point_sampling_fakes_predict_layouts(layout, mode, xy_transposed):
                                                             stats, mode, 0, True, True, False])
 
 
+@pytest.mark.parametrize("layout", list(_features()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_loss_fakes_predict_layouts(layout, dtype):
+    """distill_loss with a dense online map (dense_correspondence_loss): NCHW float32 / bfloat16
+    features take the CPU's dense-loss kernels, channels-last ones the generic pair path; the
+    online map in every layout."""
+    pf = _features()[layout].to(dtype)
+    N, D, Ho, Wo = pf.shape
+    xy = torch.rand(N * Ho * Wo, 2) * 6
+    w = torch.rand(N * Ho * Wo)
+    for f in (torch.randn(N, D, 6, 8).to(dtype),
+              torch.randn(N, D, 6, 8).to(dtype).contiguous(memory_format=torch.channels_last)):
+        _, stats = P.distill_loss(pf, f, None, xy, w, 0, 0)
+        _assert_fake_matches_real(P.distill_loss, [pf, f, None, xy, w, 0, 0])
+        _assert_fake_matches_real(P.distill_loss_backward, [torch.ones(()), pf, f, None, xy, w,
+                                                            stats, 0, 0, True, True, False])
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "hw_transposed", "nc_permuted"])
 @pytest.mark.parametrize("channels", [3, 5, 40])
 def test_dense_sampling_fakes_predict_layouts(layout, channels):

@@ -522,6 +522,124 @@ def test_dense_correspondence_loss_matches_sample_then_loss(B, C, H, W, seed, lo
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
+def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "sliced":  # a channel slice of a wider map: not contiguous
+        online = torch.randn(B, C + 3, H, W, generator=g)[:, 1:C + 1]
+    else:
+        online = torch.randn(B, C, H, W, generator=g)
+        if layout == "channels_last":
+            online = online.contiguous(memory_format=torch.channels_last)
+    online = online.to(dtype)
+    target = torch.randn(B, C, Ht, Wt, generator=g).to(dtype)
+    coords = torch.rand(B, H, W, 2, generator=g) * torch.tensor([Wt + 3.0, Ht + 3.0]) - 1.5
+    if special:  # on the last row / column, far away, non-finite
+        flat = coords.view(-1, 2)
+        pick = torch.randperm(flat.shape[0], generator=g)[:6]
+        values = [(Wt - 1.0, Ht - 1.0), (0.0, Ht - 1.0), (1e9, 2.0), (-3e7, -1e8),
+                  (math.nan, 1.0), (math.inf, -math.inf)]
+        for i, v in zip(pick.tolist(), values):
+            flat[i] = torch.tensor(v)
+    return online, target, coords
+
+
+def _far_if_not_finite(coords):
+    """The ops' contract: non-finite coordinates sample nothing, as far ones do (grid_sample's
+    NaN handling is not that contract)."""
+    return torch.where(torch.isfinite(coords).all(-1, keepdim=True), coords, torch.full_like(coords, -10.0))
+
+
+@given(B=st.integers(1, 2), C=st.sampled_from([1, 3, 15, 16, 17, 33]), H=st.integers(1, 8),
+       W=st.integers(1, 11), dh=st.integers(-2, 4), dw=st.integers(-2, 4),
+       seed=st.integers(0, 2**31 - 1), loss=st.sampled_from(["cosine", "l2_normalized"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       layout=st.sampled_from(["nchw", "channels_last", "sliced"]),
+       weighted=st.booleans(), special=st.booleans())
+def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, seed, loss, dtype,
+                                                            layout, weighted, special):
+    """float32 / bfloat16 maps take the CPU's dense-loss kernels (16-channel band slices, planar
+    rest): against the float64 reference on the same (rounded) inputs."""
+    # targets of 2+ rows and columns: grid_sample (the reference) with align_corners=True maps
+    # every coordinate of a size-1 axis to its one pixel, where the ops' pixel units do not
+    Ht, Wt = max(2, H + dh), max(2, W + dw)
+    online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special)
+    g = torch.Generator().manual_seed(seed + 1)
+    if weighted:  # float weights, some exactly 0
+        valid = torch.rand(B, H, W, generator=g) * (torch.rand(B, H, W, generator=g) > 0.3)
+    else:
+        valid = torch.rand(B, H, W, generator=g) > 0.3
+    online.requires_grad_(True)
+    target.requires_grad_(True)
+    got = ops.dense_correspondence_loss(online, target, coords, valid, loss=loss)
+    go, gt = torch.autograd.grad(got, (online, target))
+    assert got.dtype == torch.float32 and go.dtype == gt.dtype == dtype
+    o64 = online.detach().double().requires_grad_(True)
+    t64 = target.detach().double().requires_grad_(True)
+    want = reference.dense_correspondence_loss(o64, t64, _far_if_not_finite(coords.double()),
+                                               valid.double(), loss)
+    wo, wt = torch.autograd.grad(want, (o64, t64))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # A pixel's gradient is a difference of terms of size w / (sum w * |v|) (|v|: its online or
+    # sampled norm), which can cancel (exactly, with one channel): float32 errors scale with them.
+    warped = reference.sample_features(t64.detach(), _far_if_not_finite(coords.double()))
+    norms = torch.minimum(o64.detach().norm(dim=1), warped.norm(dim=1))
+    w = valid.double()
+    terms = torch.where((w > 0) & (norms > 1e-12), w / (w.sum() * norms), torch.zeros_like(w))
+    bound = terms.max().item() if w.sum() > 0 else 0.0
+    for a, b in ((go, wo), (gt, wt)):
+        atol = 1e-5 * (bound + b.abs().max().item()) + 1e-12
+        # float32 math; a bfloat16 gradient is rounded to bfloat16 once
+        torch.testing.assert_close(a.double(), b, rtol=1e-4 if dtype == torch.float32 else 2 ** -7, atol=atol)
+
+
+def test_dense_loss_fast_path_equals_the_generic_pair_path():
+    """The dense kernels against the generic pair path of the same op (point features as [M, D]
+    rows), float32: the same values to rounding, with zero-weight pairs (which add nothing) and
+    pairs in tall bands of rows (the band kernels' planar fallback)."""
+    g = torch.Generator().manual_seed(3)
+    for B, C, H, W, Ht, Wt in ((2, 37, 9, 13, 11, 12), (1, 16, 300, 8, 300, 8), (1, 5, 6, 7, 6, 7),
+                               (1, 20, 40, 50, 42, 52), (1, 16, 40, 2100, 40, 2100)):
+        online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, torch.float32, "nchw", 7, True)
+        if H == 300:  # every block of 256 points reads rows all over the image
+            coords[..., 1] = torch.rand(B, H, W, generator=g) * (Ht - 1)
+        if W == 2100:  # a smooth flow over wide rows: the ring holds 15 rows, reused and evicted
+            coords = _smooth_coords(B, H, W, Ht, Wt, g, 1.5).float()
+        weights = torch.rand(B * H * W, generator=g) * (torch.rand(B * H * W, generator=g) > 0.3)
+        xy = coords.reshape(-1, 2)
+        rows = online.permute(0, 2, 3, 1).reshape(-1, C)
+        for loss in (0, 1):
+            outs = []
+            for pf in (online, rows):  # the dense map: fast path; [M, D] rows: the generic path
+                pf = pf.detach().requires_grad_(True)
+                t = target.detach().requires_grad_(True)
+                value = torch.ops.pyssl.distill_loss(pf, t, None, xy, weights, 0, loss)[0]
+                gp, gt = torch.autograd.grad(value, (pf, t))
+                outs.append((value, gp.reshape(B, H, W, C) if gp.dim() == 2 else gp.permute(0, 2, 3, 1), gt))
+            (v1, gp1, gt1), (v2, gp2, gt2) = outs
+            torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(gp1, gp2, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(gt1, gt2, rtol=1e-5, atol=1e-7)
+
+
+def test_dense_loss_fast_path_does_not_depend_on_the_thread_count():
+    online, target, coords = _dense_loss_inputs(2, 37, 24, 31, 26, 30, torch.float32, "nchw", 11, True)
+    valid = torch.rand(2, 24, 31, generator=torch.Generator().manual_seed(2)) > 0.2
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            o = online.detach().requires_grad_(True)
+            t = target.detach().requires_grad_(True)
+            value = ops.dense_correspondence_loss(o, t, coords, valid)
+            results.append((value, *torch.autograd.grad(value, (o, t))))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+
+
 def test_dense_loss_with_no_valid_pixel_is_zero_with_zero_gradients():
     online = torch.randn(1, 3, 4, 4, requires_grad=True)
     target = torch.randn(1, 3, 4, 4, requires_grad=True)
