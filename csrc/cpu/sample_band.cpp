@@ -67,6 +67,8 @@ namespace {
 
 inline float value1(const float* p) { return *p; }
 inline float value1(const uint16_t* p) { return bf16_to_float(*p); }
+inline void put1(float* p, float v) { *p = v; }
+inline void put1(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
 // sum_k weight[k][j] * plane[index[k][j]] over the corners inside the image, in corner order
 template <typename F>
@@ -79,9 +81,9 @@ inline float planar_tap(const F* plane, const DenseTaps& t, int64_t n, int64_t j
   return acc;
 }
 
-template <typename F>
+template <typename F, typename O>
 void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                              int64_t P, const float* o, int64_t os, float* sums, int64_t ss) {
+                              int64_t P, const O* o, int64_t os, float* sums, int64_t ss) {
   const int64_t HW = H * W;
   int32_t index[4 * kTile];
   float weight[4 * kTile];
@@ -92,7 +94,7 @@ void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const
     for (int64_t j = 0; j < n; ++j) {
       float tt = 0.0f, oo = 0.0f, to = 0.0f;
       for (int64_t c = 0; c < C; ++c) {
-        const float tv = planar_tap(f + c * HW, t, n, j), ov = o[c * os + p0 + j];
+        const float tv = planar_tap(f + c * HW, t, n, j), ov = value1(o + c * os + p0 + j);
         tt += tv * tv;
         oo += ov * ov;
         to += tv * ov;
@@ -104,10 +106,10 @@ void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const
   }
 }
 
-template <typename F>
+template <typename F, typename O>
 void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                               int64_t P, const float* o, int64_t os, const float* coef,
-                               int64_t cs, float* go, float* gf) {
+                               int64_t P, const O* o, int64_t os, const float* coef,
+                               int64_t cs, O* go, float* gf) {
   const int64_t HW = H * W;
   int32_t index[4 * kTile];
   float weight[4 * kTile];
@@ -120,8 +122,8 @@ void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, cons
       const float cf1 = coef[p], cf2 = coef[cs + p], cg1 = coef[2 * cs + p], cg2 = coef[3 * cs + p];
       const bool adds = gf && !(cf1 == 0.0f && cf2 == 0.0f);  // zero weight: no add
       for (int64_t c = 0; c < C; ++c) {
-        const float tv = planar_tap(f + c * HW, t, n, j), ov = o[c * os + p];
-        if (go) go[c * os + p] = cg1 * ov + cg2 * tv;
+        const float tv = planar_tap(f + c * HW, t, n, j), ov = value1(o + c * os + p);
+        if (go) put1(go + c * os + p, cg1 * ov + cg2 * tv);
         if (!adds) continue;
         const float r = cf1 * tv + cf2 * ov;
         float* plane = gf + c * HW;
@@ -136,24 +138,28 @@ void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, cons
 
 }  // namespace
 
-void planar_loss_forward(const float* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                         int64_t P, const float* o, int64_t os, float* sums, int64_t ss) {
+template <typename F, typename O>
+void planar_loss_forward(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                         int64_t P, const O* o, int64_t os, float* sums, int64_t ss) {
   planar_loss_forward_impl(f, C, H, W, coords, P, o, os, sums, ss);
 }
-void planar_loss_forward(const uint16_t* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                         int64_t P, const float* o, int64_t os, float* sums, int64_t ss) {
-  planar_loss_forward_impl(f, C, H, W, coords, P, o, os, sums, ss);
-}
-void planar_loss_backward(const float* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                          int64_t P, const float* o, int64_t os, const float* coef, int64_t cs,
-                          float* go, float* gf) {
+template <typename F, typename O>
+void planar_loss_backward(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
+                          int64_t P, const O* o, int64_t os, const float* coef, int64_t cs, O* go,
+                          float* gf) {
   planar_loss_backward_impl(f, C, H, W, coords, P, o, os, coef, cs, go, gf);
 }
-void planar_loss_backward(const uint16_t* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                          int64_t P, const float* o, int64_t os, const float* coef, int64_t cs,
-                          float* go, float* gf) {
-  planar_loss_backward_impl(f, C, H, W, coords, P, o, os, coef, cs, go, gf);
-}
+#define PYSSL_PLANAR_LOSS(F, O)                                                                   \
+  template void planar_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, const float*,     \
+                                          int64_t, const O*, int64_t, float*, int64_t);          \
+  template void planar_loss_backward<F, O>(const F*, int64_t, int64_t, int64_t, const float*,    \
+                                           int64_t, const O*, int64_t, const float*, int64_t, O*, \
+                                           float*);
+PYSSL_PLANAR_LOSS(float, float)
+PYSSL_PLANAR_LOSS(float, uint16_t)
+PYSSL_PLANAR_LOSS(uint16_t, float)
+PYSSL_PLANAR_LOSS(uint16_t, uint16_t)
+#undef PYSSL_PLANAR_LOSS
 
 #ifdef PYSSL_BAND_KERNELS
 namespace {
@@ -411,9 +417,9 @@ PYSSL_AVX2 void band_sample_tile(const BandScratch* s, int n, int64_t W, float (
   }
 }
 
-template <typename F>
+template <typename F, typename O>
 PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                                  const float* o, int64_t os, float* sums, int64_t ss,
+                                  const O* o, int64_t os, float* sums, int64_t ss,
                                   BandScratch* s) {
   const int64_t HW = H * W;
   const int K = s->K;
@@ -443,7 +449,7 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float*
         for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile[i + q] + h * 8);
         transpose8(a);  // a[q]: channel h * 8 + q of the 8 points
         for (int q = 0; q < 8; ++q) {
-          const __m256 ov = _mm256_loadu_ps(o + (h * 8 + q) * os + p0 + i);
+          const __m256 ov = load8(o + (h * 8 + q) * os + p0 + i);
           tt = _mm256_add_ps(tt, _mm256_mul_ps(a[q], a[q]));
           oo = _mm256_add_ps(oo, _mm256_mul_ps(ov, ov));
           to = _mm256_add_ps(to, _mm256_mul_ps(a[q], ov));
@@ -456,7 +462,7 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float*
     for (; i < n; ++i) {
       float tt = 0.0f, oo = 0.0f, to = 0.0f;
       for (int c = 0; c < kS; ++c) {
-        const float tv = s->tile[i][c], ov = o[c * os + p0 + i];
+        const float tv = s->tile[i][c], ov = load1(o + c * os + p0 + i);
         tt += tv * tv;
         oo += ov * ov;
         to += tv * ov;
@@ -468,10 +474,10 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float*
   }
 }
 
-template <typename F>
+template <typename F, typename O>
 PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                                   const float* o, int64_t os, const float* coef, int64_t cs,
-                                   float* go, float* gf, BandScratch* s) {
+                                   const O* o, int64_t os, const float* coef, int64_t cs,
+                                   O* go, float* gf, BandScratch* s) {
   const int64_t HW = H * W;
   const int K = s->K;
   std::fill(s->ftag, s->ftag + K, int64_t{-1});
@@ -505,13 +511,13 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float
     for (; i + 8 <= n; i += 8) {
       for (int h = 0; h < 2; ++h) {
         __m256 a[8];
-        for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(o + (h * 8 + q) * os + p0 + i);
+        for (int q = 0; q < 8; ++q) a[q] = load8(o + (h * 8 + q) * os + p0 + i);
         transpose8(a);
         for (int q = 0; q < 8; ++q) _mm256_store_ps(s->tile2[i + q] + h * 8, a[q]);
       }
     }
     for (; i < n; ++i)
-      for (int c = 0; c < kS; ++c) s->tile2[i][c] = o[c * os + p0 + i];
+      for (int c = 0; c < kS; ++c) s->tile2[i][c] = load1(o + c * os + p0 + i);
     for (int j = 0; j < n; ++j) {
       const int64_t p = p0 + j;
       const float cf1 = coef[p], cf2 = coef[cs + p];
@@ -543,11 +549,11 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float
           __m256 a[8];
           for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile2[i + q] + h * 8);
           transpose8(a);
-          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(go + (h * 8 + q) * os + p0 + i, a[q]);
+          for (int q = 0; q < 8; ++q) store8(go + (h * 8 + q) * os + p0 + i, a[q]);
         }
       }
       for (; i < n; ++i)
-        for (int c = 0; c < kS; ++c) go[c * os + p0 + i] = s->tile2[i][c];
+        for (int c = 0; c < kS; ++c) store1(go + c * os + p0 + i, s->tile2[i][c]);
     }
   }
   if (gf)
@@ -577,22 +583,15 @@ void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int
   backward_impl(f, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
 
-void band_loss_forward(const float* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                       const float* o, int64_t os, float* sums, int64_t ss, BandScratch* s) {
+template <typename F, typename O>
+void band_loss_forward(const F* f, int64_t H, int64_t W, const float* coords, int64_t P, const O* o,
+                       int64_t os, float* sums, int64_t ss, BandScratch* s) {
   loss_forward_impl(f, H, W, coords, P, o, os, sums, ss, s);
 }
-void band_loss_forward(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                       const float* o, int64_t os, float* sums, int64_t ss, BandScratch* s) {
-  loss_forward_impl(f, H, W, coords, P, o, os, sums, ss, s);
-}
-void band_loss_backward(const float* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                        const float* o, int64_t os, const float* coef, int64_t cs, float* go,
-                        float* gf, BandScratch* s) {
-  loss_backward_impl(f, H, W, coords, P, o, os, coef, cs, go, gf, s);
-}
-void band_loss_backward(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                        const float* o, int64_t os, const float* coef, int64_t cs, float* go,
-                        float* gf, BandScratch* s) {
+template <typename F, typename O>
+void band_loss_backward(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
+                        const O* o, int64_t os, const float* coef, int64_t cs, O* go, float* gf,
+                        BandScratch* s) {
   loss_backward_impl(f, H, W, coords, P, o, os, coef, cs, go, gf, s);
 }
 
@@ -605,15 +604,25 @@ void band_backward(const float*, const float*, int64_t, int64_t, int64_t, const 
                    float*, float*, float*, BandScratch*) {}
 void band_backward(const uint16_t*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
                    float*, float*, float*, BandScratch*) {}
-void band_loss_forward(const float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                       float*, int64_t, BandScratch*) {}
-void band_loss_forward(const uint16_t*, int64_t, int64_t, const float*, int64_t, const float*,
-                       int64_t, float*, int64_t, BandScratch*) {}
-void band_loss_backward(const float*, int64_t, int64_t, const float*, int64_t, const float*,
-                        int64_t, const float*, int64_t, float*, float*, BandScratch*) {}
-void band_loss_backward(const uint16_t*, int64_t, int64_t, const float*, int64_t, const float*,
-                        int64_t, const float*, int64_t, float*, float*, BandScratch*) {}
+template <typename F, typename O>
+void band_loss_forward(const F*, int64_t, int64_t, const float*, int64_t, const O*, int64_t, float*,
+                       int64_t, BandScratch*) {}
+template <typename F, typename O>
+void band_loss_backward(const F*, int64_t, int64_t, const float*, int64_t, const O*, int64_t,
+                        const float*, int64_t, O*, float*, BandScratch*) {}
 
 #endif
+
+#define PYSSL_BAND_LOSS(F, O)                                                                    \
+  template void band_loss_forward<F, O>(const F*, int64_t, int64_t, const float*, int64_t,       \
+                                        const O*, int64_t, float*, int64_t, BandScratch*);       \
+  template void band_loss_backward<F, O>(const F*, int64_t, int64_t, const float*, int64_t,      \
+                                         const O*, int64_t, const float*, int64_t, O*, float*,   \
+                                         BandScratch*);
+PYSSL_BAND_LOSS(float, float)
+PYSSL_BAND_LOSS(float, uint16_t)
+PYSSL_BAND_LOSS(uint16_t, float)
+PYSSL_BAND_LOSS(uint16_t, uint16_t)
+#undef PYSSL_BAND_LOSS
 
 }  // namespace pyssl::cpu

@@ -583,12 +583,14 @@ struct DistillInputs {
   Tensor w;  // weights in the accumulation dtype, or undefined
 };
 
+// keep_pf: the point features as they come (the dense-loss kernels read bfloat16 themselves)
 DistillInputs prepare_distill(const Tensor& point_features, const Tensor& features,
                               const std::optional<Tensor>& image_index, const Tensor& xy,
-                              const std::optional<Tensor>& weights, const SampleShape& s) {
+                              const std::optional<Tensor>& weights, const SampleShape& s,
+                              bool keep_pf = false) {
   DistillInputs in{prepare_sampling(features, image_index, xy, s), Tensor(), {}, Tensor()};
   const auto acc = in.p.xy.scalar_type();
-  in.pf = point_features.scalar_type() == acc ? point_features : point_features.to(acc);
+  in.pf = keep_pf || point_features.scalar_type() == acc ? point_features : point_features.to(acc);
   in.pl = row_layout(in.pf);
   if (weights.has_value()) in.w = weights->to(acc).contiguous();
   return in;
@@ -672,8 +674,9 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
 
 // The fused dense loss fast path (pyssl.ops.dense_correspondence_loss), below with the dense
 // sampling kernels it uses.
-bool dense_loss_path(const DistillInputs& in, const Tensor& point_features, const SampleShape& s,
-                     int64_t mode);
+bool dense_loss_path(const Tensor& point_features, const Tensor& features,
+                     const std::optional<Tensor>& image_index, const Tensor& xy,
+                     const SampleShape& s, int64_t mode);
 void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t loss, Tensor& stats,
                         double* total, double* weight_sum);
 void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape& s,
@@ -686,10 +689,11 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
                                             int64_t mode, int64_t loss) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
   check_distill(point_features, features, weights, s, loss);
-  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
+  const bool dense = dense_loss_path(point_features, features, image_index, xy, s, mode);
+  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s, dense);
   Tensor stats = at::empty({s.M, 3}, in.p.xy.options());
   double total = 0, wsum = 0;
-  if (dense_loss_path(in, point_features, s, mode)) {
+  if (dense) {
     dense_loss_forward(in, s, loss, stats, &total, &wsum);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.p.features.scalar_type(), "distill_loss", [&] {
@@ -844,10 +848,11 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cpu(
   const SampleShape s = check_sample(features, image_index, xy, mode);
   check_distill(point_features, features, weights, s, loss);
   check_distill_backward(grad_loss, stats, features, s);
-  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s);
+  const bool dense = dense_loss_path(point_features, features, image_index, xy, s, mode);
+  const DistillInputs in = prepare_distill(point_features, features, image_index, xy, weights, s, dense);
   const Tensor st = stats.to(in.p.xy.scalar_type()).contiguous();
   const double g = grad_loss.item<double>();
-  if (dense_loss_path(in, point_features, s, mode)) {
+  if (dense) {
     Tensor gpf, gacc;
     dense_loss_backward(g, in, s, st, loss, point_features_grad, features_grad, gpf, gacc);
     return {point_features_grad ? gpf.to(point_features.scalar_type()) : at::empty({0}, point_features.options()),
@@ -1225,20 +1230,23 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
 // coordinates; otherwise the generic path.
 // ---------------------------------------------------------------------------------------------
 
-bool dense_loss_path(const DistillInputs& in, const Tensor& point_features, const SampleShape& s,
-                     int64_t mode) {
-  const auto ft = in.p.features.scalar_type();
-  return mode == kBilinear && !in.p.index.defined() && point_features.dim() == 4 &&
-         point_features.size(0) == s.N && s.M > 0 && s.D > 0 &&
-         (ft == at::kFloat || ft == at::kBFloat16) && in.p.xy.scalar_type() == at::kFloat &&
-         in.p.features.is_contiguous() && s.H * s.W < (int64_t{1} << 31);
+bool dense_loss_path(const Tensor& point_features, const Tensor& features,
+                     const std::optional<Tensor>& image_index, const Tensor& xy,
+                     const SampleShape& s, int64_t mode) {
+  auto float_or_bf16 = [](const Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  return mode == kBilinear && !image_index.has_value() && point_features.dim() == 4 &&
+         point_features.size(0) == s.N && s.M > 0 && s.D > 0 && float_or_bf16(features) &&
+         float_or_bf16(point_features) && xy.scalar_type() == at::kFloat &&
+         features.is_contiguous() && s.H * s.W < (int64_t{1} << 31);
 }
 
 // body(b, q, c0, C, features, coords, online, scratch) for each (image b, task q) of channels
 // [c0, c0 + C): scratch set for the 16-channel band slices, null for the planar rest
-template <typename F, typename Body>
+template <typename F, typename O, typename Body>
 void dense_loss_tasks(const F* fp, const SampleShape& s, int64_t P, const float* cp,
-                      const float* op, const Body& body) {
+                      const O* op, const Body& body) {
   const DenseSplit split(s.D);
   const int64_t T = split.tasks, HW = s.H * s.W, S = cpu::kBandChannels;
   at::parallel_for(0, s.N * T, 1, [&](int64_t begin, int64_t end) {
@@ -1253,18 +1261,38 @@ void dense_loss_tasks(const F* fp, const SampleShape& s, int64_t P, const float*
   });
 }
 
+// fn(features, online) with the kernels' element types: float, or uint16_t for bfloat16
+template <typename Fn>
+void with_dense_types(const Tensor& features, const Tensor& online, const Fn& fn) {
+  auto with_online = [&](const auto* fp) {
+    if (online.scalar_type() == at::kBFloat16) {
+      fn(fp, kernel_ptr<uint16_t>(online));
+    } else {
+      fn(fp, online.const_data_ptr<float>());
+    }
+  };
+  if (features.scalar_type() == at::kBFloat16) {
+    with_online(kernel_ptr<uint16_t>(features));
+  } else {
+    with_online(features.const_data_ptr<float>());
+  }
+}
+
+template <typename T>
+using Elem = std::remove_cv_t<std::remove_pointer_t<T>>;
+
 void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t loss, Tensor& stats,
                         double* total, double* weight_sum) {
   const int64_t P = s.per_image, T = DenseSplit(s.D).tasks;
-  const Tensor o = in.pf.contiguous();
-  const float* op = o.const_data_ptr<float>();
+  const Tensor o = in.pf.contiguous();  // float32 or bfloat16, as it came
   const float* cp = in.p.xy.const_data_ptr<float>();
   Tensor part = empty_large({s.N, T, 3, P}, in.p.xy.options());  // every element written
   float* pp = part.mutable_data_ptr<float>();
-  auto run = [&](const auto* fp) {
-    using F = std::remove_cv_t<std::remove_pointer_t<decltype(fp)>>;
-    dense_loss_tasks<F>(fp, s, P, cp, op, [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f,
-                                              const float* c, const float* ob, cpu::BandScratch* sc) {
+  with_dense_types(in.p.features, o, [&](const auto* fp, const auto* op) {
+    using F = Elem<decltype(fp)>;
+    using O = Elem<decltype(op)>;
+    dense_loss_tasks(fp, s, P, cp, op, [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f,
+                                           const float* c, const O* ob, cpu::BandScratch* sc) {
       float* sums = pp + (b * T + q) * 3 * P;
       if (sc) {
         cpu::band_loss_forward(f, s.H, s.W, c, P, ob, P, sums, P, sc);
@@ -1272,12 +1300,7 @@ void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t l
         cpu::planar_loss_forward(f, C, s.H, s.W, c, P, ob, P, sums, P);
       }
     });
-  };
-  if (in.p.features.scalar_type() == at::kBFloat16) {
-    run(kernel_ptr<uint16_t>(in.p.features));
-  } else {
-    run(in.p.features.const_data_ptr<float>());
-  }
+  });
   const float* w = in.w.defined() ? in.w.const_data_ptr<float>() : nullptr;
   float* out = stats.mutable_data_ptr<float>();
   std::vector<double> per(s.M);
@@ -1310,8 +1333,7 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
                          const Tensor& stats, int64_t loss, bool need_pf, bool need_features,
                          Tensor& gpf, Tensor& gacc) {
   const int64_t P = s.per_image;
-  const Tensor o = in.pf.contiguous();
-  const float* op = o.const_data_ptr<float>();
+  const Tensor o = in.pf.contiguous();  // float32 or bfloat16, as it came
   const float* cp = in.p.xy.const_data_ptr<float>();
   const float* w = in.w.defined() ? in.w.const_data_ptr<float>() : nullptr;
   const float* sts = stats.const_data_ptr<float>();
@@ -1331,21 +1353,22 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
       k[3 * P] = c.cg2 * scale;
     }
   });
-  // The online gradient in the layout of the online map (as the fake kernel predicts): written
-  // in place when that is NCHW, else through an NCHW buffer. Every element is written.
+  // The online gradient in the dtype and layout of the online map (as the fake kernel predicts):
+  // written in place when that is NCHW, else through an NCHW buffer. Every element is written.
   gpf = need_pf ? empty_like_large(in.pf, in.pf.options()) : Tensor();
   const bool direct = need_pf && gpf.is_contiguous();
   Tensor go_buf = need_pf && !direct ? empty_large(o.sizes(), o.options()) : gpf;
   gacc = need_features ? zeros_large(in.p.features.sizes(), in.p.xy.options()) : Tensor();
-  float* gop = need_pf ? go_buf.mutable_data_ptr<float>() : nullptr;
   float* gfp = need_features ? gacc.mutable_data_ptr<float>() : nullptr;
   const int64_t HW = s.H * s.W;
-  auto run = [&](const auto* fp) {
-    using F = std::remove_cv_t<std::remove_pointer_t<decltype(fp)>>;
-    dense_loss_tasks<F>(fp, s, P, cp, op, [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f,
-                                              const float* c, const float* ob, cpu::BandScratch* sc) {
+  with_dense_types(in.p.features, o, [&](const auto* fp, const auto* op) {
+    using F = Elem<decltype(fp)>;
+    using O = Elem<decltype(op)>;
+    O* gop = need_pf ? static_cast<O*>(go_buf.mutable_data_ptr()) : nullptr;
+    dense_loss_tasks(fp, s, P, cp, op, [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f,
+                                           const float* c, const O* ob, cpu::BandScratch* sc) {
       const float* k = kp + b * 4 * P;
-      float* go = gop ? gop + (b * s.D + c0) * P : nullptr;
+      O* go = gop ? gop + (b * s.D + c0) * P : nullptr;
       float* gf = gfp ? gfp + (b * s.D + c0) * HW : nullptr;
       if (sc) {
         cpu::band_loss_backward(f, s.H, s.W, c, P, ob, P, k, P, go, gf, sc);
@@ -1353,12 +1376,7 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
         cpu::planar_loss_backward(f, C, s.H, s.W, c, P, ob, P, k, P, go, gf);
       }
     });
-  };
-  if (in.p.features.scalar_type() == at::kBFloat16) {
-    run(kernel_ptr<uint16_t>(in.p.features));
-  } else {
-    run(in.p.features.const_data_ptr<float>());
-  }
+  });
   if (need_pf && !direct) gpf.copy_(go_buf);
 }
 

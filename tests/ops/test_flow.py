@@ -522,7 +522,7 @@ def test_dense_correspondence_loss_matches_sample_then_loss(B, C, H, W, seed, lo
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
-def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special):
+def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special, online_dtype=None):
     g = torch.Generator().manual_seed(seed)
     if layout == "sliced":  # a channel slice of a wider map: not contiguous
         online = torch.randn(B, C + 3, H, W, generator=g)[:, 1:C + 1]
@@ -530,7 +530,7 @@ def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special):
         online = torch.randn(B, C, H, W, generator=g)
         if layout == "channels_last":
             online = online.contiguous(memory_format=torch.channels_last)
-    online = online.to(dtype)
+    online = online.to(online_dtype or dtype)
     target = torch.randn(B, C, Ht, Wt, generator=g).to(dtype)
     coords = torch.rand(B, H, W, 2, generator=g) * torch.tensor([Wt + 3.0, Ht + 3.0]) - 1.5
     if special:  # on the last row / column, far away, non-finite
@@ -553,16 +553,19 @@ def _far_if_not_finite(coords):
        W=st.integers(1, 11), dh=st.integers(-2, 4), dw=st.integers(-2, 4),
        seed=st.integers(0, 2**31 - 1), loss=st.sampled_from(["cosine", "l2_normalized"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       online_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        layout=st.sampled_from(["nchw", "channels_last", "sliced"]),
        weighted=st.booleans(), special=st.booleans())
 def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, seed, loss, dtype,
-                                                            layout, weighted, special):
-    """float32 / bfloat16 maps take the CPU's dense-loss kernels (16-channel band slices, planar
-    rest): against the float64 reference on the same (rounded) inputs."""
+                                                            online_dtype, layout, weighted, special):
+    """float32 / bfloat16 maps (target: dtype, online: online_dtype) take the CPU's dense-loss
+    kernels (16-channel band slices, planar rest, bfloat16 read and written as it is): against
+    the float64 reference on the same (rounded) inputs."""
     # targets of 2+ rows and columns: grid_sample (the reference) with align_corners=True maps
     # every coordinate of a size-1 axis to its one pixel, where the ops' pixel units do not
     Ht, Wt = max(2, H + dh), max(2, W + dw)
-    online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special)
+    online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special,
+                                                online_dtype)
     g = torch.Generator().manual_seed(seed + 1)
     if weighted:  # float weights, some exactly 0
         valid = torch.rand(B, H, W, generator=g) * (torch.rand(B, H, W, generator=g) > 0.3)
@@ -572,7 +575,8 @@ def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, 
     target.requires_grad_(True)
     got = ops.dense_correspondence_loss(online, target, coords, valid, loss=loss)
     go, gt = torch.autograd.grad(got, (online, target))
-    assert got.dtype == torch.float32 and go.dtype == gt.dtype == dtype
+    assert got.dtype == torch.float32 and go.dtype == online_dtype and gt.dtype == dtype
+    assert go.stride() == online.stride() or layout == "sliced"  # the online map's layout
     o64 = online.detach().double().requires_grad_(True)
     t64 = target.detach().double().requires_grad_(True)
     want = reference.dense_correspondence_loss(o64, t64, _far_if_not_finite(coords.double()),
@@ -589,7 +593,7 @@ def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, 
     for a, b in ((go, wo), (gt, wt)):
         atol = 1e-5 * (bound + b.abs().max().item()) + 1e-12
         # float32 math; a bfloat16 gradient is rounded to bfloat16 once
-        torch.testing.assert_close(a.double(), b, rtol=1e-4 if dtype == torch.float32 else 2 ** -7, atol=atol)
+        torch.testing.assert_close(a.double(), b, rtol=1e-4 if a.dtype == torch.float32 else 2 ** -7, atol=atol)
 
 
 def test_dense_loss_fast_path_equals_the_generic_pair_path():
