@@ -1242,21 +1242,28 @@ bool dense_loss_path(const Tensor& point_features, const Tensor& features,
          features.is_contiguous() && s.H * s.W < (int64_t{1} << 31);
 }
 
-// body(b, q, c0, C, features, coords, online, scratch) for each (image b, task q) of channels
-// [c0, c0 + C): scratch set for the 16-channel band slices, null for the planar rest
+// body(b, q, c0, C, features, coords, online, scratch, p0, n) for each (image b, task q) of
+// channels [c0, c0 + C) and, with `chunks` > 1, each range [p0, p0 + n) of its points (whole
+// blocks); features, coords and online point at the image and channel, not at p0. scratch: set
+// for the 16-channel band slices, null for the planar rest.
 template <typename F, typename O, typename Body>
 void dense_loss_tasks(const F* fp, const SampleShape& s, int64_t P, const float* cp,
-                      const O* op, const Body& body) {
+                      const O* op, int64_t chunks, const Body& body) {
   const DenseSplit split(s.D);
   const int64_t T = split.tasks, HW = s.H * s.W, S = cpu::kBandChannels;
-  at::parallel_for(0, s.N * T, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
+  const int64_t K = std::clamp<int64_t>(chunks, 1, blocks);
+  const int64_t per = (blocks + K - 1) / K * kDenseBlock;  // points per chunk
+  at::parallel_for(0, s.N * T * K, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / T, q = task % T, c0 = q * S;
+      const int64_t b = task / (T * K), q = task / K % T, c0 = q * S;
+      const int64_t p0 = task % K * per, n = std::min(P, p0 + per) - p0;
+      if (n <= 0) continue;
       const bool band = q < split.slices;
       if (band && !scratch) scratch.reset(cpu::band_scratch_new(s.W));
       body(b, q, c0, band ? S : split.rest, fp + (b * s.D + c0) * HW, cp + b * P * 2,
-           op + (b * s.D + c0) * P, band ? scratch.get() : nullptr);
+           op + (b * s.D + c0) * P, band ? scratch.get() : nullptr, p0, n);
     }
   });
 }
@@ -1288,16 +1295,22 @@ void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t l
   const float* cp = in.p.xy.const_data_ptr<float>();
   Tensor part = empty_large({s.N, T, 3, P}, in.p.xy.options());  // every element written
   float* pp = part.mutable_data_ptr<float>();
+  // Per-point sums do not depend on how points are split: with fewer (image, slice) tasks than
+  // twice the threads, each task's points are cut into ranges as well (the backward cannot:
+  // a task owns the target-gradient planes its points scatter into).
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = threads > 1 ? (2 * threads + s.N * T - 1) / (s.N * T) : 1;
   with_dense_types(in.p.features, o, [&](const auto* fp, const auto* op) {
     using F = Elem<decltype(fp)>;
     using O = Elem<decltype(op)>;
-    dense_loss_tasks(fp, s, P, cp, op, [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f,
-                                           const float* c, const O* ob, cpu::BandScratch* sc) {
-      float* sums = pp + (b * T + q) * 3 * P;
+    dense_loss_tasks(fp, s, P, cp, op, chunks,
+                     [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f, const float* c,
+                         const O* ob, cpu::BandScratch* sc, int64_t p0, int64_t n) {
+      float* sums = pp + (b * T + q) * 3 * P + p0;
       if (sc) {
-        cpu::band_loss_forward(f, s.H, s.W, c, P, ob, P, sums, P, sc);
+        cpu::band_loss_forward(f, s.H, s.W, c + 2 * p0, n, ob + p0, P, sums, P, sc);
       } else {
-        cpu::planar_loss_forward(f, C, s.H, s.W, c, P, ob, P, sums, P);
+        cpu::planar_loss_forward(f, C, s.H, s.W, c + 2 * p0, n, ob + p0, P, sums, P);
       }
     });
   });
@@ -1365,8 +1378,9 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
     using F = Elem<decltype(fp)>;
     using O = Elem<decltype(op)>;
     O* gop = need_pf ? static_cast<O*>(go_buf.mutable_data_ptr()) : nullptr;
-    dense_loss_tasks(fp, s, P, cp, op, [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f,
-                                           const float* c, const O* ob, cpu::BandScratch* sc) {
+    dense_loss_tasks(fp, s, P, cp, op, 1,
+                     [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f, const float* c,
+                         const O* ob, cpu::BandScratch* sc, int64_t, int64_t) {
       const float* k = kp + b * 4 * P;
       O* go = gop ? gop + (b * s.D + c0) * P : nullptr;
       float* gf = gfp ? gfp + (b * s.D + c0) * HW : nullptr;
@@ -1380,6 +1394,15 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
   if (need_pf && !direct) gpf.copy_(go_buf);
 }
 
+// Diagnostic: whether distill_loss on the CPU takes the dense-loss kernels for these inputs (the
+// tests check that the inputs meant for them reach them).
+bool dense_loss_kernels_cpu(const Tensor& point_features, const Tensor& features,
+                            const std::optional<Tensor>& image_index, const Tensor& xy, int64_t mode) {
+  const SampleShape s = check_sample(features, image_index, xy, mode);
+  check_distill(point_features, features, std::nullopt, s, kCosine);
+  return dense_loss_path(point_features, features, image_index, xy, s, mode);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pyssl, m) {
@@ -1389,6 +1412,7 @@ TORCH_LIBRARY_FRAGMENT(pyssl, m) {
   m.def("sample_features_dense_backward(Tensor grad, Tensor features, Tensor coords, bool features_grad, bool coords_grad) -> (Tensor, Tensor)");
   m.def("distill_loss(Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor? weights, int mode, int loss) -> (Tensor loss, Tensor stats)");
   m.def("distill_loss_backward(Tensor grad_loss, Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, Tensor? weights, Tensor stats, int mode, int loss, bool point_features_grad, bool features_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def("dense_loss_kernels(Tensor point_features, Tensor features, Tensor? image_index, Tensor xy, int mode) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
@@ -1398,6 +1422,7 @@ TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
   m.impl("sample_features_dense_backward", &sample_features_dense_backward_cpu);
   m.impl("distill_loss", &distill_loss_cpu);
   m.impl("distill_loss_backward", &distill_loss_backward_cpu);
+  m.impl("dense_loss_kernels", &dense_loss_kernels_cpu);
 }
 
 }  // namespace pyssl::sampling

@@ -571,12 +571,14 @@ def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, 
         valid = torch.rand(B, H, W, generator=g) * (torch.rand(B, H, W, generator=g) > 0.3)
     else:
         valid = torch.rand(B, H, W, generator=g) > 0.3
+    assert torch.ops.pyssl.dense_loss_kernels(online, target, None, coords.reshape(-1, 2), 0)
     online.requires_grad_(True)
     target.requires_grad_(True)
     got = ops.dense_correspondence_loss(online, target, coords, valid, loss=loss)
     go, gt = torch.autograd.grad(got, (online, target))
     assert got.dtype == torch.float32 and go.dtype == online_dtype and gt.dtype == dtype
-    assert go.stride() == online.stride() or layout == "sliced"  # the online map's layout
+    # the online map's layout (a sliced map's gradient is contiguous, as torch.empty_like's)
+    assert go.stride() == (online.stride() if layout != "sliced" else online.contiguous().stride())
     o64 = online.detach().double().requires_grad_(True)
     t64 = target.detach().double().requires_grad_(True)
     want = reference.dense_correspondence_loss(o64, t64, _far_if_not_finite(coords.double()),
@@ -596,52 +598,91 @@ def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, 
         torch.testing.assert_close(a.double(), b, rtol=1e-4 if a.dtype == torch.float32 else 2 ** -7, atol=atol)
 
 
-def test_dense_loss_fast_path_equals_the_generic_pair_path():
+_GENERIC_CASES = ((2, 37, 9, 13, 11, 12), (1, 16, 300, 8, 300, 8), (1, 5, 6, 7, 6, 7),
+                  (1, 32, 40, 50, 42, 52), (1, 16, 40, 2100, 40, 2100))
+
+
+def _generic_case(case, dtype, online_dtype, g):
+    B, C, H, W, Ht, Wt = case
+    online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, "nchw", 7, True, online_dtype)
+    if H == 300:  # every block of 256 points reads rows all over the image
+        coords[..., 1] = torch.rand(B, H, W, generator=g) * (Ht - 1)
+    if W == 2100:  # a smooth flow over wide rows: the ring holds 15 rows, reused and evicted
+        coords = _smooth_coords(B, H, W, Ht, Wt, g, 1.5).float()
+    return online, target, coords
+
+
+@pytest.mark.parametrize("case", _GENERIC_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype,online_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_dense_loss_fast_path_equals_the_generic_pair_path(case, dtype, online_dtype):
     """The dense kernels against the generic pair path of the same op (point features as [M, D]
-    rows), float32: the same values to rounding, with zero-weight pairs (which add nothing) and
-    pairs in tall bands of rows (the band kernels' planar fallback)."""
+    rows): the same values to rounding, with zero-weight pairs (which add nothing), no weights,
+    one gradient at a time, non-finite target features, pairs in tall bands of rows (the band
+    kernels' planar fallback) and a ring of rows reused and evicted."""
     g = torch.Generator().manual_seed(3)
-    for B, C, H, W, Ht, Wt in ((2, 37, 9, 13, 11, 12), (1, 16, 300, 8, 300, 8), (1, 5, 6, 7, 6, 7),
-                               (1, 20, 40, 50, 42, 52), (1, 16, 40, 2100, 40, 2100)):
-        online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, torch.float32, "nchw", 7, True)
-        if H == 300:  # every block of 256 points reads rows all over the image
-            coords[..., 1] = torch.rand(B, H, W, generator=g) * (Ht - 1)
-        if W == 2100:  # a smooth flow over wide rows: the ring holds 15 rows, reused and evicted
-            coords = _smooth_coords(B, H, W, Ht, Wt, g, 1.5).float()
-        weights = torch.rand(B * H * W, generator=g) * (torch.rand(B * H * W, generator=g) > 0.3)
-        xy = coords.reshape(-1, 2)
-        rows = online.permute(0, 2, 3, 1).reshape(-1, C)
-        for loss in (0, 1):
-            outs = []
-            for pf in (online, rows):  # the dense map: fast path; [M, D] rows: the generic path
-                pf = pf.detach().requires_grad_(True)
-                t = target.detach().requires_grad_(True)
-                value = torch.ops.pyssl.distill_loss(pf, t, None, xy, weights, 0, loss)[0]
-                gp, gt = torch.autograd.grad(value, (pf, t))
-                outs.append((value, gp.reshape(B, H, W, C) if gp.dim() == 2 else gp.permute(0, 2, 3, 1), gt))
-            (v1, gp1, gt1), (v2, gp2, gt2) = outs
-            torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(gp1, gp2, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(gt1, gt2, rtol=1e-5, atol=1e-7)
+    online, target, coords = _generic_case(case, dtype, online_dtype, g)
+    B, C, H, W = online.shape
+    xy = coords.reshape(-1, 2)
+    rows = online.permute(0, 2, 3, 1).reshape(-1, C)
+    assert torch.ops.pyssl.dense_loss_kernels(online, target, None, xy, 0)
+    assert not torch.ops.pyssl.dense_loss_kernels(rows, target, None, xy, 0)
+    bf16 = torch.bfloat16 in (dtype, online_dtype)
+    tol = dict(rtol=2 ** -7, atol=1e-4) if bf16 else dict(rtol=1e-5, atol=1e-7)
+    weight_draws = [torch.rand(B * H * W, generator=g) * (torch.rand(B * H * W, generator=g) > 0.3), None]
+    for loss, weights, need in ((0, weight_draws[0], (True, True)), (1, weight_draws[0], (True, True)),
+                                (0, None, (True, False)), (1, weight_draws[0], (False, True))):
+        outs = []
+        for pf in (online, rows):  # the dense map: fast path; [M, D] rows: the generic path
+            pf = pf.detach().requires_grad_(need[0])
+            t = target.detach().requires_grad_(need[1])
+            value = torch.ops.pyssl.distill_loss(pf, t, None, xy, weights, 0, loss)[0]
+            grads = torch.autograd.grad(value, [x for x, n in zip((pf, t), need) if n])
+            if need[0]:
+                gp = grads[0]
+                grads = (gp.reshape(B, H, W, C) if gp.dim() == 2 else gp.permute(0, 2, 3, 1), *grads[1:])
+            outs.append((value, *grads))
+        for a, b in zip(*outs):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    # Non-finite target features: the same NaN and inf pattern as the generic path
+    bad = target.detach().clone()
+    bad[0, :, 1, 2] = math.nan
+    bad[-1, 0, -1, -1] = math.inf
+    outs = []
+    for pf in (online, rows):
+        pf = pf.detach().requires_grad_(True)
+        t = bad.clone().requires_grad_(True)
+        value, stats = torch.ops.pyssl.distill_loss(pf, t, None, xy, weight_draws[0], 0, 0)
+        gp, gt = torch.autograd.grad(value, (pf, t))
+        outs.append((stats, gp.reshape(B, H, W, C) if gp.dim() == 2 else gp.permute(0, 2, 3, 1), gt))
+    for a, b in zip(*outs):  # stats hold dot products, which cancel: an absolute tolerance
+        torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **(tol if bf16 else dict(rtol=1e-5, atol=1e-5)))
 
 
-def test_dense_loss_fast_path_does_not_depend_on_the_thread_count():
-    online, target, coords = _dense_loss_inputs(2, 37, 24, 31, 26, 30, torch.float32, "nchw", 11, True)
-    valid = torch.rand(2, 24, 31, generator=torch.Generator().manual_seed(2)) > 0.2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_loss_fast_path_does_not_depend_on_the_thread_count(dtype):
+    """Including the forward's split of each task's points across threads, and a ring of rows
+    that evicts (16 channels on 40 rows of 2100 pixels)."""
+    g = torch.Generator().manual_seed(2)
+    cases = [_dense_loss_inputs(2, 37, 24, 31, 26, 30, dtype, "nchw", 11, True),
+             _generic_case(_GENERIC_CASES[-1], dtype, dtype, g)]
     threads = torch.get_num_threads()
-    results = []
     try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            o = online.detach().requires_grad_(True)
-            t = target.detach().requires_grad_(True)
-            value = ops.dense_correspondence_loss(o, t, coords, valid)
-            results.append((value, *torch.autograd.grad(value, (o, t))))
+        for online, target, coords in cases:
+            valid = torch.rand(coords.shape[:3], generator=g) > 0.2
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                o = online.detach().requires_grad_(True)
+                t = target.detach().requires_grad_(True)
+                value = ops.dense_correspondence_loss(o, t, coords, valid)
+                results.append((value, *torch.autograd.grad(value, (o, t))))
+            for r in results[1:]:
+                for a, b in zip(r, results[0]):
+                    assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
-    for r in results[1:]:
-        for a, b in zip(r, results[0]):
-            assert torch.equal(a, b)
 
 
 def test_dense_loss_with_no_valid_pixel_is_zero_with_zero_gradients():
