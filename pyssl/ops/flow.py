@@ -278,7 +278,11 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
     Returns:
         A scalar (0 when no pixel is valid). Fused: the warped target map is never materialised,
         forward or backward; gradients to ``online`` and ``target`` (deterministic on the CPU; on
-        CUDA without atomics under ``torch.use_deterministic_algorithms``).
+        CUDA without atomics under ``torch.use_deterministic_algorithms``). On the CPU, float32 or
+        bfloat16 maps with a contiguous (NCHW) ``target`` and float32 ``coords`` take dense
+        kernels (source rows transposed into channels-last bands, 16 channels at a time), whose
+        results do not depend on the number of threads; other inputs take the general pair
+        kernels of :func:`pixel_to_point_distillation_loss`.
     """
     for name, t in (("online", online), ("target", target), ("coords", coords), ("valid", valid)):
         check_tensor(t, name)
