@@ -70,21 +70,22 @@ inline float value1(const uint16_t* p) { return bf16_to_float(*p); }
 inline void put1(float* p, float v) { *p = v; }
 inline void put1(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
-// sum_k weight[k][j] * plane[index[k][j]] over the corners inside the image, in corner order
+// sum_k weight[k][j] * plane[pxs * index[k][j]] over the corners inside the image, in corner
+// order (pxs: the pixel stride, 1 in NCHW, C in channels-last)
 template <typename F>
-inline float planar_tap(const F* plane, const DenseTaps& t, int64_t n, int64_t j) {
+inline float planar_tap(const F* plane, int64_t pxs, const DenseTaps& t, int64_t n, int64_t j) {
   float acc = 0.0f;
   for (int k = 0; k < 4; ++k) {
     const int32_t i = t.index[k * n + j];
-    if (i >= 0) acc += t.weight[k * n + j] * value1(plane + i);
+    if (i >= 0) acc += t.weight[k * n + j] * value1(plane + pxs * i);
   }
   return acc;
 }
 
 template <typename F, typename O>
-void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                              int64_t P, const O* o, int64_t os, float* sums, int64_t ss) {
-  const int64_t HW = H * W;
+void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                              const float* coords, int64_t P, const O* o, int64_t os, float* sums,
+                              int64_t ss) {
   int32_t index[4 * kTile];
   float weight[4 * kTile];
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
@@ -94,7 +95,7 @@ void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const
     for (int64_t j = 0; j < n; ++j) {
       float tt = 0.0f, oo = 0.0f, to = 0.0f;
       for (int64_t c = 0; c < C; ++c) {
-        const float tv = planar_tap(f + c * HW, t, n, j), ov = value1(o + c * os + p0 + j);
+        const float tv = planar_tap(f + c * chs, pxs, t, n, j), ov = value1(o + c * os + p0 + j);
         tt += tv * tv;
         oo += ov * ov;
         to += tv * ov;
@@ -107,10 +108,9 @@ void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, const
 }
 
 template <typename F, typename O>
-void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                               int64_t P, const O* o, int64_t os, const float* coef,
-                               int64_t cs, O* go, float* gf) {
-  const int64_t HW = H * W;
+void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs,
+                               int64_t pxs, const float* coords, int64_t P, const O* o, int64_t os,
+                               const float* coef, int64_t cs, O* go, float* gf) {
   int32_t index[4 * kTile];
   float weight[4 * kTile];
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
@@ -122,14 +122,14 @@ void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, cons
       const float cf1 = coef[p], cf2 = coef[cs + p], cg1 = coef[2 * cs + p], cg2 = coef[3 * cs + p];
       const bool adds = gf && !(cf1 == 0.0f && cf2 == 0.0f);  // zero weight: no add
       for (int64_t c = 0; c < C; ++c) {
-        const float tv = planar_tap(f + c * HW, t, n, j), ov = value1(o + c * os + p);
+        const float tv = planar_tap(f + c * chs, pxs, t, n, j), ov = value1(o + c * os + p);
         if (go) put1(go + c * os + p, cg1 * ov + cg2 * tv);
         if (!adds) continue;
         const float r = cf1 * tv + cf2 * ov;
-        float* plane = gf + c * HW;
+        float* plane = gf + c * chs;
         for (int k = 0; k < 4; ++k) {
           const int32_t i = t.index[k * n + j];
-          if (i >= 0) plane[i] += t.weight[k * n + j] * r;
+          if (i >= 0) plane[pxs * i] += t.weight[k * n + j] * r;
         }
       }
     }
@@ -139,22 +139,24 @@ void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, cons
 }  // namespace
 
 template <typename F, typename O>
-void planar_loss_forward(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                         int64_t P, const O* o, int64_t os, float* sums, int64_t ss) {
-  planar_loss_forward_impl(f, C, H, W, coords, P, o, os, sums, ss);
+void planar_loss_forward(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                         const float* coords, int64_t P, const O* o, int64_t os, float* sums,
+                         int64_t ss) {
+  planar_loss_forward_impl(f, C, H, W, chs, pxs, coords, P, o, os, sums, ss);
 }
 template <typename F, typename O>
-void planar_loss_backward(const F* f, int64_t C, int64_t H, int64_t W, const float* coords,
-                          int64_t P, const O* o, int64_t os, const float* coef, int64_t cs, O* go,
-                          float* gf) {
-  planar_loss_backward_impl(f, C, H, W, coords, P, o, os, coef, cs, go, gf);
+void planar_loss_backward(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                          const float* coords, int64_t P, const O* o, int64_t os,
+                          const float* coef, int64_t cs, O* go, float* gf) {
+  planar_loss_backward_impl(f, C, H, W, chs, pxs, coords, P, o, os, coef, cs, go, gf);
 }
 #define PYSSL_PLANAR_LOSS(F, O)                                                                   \
-  template void planar_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, const float*,     \
-                                          int64_t, const O*, int64_t, float*, int64_t);          \
-  template void planar_loss_backward<F, O>(const F*, int64_t, int64_t, int64_t, const float*,    \
-                                           int64_t, const O*, int64_t, const float*, int64_t, O*, \
-                                           float*);
+  template void planar_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                          const float*, int64_t, const O*, int64_t, float*,      \
+                                          int64_t);                                              \
+  template void planar_loss_backward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t, int64_t,\
+                                           const float*, int64_t, const O*, int64_t,             \
+                                           const float*, int64_t, O*, float*);
 PYSSL_PLANAR_LOSS(float, float)
 PYSSL_PLANAR_LOSS(float, uint16_t)
 PYSSL_PLANAR_LOSS(uint16_t, float)
@@ -224,6 +226,42 @@ PYSSL_AVX2 void flush_row(const float* src, int64_t HW, int64_t W, int64_t r, fl
   }
   for (; x < W; ++x)
     for (int c = 0; c < kS; ++c) base[c * HW + x] += src[x * kS + c];
+}
+
+// The same for channels-last features: src points at channel 0 of the slice in pixel 0, pixels
+// pxs apart (the map's channel count), the slice's 16 channels contiguous
+template <typename F>
+PYSSL_AVX2 void load_row_cl(const F* src, int64_t pxs, int64_t W, int64_t r, float* dst) {
+  for (int64_t x = 0; x < W; ++x) {
+    const F* p = src + (r * W + x) * pxs;
+    _mm256_storeu_ps(dst + x * kS, load8(p));
+    _mm256_storeu_ps(dst + x * kS + 8, load8(p + 8));
+  }
+}
+PYSSL_AVX2 void flush_row_cl(const float* src, int64_t pxs, int64_t W, int64_t r, float* gf) {
+  for (int64_t x = 0; x < W; ++x) {
+    float* p = gf + (r * W + x) * pxs;
+    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(src + x * kS)));
+    _mm256_storeu_ps(p + 8, _mm256_add_ps(_mm256_loadu_ps(p + 8), _mm256_loadu_ps(src + x * kS + 8)));
+  }
+}
+// A row of a 16-channel slice in either layout: planar (pxs == 1, planes chs apart) or
+// channels-last (chs == 1, pixels pxs apart)
+template <typename F>
+PYSSL_AVX2 void load_slice_row(const F* f, int64_t chs, int64_t pxs, int64_t W, int64_t r, float* dst) {
+  if (pxs == 1) {
+    load_row(f, chs, W, r, dst);
+  } else {
+    load_row_cl(f, pxs, W, r, dst);
+  }
+}
+PYSSL_AVX2 void flush_slice_row(const float* src, int64_t chs, int64_t pxs, int64_t W, int64_t r,
+                                float* gf) {
+  if (pxs == 1) {
+    flush_row(src, chs, W, r, gf);
+  } else {
+    flush_row_cl(src, pxs, W, r, gf);
+  }
 }
 
 // Taps of points [p0, p0 + n) as taps_loop computes them; row -1 for corners outside the image.
@@ -418,10 +456,9 @@ PYSSL_AVX2 void band_sample_tile(const BandScratch* s, int n, int64_t W, float (
 }
 
 template <typename F, typename O>
-PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                                  const O* o, int64_t os, float* sums, int64_t ss,
-                                  BandScratch* s) {
-  const int64_t HW = H * W;
+PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                                  const float* coords, int64_t P, const O* o, int64_t os,
+                                  float* sums, int64_t ss, BandScratch* s) {
   const int K = s->K;
   std::fill(s->ftag, s->ftag + K, int64_t{-1});
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
@@ -429,13 +466,13 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float*
     int64_t rmin, rmax;
     block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar
-      planar_loss_forward_impl(f, kS, H, W, coords + 2 * p0, n, o + p0, os, sums + p0, ss);
+      planar_loss_forward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, sums + p0, ss);
       continue;
     }
     for (int64_t r = rmin; r <= rmax; ++r) {
       const int slot = static_cast<int>(r % K);
       if (s->ftag[slot] != r) {
-        load_row(f, HW, W, r, s->fring.get() + slot * W * kS);
+        load_slice_row(f, chs, pxs, W, r, s->fring.get() + slot * W * kS);
         s->ftag[slot] = r;
       }
     }
@@ -475,10 +512,10 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, const float*
 }
 
 template <typename F, typename O>
-PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                                   const O* o, int64_t os, const float* coef, int64_t cs,
-                                   O* go, float* gf, BandScratch* s) {
-  const int64_t HW = H * W;
+PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                                   const float* coords, int64_t P, const O* o, int64_t os,
+                                   const float* coef, int64_t cs, O* go, float* gf,
+                                   BandScratch* s) {
   const int K = s->K;
   std::fill(s->ftag, s->ftag + K, int64_t{-1});
   std::fill(s->gtag, s->gtag + K, int64_t{-1});
@@ -489,18 +526,18 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float
     int64_t rmin, rmax;
     block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar
-      planar_loss_backward_impl(f, kS, H, W, coords + 2 * p0, n, o + p0, os, coef + p0, cs,
-                                go ? go + p0 : nullptr, gf);
+      planar_loss_backward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, coef + p0,
+                                cs, go ? go + p0 : nullptr, gf);
       continue;
     }
     for (int64_t r = rmin; r <= rmax; ++r) {
       const int slot = static_cast<int>(r % K);
       if (s->ftag[slot] != r) {
-        load_row(f, HW, W, r, fring + slot * W * kS);
+        load_slice_row(f, chs, pxs, W, r, fring + slot * W * kS);
         s->ftag[slot] = r;
       }
       if (gf && s->gtag[slot] != r) {
-        if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+        if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
         std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
         s->gtag[slot] = r;
       }
@@ -558,7 +595,7 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, const float
   }
   if (gf)
     for (int slot = 0; slot < K; ++slot)
-      if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+      if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
 }
 
 }  // namespace
@@ -584,15 +621,16 @@ void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int
 }
 
 template <typename F, typename O>
-void band_loss_forward(const F* f, int64_t H, int64_t W, const float* coords, int64_t P, const O* o,
-                       int64_t os, float* sums, int64_t ss, BandScratch* s) {
-  loss_forward_impl(f, H, W, coords, P, o, os, sums, ss, s);
+void band_loss_forward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                       const float* coords, int64_t P, const O* o, int64_t os, float* sums,
+                       int64_t ss, BandScratch* s) {
+  loss_forward_impl(f, H, W, chs, pxs, coords, P, o, os, sums, ss, s);
 }
 template <typename F, typename O>
-void band_loss_backward(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                        const O* o, int64_t os, const float* coef, int64_t cs, O* go, float* gf,
-                        BandScratch* s) {
-  loss_backward_impl(f, H, W, coords, P, o, os, coef, cs, go, gf, s);
+void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                        const float* coords, int64_t P, const O* o, int64_t os, const float* coef,
+                        int64_t cs, O* go, float* gf, BandScratch* s) {
+  loss_backward_impl(f, H, W, chs, pxs, coords, P, o, os, coef, cs, go, gf, s);
 }
 
 #else  // no AVX2 build: callers use the planar kernels
@@ -605,20 +643,21 @@ void band_backward(const float*, const float*, int64_t, int64_t, int64_t, const 
 void band_backward(const uint16_t*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
                    float*, float*, float*, BandScratch*) {}
 template <typename F, typename O>
-void band_loss_forward(const F*, int64_t, int64_t, const float*, int64_t, const O*, int64_t, float*,
-                       int64_t, BandScratch*) {}
+void band_loss_forward(const F*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const O*,
+                       int64_t, float*, int64_t, BandScratch*) {}
 template <typename F, typename O>
-void band_loss_backward(const F*, int64_t, int64_t, const float*, int64_t, const O*, int64_t,
-                        const float*, int64_t, O*, float*, BandScratch*) {}
+void band_loss_backward(const F*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                        const O*, int64_t, const float*, int64_t, O*, float*, BandScratch*) {}
 
 #endif
 
 #define PYSSL_BAND_LOSS(F, O)                                                                    \
-  template void band_loss_forward<F, O>(const F*, int64_t, int64_t, const float*, int64_t,       \
-                                        const O*, int64_t, float*, int64_t, BandScratch*);       \
-  template void band_loss_backward<F, O>(const F*, int64_t, int64_t, const float*, int64_t,      \
-                                         const O*, int64_t, const float*, int64_t, O*, float*,   \
-                                         BandScratch*);
+  template void band_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t,            \
+                                        const float*, int64_t, const O*, int64_t, float*,        \
+                                        int64_t, BandScratch*);                                  \
+  template void band_loss_backward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t,           \
+                                         const float*, int64_t, const O*, int64_t, const float*, \
+                                         int64_t, O*, float*, BandScratch*);
 PYSSL_BAND_LOSS(float, float)
 PYSSL_BAND_LOSS(float, uint16_t)
 PYSSL_BAND_LOSS(uint16_t, float)

@@ -1226,8 +1226,9 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
 // values and their gradient moved 8 points x 8 channels at a time. The channels left over (all
 // of them without AVX2) go through the planar kernels. Every task writes its own planes (online
 // gradient, feature gradient) or its own partial sums, added in slice order after: the results
-// do not depend on the number of threads. Float32 or bfloat16 features (float32 math), float32
-// coordinates; otherwise the generic path.
+// do not depend on the number of threads. Float32 or bfloat16 maps (float32 math; features NCHW
+// or channels-last, other strides copied to NCHW first), float32 coordinates; otherwise the
+// generic path.
 // ---------------------------------------------------------------------------------------------
 
 bool dense_loss_path(const Tensor& point_features, const Tensor& features,
@@ -1239,16 +1240,33 @@ bool dense_loss_path(const Tensor& point_features, const Tensor& features,
   return mode == kBilinear && !image_index.has_value() && point_features.dim() == 4 &&
          point_features.size(0) == s.N && s.M > 0 && s.D > 0 && float_or_bf16(features) &&
          float_or_bf16(point_features) && xy.scalar_type() == at::kFloat &&
-         features.is_contiguous() && s.H * s.W < (int64_t{1} << 31);
+         s.H * s.W < (int64_t{1} << 31);
 }
+
+// The features as the dense-loss kernels read them: NCHW or channels-last as they are, any other
+// strides copied to NCHW
+Tensor dense_features(const Tensor& f) {
+  return f.is_contiguous() || f.is_contiguous(at::MemoryFormat::ChannelsLast) ? f : f.contiguous();
+}
+
+// Where channel c of pixel i of image b lives in a contiguous map, NCHW or channels-last:
+// b * D * H * W + c * chs + i * pxs
+struct DenseLayout {
+  int64_t chs, pxs;
+  DenseLayout(const Tensor& t, int64_t HW)
+      : chs(channels_last(t) ? 1 : HW), pxs(channels_last(t) ? t.size(1) : 1) {}
+  static bool channels_last(const Tensor& t) {
+    return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  }
+};
 
 // body(b, q, c0, C, features, coords, online, scratch, p0, n) for each (image b, task q) of
 // channels [c0, c0 + C) and, with `chunks` > 1, each range [p0, p0 + n) of its points (whole
 // blocks); features, coords and online point at the image and channel, not at p0. scratch: set
 // for the 16-channel band slices, null for the planar rest.
 template <typename F, typename O, typename Body>
-void dense_loss_tasks(const F* fp, const SampleShape& s, int64_t P, const float* cp,
-                      const O* op, int64_t chunks, const Body& body) {
+void dense_loss_tasks(const F* fp, const DenseLayout& L, const SampleShape& s, int64_t P,
+                      const float* cp, const O* op, int64_t chunks, const Body& body) {
   const DenseSplit split(s.D);
   const int64_t T = split.tasks, HW = s.H * s.W, S = cpu::kBandChannels;
   const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
@@ -1262,7 +1280,7 @@ void dense_loss_tasks(const F* fp, const SampleShape& s, int64_t P, const float*
       if (n <= 0) continue;
       const bool band = q < split.slices;
       if (band && !scratch) scratch.reset(cpu::band_scratch_new(s.W));
-      body(b, q, c0, band ? S : split.rest, fp + (b * s.D + c0) * HW, cp + b * P * 2,
+      body(b, q, c0, band ? S : split.rest, fp + b * s.D * HW + c0 * L.chs, cp + b * P * 2,
            op + (b * s.D + c0) * P, band ? scratch.get() : nullptr, p0, n);
     }
   });
@@ -1300,17 +1318,19 @@ void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t l
   // a task owns the target-gradient planes its points scatter into).
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = threads > 1 ? (2 * threads + s.N * T - 1) / (s.N * T) : 1;
-  with_dense_types(in.p.features, o, [&](const auto* fp, const auto* op) {
+  const Tensor f = dense_features(in.p.features);
+  const DenseLayout L(f, s.H * s.W);
+  with_dense_types(f, o, [&](const auto* fp, const auto* op) {
     using F = Elem<decltype(fp)>;
     using O = Elem<decltype(op)>;
-    dense_loss_tasks(fp, s, P, cp, op, chunks,
+    dense_loss_tasks(fp, L, s, P, cp, op, chunks,
                      [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f, const float* c,
                          const O* ob, cpu::BandScratch* sc, int64_t p0, int64_t n) {
       float* sums = pp + (b * T + q) * 3 * P + p0;
       if (sc) {
-        cpu::band_loss_forward(f, s.H, s.W, c + 2 * p0, n, ob + p0, P, sums, P, sc);
+        cpu::band_loss_forward(f, s.H, s.W, L.chs, L.pxs, c + 2 * p0, n, ob + p0, P, sums, P, sc);
       } else {
-        cpu::planar_loss_forward(f, C, s.H, s.W, c + 2 * p0, n, ob + p0, P, sums, P);
+        cpu::planar_loss_forward(f, C, s.H, s.W, L.chs, L.pxs, c + 2 * p0, n, ob + p0, P, sums, P);
       }
     });
   });
@@ -1371,23 +1391,28 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
   gpf = need_pf ? empty_like_large(in.pf, in.pf.options()) : Tensor();
   const bool direct = need_pf && gpf.is_contiguous();
   Tensor go_buf = need_pf && !direct ? empty_large(o.sizes(), o.options()) : gpf;
-  gacc = need_features ? zeros_large(in.p.features.sizes(), in.p.xy.options()) : Tensor();
-  float* gfp = need_features ? gacc.mutable_data_ptr<float>() : nullptr;
   const int64_t HW = s.H * s.W;
-  with_dense_types(in.p.features, o, [&](const auto* fp, const auto* op) {
+  const Tensor f = dense_features(in.p.features);
+  const DenseLayout L(f, HW);
+  // the target gradient accumulates in float32 in the features' layout
+  gacc = !need_features     ? Tensor()
+         : L.pxs == 1       ? zeros_large(f.sizes(), in.p.xy.options())
+                            : zeros_large({s.N, s.H, s.W, s.D}, in.p.xy.options()).permute({0, 3, 1, 2});
+  float* gfp = need_features ? gacc.mutable_data_ptr<float>() : nullptr;
+  with_dense_types(f, o, [&](const auto* fp, const auto* op) {
     using F = Elem<decltype(fp)>;
     using O = Elem<decltype(op)>;
     O* gop = need_pf ? static_cast<O*>(go_buf.mutable_data_ptr()) : nullptr;
-    dense_loss_tasks(fp, s, P, cp, op, 1,
+    dense_loss_tasks(fp, L, s, P, cp, op, 1,
                      [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f, const float* c,
                          const O* ob, cpu::BandScratch* sc, int64_t, int64_t) {
       const float* k = kp + b * 4 * P;
       O* go = gop ? gop + (b * s.D + c0) * P : nullptr;
-      float* gf = gfp ? gfp + (b * s.D + c0) * HW : nullptr;
+      float* gf = gfp ? gfp + b * s.D * HW + c0 * L.chs : nullptr;
       if (sc) {
-        cpu::band_loss_backward(f, s.H, s.W, c, P, ob, P, k, P, go, gf, sc);
+        cpu::band_loss_backward(f, s.H, s.W, L.chs, L.pxs, c, P, ob, P, k, P, go, gf, sc);
       } else {
-        cpu::planar_loss_backward(f, C, s.H, s.W, c, P, ob, P, k, P, go, gf);
+        cpu::planar_loss_backward(f, C, s.H, s.W, L.chs, L.pxs, c, P, ob, P, k, P, go, gf);
       }
     });
   });

@@ -61,9 +61,9 @@ def test_point_sampling_fakes_predict_layouts(layout, mode, xy_transposed):
 @pytest.mark.parametrize("layout", list(_features()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_loss_fakes_predict_layouts(layout, dtype):
-    """distill_loss with a dense online map (dense_correspondence_loss): NCHW float32 / bfloat16
-    features take the CPU's dense-loss kernels, channels-last ones the generic pair path; the
-    online map in every layout."""
+    """distill_loss with a dense online map (dense_correspondence_loss): float32 / bfloat16
+    features in both layouts take the CPU's dense-loss kernels, float64 ones the generic pair
+    path; the online map in every layout."""
     pf = _features()[layout].to(dtype)
     if layout == "nchw":  # 20 channels (a band slice and a planar rest), a sliced map
         pf = torch.randn(3, 22, 7, 9).to(dtype)[:, 1:21]
@@ -71,8 +71,9 @@ def test_dense_loss_fakes_predict_layouts(layout, dtype):
     xy = torch.rand(N * Ho * Wo, 2) * 6
     w = torch.rand(N * Ho * Wo)
     for f in (torch.randn(N, D, 6, 8).to(dtype),
-              torch.randn(N, D, 6, 8).to(dtype).contiguous(memory_format=torch.channels_last)):
-        assert P.dense_loss_kernels(pf, f, None, xy, 0) == f.is_contiguous()
+              torch.randn(N, D, 6, 8).to(dtype).contiguous(memory_format=torch.channels_last),
+              torch.randn(N, D, 6, 8, dtype=torch.float64)):
+        assert P.dense_loss_kernels(pf, f, None, xy, 0) == (f.dtype != torch.float64)
         _, stats = P.distill_loss(pf, f, None, xy, w, 0, 0)
         _assert_fake_matches_real(P.distill_loss, [pf, f, None, xy, w, 0, 0])
         _assert_fake_matches_real(P.distill_loss_backward, [torch.ones(()), pf, f, None, xy, w,

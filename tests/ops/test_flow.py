@@ -522,7 +522,8 @@ def test_dense_correspondence_loss_matches_sample_then_loss(B, C, H, W, seed, lo
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
-def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special, online_dtype=None):
+def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special, online_dtype=None,
+                       target_layout="nchw"):
     g = torch.Generator().manual_seed(seed)
     if layout == "sliced":  # a channel slice of a wider map: not contiguous
         online = torch.randn(B, C + 3, H, W, generator=g)[:, 1:C + 1]
@@ -532,6 +533,8 @@ def _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special, online_
             online = online.contiguous(memory_format=torch.channels_last)
     online = online.to(online_dtype or dtype)
     target = torch.randn(B, C, Ht, Wt, generator=g).to(dtype)
+    if target_layout == "channels_last":
+        target = target.contiguous(memory_format=torch.channels_last)
     coords = torch.rand(B, H, W, 2, generator=g) * torch.tensor([Wt + 3.0, Ht + 3.0]) - 1.5
     if special:  # on the last row / column, far away, non-finite
         flat = coords.view(-1, 2)
@@ -555,9 +558,11 @@ def _far_if_not_finite(coords):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        online_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        layout=st.sampled_from(["nchw", "channels_last", "sliced"]),
+       target_layout=st.sampled_from(["nchw", "channels_last"]),
        weighted=st.booleans(), special=st.booleans())
 def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, seed, loss, dtype,
-                                                            online_dtype, layout, weighted, special):
+                                                            online_dtype, layout, target_layout,
+                                                            weighted, special):
     """float32 / bfloat16 maps (target: dtype, online: online_dtype) take the CPU's dense-loss
     kernels (16-channel band slices, planar rest, bfloat16 read and written as it is): against
     the float64 reference on the same (rounded) inputs."""
@@ -565,7 +570,7 @@ def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, 
     # every coordinate of a size-1 axis to its one pixel, where the ops' pixel units do not
     Ht, Wt = max(2, H + dh), max(2, W + dw)
     online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, layout, seed, special,
-                                                online_dtype)
+                                                online_dtype, target_layout)
     g = torch.Generator().manual_seed(seed + 1)
     if weighted:  # float weights, some exactly 0
         valid = torch.rand(B, H, W, generator=g) * (torch.rand(B, H, W, generator=g) > 0.3)
@@ -577,6 +582,7 @@ def test_dense_loss_fast_path_matches_the_float64_reference(B, C, H, W, dh, dw, 
     got = ops.dense_correspondence_loss(online, target, coords, valid, loss=loss)
     go, gt = torch.autograd.grad(got, (online, target))
     assert got.dtype == torch.float32 and go.dtype == online_dtype and gt.dtype == dtype
+    assert gt.stride() == target.stride() or Ht * Wt == 1  # the target map's layout
     # the online map's layout (a sliced map's gradient is contiguous, as torch.empty_like's)
     assert go.stride() == (online.stride() if layout != "sliced" else online.contiguous().stride())
     o64 = online.detach().double().requires_grad_(True)
@@ -602,9 +608,10 @@ _GENERIC_CASES = ((2, 37, 9, 13, 11, 12), (1, 16, 300, 8, 300, 8), (1, 5, 6, 7, 
                   (1, 32, 40, 50, 42, 52), (1, 16, 40, 2100, 40, 2100))
 
 
-def _generic_case(case, dtype, online_dtype, g):
+def _generic_case(case, dtype, online_dtype, g, target_layout="nchw"):
     B, C, H, W, Ht, Wt = case
-    online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, "nchw", 7, True, online_dtype)
+    online, target, coords = _dense_loss_inputs(B, C, H, W, Ht, Wt, dtype, "nchw", 7, True, online_dtype,
+                                                target_layout)
     if H == 300:  # every block of 256 points reads rows all over the image
         coords[..., 1] = torch.rand(B, H, W, generator=g) * (Ht - 1)
     if W == 2100:  # a smooth flow over wide rows: the ring holds 15 rows, reused and evicted
@@ -615,13 +622,15 @@ def _generic_case(case, dtype, online_dtype, g):
 @pytest.mark.parametrize("case", _GENERIC_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype,online_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                 (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
-def test_dense_loss_fast_path_equals_the_generic_pair_path(case, dtype, online_dtype):
+@pytest.mark.parametrize("target_layout", ["nchw", "channels_last"])
+def test_dense_loss_fast_path_equals_the_generic_pair_path(case, dtype, online_dtype, target_layout):
     """The dense kernels against the generic pair path of the same op (point features as [M, D]
     rows): the same values to rounding, with zero-weight pairs (which add nothing), no weights,
     one gradient at a time, non-finite target features, pairs in tall bands of rows (the band
-    kernels' planar fallback) and a ring of rows reused and evicted."""
+    kernels' planar fallback) and a ring of rows reused and evicted; targets NCHW and
+    channels-last (read in place, gradient in the same layout)."""
     g = torch.Generator().manual_seed(3)
-    online, target, coords = _generic_case(case, dtype, online_dtype, g)
+    online, target, coords = _generic_case(case, dtype, online_dtype, g, target_layout)
     B, C, H, W = online.shape
     xy = coords.reshape(-1, 2)
     rows = online.permute(0, 2, 3, 1).reshape(-1, C)
@@ -645,8 +654,10 @@ def test_dense_loss_fast_path_equals_the_generic_pair_path(case, dtype, online_d
         for a, b in zip(*outs):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a.float(), b.float(), **tol)
+        if need[1]:
+            assert outs[0][-1].stride() == target.stride()
     # Non-finite target features: the same NaN and inf pattern as the generic path
-    bad = target.detach().clone()
+    bad = target.detach().clone()  # (keeps the layout)
     bad[0, :, 1, 2] = math.nan
     bad[-1, 0, -1, -1] = math.inf
     outs = []
@@ -666,7 +677,8 @@ def test_dense_loss_fast_path_does_not_depend_on_the_thread_count(dtype):
     that evicts (16 channels on 40 rows of 2100 pixels)."""
     g = torch.Generator().manual_seed(2)
     cases = [_dense_loss_inputs(2, 37, 24, 31, 26, 30, dtype, "nchw", 11, True),
-             _generic_case(_GENERIC_CASES[-1], dtype, dtype, g)]
+             _generic_case(_GENERIC_CASES[-1], dtype, dtype, g),
+             _generic_case(_GENERIC_CASES[-1], dtype, dtype, g, "channels_last")]
     threads = torch.get_num_threads()
     try:
         for online, target, coords in cases:
