@@ -136,6 +136,48 @@ void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, int6
   }
 }
 
+// The band kernels' fallback for blocks taller than the ring when the features are not planes
+// (pxs > 1, channels-last): out[c * os + j] over the 16 channels, the planar kernels' arithmetic
+template <typename F>
+void strided_gather(const F* f, int64_t chs, int64_t pxs, int64_t C, const DenseTaps& t,
+                    int64_t n, F* out, int64_t os) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < n; ++j) put1(out + c * os + j, planar_tap(f + c * chs, pxs, t, n, j));
+}
+// and the backward: gf (the layout of f) += weight * g (point, corner order), gx / gy += the
+// coordinate gradient (in channel order, as the planar kernels' backward_body)
+template <typename F>
+void strided_backward(const F* f, int64_t chs, int64_t pxs, int64_t C, const float* g, int64_t gs,
+                      const DenseTaps& t, int64_t n, float* gf, float* gx, float* gy) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (gf) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float gj = g[c * gs + j];
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = t.index[k * n + j];
+          if (i >= 0) gf[c * chs + pxs * i] += t.weight[k * n + j] * gj;
+        }
+      }
+    }
+    if (gx) {
+      float ax = gx[j], ay = gy[j];
+      for (int64_t c = 0; c < C; ++c) {
+        float sx = 0.0f, sy = 0.0f;
+        for (int k = 0; k < 4; ++k) {
+          const int32_t i = t.index[k * n + j];
+          const float v = i < 0 ? 0.0f : value1(f + c * chs + pxs * i);
+          sx += i < 0 ? 0.0f : t.dwdx[k * n + j] * v;
+          sy += i < 0 ? 0.0f : t.dwdy[k * n + j] * v;
+        }
+        ax += g[c * gs + j] * sx;
+        ay += g[c * gs + j] * sy;
+      }
+      gx[j] = ax;
+      gy[j] = ay;
+    }
+  }
+}
+
 }  // namespace
 
 template <typename F, typename O>
@@ -301,9 +343,8 @@ PYSSL_AVX2 void block_taps(BandScratch* s, const float* coords, int64_t p0, int 
 }
 
 template <typename F>
-PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                            F* out, int64_t os, BandScratch* s) {
-  const int64_t HW = H * W;
+PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                            const float* coords, int64_t P, F* out, int64_t os, BandScratch* s) {
   const int K = s->K;
   std::fill(s->ftag, s->ftag + K, int64_t{-1});
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
@@ -313,13 +354,17 @@ PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, const float* coord
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, nullptr, nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
-      dense_gather(f, kS, HW, t, n, out + p0, os);
+      if (pxs == 1) {
+        dense_gather(f, kS, chs, t, n, out + p0, os);
+      } else {
+        strided_gather(f, chs, pxs, kS, t, n, out + p0, os);
+      }
       continue;
     }
     for (int64_t r = rmin; r <= rmax; ++r) {
       const int slot = static_cast<int>(r % K);
       if (s->ftag[slot] != r) {
-        load_row(f, HW, W, r, s->fring.get() + slot * W * kS);
+        load_slice_row(f, chs, pxs, W, r, s->fring.get() + slot * W * kS);
         s->ftag[slot] = r;
       }
     }
@@ -357,9 +402,9 @@ PYSSL_AVX2 inline float hsum(__m256 v) {  // fixed order: halves, then pairs
 }
 
 template <typename F>
-PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                              const float* coords, int64_t P, float* gf, float* gx,
-                              float* gy, BandScratch* s) {
+PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const float* g, int64_t gs,
+                              int64_t H, int64_t W, const float* coords, int64_t P, float* gf,
+                              float* gx, float* gy, BandScratch* s) {
   const int64_t HW = H * W;
   const int K = s->K;
   const bool need_f = gf != nullptr, need_c = gx != nullptr;
@@ -374,8 +419,13 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, need_c ? s->pdx : nullptr, need_c ? s->pdy : nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
-      dense_backward(f, kS, HW, g + p0, gs, t, n, gf, need_c ? gx + p0 : nullptr,
-                     need_c ? gy + p0 : nullptr);
+      if (pxs == 1) {
+        dense_backward(f, kS, HW, g + p0, gs, t, n, gf, need_c ? gx + p0 : nullptr,
+                       need_c ? gy + p0 : nullptr);
+      } else {
+        strided_backward(f, chs, pxs, kS, g + p0, gs, t, n, gf, need_c ? gx + p0 : nullptr,
+                         need_c ? gy + p0 : nullptr);
+      }
       continue;
     }
     // the gradient rows of the block, channels-last
@@ -393,11 +443,11 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
     for (int64_t r = rmin; r <= rmax; ++r) {
       const int slot = static_cast<int>(r % K);
       if (need_c && s->ftag[slot] != r) {
-        load_row(f, HW, W, r, fring + slot * W * kS);
+        load_slice_row(f, chs, pxs, W, r, fring + slot * W * kS);
         s->ftag[slot] = r;
       }
       if (need_f && s->gtag[slot] != r) {
-        if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+        if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
         std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
         s->gtag[slot] = r;
       }
@@ -434,7 +484,7 @@ PYSSL_AVX2 void backward_impl(const F* f, const float* g, int64_t gs, int64_t H,
   }
   if (need_f)
     for (int slot = 0; slot < K; ++slot)
-      if (s->gtag[slot] >= 0) flush_row(gring + slot * W * kS, HW, W, s->gtag[slot], gf);
+      if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
 }
 
 // The samples of a block's n points, channels-last, as gather_impl computes them (its band's rows
@@ -601,23 +651,23 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
 }  // namespace
 
 bool band_kernels_available() { return band_ok(); }
-void band_gather(const float* f, int64_t H, int64_t W, const float* coords, int64_t P, float* out,
-                 int64_t os, BandScratch* s) {
-  gather_impl(f, H, W, coords, P, out, os, s);
+void band_gather(const float* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                 const float* coords, int64_t P, float* out, int64_t os, BandScratch* s) {
+  gather_impl(f, H, W, chs, pxs, coords, P, out, os, s);
 }
-void band_gather(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                 uint16_t* out, int64_t os, BandScratch* s) {
-  gather_impl(f, H, W, coords, P, out, os, s);
+void band_gather(const uint16_t* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                 const float* coords, int64_t P, uint16_t* out, int64_t os, BandScratch* s) {
+  gather_impl(f, H, W, chs, pxs, coords, P, out, os, s);
 }
-void band_backward(const float* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gx, float* gy,
+void band_backward(const float* f, int64_t chs, int64_t pxs, const float* g, int64_t gs, int64_t H,
+                   int64_t W, const float* coords, int64_t P, float* gf, float* gx, float* gy,
                    BandScratch* s) {
-  backward_impl(f, g, gs, H, W, coords, P, gf, gx, gy, s);
+  backward_impl(f, chs, pxs, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
-void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gx, float* gy,
-                   BandScratch* s) {
-  backward_impl(f, g, gs, H, W, coords, P, gf, gx, gy, s);
+void band_backward(const uint16_t* f, int64_t chs, int64_t pxs, const float* g, int64_t gs,
+                   int64_t H, int64_t W, const float* coords, int64_t P, float* gf, float* gx,
+                   float* gy, BandScratch* s) {
+  backward_impl(f, chs, pxs, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
 
 template <typename F, typename O>
@@ -636,12 +686,14 @@ void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t p
 #else  // no AVX2 build: callers use the planar kernels
 
 bool band_kernels_available() { return false; }
-void band_gather(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, BandScratch*) {}
-void band_gather(const uint16_t*, int64_t, int64_t, const float*, int64_t, uint16_t*, int64_t, BandScratch*) {}
-void band_backward(const float*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
-                   float*, float*, float*, BandScratch*) {}
-void band_backward(const uint16_t*, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
-                   float*, float*, float*, BandScratch*) {}
+void band_gather(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, float*,
+                 int64_t, BandScratch*) {}
+void band_gather(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                 uint16_t*, int64_t, BandScratch*) {}
+void band_backward(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                   const float*, int64_t, float*, float*, float*, BandScratch*) {}
+void band_backward(const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                   const float*, int64_t, float*, float*, float*, BandScratch*) {}
 template <typename F, typename O>
 void band_loss_forward(const F*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const O*,
                        int64_t, float*, int64_t, BandScratch*) {}

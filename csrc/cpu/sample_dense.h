@@ -130,18 +130,22 @@ bool band_kernels_available();
 struct BandScratch;
 BandScratch* band_scratch_new(int64_t W);
 void band_scratch_free(BandScratch* s);
-// out planes [16][os] (points j < P) from feature planes f [16][H*W] at coords [P, 2]
-void band_gather(const float* f, int64_t H, int64_t W, const float* coords, int64_t P, float* out,
-                 int64_t os, BandScratch* s);
-void band_gather(const uint16_t* f, int64_t H, int64_t W, const float* coords, int64_t P,
-                 uint16_t* out, int64_t os, BandScratch* s);
-// gf planes [16][H*W] += feature gradient (gf may be null), gx, gy [P] += coordinate gradient
+// The features f of the 16 channels hold channel c of pixel i at c * chs + i * pxs: planes
+// (chs = H*W, pxs = 1) or channels-last (chs = 1, pxs = the map's channel count, f pointing at
+// the slice's first channel).
+// out planes [16][os] (points j < P) from the features f at coords [P, 2]
+void band_gather(const float* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                 const float* coords, int64_t P, float* out, int64_t os, BandScratch* s);
+void band_gather(const uint16_t* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                 const float* coords, int64_t P, uint16_t* out, int64_t os, BandScratch* s);
+// gf (the layout of f) += feature gradient (gf may be null), gx, gy [P] += coordinate gradient
 // over these 16 channels (gx, gy and f may be null), from the output gradient planes g [16][gs]
-void band_backward(const float* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gx, float* gy, BandScratch* s);
-void band_backward(const uint16_t* f, const float* g, int64_t gs, int64_t H, int64_t W,
-                   const float* coords, int64_t P, float* gf, float* gx, float* gy, BandScratch* s);
-
+void band_backward(const float* f, int64_t chs, int64_t pxs, const float* g, int64_t gs, int64_t H,
+                   int64_t W, const float* coords, int64_t P, float* gf, float* gx, float* gy,
+                   BandScratch* s);
+void band_backward(const uint16_t* f, int64_t chs, int64_t pxs, const float* g, int64_t gs,
+                   int64_t H, int64_t W, const float* coords, int64_t P, float* gf, float* gx,
+                   float* gy, BandScratch* s);
 // The fused dense loss of pyssl.ops.dense_correspondence_loss, per image: t[c][j] is the bilinear
 // sample of the features f at coords[j] (float32 math, also for bfloat16 features), o the online
 // planes [C][os], points j < P. f (and gf) hold channel c of pixel i at c * chs + i * pxs:

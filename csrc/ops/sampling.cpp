@@ -930,9 +930,33 @@ bool use_quad(int64_t channels, int64_t H, int64_t W) {
          H * cpu::quad_pitch(W) < (int64_t{1} << 31);  // int32 tap indices
 }
 
+// Channels-last features whose channels all fall in 16-channel band slices: the band kernels
+// read their rows in place and the feature gradient is channels-last too (the fake kernel's rule:
+// pyssl/ops/flow.py, _dense_backward_fake).
+bool channels_last_bands(const Tensor& features) {
+  const int64_t C = features.size(1);
+  return C > 0 && C % cpu::kBandChannels == 0 && !features.is_contiguous() &&
+         features.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The features as the dense sampling kernels read them: as they are when NCHW, or channels-last
+// (channels_last_bands) on a CPU with the band kernels; any other layout copied to NCHW. Their
+// channel and pixel strides: (H*W, 1) or (1, C).
+Tensor sampling_features(const Tensor& features) {
+  const bool in_place = features.is_contiguous() ||
+                        (channels_last_bands(features) && cpu::band_kernels_available());
+  return in_place ? features : features.contiguous();
+}
+std::pair<int64_t, int64_t> feature_strides(const Tensor& f) {
+  if (f.is_contiguous()) return {f.size(2) * f.size(3), 1};
+  return {1, f.size(1)};
+}
+
+// chs, pxs: the features' channel and pixel strides (sampling_features); other than (H*W, 1)
+// only when every channel is in a band slice
 template <typename F>
-void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, int64_t H, int64_t W,
-                   int64_t P) {
+void dense_forward(const F* fp, int64_t chs, int64_t pxs, const float* cp, F* op, int64_t B,
+                   int64_t C, int64_t H, int64_t W, int64_t P) {
   const DenseSplit split(C);
   const int64_t HW = H * W, S = cpu::kBandChannels;
   const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
@@ -992,8 +1016,8 @@ void dense_forward(const F* fp, const float* cp, F* op, int64_t B, int64_t C, in
       const int64_t b = task / split.tasks, q = task % split.tasks, c0 = q * S;
       if (q < split.slices) {
         if (!scratch) scratch.reset(cpu::band_scratch_new(W));
-        cpu::band_gather(fp + (b * C + c0) * HW, H, W, cp + b * P * 2, P, op + (b * C + c0) * P, P,
-                         scratch.get());
+        cpu::band_gather(fp + b * C * HW + c0 * chs, H, W, chs, pxs, cp + b * P * 2, P,
+                         op + (b * C + c0) * P, P, scratch.get());
       } else {  // the remaining channels, planar
         for (int64_t blk = 0; blk < blocks; ++blk) planar_block(b, blk * kDenseBlock, c0, split.rest);
       }
@@ -1005,13 +1029,14 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
   check_dense(features, coords);
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t P = coords.size(1) * coords.size(2);
-  const Tensor f = features.contiguous(), xy = coords.contiguous();
+  const Tensor f = sampling_features(features), xy = coords.contiguous();
+  const auto [chs, pxs] = feature_strides(f);
   Tensor out = empty_large({B, C, coords.size(1), coords.size(2)}, f.options());
   const float* cp = xy.const_data_ptr<float>();
   if (f.scalar_type() == at::kBFloat16) {
-    dense_forward(kernel_ptr<uint16_t>(f), cp, kernel_ptr_mut<uint16_t>(out), B, C, H, W, P);
+    dense_forward(kernel_ptr<uint16_t>(f), chs, pxs, cp, kernel_ptr_mut<uint16_t>(out), B, C, H, W, P);
   } else {
-    dense_forward(kernel_ptr<float>(f), cp, kernel_ptr_mut<float>(out), B, C, H, W, P);
+    dense_forward(kernel_ptr<float>(f), chs, pxs, cp, kernel_ptr_mut<float>(out), B, C, H, W, P);
   }
   return out;
 }
@@ -1024,9 +1049,9 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
 // planar: gc [B, 2, P] (x plane, y plane); with one task per image (T == 1) each block zeroes
 // its part before accumulating, so gc needs no zero fill.
 template <typename F>
-void dense_backward(const F* fp, const float* cp, const float* gp, int64_t gsb, int64_t gsc,
-                    float* gfp, float* gcp, int64_t B, int64_t C, int64_t H, int64_t W, int64_t P,
-                    const at::TensorOptions& opts) {
+void dense_backward(const F* fp, int64_t chs, int64_t pxs, const float* cp, const float* gp,
+                    int64_t gsb, int64_t gsc, float* gfp, float* gcp, int64_t B, int64_t C,
+                    int64_t H, int64_t W, int64_t P, const at::TensorOptions& opts) {
   const DenseSplit split(C);
   const int64_t HW = H * W, S = cpu::kBandChannels, T = split.tasks;
   Tensor partial = gcp && T > 1 ? zeros_large({B, T, 2, P}, opts.dtype(at::kFloat)) : Tensor();
@@ -1039,10 +1064,10 @@ void dense_backward(const F* fp, const float* cp, const float* gp, int64_t gsb, 
       const int64_t b = task / T, q = task % T, c0 = q * S;
       float* gx = pp ? pp + (b * T + q) * 2 * P : nullptr;
       float* gy = pp ? gx + P : nullptr;
-      float* gf = gfp ? gfp + (b * C + c0) * HW : nullptr;
+      float* gf = gfp ? gfp + b * C * HW + c0 * chs : nullptr;
       if (q < split.slices) {
         if (!scratch) scratch.reset(cpu::band_scratch_new(W));
-        cpu::band_backward(fp + (b * C + c0) * HW, gp + b * gsb + c0 * gsc, gsc, H, W, cp + b * P * 2, P,
+        cpu::band_backward(fp + b * C * HW + c0 * chs, chs, pxs, gp + b * gsb + c0 * gsc, gsc, H, W, cp + b * P * 2, P,
                            gf, gx, gy, scratch.get());
         continue;
       }
@@ -1161,7 +1186,8 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C &&
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
-  const Tensor f = features.contiguous(), xy = coords.contiguous();
+  const Tensor f = sampling_features(features), xy = coords.contiguous();
+  const auto [chs, pxs] = feature_strides(f);
   const DenseSplit split(C);
   const bool quad = split.slices == 0 && use_quad(C, H, W);
   // the output gradient as planes: any batch and channel strides (an expanded gradient, e.g. of
@@ -1175,7 +1201,8 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   // tensor converted to bfloat16 features' dtype at the end.
   Tensor gf = !features_grad ? at::empty({0}, f.options())
               : quad         ? empty_large(f.sizes(), f.options())
-                             : zeros_large(f.sizes(), f.options().dtype(at::kFloat));
+              : pxs == 1     ? zeros_large(f.sizes(), f.options().dtype(at::kFloat))
+                             : zeros_large({B, H, W, C}, f.options().dtype(at::kFloat)).permute({0, 3, 1, 2});
   // The coordinate gradient is computed in planes [B, 2, Ho, Wo] and returned as its [B, Ho, Wo,
   // 2] view: the gradient of flow_correspondence's flow [B, 2, H, W] is then that contiguous
   // storage, which autograd stores as the flow's .grad without a copy.
@@ -1208,11 +1235,19 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   const float* gp = g.const_data_ptr<float>();
   float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
   if (f.scalar_type() == at::kBFloat16) {
-    dense_backward(kernel_ptr<uint16_t>(f), cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    dense_backward(kernel_ptr<uint16_t>(f), chs, pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   } else {
-    dense_backward(kernel_ptr<float>(f), cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    dense_backward(kernel_ptr<float>(f), chs, pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   }
-  if (features_grad) gf = to_large(gf, f.scalar_type());
+  if (features_grad) {
+    // the features' dtype; channels-last for channels_last_bands features (also when a CPU
+    // without the band kernels read an NCHW copy of them)
+    const auto format = channels_last_bands(features) ? at::MemoryFormat::ChannelsLast
+                                                      : at::MemoryFormat::Contiguous;
+    if (gf.scalar_type() != f.scalar_type() || !gf.is_contiguous(format)) {
+      gf = copy_large(gf, gf.options().dtype(f.scalar_type()).memory_format(format));
+    }
+  }
   return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
 }
 

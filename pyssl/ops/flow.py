@@ -93,7 +93,8 @@ torch.library.register_autograd("pyssl::flow_correspondence", _flow_backward, se
 def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear sampling of ``features`` ``[B, C, H, W]`` at pixel coordinates ``coords``
     ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]`` (NCHW-contiguous from the CPU
-    fast path for contiguous fp32/bf16 features and fp32 coords, channels-last otherwise),
+    fast path for fp32/bf16 features, NCHW or channels-last with a multiple of 16 channels, and
+    fp32 coords; channels-last otherwise),
     equal to ``grid_sample(features, normalised coords, align_corners=True,
     padding_mode="zeros")`` when H, W > 1 (grid_sample maps every coordinate of a size-1 axis
     onto its pixel; here pixel coordinates keep their meaning). Gradients to ``features`` and ``coords``; the scatter into
@@ -109,9 +110,12 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
     _check_float(coords, "coords")
     B, Ho, Wo, _ = coords.shape
     if (features.device.type == "cpu" and features.dtype in (torch.float32, torch.bfloat16)
-            and coords.dtype == torch.float32 and features.is_contiguous()):
-        # CPU fast path, NCHW in and out: planar gathers for few channels, channels-last bands of
-        # source rows for 16 channels and more (csrc/cpu/sample_band.cpp)
+            and coords.dtype == torch.float32
+            and (features.is_contiguous() or (features.shape[1] % 16 == 0 and features.is_contiguous(
+                memory_format=torch.channels_last)))):
+        # CPU fast path, NCHW out: planar gathers for few channels, channels-last bands of source
+        # rows for 16 channels and more (csrc/cpu/sample_band.cpp), which read channels-last
+        # features in place when every channel is in a 16-channel band
         return _ops.sample_features_dense(features, coords)
     out = sample_points(features, coords.reshape(B * Ho * Wo, 2))
     return out.view(B, Ho, Wo, features.shape[1]).permute(0, 3, 1, 2)
@@ -143,8 +147,14 @@ def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
     B, Ho, Wo, _ = coords.shape
     # the coordinate gradient lives in planes [B, 2, Ho, Wo] (the kernel's layout; a flow's
     # gradient is then contiguous) and is returned as its [B, Ho, Wo, 2] view
-    # the feature gradient is NCHW-contiguous whatever the features' layout
-    return (features.new_empty(features.shape) if features_grad else features.new_empty(0),
+    # the feature gradient is NCHW-contiguous, except for channels-last features with a multiple
+    # of 16 channels (csrc/ops/sampling.cpp: channels_last_bands), whose gradient is channels-last
+    C = features.shape[1]
+    cl = (C > 0 and C % 16 == 0 and not features.is_contiguous()
+          and features.is_contiguous(memory_format=torch.channels_last))
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return (features.new_empty(features.shape).contiguous(memory_format=fmt) if features_grad
+            else features.new_empty(0),
             coords.new_empty(B, 2, Ho, Wo).permute(0, 2, 3, 1) if coords_grad else coords.new_empty(0))
 
 

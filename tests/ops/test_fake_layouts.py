@@ -81,7 +81,7 @@ def test_dense_loss_fakes_predict_layouts(layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "hw_transposed", "nc_permuted"])
-@pytest.mark.parametrize("channels", [3, 5, 40])
+@pytest.mark.parametrize("channels", [3, 5, 32, 40])
 def test_dense_sampling_fakes_predict_layouts(layout, channels):
     f = _features()[layout]
     f = f.repeat(1, channels, 1, 1)[:, :channels] if layout == "nchw" else \

@@ -191,14 +191,18 @@ def _smooth_coords(B, Ho, Wo, H, W, g, noise):
     return base + torch.randn(B, Ho, Wo, 2, generator=g) * noise
 
 
-@given(B=st.integers(1, 2), C=st.integers(16, 40), H=st.integers(1, 40), W=st.integers(1, 40),
-       seed=st.integers(0, 2**31 - 1), noise=st.sampled_from([0.0, 1.0, 30.0]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_band_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype):
+@given(B=st.integers(1, 2), C=st.one_of(st.integers(16, 40), st.sampled_from([16, 32, 48])),
+       H=st.integers(1, 40), W=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+       noise=st.sampled_from([0.0, 1.0, 30.0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       channels_last=st.booleans())
+def test_band_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype, channels_last):
     """C >= 16: 16-channel slices through the channels-last band kernels (csrc/cpu/sample_band.cpp),
-    the remaining channels planar; float32 and bfloat16."""
+    the remaining channels planar; float32 and bfloat16. Channels-last features with a multiple of
+    16 channels are read in place, and their gradient is channels-last; others are copied to NCHW."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(B, C, H, W, generator=g).to(dtype)
+    if channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last)
     coords = _smooth_coords(B, H + 3, W + 2, H, W, g, noise)
     if seed % 5 == 0:
         coords[0, 0, 0] = torch.tensor([math.nan, 1.0])
@@ -211,15 +215,21 @@ def test_band_path_rows_leaving_and_reentering_the_ring_and_tall_bands():
     are flushed), then rows 0-5 again; and blocks whose band is taller than the ring (planar
     fallback). Feature gradients accumulate over all of them."""
     g = torch.Generator().manual_seed(11)
-    C, H, W = 20, 140, 300
+    for C, fmt in ((20, torch.contiguous_format), (32, torch.channels_last)):
+        _ring_and_tall_bands(C, fmt, g)
+
+
+def _ring_and_tall_bands(C, fmt, g):
+    H, W = 140, 300
     feats = torch.randn(1, C, H, W, generator=g, dtype=torch.float64)
     x = torch.rand(4, 256, generator=g) * (W - 1)
     y = torch.stack([torch.rand(256, generator=g) * 5, 64 + torch.rand(256, generator=g) * 5,
                      torch.rand(256, generator=g) * 5, torch.rand(256, generator=g) * (H - 1)])
     coords = torch.stack([x, y], -1)[None]  # [1, 4, 256, 2]: one block per row
-    f1 = feats.float().requires_grad_(True)
+    f1 = feats.float().contiguous(memory_format=fmt).requires_grad_(True)
     c1 = coords.clone().requires_grad_(True)
     out = ops.sample_features(f1, c1)
+    assert out.is_contiguous()  # the dense kernels' output, whatever the features' layout
     f2 = feats.clone().requires_grad_(True)
     c2 = coords.double().requires_grad_(True)
     want = reference.sample_features(f2, c2)
@@ -227,6 +237,7 @@ def test_band_path_rows_leaving_and_reentering_the_ring_and_tall_bands():
     gr = torch.randn(want.shape, generator=g, dtype=torch.float64)
     g1 = torch.autograd.grad(out, (f1, c1), gr.float())
     g2 = torch.autograd.grad(want, (f2, c2), gr)
+    assert g1[0].is_contiguous(memory_format=fmt)
     torch.testing.assert_close(g1[0].double(), g2[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1[1].double(), g2[1], rtol=1e-4, atol=1e-4)
 
