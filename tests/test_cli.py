@@ -96,3 +96,37 @@ def test_demo_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "random init" in text and "rotnet pretrained" in text and "| knn |" in text
     assert len(r["rows"]) == 4 and (tmp_path / "demo" / "demo_table.md").exists()
+
+
+@pytest.mark.parametrize("rank,status,code", [("0", "finished", 0), ("1", "finished", 0),
+                                              ("0", "interrupted", 130)])
+def test_torchrun_workers_end_without_interpreter_finalization(monkeypatch, capsys, rank, status, code):
+    """Under torchrun (WORLD_SIZE > 1) a finished pretrain worker leaves through os._exit with its
+    exit code, after flushing its output: gloo's worker threads may still be releasing tensors,
+    which aborts a finalizing interpreter (pyssl/commands/pretrain.py)."""
+    import pyssl.engine.run
+    from pyssl.commands import pretrain as command
+
+    summary = {"status": status, "step": 4, "loss": 1.5, "seconds": 2.0, "checkpoint": "c.pt",
+               "run_dir": "runs/x", "epoch": 1}
+    monkeypatch.setattr(pyssl.engine.run, "pretrain", lambda *a, **k: summary)
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(c):
+        exits.append(c)
+        raise Exited
+
+    monkeypatch.setattr(command.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(Exited):
+        main(["pretrain", "rotnet", "--data", "digits"])
+    assert exits == [code]
+    out = capsys.readouterr().out
+    assert ("[pyssl] done" in out) == (rank == "0" and status == "finished")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: an ordinary return
+    monkeypatch.setenv("RANK", "0")
+    assert main(["pretrain", "rotnet", "--data", "digits"]) == code and exits == [code]

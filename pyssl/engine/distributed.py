@@ -57,7 +57,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def shutdown_distributed(info: DistInfo) -> None:
     """Leaves the process group that init_distributed joined, once every rank is done. Left to
     interpreter exit, gloo's threads sometimes aborted a finished run ("terminate called without
-    an active exception", SIGABRT: about one torchrun in seven on a 2-core VM)."""
+    an active exception", SIGABRT: about one torchrun in seven on a 2-core VM). That alone did
+    not remove the abort (a gloo thread may still release a tensor while the interpreter
+    finalizes): `pyssl pretrain` workers also end through os._exit (pyssl/commands/pretrain.py)."""
     if info.initialized_here and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
