@@ -82,6 +82,17 @@ for dtype in (torch.float32, torch.bfloat16):
     loss = ops.dense_correspondence_loss(on, tg, coords, torch.rand(2, 24, 40, generator=g) > 0.2)
     loss.backward()
     out[f"dense_correspondence_loss C=5 {dtype}"] = digest(loss, on.grad, tg.grad)
+# Channels-last features with 32 channels: the AVX2 build reads them in place (band kernels), the
+# baseline build an NCHW copy; the same forward bits, and a channels-last gradient in both.
+for dtype in (torch.float32, torch.bfloat16):
+    f = torch.randn(2, 32, 24, 40, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    f.requires_grad_(True)
+    coords = torch.rand(2, 24, 40, 2, generator=g) * torch.tensor([43.0, 27.0]) - 1.5
+    o = ops.sample_features(f, coords)
+    o.float().square().sum().backward()
+    out[f"sample_features C=32 {dtype} channels-last forward"] = digest(o)
+    out[f"sample_features C=32 {dtype} channels-last gradient layout"] = str(
+        (o.is_contiguous(), f.grad.is_contiguous(memory_format=torch.channels_last)))
 fw, bw = torch.randn(2, 2, 24, 40, generator=g) * 3, torch.randn(2, 2, 24, 40, generator=g) * 3
 r = ops.flow_correspondence(fw, bw)
 out["flow_correspondence"] = digest(r.coords, r.valid.to(torch.uint8))

@@ -86,11 +86,17 @@ def test_dense_sampling_fakes_predict_layouts(layout, channels):
     f = _features()[layout]
     f = f.repeat(1, channels, 1, 1)[:, :channels] if layout == "nchw" else \
         torch.cat([f] * 8, 1)[:, :channels]
+    if layout == "channels_last":  # channels-last contiguous (read in place with 16k channels)
+        f = f.contiguous(memory_format=torch.channels_last)
+        assert not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
     for coords in (torch.rand(3, 4, 6, 2) * 6, (torch.rand(3, 2, 4, 6) * 6).permute(0, 2, 3, 1)):
         out = P.sample_features_dense(f, coords)
         _assert_fake_matches_real(P.sample_features_dense, [f, coords])
         _assert_fake_matches_real(P.sample_features_dense_backward,
                                   [torch.randn_like(out), f, coords, True, True])
+        gf = P.sample_features_dense_backward(torch.randn_like(out), f, coords, True, False)[0]
+        cl = layout == "channels_last" and channels % 16 == 0
+        assert gf.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def test_dino_fakes_predict_layouts():

@@ -178,6 +178,10 @@ def _check_fast_path(feats, coords, g, coord_tol=1e-4):
     g1 = torch.autograd.grad(fast, (f1, c1), gr)
     g2 = torch.autograd.grad(generic, (f2, c2), gr)
     tol = {} if feats.dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    # the feature gradient is NCHW, or channels-last for channels-last features with 16k channels
+    C = feats.shape[1]
+    cl = C > 0 and C % 16 == 0 and not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
+    assert g1[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     torch.testing.assert_close(g1[0], g2[0], equal_nan=True, **tol)
     torch.testing.assert_close(g1[1], g2[1], equal_nan=True, rtol=coord_tol, atol=coord_tol)
     return gr
@@ -739,6 +743,62 @@ def test_opcheck_gradcheck_compile():
 
     args = (online.float(), target.float(), fw.detach().float() * 0.3, -fw.detach().float() * 0.3)
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(*args), step(*args))
+
+
+def test_channels_last_maps_opcheck_and_compile():
+    """Channels-last features (sample_features, 16 and 32 channels: the band kernels read them in
+    place) and channels-last targets (dense_correspondence_loss): opcheck, and a compiled
+    forward+backward equal to eager."""
+    g = torch.Generator().manual_seed(8)
+    cl = torch.channels_last
+    for C in (16, 32):
+        f = torch.randn(2, C, 6, 7, generator=g).contiguous(memory_format=cl).requires_grad_(True)
+        coords = (torch.rand(2, 5, 4, 2, generator=g) * 7 - 0.5).requires_grad_(True)
+        torch.library.opcheck(torch.ops.pyssl.sample_features_dense.default, (f, coords))
+        out = torch.ops.pyssl.sample_features_dense(f, coords)
+        for flags in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.pyssl.sample_features_dense_backward.default,
+                                  (torch.randn_like(out), f.detach(), coords.detach(), *flags))
+
+    def step(feats, coords, online, target, valid):
+        warped = ops.sample_features(feats, coords)
+        return warped.square().mean() + ops.dense_correspondence_loss(online, target, coords, valid)
+
+    feats = torch.randn(2, 32, 9, 10, generator=g).contiguous(memory_format=cl)
+    online = torch.randn(2, 32, 6, 5, generator=g)
+    target = torch.randn(2, 32, 9, 10, generator=g).contiguous(memory_format=cl)
+    coords = torch.rand(2, 6, 5, 2, generator=g) * 10 - 0.5
+    valid = torch.rand(2, 6, 5, generator=g) > 0.2
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        args = [t.detach().clone().requires_grad_(True) for t in (feats, coords, online, target)]
+        value = fn(*args, valid)
+        results.append((value, *torch.autograd.grad(value, args)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_sample_features_band_path_does_not_depend_on_the_thread_count(fmt):
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(2, 32, 40, 2100, generator=g).contiguous(memory_format=fmt)  # a 15-row ring
+    coords = _smooth_coords(2, 40, 2100, 40, 2100, g, 1.5)
+    gr = torch.randn(2, 32, 40, 2100, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            f = feats.detach().requires_grad_(True)
+            c = coords.detach().requires_grad_(True)
+            out = ops.sample_features(f, c)
+            results.append((out, *torch.autograd.grad(out, (f, c), gr)))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
