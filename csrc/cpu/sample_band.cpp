@@ -82,41 +82,52 @@ inline float planar_tap(const F* plane, int64_t pxs, const DenseTaps& t, int64_t
   return acc;
 }
 
-template <typename F, typename O>
-void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                              const float* coords, int64_t P, const O* o, int64_t os, float* sums,
-                              int64_t ss) {
+// sums[0], sums[ss], sums[2 * ss] = (sum t^2, sum o^2, sum t o) over channels c < C in order,
+// t = tv(c), o = ov(c)
+template <typename T, typename V>
+inline void point_sums(int64_t C, const T& tv, const V& ov, float* sums, int64_t ss) {
+  float tt = 0.0f, oo = 0.0f, to = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    const float t = tv(c), o = ov(c);
+    tt += t * t;
+    oo += o * o;
+    to += t * o;
+  }
+  sums[0] = tt;
+  sums[ss] = oo;
+  sums[2 * ss] = to;
+}
+
+// fn(p0, n, taps) for each block of kTile points of coords [P, 2], with the block's taps
+template <typename Fn>
+void planar_blocks(const float* coords, int64_t P, int64_t H, int64_t W, const Fn& fn) {
   int32_t index[4 * kTile];
   float weight[4 * kTile];
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
     const int64_t n = std::min<int64_t>(kTile, P - p0);
     const DenseTaps t{index, weight, nullptr, nullptr};
     dense_taps(coords + 2 * p0, n, H, W, t);
-    for (int64_t j = 0; j < n; ++j) {
-      float tt = 0.0f, oo = 0.0f, to = 0.0f;
-      for (int64_t c = 0; c < C; ++c) {
-        const float tv = planar_tap(f + c * chs, pxs, t, n, j), ov = value1(o + c * os + p0 + j);
-        tt += tv * tv;
-        oo += ov * ov;
-        to += tv * ov;
-      }
-      sums[p0 + j] = tt;
-      sums[ss + p0 + j] = oo;
-      sums[2 * ss + p0 + j] = to;
-    }
+    fn(p0, n, t);
   }
+}
+
+template <typename F, typename O>
+void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
+                              const float* coords, int64_t P, const O* o, int64_t os, float* sums,
+                              int64_t ss) {
+  planar_blocks(coords, P, H, W, [&](int64_t p0, int64_t n, const DenseTaps& t) {
+    for (int64_t j = 0; j < n; ++j) {
+      point_sums(C, [&](int64_t c) { return planar_tap(f + c * chs, pxs, t, n, j); },
+                 [&](int64_t c) { return value1(o + c * os + p0 + j); }, sums + p0 + j, ss);
+    }
+  });
 }
 
 template <typename F, typename O>
 void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs,
                                int64_t pxs, const float* coords, int64_t P, const O* o, int64_t os,
                                const float* coef, int64_t cs, O* go, float* gf) {
-  int32_t index[4 * kTile];
-  float weight[4 * kTile];
-  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-    const int64_t n = std::min<int64_t>(kTile, P - p0);
-    const DenseTaps t{index, weight, nullptr, nullptr};
-    dense_taps(coords + 2 * p0, n, H, W, t);
+  planar_blocks(coords, P, H, W, [&](int64_t p0, int64_t n, const DenseTaps& t) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t p = p0 + j;
       const float cf1 = coef[p], cf2 = coef[cs + p], cg1 = coef[2 * cs + p], cg2 = coef[3 * cs + p];
@@ -133,7 +144,7 @@ void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, int6
         }
       }
     }
-  }
+  });
 }
 
 // The band kernels' fallback for blocks taller than the ring when the features are not planes
@@ -234,21 +245,26 @@ inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 inline void store1(float* p, float v) { *p = v; }
 inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
+// tile[i][c] = src[c * stride + i] for i < n and the 16 channels (float32 or bfloat16 planes into
+// channels-last rows: a block's points, or an image row's pixels), 8 x 8 transposes
+template <typename T>
+PYSSL_AVX2 void planes_to_tile(const T* src, int64_t stride, int64_t n, float (*tile)[kS]) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 a[8];
+      for (int q = 0; q < 8; ++q) a[q] = load8(src + (h * 8 + q) * stride + i);
+      transpose8(a);
+      for (int q = 0; q < 8; ++q) _mm256_storeu_ps(tile[i + q] + h * 8, a[q]);
+    }
+  }
+  for (; i < n; ++i)
+    for (int c = 0; c < kS; ++c) tile[i][c] = load1(src + c * stride + i);
+}
 // dst [W][16] = row r of the 16 planes src [16][HW]
 template <typename F>
 PYSSL_AVX2 void load_row(const F* src, int64_t HW, int64_t W, int64_t r, float* dst) {
-  const F* base = src + r * W;
-  int64_t x = 0;
-  for (; x + 8 <= W; x += 8) {
-    for (int h = 0; h < 2; ++h) {
-      __m256 a[8];
-      for (int q = 0; q < 8; ++q) a[q] = load8(base + (h * 8 + q) * HW + x);
-      transpose8(a);
-      for (int q = 0; q < 8; ++q) _mm256_storeu_ps(dst + (x + q) * kS + h * 8, a[q]);
-    }
-  }
-  for (; x < W; ++x)
-    for (int c = 0; c < kS; ++c) dst[x * kS + c] = load1(base + c * HW + x);
+  planes_to_tile(src + r * W, HW, W, reinterpret_cast<float (*)[kS]>(dst));
 }
 
 // row r of the 16 planes gf [16][HW] += src [W][16]
@@ -306,6 +322,73 @@ PYSSL_AVX2 void flush_slice_row(const float* src, int64_t chs, int64_t pxs, int6
   }
 }
 
+// and back: dst[c * stride + i] = tile[i][c] (bfloat16: rounded to nearest even)
+template <typename T>
+PYSSL_AVX2 void tile_to_planes(const float (*tile)[kS], int n, T* dst, int64_t stride) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 a[8];
+      for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(tile[i + q] + h * 8);
+      transpose8(a);
+      for (int q = 0; q < 8; ++q) store8(dst + (h * 8 + q) * stride + i, a[q]);
+    }
+  }
+  for (; i < n; ++i)
+    for (int c = 0; c < kS; ++c) store1(dst + c * stride + i, tile[i][c]);
+}
+
+// The samples of a block's n points, channels-last (its band's rows in the ring, its taps in s):
+// the four taps weighted and summed in corner order, corners outside the image read as zeros
+// with weight 0 (+ 0, as the planar kernels' select)
+PYSSL_AVX2 void band_sample_tile(const BandScratch* s, int n, int64_t W, float (*tile)[kS]) {
+  const int K = s->K;
+  for (int i = 0; i < n; ++i) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      const int32_t r = s->row[i][k];
+      const float* p = r < 0 ? s->zero : s->fring.get() + ((r % K) * W + s->col[i][k]) * kS;
+      const __m256 wv = _mm256_set1_ps(s->w[i][k]);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p + 8)));
+    }
+    _mm256_store_ps(tile[i], a0);
+    _mm256_store_ps(tile[i] + 8, a1);
+  }
+}
+
+// Rows [rmin, rmax] of the features in the ring (rows already there are kept)
+template <typename F>
+PYSSL_AVX2 void ring_load(BandScratch* s, const F* f, int64_t chs, int64_t pxs, int64_t W,
+                          int64_t rmin, int64_t rmax) {
+  for (int64_t r = rmin; r <= rmax; ++r) {
+    const int slot = static_cast<int>(r % s->K);
+    if (s->ftag[slot] != r) {
+      load_slice_row(f, chs, pxs, W, r, s->fring.get() + slot * W * kS);
+      s->ftag[slot] = r;
+    }
+  }
+}
+// Rows [rmin, rmax] of the gradient ring claimed and zeroed; a slot's previous row is added into
+// gf (the layout chs, pxs) first
+PYSSL_AVX2 void ring_claim(BandScratch* s, float* gf, int64_t chs, int64_t pxs, int64_t W,
+                           int64_t rmin, int64_t rmax) {
+  float* gring = s->gring.get();
+  for (int64_t r = rmin; r <= rmax; ++r) {
+    const int slot = static_cast<int>(r % s->K);
+    if (s->gtag[slot] != r) {
+      if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
+      std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
+      s->gtag[slot] = r;
+    }
+  }
+}
+// Every row left in the gradient ring added into gf
+PYSSL_AVX2 void ring_flush(BandScratch* s, float* gf, int64_t chs, int64_t pxs, int64_t W) {
+  for (int slot = 0; slot < s->K; ++slot)
+    if (s->gtag[slot] >= 0) flush_slice_row(s->gring.get() + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
+}
+
 // Taps of points [p0, p0 + n) as taps_loop computes them; row -1 for corners outside the image.
 // Returns the band [rmin, rmax] of rows touched (rmax = -1: none).
 PYSSL_AVX2 void block_taps(BandScratch* s, const float* coords, int64_t p0, int n, int64_t H,
@@ -361,37 +444,9 @@ PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64
       }
       continue;
     }
-    for (int64_t r = rmin; r <= rmax; ++r) {
-      const int slot = static_cast<int>(r % K);
-      if (s->ftag[slot] != r) {
-        load_slice_row(f, chs, pxs, W, r, s->fring.get() + slot * W * kS);
-        s->ftag[slot] = r;
-      }
-    }
-    for (int i = 0; i < n; ++i) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (int k = 0; k < 4; ++k) {
-        const int32_t r = s->row[i][k];
-        // corners outside the image read zeros with weight 0: + 0, as the planar kernel's select
-        const float* p = r < 0 ? s->zero : s->fring.get() + ((r % K) * W + s->col[i][k]) * kS;
-        const __m256 wv = _mm256_set1_ps(s->w[i][k]);
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p + 8)));
-      }
-      _mm256_store_ps(s->tile[i], a0);
-      _mm256_store_ps(s->tile[i] + 8, a1);
-    }
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-      for (int h = 0; h < 2; ++h) {
-        __m256 a[8];
-        for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile[i + q] + h * 8);
-        transpose8(a);
-        for (int q = 0; q < 8; ++q) store8(out + (h * 8 + q) * os + p0 + i, a[q]);
-      }
-    }
-    for (; i < n; ++i)
-      for (int c = 0; c < kS; ++c) store1(out + c * os + p0 + i, s->tile[i][c]);
+    ring_load(s, f, chs, pxs, W, rmin, rmax);
+    band_sample_tile(s, n, W, s->tile);
+    tile_to_planes(s->tile, n, out + p0, os);
   }
 }
 
@@ -428,30 +483,9 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const float*
       }
       continue;
     }
-    // the gradient rows of the block, channels-last
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-      for (int h = 0; h < 2; ++h) {
-        __m256 a[8];
-        for (int q = 0; q < 8; ++q) a[q] = _mm256_loadu_ps(g + (h * 8 + q) * gs + p0 + i);
-        transpose8(a);
-        for (int q = 0; q < 8; ++q) _mm256_store_ps(s->tile[i + q] + h * 8, a[q]);
-      }
-    }
-    for (; i < n; ++i)
-      for (int c = 0; c < kS; ++c) s->tile[i][c] = g[c * gs + p0 + i];
-    for (int64_t r = rmin; r <= rmax; ++r) {
-      const int slot = static_cast<int>(r % K);
-      if (need_c && s->ftag[slot] != r) {
-        load_slice_row(f, chs, pxs, W, r, fring + slot * W * kS);
-        s->ftag[slot] = r;
-      }
-      if (need_f && s->gtag[slot] != r) {
-        if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
-        std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
-        s->gtag[slot] = r;
-      }
-    }
+    planes_to_tile(g + p0, gs, n, s->tile);  // the gradient rows of the block, channels-last
+    if (need_c) ring_load(s, f, chs, pxs, W, rmin, rmax);
+    if (need_f) ring_claim(s, gf, chs, pxs, W, rmin, rmax);
     for (int j = 0; j < n; ++j) {
       const __m256 g0 = _mm256_load_ps(s->tile[j]), g1 = _mm256_load_ps(s->tile[j] + 8);
       __m256 sx0 = _mm256_setzero_ps(), sx1 = _mm256_setzero_ps();
@@ -482,27 +516,7 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const float*
       }
     }
   }
-  if (need_f)
-    for (int slot = 0; slot < K; ++slot)
-      if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
-}
-
-// The samples of a block's n points, channels-last, as gather_impl computes them (its band's rows
-// in the ring, its taps in s)
-PYSSL_AVX2 void band_sample_tile(const BandScratch* s, int n, int64_t W, float (*tile)[kS]) {
-  const int K = s->K;
-  for (int i = 0; i < n; ++i) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int k = 0; k < 4; ++k) {
-      const int32_t r = s->row[i][k];
-      const float* p = r < 0 ? s->zero : s->fring.get() + ((r % K) * W + s->col[i][k]) * kS;
-      const __m256 wv = _mm256_set1_ps(s->w[i][k]);
-      a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
-      a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p + 8)));
-    }
-    _mm256_store_ps(tile[i], a0);
-    _mm256_store_ps(tile[i] + 8, a1);
-  }
+  if (need_f) ring_flush(s, gf, chs, pxs, W);
 }
 
 template <typename F, typename O>
@@ -519,13 +533,7 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, int64_t chs,
       planar_loss_forward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, sums + p0, ss);
       continue;
     }
-    for (int64_t r = rmin; r <= rmax; ++r) {
-      const int slot = static_cast<int>(r % K);
-      if (s->ftag[slot] != r) {
-        load_slice_row(f, chs, pxs, W, r, s->fring.get() + slot * W * kS);
-        s->ftag[slot] = r;
-      }
-    }
+    ring_load(s, f, chs, pxs, W, rmin, rmax);
     band_sample_tile(s, n, W, s->tile);
     // per point, channel by channel in order: 8 points per vector
     int i = 0;
@@ -546,18 +554,9 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, int64_t chs,
       _mm256_storeu_ps(sums + ss + p0 + i, oo);
       _mm256_storeu_ps(sums + 2 * ss + p0 + i, to);
     }
-    for (; i < n; ++i) {
-      float tt = 0.0f, oo = 0.0f, to = 0.0f;
-      for (int c = 0; c < kS; ++c) {
-        const float tv = s->tile[i][c], ov = load1(o + c * os + p0 + i);
-        tt += tv * tv;
-        oo += ov * ov;
-        to += tv * ov;
-      }
-      sums[p0 + i] = tt;
-      sums[ss + p0 + i] = oo;
-      sums[2 * ss + p0 + i] = to;
-    }
+    for (; i < n; ++i)
+      point_sums(kS, [&](int64_t c) { return s->tile[i][c]; },
+                 [&](int64_t c) { return value1(o + c * os + p0 + i); }, sums + p0 + i, ss);
   }
 }
 
@@ -569,7 +568,6 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
   const int K = s->K;
   std::fill(s->ftag, s->ftag + K, int64_t{-1});
   std::fill(s->gtag, s->gtag + K, int64_t{-1});
-  float* fring = s->fring.get();
   float* gring = s->gring.get();
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
@@ -580,31 +578,10 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
                                 cs, go ? go + p0 : nullptr, gf);
       continue;
     }
-    for (int64_t r = rmin; r <= rmax; ++r) {
-      const int slot = static_cast<int>(r % K);
-      if (s->ftag[slot] != r) {
-        load_slice_row(f, chs, pxs, W, r, fring + slot * W * kS);
-        s->ftag[slot] = r;
-      }
-      if (gf && s->gtag[slot] != r) {
-        if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
-        std::memset(gring + slot * W * kS, 0, sizeof(float) * W * kS);
-        s->gtag[slot] = r;
-      }
-    }
+    ring_load(s, f, chs, pxs, W, rmin, rmax);
+    if (gf) ring_claim(s, gf, chs, pxs, W, rmin, rmax);
     band_sample_tile(s, n, W, s->tile);
-    // the online rows of the block, channels-last
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-      for (int h = 0; h < 2; ++h) {
-        __m256 a[8];
-        for (int q = 0; q < 8; ++q) a[q] = load8(o + (h * 8 + q) * os + p0 + i);
-        transpose8(a);
-        for (int q = 0; q < 8; ++q) _mm256_store_ps(s->tile2[i + q] + h * 8, a[q]);
-      }
-    }
-    for (; i < n; ++i)
-      for (int c = 0; c < kS; ++c) s->tile2[i][c] = load1(o + c * os + p0 + i);
+    planes_to_tile(o + p0, os, n, s->tile2);  // the online rows of the block, channels-last
     for (int j = 0; j < n; ++j) {
       const int64_t p = p0 + j;
       const float cf1 = coef[p], cf2 = coef[cs + p];
@@ -629,23 +606,9 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
         _mm256_store_ps(s->tile2[j] + 8, _mm256_add_ps(_mm256_mul_ps(a, o1), _mm256_mul_ps(b, t1)));
       }
     }
-    if (go) {  // back to planes
-      i = 0;
-      for (; i + 8 <= n; i += 8) {
-        for (int h = 0; h < 2; ++h) {
-          __m256 a[8];
-          for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile2[i + q] + h * 8);
-          transpose8(a);
-          for (int q = 0; q < 8; ++q) store8(go + (h * 8 + q) * os + p0 + i, a[q]);
-        }
-      }
-      for (; i < n; ++i)
-        for (int c = 0; c < kS; ++c) store1(go + c * os + p0 + i, s->tile2[i][c]);
-    }
+    if (go) tile_to_planes(s->tile2, n, go + p0, os);  // back to planes
   }
-  if (gf)
-    for (int slot = 0; slot < K; ++slot)
-      if (s->gtag[slot] >= 0) flush_slice_row(gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
+  if (gf) ring_flush(s, gf, chs, pxs, W);
 }
 
 }  // namespace
