@@ -941,16 +941,23 @@ bool channels_last_bands(const Tensor& features) {
 
 // The features as the dense sampling kernels read them: as they are when NCHW, or channels-last
 // (channels_last_bands) on a CPU with the band kernels; any other layout copied to NCHW. Their
-// channel and pixel strides: (H*W, 1) or (1, C).
+// channel and pixel strides: DenseLayout.
 Tensor sampling_features(const Tensor& features) {
   const bool in_place = features.is_contiguous() ||
                         (channels_last_bands(features) && cpu::band_kernels_available());
   return in_place ? features : features.contiguous();
 }
-std::pair<int64_t, int64_t> feature_strides(const Tensor& f) {
-  if (f.is_contiguous()) return {f.size(2) * f.size(3), 1};
-  return {1, f.size(1)};
-}
+
+// Where channel c of pixel i of image b lives in a contiguous map, NCHW or channels-last:
+// b * D * H * W + c * chs + i * pxs
+struct DenseLayout {
+  int64_t chs, pxs;
+  DenseLayout(const Tensor& t, int64_t HW)
+      : chs(channels_last(t) ? 1 : HW), pxs(channels_last(t) ? t.size(1) : 1) {}
+  static bool channels_last(const Tensor& t) {
+    return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  }
+};
 
 // chs, pxs: the features' channel and pixel strides (sampling_features); other than (H*W, 1)
 // only when every channel is in a band slice
@@ -1030,13 +1037,13 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t P = coords.size(1) * coords.size(2);
   const Tensor f = sampling_features(features), xy = coords.contiguous();
-  const auto [chs, pxs] = feature_strides(f);
+  const DenseLayout L(f, H * W);
   Tensor out = empty_large({B, C, coords.size(1), coords.size(2)}, f.options());
   const float* cp = xy.const_data_ptr<float>();
   if (f.scalar_type() == at::kBFloat16) {
-    dense_forward(kernel_ptr<uint16_t>(f), chs, pxs, cp, kernel_ptr_mut<uint16_t>(out), B, C, H, W, P);
+    dense_forward(kernel_ptr<uint16_t>(f), L.chs, L.pxs, cp, kernel_ptr_mut<uint16_t>(out), B, C, H, W, P);
   } else {
-    dense_forward(kernel_ptr<float>(f), chs, pxs, cp, kernel_ptr_mut<float>(out), B, C, H, W, P);
+    dense_forward(kernel_ptr<float>(f), L.chs, L.pxs, cp, kernel_ptr_mut<float>(out), B, C, H, W, P);
   }
   return out;
 }
@@ -1187,7 +1194,7 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
   const Tensor f = sampling_features(features), xy = coords.contiguous();
-  const auto [chs, pxs] = feature_strides(f);
+  const DenseLayout L(f, H * W);
   const DenseSplit split(C);
   const bool quad = split.slices == 0 && use_quad(C, H, W);
   // the output gradient as planes: any batch and channel strides (an expanded gradient, e.g. of
@@ -1201,7 +1208,7 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   // tensor converted to bfloat16 features' dtype at the end.
   Tensor gf = !features_grad ? at::empty({0}, f.options())
               : quad         ? empty_large(f.sizes(), f.options())
-              : pxs == 1     ? zeros_large(f.sizes(), f.options().dtype(at::kFloat))
+              : L.pxs == 1   ? zeros_large(f.sizes(), f.options().dtype(at::kFloat))
                              : zeros_large({B, H, W, C}, f.options().dtype(at::kFloat)).permute({0, 3, 1, 2});
   // The coordinate gradient is computed in planes [B, 2, Ho, Wo] and returned as its [B, Ho, Wo,
   // 2] view: the gradient of flow_correspondence's flow [B, 2, H, W] is then that contiguous
@@ -1235,9 +1242,9 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   const float* gp = g.const_data_ptr<float>();
   float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
   if (f.scalar_type() == at::kBFloat16) {
-    dense_backward(kernel_ptr<uint16_t>(f), chs, pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    dense_backward(kernel_ptr<uint16_t>(f), L.chs, L.pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   } else {
-    dense_backward(kernel_ptr<float>(f), chs, pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    dense_backward(kernel_ptr<float>(f), L.chs, L.pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
   }
   if (features_grad) {
     // the features' dtype; channels-last for channels_last_bands features (also when a CPU
@@ -1283,17 +1290,6 @@ bool dense_loss_path(const Tensor& point_features, const Tensor& features,
 Tensor dense_features(const Tensor& f) {
   return f.is_contiguous() || f.is_contiguous(at::MemoryFormat::ChannelsLast) ? f : f.contiguous();
 }
-
-// Where channel c of pixel i of image b lives in a contiguous map, NCHW or channels-last:
-// b * D * H * W + c * chs + i * pxs
-struct DenseLayout {
-  int64_t chs, pxs;
-  DenseLayout(const Tensor& t, int64_t HW)
-      : chs(channels_last(t) ? 1 : HW), pxs(channels_last(t) ? t.size(1) : 1) {}
-  static bool channels_last(const Tensor& t) {
-    return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  }
-};
 
 // body(b, q, c0, C, features, coords, online, scratch, p0, n) for each (image b, task q) of
 // channels [c0, c0 + C) and, with `chunks` > 1, each range [p0, p0 + n) of its points (whole
