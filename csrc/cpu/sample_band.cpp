@@ -456,8 +456,21 @@ PYSSL_AVX2 inline float hsum(__m256 v) {  // fixed order: halves, then pairs
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 1)));
 }
 
-template <typename F>
-PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const float* g, int64_t gs,
+// A block's output gradient as float32 planes for the planar fallback kernels: g itself (float32),
+// or its n points of the 16 channels widened into buf [16][kTile] (bfloat16)
+inline const float* float_block(const float* g, int64_t gs, int, float*, int64_t* stride) {
+  *stride = gs;
+  return g;
+}
+inline const float* float_block(const uint16_t* g, int64_t gs, int n, float* buf, int64_t* stride) {
+  for (int c = 0; c < kS; ++c)
+    for (int j = 0; j < n; ++j) buf[c * kTile + j] = bf16_to_float(g[c * gs + j]);
+  *stride = kTile;
+  return buf;
+}
+
+template <typename F, typename G>
+PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const G* g, int64_t gs,
                               int64_t H, int64_t W, const float* coords, int64_t P, float* gf,
                               float* gx, float* gy, BandScratch* s) {
   const int64_t HW = H * W;
@@ -474,11 +487,13 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const float*
     if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, need_c ? s->pdx : nullptr, need_c ? s->pdy : nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
+      int64_t bs;
+      const float* gb = float_block(g + p0, gs, n, &s->tile2[0][0], &bs);
       if (pxs == 1) {
-        dense_backward(f, kS, HW, g + p0, gs, t, n, gf, need_c ? gx + p0 : nullptr,
+        dense_backward(f, kS, HW, gb, bs, t, n, gf, need_c ? gx + p0 : nullptr,
                        need_c ? gy + p0 : nullptr);
       } else {
-        strided_backward(f, chs, pxs, kS, g + p0, gs, t, n, gf, need_c ? gx + p0 : nullptr,
+        strided_backward(f, chs, pxs, kS, gb, bs, t, n, gf, need_c ? gx + p0 : nullptr,
                          need_c ? gy + p0 : nullptr);
       }
       continue;
@@ -622,14 +637,10 @@ void band_gather(const uint16_t* f, int64_t H, int64_t W, int64_t chs, int64_t p
                  const float* coords, int64_t P, uint16_t* out, int64_t os, BandScratch* s) {
   gather_impl(f, H, W, chs, pxs, coords, P, out, os, s);
 }
-void band_backward(const float* f, int64_t chs, int64_t pxs, const float* g, int64_t gs, int64_t H,
+template <typename F, typename G>
+void band_backward(const F* f, int64_t chs, int64_t pxs, const G* g, int64_t gs, int64_t H,
                    int64_t W, const float* coords, int64_t P, float* gf, float* gx, float* gy,
                    BandScratch* s) {
-  backward_impl(f, chs, pxs, g, gs, H, W, coords, P, gf, gx, gy, s);
-}
-void band_backward(const uint16_t* f, int64_t chs, int64_t pxs, const float* g, int64_t gs,
-                   int64_t H, int64_t W, const float* coords, int64_t P, float* gf, float* gx,
-                   float* gy, BandScratch* s) {
   backward_impl(f, chs, pxs, g, gs, H, W, coords, P, gf, gx, gy, s);
 }
 
@@ -653,10 +664,9 @@ void band_gather(const float*, int64_t, int64_t, int64_t, int64_t, const float*,
                  int64_t, BandScratch*) {}
 void band_gather(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
                  uint16_t*, int64_t, BandScratch*) {}
-void band_backward(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
-                   const float*, int64_t, float*, float*, float*, BandScratch*) {}
-void band_backward(const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
-                   const float*, int64_t, float*, float*, float*, BandScratch*) {}
+template <typename F, typename G>
+void band_backward(const F*, int64_t, int64_t, const G*, int64_t, int64_t, int64_t, const float*,
+                   int64_t, float*, float*, float*, BandScratch*) {}
 template <typename F, typename O>
 void band_loss_forward(const F*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const O*,
                        int64_t, float*, int64_t, BandScratch*) {}
@@ -665,6 +675,19 @@ void band_loss_backward(const F*, int64_t, int64_t, int64_t, int64_t, const floa
                         const O*, int64_t, const float*, int64_t, O*, float*, BandScratch*) {}
 
 #endif
+
+template void band_backward<float, float>(const float*, int64_t, int64_t, const float*, int64_t,
+                                          int64_t, int64_t, const float*, int64_t, float*, float*,
+                                          float*, BandScratch*);
+template void band_backward<float, uint16_t>(const float*, int64_t, int64_t, const uint16_t*,
+                                             int64_t, int64_t, int64_t, const float*, int64_t,
+                                             float*, float*, float*, BandScratch*);
+template void band_backward<uint16_t, float>(const uint16_t*, int64_t, int64_t, const float*,
+                                             int64_t, int64_t, int64_t, const float*, int64_t,
+                                             float*, float*, float*, BandScratch*);
+template void band_backward<uint16_t, uint16_t>(const uint16_t*, int64_t, int64_t, const uint16_t*,
+                                                int64_t, int64_t, int64_t, const float*, int64_t,
+                                                float*, float*, float*, BandScratch*);
 
 #define PYSSL_BAND_LOSS(F, O)                                                                    \
   template void band_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t,            \

@@ -140,12 +140,11 @@ void band_gather(const uint16_t* f, int64_t H, int64_t W, int64_t chs, int64_t p
                  const float* coords, int64_t P, uint16_t* out, int64_t os, BandScratch* s);
 // gf (the layout of f) += feature gradient (gf may be null), gx, gy [P] += coordinate gradient
 // over these 16 channels (gx, gy and f may be null), from the output gradient planes g [16][gs]
-void band_backward(const float* f, int64_t chs, int64_t pxs, const float* g, int64_t gs, int64_t H,
+// (float32, or uint16_t holding bfloat16, read as float)
+template <typename F, typename G>
+void band_backward(const F* f, int64_t chs, int64_t pxs, const G* g, int64_t gs, int64_t H,
                    int64_t W, const float* coords, int64_t P, float* gf, float* gx, float* gy,
                    BandScratch* s);
-void band_backward(const uint16_t* f, int64_t chs, int64_t pxs, const float* g, int64_t gs,
-                   int64_t H, int64_t W, const float* coords, int64_t P, float* gf, float* gx,
-                   float* gy, BandScratch* s);
 // The fused dense loss of pyssl.ops.dense_correspondence_loss, per image: t[c][j] is the bilinear
 // sample of the features f at coords[j] (float32 math, also for bfloat16 features), o the online
 // planes [C][os], points j < P. f (and gf) hold channel c of pixel i at c * chs + i * pxs:

@@ -1055,8 +1055,10 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
 // order after, so results do not depend on the number of threads. The coordinate gradient is
 // planar: gc [B, 2, P] (x plane, y plane); with one task per image (T == 1) each block zeroes
 // its part before accumulating, so gc needs no zero fill.
-template <typename F>
-void dense_backward(const F* fp, int64_t chs, int64_t pxs, const float* cp, const float* gp,
+// G: the output gradient's element type, float or (uint16_t) bfloat16; bfloat16 only when every
+// channel is in a band slice (the planar rest kernels read float32)
+template <typename F, typename G>
+void dense_backward(const F* fp, int64_t chs, int64_t pxs, const float* cp, const G* gp,
                     int64_t gsb, int64_t gsc, float* gfp, float* gcp, int64_t B, int64_t C,
                     int64_t H, int64_t W, int64_t P, const at::TensorOptions& opts) {
   const DenseSplit split(C);
@@ -1086,8 +1088,12 @@ void dense_backward(const F* fp, int64_t chs, int64_t pxs, const float* cp, cons
           std::fill(gy + p0, gy + p0 + n, 0.0f);
         }
         cpu::dense_taps(cp + (b * P + p0) * 2, n, H, W, t);
-        cpu::dense_backward(fp + (b * C + c0) * HW, split.rest, HW, gp + b * gsb + c0 * gsc + p0, gsc,
-                            t, n, gf, gx ? gx + p0 : nullptr, gy ? gy + p0 : nullptr);
+        if constexpr (std::is_same_v<G, float>) {
+          cpu::dense_backward(fp + (b * C + c0) * HW, split.rest, HW, gp + b * gsb + c0 * gsc + p0, gsc,
+                              t, n, gf, gx ? gx + p0 : nullptr, gy ? gy + p0 : nullptr);
+        } else {
+          TORCH_INTERNAL_ASSERT(false, "a bfloat16 output gradient with planar channels");
+        }
       }
     }
   });
@@ -1199,8 +1205,9 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   const bool quad = split.slices == 0 && use_quad(C, H, W);
   // the output gradient as planes: any batch and channel strides (an expanded gradient, e.g. of
   // a sum over channels, has channel stride 0 and is not copied), points contiguous; float32,
-  // or bfloat16 as it comes for the quad kernels
-  Tensor g = quad && grad.scalar_type() == at::kBFloat16 ? grad : to_large(grad, at::kFloat);
+  // or bfloat16 as it comes for the quad kernels and when every channel is in a band slice
+  const bool bf16_grad = quad || (split.slices > 0 && split.rest == 0);
+  Tensor g = bf16_grad && grad.scalar_type() == at::kBFloat16 ? grad : to_large(grad, at::kFloat);
   if (!(g.stride(3) == 1 && g.stride(2) == g.size(3))) g = g.contiguous();
   const float* cp = xy.const_data_ptr<float>();
   // The feature gradient accumulates in float32: in the quad path in its accumulator, unpacked
@@ -1239,12 +1246,18 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
     }
     return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
   }
-  const float* gp = g.const_data_ptr<float>();
   float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
-  if (f.scalar_type() == at::kBFloat16) {
-    dense_backward(kernel_ptr<uint16_t>(f), L.chs, L.pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+  auto run = [&](const auto* gp) {
+    if (f.scalar_type() == at::kBFloat16) {
+      dense_backward(kernel_ptr<uint16_t>(f), L.chs, L.pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    } else {
+      dense_backward(kernel_ptr<float>(f), L.chs, L.pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    }
+  };
+  if (g.scalar_type() == at::kBFloat16) {
+    run(kernel_ptr<uint16_t>(g));
   } else {
-    dense_backward(kernel_ptr<float>(f), L.chs, L.pxs, cp, gp, gsb, gsc, gfp, gcp, B, C, H, W, P, f.options());
+    run(g.const_data_ptr<float>());
   }
   if (features_grad) {
     // the features' dtype; channels-last for channels_last_bands features (also when a CPU

@@ -219,31 +219,36 @@ def test_band_path_rows_leaving_and_reentering_the_ring_and_tall_bands():
     are flushed), then rows 0-5 again; and blocks whose band is taller than the ring (planar
     fallback). Feature gradients accumulate over all of them."""
     g = torch.Generator().manual_seed(11)
-    for C, fmt in ((20, torch.contiguous_format), (32, torch.channels_last)):
-        _ring_and_tall_bands(C, fmt, g)
+    for C, fmt in ((20, torch.contiguous_format), (32, torch.channels_last), (32, torch.contiguous_format)):
+        for dtype in (torch.float32, torch.bfloat16):
+            _ring_and_tall_bands(C, fmt, g, dtype)
 
 
-def _ring_and_tall_bands(C, fmt, g):
+def _ring_and_tall_bands(C, fmt, g, dtype):
+    """(bfloat16: the features and output gradient rounded to bfloat16, the reference in float64
+    on the same values; with 16k channels the kernels read the bfloat16 gradient as it is, also
+    in the planar fallback)"""
     H, W = 140, 300
-    feats = torch.randn(1, C, H, W, generator=g, dtype=torch.float64)
+    feats = torch.randn(1, C, H, W, generator=g).to(dtype).double()
     x = torch.rand(4, 256, generator=g) * (W - 1)
     y = torch.stack([torch.rand(256, generator=g) * 5, 64 + torch.rand(256, generator=g) * 5,
                      torch.rand(256, generator=g) * 5, torch.rand(256, generator=g) * (H - 1)])
     coords = torch.stack([x, y], -1)[None]  # [1, 4, 256, 2]: one block per row
-    f1 = feats.float().contiguous(memory_format=fmt).requires_grad_(True)
+    f1 = feats.to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
     c1 = coords.clone().requires_grad_(True)
     out = ops.sample_features(f1, c1)
     assert out.is_contiguous()  # the dense kernels' output, whatever the features' layout
     f2 = feats.clone().requires_grad_(True)
     c2 = coords.double().requires_grad_(True)
     want = reference.sample_features(f2, c2)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    gr = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    g1 = torch.autograd.grad(out, (f1, c1), gr.float())
-    g2 = torch.autograd.grad(want, (f2, c2), gr)
-    assert g1[0].is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(g1[0].double(), g2[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g1[1].double(), g2[1], rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
+    gr = torch.randn(want.shape, generator=g).to(dtype)
+    g1 = torch.autograd.grad(out, (f1, c1), gr)
+    g2 = torch.autograd.grad(want, (f2, c2), gr.double())
+    assert g1[0].is_contiguous(memory_format=fmt) and g1[0].dtype == dtype
+    torch.testing.assert_close(g1[0].double(), g2[0], **tol)
+    torch.testing.assert_close(g1[1].double(), g2[1], rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 1e-3)
 
 
 @given(B=st.integers(1, 2), C=st.sampled_from([3, 4]), H=st.integers(1, 6),
