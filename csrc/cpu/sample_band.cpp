@@ -425,16 +425,35 @@ PYSSL_AVX2 void block_taps(BandScratch* s, const float* coords, int64_t p0, int 
   *rmax = hi;
 }
 
+// The block of points [p0, p0 + n), n <= kTile, its taps in s: whether its band of rows
+// [rmin, rmax] fits the ring (else the kernels take their planar fallback for it)
+struct BandBlock {
+  int n;
+  int64_t rmin, rmax;
+  bool fits;
+};
+PYSSL_AVX2 BandBlock band_block(BandScratch* s, const float* coords, int64_t p0, int64_t P,
+                                int64_t H, int64_t W, bool grads) {
+  BandBlock b;
+  b.n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
+  block_taps(s, coords, p0, b.n, H, W, grads, &b.rmin, &b.rmax);
+  b.fits = !(b.rmax >= 0 && b.rmax - b.rmin + 1 > s->K);
+  return b;
+}
+// An empty ring (no row held), at the start of each kernel call
+inline void ring_reset(BandScratch* s) {
+  std::fill(s->ftag, s->ftag + s->K, int64_t{-1});
+  std::fill(s->gtag, s->gtag + s->K, int64_t{-1});
+}
+
 template <typename F>
 PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
                             const float* coords, int64_t P, F* out, int64_t os, BandScratch* s) {
-  const int K = s->K;
-  std::fill(s->ftag, s->ftag + K, int64_t{-1});
+  ring_reset(s);
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
-    int64_t rmin, rmax;
-    block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
-    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
+    const BandBlock b = band_block(s, coords, p0, P, H, W, false);
+    const int n = b.n;
+    if (!b.fits) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, nullptr, nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
       if (pxs == 1) {
@@ -444,7 +463,7 @@ PYSSL_AVX2 void gather_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64
       }
       continue;
     }
-    ring_load(s, f, chs, pxs, W, rmin, rmax);
+    ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
     band_sample_tile(s, n, W, s->tile);
     tile_to_planes(s->tile, n, out + p0, os);
   }
@@ -476,15 +495,13 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const G* g, 
   const int64_t HW = H * W;
   const int K = s->K;
   const bool need_f = gf != nullptr, need_c = gx != nullptr;
-  std::fill(s->ftag, s->ftag + K, int64_t{-1});
-  std::fill(s->gtag, s->gtag + K, int64_t{-1});
+  ring_reset(s);
   float* fring = s->fring.get();
   float* gring = s->gring.get();
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
-    int64_t rmin, rmax;
-    block_taps(s, coords, p0, n, H, W, need_c, &rmin, &rmax);
-    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar kernels
+    const BandBlock b = band_block(s, coords, p0, P, H, W, need_c);
+    const int n = b.n;
+    if (!b.fits) {  // band taller than the ring: planar kernels
       const DenseTaps t{s->pindex, s->pweight, need_c ? s->pdx : nullptr, need_c ? s->pdy : nullptr};
       dense_taps(coords + 2 * p0, n, H, W, t);
       int64_t bs;
@@ -499,8 +516,8 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const G* g, 
       continue;
     }
     planes_to_tile(g + p0, gs, n, s->tile);  // the gradient rows of the block, channels-last
-    if (need_c) ring_load(s, f, chs, pxs, W, rmin, rmax);
-    if (need_f) ring_claim(s, gf, chs, pxs, W, rmin, rmax);
+    if (need_c) ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
+    if (need_f) ring_claim(s, gf, chs, pxs, W, b.rmin, b.rmax);
     for (int j = 0; j < n; ++j) {
       const __m256 g0 = _mm256_load_ps(s->tile[j]), g1 = _mm256_load_ps(s->tile[j] + 8);
       __m256 sx0 = _mm256_setzero_ps(), sx1 = _mm256_setzero_ps();
@@ -538,17 +555,15 @@ template <typename F, typename O>
 PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
                                   const float* coords, int64_t P, const O* o, int64_t os,
                                   float* sums, int64_t ss, BandScratch* s) {
-  const int K = s->K;
-  std::fill(s->ftag, s->ftag + K, int64_t{-1});
+  ring_reset(s);
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
-    int64_t rmin, rmax;
-    block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
-    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar
+    const BandBlock b = band_block(s, coords, p0, P, H, W, false);
+    const int n = b.n;
+    if (!b.fits) {  // band taller than the ring: planar
       planar_loss_forward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, sums + p0, ss);
       continue;
     }
-    ring_load(s, f, chs, pxs, W, rmin, rmax);
+    ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
     band_sample_tile(s, n, W, s->tile);
     // per point, channel by channel in order: 8 points per vector
     int i = 0;
@@ -581,20 +596,18 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
                                    const float* coef, int64_t cs, O* go, float* gf,
                                    BandScratch* s) {
   const int K = s->K;
-  std::fill(s->ftag, s->ftag + K, int64_t{-1});
-  std::fill(s->gtag, s->gtag + K, int64_t{-1});
+  ring_reset(s);
   float* gring = s->gring.get();
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, P - p0));
-    int64_t rmin, rmax;
-    block_taps(s, coords, p0, n, H, W, false, &rmin, &rmax);
-    if (rmax >= 0 && rmax - rmin + 1 > K) {  // band taller than the ring: planar
+    const BandBlock b = band_block(s, coords, p0, P, H, W, false);
+    const int n = b.n;
+    if (!b.fits) {  // band taller than the ring: planar
       planar_loss_backward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, coef + p0,
                                 cs, go ? go + p0 : nullptr, gf);
       continue;
     }
-    ring_load(s, f, chs, pxs, W, rmin, rmax);
-    if (gf) ring_claim(s, gf, chs, pxs, W, rmin, rmax);
+    ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
+    if (gf) ring_claim(s, gf, chs, pxs, W, b.rmin, b.rmax);
     band_sample_tile(s, n, W, s->tile);
     planes_to_tile(o + p0, os, n, s->tile2);  // the online rows of the block, channels-last
     for (int j = 0; j < n; ++j) {

@@ -930,24 +930,6 @@ bool use_quad(int64_t channels, int64_t H, int64_t W) {
          H * cpu::quad_pitch(W) < (int64_t{1} << 31);  // int32 tap indices
 }
 
-// Channels-last features whose channels all fall in 16-channel band slices: the band kernels
-// read their rows in place and the feature gradient is channels-last too (the fake kernel's rule:
-// pyssl/ops/flow.py, _dense_backward_fake).
-bool channels_last_bands(const Tensor& features) {
-  const int64_t C = features.size(1);
-  return C > 0 && C % cpu::kBandChannels == 0 && !features.is_contiguous() &&
-         features.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// The features as the dense sampling kernels read them: as they are when NCHW, or channels-last
-// (channels_last_bands) on a CPU with the band kernels; any other layout copied to NCHW. Their
-// channel and pixel strides: DenseLayout.
-Tensor sampling_features(const Tensor& features) {
-  const bool in_place = features.is_contiguous() ||
-                        (channels_last_bands(features) && cpu::band_kernels_available());
-  return in_place ? features : features.contiguous();
-}
-
 // Where channel c of pixel i of image b lives in a contiguous map, NCHW or channels-last:
 // b * D * H * W + c * chs + i * pxs
 struct DenseLayout {
@@ -958,6 +940,23 @@ struct DenseLayout {
     return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
   }
 };
+
+// Channels-last features whose channels all fall in 16-channel band slices: the band kernels
+// read their rows in place and the feature gradient is channels-last too (the fake kernel's rule:
+// pyssl/ops/flow.py, _dense_backward_fake).
+bool channels_last_bands(const Tensor& features) {
+  const int64_t C = features.size(1);
+  return C > 0 && C % cpu::kBandChannels == 0 && DenseLayout::channels_last(features);
+}
+
+// The features as the dense sampling kernels read them: as they are when NCHW, or channels-last
+// (channels_last_bands) on a CPU with the band kernels; any other layout copied to NCHW. Their
+// channel and pixel strides: DenseLayout.
+Tensor sampling_features(const Tensor& features) {
+  const bool in_place = features.is_contiguous() ||
+                        (channels_last_bands(features) && cpu::band_kernels_available());
+  return in_place ? features : features.contiguous();
+}
 
 // chs, pxs: the features' channel and pixel strides (sampling_features); other than (H*W, 1)
 // only when every channel is in a band slice

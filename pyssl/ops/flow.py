@@ -90,6 +90,15 @@ def _flow_backward(ctx, grad_coords, _grad_valid):
 torch.library.register_autograd("pyssl::flow_correspondence", _flow_backward, setup_context=_flow_setup)
 
 
+def _channels_last_bands(features: torch.Tensor) -> bool:
+    """Channels-last features whose channels all fall in 16-channel band slices: the CPU's dense
+    sampling kernels read them in place and return a channels-last feature gradient (the rule of
+    csrc/ops/sampling.cpp: channels_last_bands)."""
+    C = features.shape[1]
+    return (C > 0 and C % 16 == 0 and not features.is_contiguous()
+            and features.is_contiguous(memory_format=torch.channels_last))
+
+
 def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear sampling of ``features`` ``[B, C, H, W]`` at pixel coordinates ``coords``
     ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]`` (NCHW-contiguous from the CPU
@@ -111,8 +120,7 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
     B, Ho, Wo, _ = coords.shape
     if (features.device.type == "cpu" and features.dtype in (torch.float32, torch.bfloat16)
             and coords.dtype == torch.float32
-            and (features.is_contiguous() or (features.shape[1] % 16 == 0 and features.is_contiguous(
-                memory_format=torch.channels_last)))):
+            and (features.is_contiguous() or _channels_last_bands(features))):
         # CPU fast path, NCHW out: planar gathers for few channels, channels-last bands of source
         # rows for 16 channels and more (csrc/cpu/sample_band.cpp), which read channels-last
         # features in place when every channel is in a 16-channel band
@@ -149,10 +157,7 @@ def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
     # gradient is then contiguous) and is returned as its [B, Ho, Wo, 2] view
     # the feature gradient is NCHW-contiguous, except for channels-last features with a multiple
     # of 16 channels (csrc/ops/sampling.cpp: channels_last_bands), whose gradient is channels-last
-    C = features.shape[1]
-    cl = (C > 0 and C % 16 == 0 and not features.is_contiguous()
-          and features.is_contiguous(memory_format=torch.channels_last))
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = torch.channels_last if _channels_last_bands(features) else torch.contiguous_format
     return (features.new_empty(features.shape).contiguous(memory_format=fmt) if features_grad
             else features.new_empty(0),
             coords.new_empty(B, 2, Ho, Wo).permute(0, 2, 3, 1) if coords_grad else coords.new_empty(0))
