@@ -113,12 +113,12 @@ void planar_blocks(const float* coords, int64_t P, int64_t H, int64_t W, const F
 
 template <typename F, typename O>
 void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                              const float* coords, int64_t P, const O* o, int64_t os, float* sums,
-                              int64_t ss) {
+                              const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                              float* sums, int64_t ss) {
   planar_blocks(coords, P, H, W, [&](int64_t p0, int64_t n, const DenseTaps& t) {
     for (int64_t j = 0; j < n; ++j) {
       point_sums(C, [&](int64_t c) { return planar_tap(f + c * chs, pxs, t, n, j); },
-                 [&](int64_t c) { return value1(o + c * os + p0 + j); }, sums + p0 + j, ss);
+                 [&](int64_t c) { return value1(o + c * os + (p0 + j) * ops); }, sums + p0 + j, ss);
     }
   });
 }
@@ -126,15 +126,15 @@ void planar_loss_forward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64
 template <typename F, typename O>
 void planar_loss_backward_impl(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs,
                                int64_t pxs, const float* coords, int64_t P, const O* o, int64_t os,
-                               const float* coef, int64_t cs, O* go, float* gf) {
+                               int64_t ops, const float* coef, int64_t cs, O* go, float* gf) {
   planar_blocks(coords, P, H, W, [&](int64_t p0, int64_t n, const DenseTaps& t) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t p = p0 + j;
       const float cf1 = coef[p], cf2 = coef[cs + p], cg1 = coef[2 * cs + p], cg2 = coef[3 * cs + p];
       const bool adds = gf && !(cf1 == 0.0f && cf2 == 0.0f);  // zero weight: no add
       for (int64_t c = 0; c < C; ++c) {
-        const float tv = planar_tap(f + c * chs, pxs, t, n, j), ov = value1(o + c * os + p);
-        if (go) put1(go + c * os + p, cg1 * ov + cg2 * tv);
+        const float tv = planar_tap(f + c * chs, pxs, t, n, j), ov = value1(o + c * os + p * ops);
+        if (go) put1(go + c * os + p * ops, cg1 * ov + cg2 * tv);
         if (!adds) continue;
         const float r = cf1 * tv + cf2 * ov;
         float* plane = gf + c * chs;
@@ -193,22 +193,22 @@ void strided_backward(const F* f, int64_t chs, int64_t pxs, int64_t C, const flo
 
 template <typename F, typename O>
 void planar_loss_forward(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                         const float* coords, int64_t P, const O* o, int64_t os, float* sums,
-                         int64_t ss) {
-  planar_loss_forward_impl(f, C, H, W, chs, pxs, coords, P, o, os, sums, ss);
+                         const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                         float* sums, int64_t ss) {
+  planar_loss_forward_impl(f, C, H, W, chs, pxs, coords, P, o, os, ops, sums, ss);
 }
 template <typename F, typename O>
 void planar_loss_backward(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                          const float* coords, int64_t P, const O* o, int64_t os,
+                          const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
                           const float* coef, int64_t cs, O* go, float* gf) {
-  planar_loss_backward_impl(f, C, H, W, chs, pxs, coords, P, o, os, coef, cs, go, gf);
+  planar_loss_backward_impl(f, C, H, W, chs, pxs, coords, P, o, os, ops, coef, cs, go, gf);
 }
 #define PYSSL_PLANAR_LOSS(F, O)                                                                   \
   template void planar_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                          const float*, int64_t, const O*, int64_t, float*,      \
-                                          int64_t);                                              \
+                                          const float*, int64_t, const O*, int64_t, int64_t,     \
+                                          float*, int64_t);                                      \
   template void planar_loss_backward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t, int64_t,\
-                                           const float*, int64_t, const O*, int64_t,             \
+                                           const float*, int64_t, const O*, int64_t, int64_t,    \
                                            const float*, int64_t, O*, float*);
 PYSSL_PLANAR_LOSS(float, float)
 PYSSL_PLANAR_LOSS(float, uint16_t)
@@ -286,15 +286,29 @@ PYSSL_AVX2 void flush_row(const float* src, int64_t HW, int64_t W, int64_t r, fl
     for (int c = 0; c < kS; ++c) base[c * HW + x] += src[x * kS + c];
 }
 
-// The same for channels-last features: src points at channel 0 of the slice in pixel 0, pixels
-// pxs apart (the map's channel count), the slice's 16 channels contiguous
+// tile[i][c] = src[i * stride + c] for i < n and the 16 channels (channels-last rows of a map
+// whose pixels are `stride` apart: a block's points, or an image row's pixels)
+template <typename T>
+PYSSL_AVX2 void rows_to_tile(const T* src, int64_t stride, int64_t n, float (*tile)[kS]) {
+  for (int64_t i = 0; i < n; ++i) {
+    _mm256_storeu_ps(tile[i], load8(src + i * stride));
+    _mm256_storeu_ps(tile[i] + 8, load8(src + i * stride + 8));
+  }
+}
+// and back: dst[i * stride + c] = tile[i][c] (bfloat16: rounded to nearest even)
+template <typename T>
+PYSSL_AVX2 void tile_to_rows(const float (*tile)[kS], int64_t n, T* dst, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) {
+    store8(dst + i * stride, _mm256_loadu_ps(tile[i]));
+    store8(dst + i * stride + 8, _mm256_loadu_ps(tile[i] + 8));
+  }
+}
+
+// The same as load_row for channels-last features: src points at channel 0 of the slice in
+// pixel 0, pixels pxs apart (the map's channel count), the slice's 16 channels contiguous
 template <typename F>
 PYSSL_AVX2 void load_row_cl(const F* src, int64_t pxs, int64_t W, int64_t r, float* dst) {
-  for (int64_t x = 0; x < W; ++x) {
-    const F* p = src + (r * W + x) * pxs;
-    _mm256_storeu_ps(dst + x * kS, load8(p));
-    _mm256_storeu_ps(dst + x * kS + 8, load8(p + 8));
-  }
+  rows_to_tile(src + r * W * pxs, pxs, W, reinterpret_cast<float (*)[kS]>(dst));
 }
 PYSSL_AVX2 void flush_row_cl(const float* src, int64_t pxs, int64_t W, int64_t r, float* gf) {
   for (int64_t x = 0; x < W; ++x) {
@@ -554,30 +568,38 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const G* g, 
 template <typename F, typename O>
 PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
                                   const float* coords, int64_t P, const O* o, int64_t os,
-                                  float* sums, int64_t ss, BandScratch* s) {
+                                  int64_t ops, float* sums, int64_t ss, BandScratch* s) {
   ring_reset(s);
+  const bool rows = ops != 1;  // channels-last online map: its block's rows read as a tile
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
     const BandBlock b = band_block(s, coords, p0, P, H, W, false);
     const int n = b.n;
     if (!b.fits) {  // band taller than the ring: planar
-      planar_loss_forward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, sums + p0, ss);
+      planar_loss_forward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0 * ops, os, ops,
+                               sums + p0, ss);
       continue;
     }
     ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
     band_sample_tile(s, n, W, s->tile);
+    if (rows) rows_to_tile(o + p0 * ops, ops, n, s->tile2);
     // per point, channel by channel in order: 8 points per vector
     int i = 0;
     for (; i + 8 <= n; i += 8) {
       __m256 tt = _mm256_setzero_ps(), oo = _mm256_setzero_ps(), to = _mm256_setzero_ps();
       for (int h = 0; h < 2; ++h) {
-        __m256 a[8];
+        __m256 a[8], v[8];
         for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(s->tile[i + q] + h * 8);
         transpose8(a);  // a[q]: channel h * 8 + q of the 8 points
+        if (rows) {
+          for (int q = 0; q < 8; ++q) v[q] = _mm256_load_ps(s->tile2[i + q] + h * 8);
+          transpose8(v);
+        } else {
+          for (int q = 0; q < 8; ++q) v[q] = load8(o + (h * 8 + q) * os + p0 + i);
+        }
         for (int q = 0; q < 8; ++q) {
-          const __m256 ov = load8(o + (h * 8 + q) * os + p0 + i);
           tt = _mm256_add_ps(tt, _mm256_mul_ps(a[q], a[q]));
-          oo = _mm256_add_ps(oo, _mm256_mul_ps(ov, ov));
-          to = _mm256_add_ps(to, _mm256_mul_ps(a[q], ov));
+          oo = _mm256_add_ps(oo, _mm256_mul_ps(v[q], v[q]));
+          to = _mm256_add_ps(to, _mm256_mul_ps(a[q], v[q]));
         }
       }
       _mm256_storeu_ps(sums + p0 + i, tt);
@@ -586,14 +608,14 @@ PYSSL_AVX2 void loss_forward_impl(const F* f, int64_t H, int64_t W, int64_t chs,
     }
     for (; i < n; ++i)
       point_sums(kS, [&](int64_t c) { return s->tile[i][c]; },
-                 [&](int64_t c) { return value1(o + c * os + p0 + i); }, sums + p0 + i, ss);
+                 [&](int64_t c) { return value1(o + c * os + (p0 + i) * ops); }, sums + p0 + i, ss);
   }
 }
 
 template <typename F, typename O>
 PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
                                    const float* coords, int64_t P, const O* o, int64_t os,
-                                   const float* coef, int64_t cs, O* go, float* gf,
+                                   int64_t ops, const float* coef, int64_t cs, O* go, float* gf,
                                    BandScratch* s) {
   const int K = s->K;
   ring_reset(s);
@@ -602,14 +624,19 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
     const BandBlock b = band_block(s, coords, p0, P, H, W, false);
     const int n = b.n;
     if (!b.fits) {  // band taller than the ring: planar
-      planar_loss_backward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0, os, coef + p0,
-                                cs, go ? go + p0 : nullptr, gf);
+      planar_loss_backward_impl(f, kS, H, W, chs, pxs, coords + 2 * p0, n, o + p0 * ops, os, ops,
+                                coef + p0, cs, go ? go + p0 * ops : nullptr, gf);
       continue;
     }
     ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
     if (gf) ring_claim(s, gf, chs, pxs, W, b.rmin, b.rmax);
     band_sample_tile(s, n, W, s->tile);
-    planes_to_tile(o + p0, os, n, s->tile2);  // the online rows of the block, channels-last
+    // the online rows of the block, channels-last
+    if (ops == 1) {
+      planes_to_tile(o + p0, os, n, s->tile2);
+    } else {
+      rows_to_tile(o + p0 * ops, ops, n, s->tile2);
+    }
     for (int j = 0; j < n; ++j) {
       const int64_t p = p0 + j;
       const float cf1 = coef[p], cf2 = coef[cs + p];
@@ -634,7 +661,8 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
         _mm256_store_ps(s->tile2[j] + 8, _mm256_add_ps(_mm256_mul_ps(a, o1), _mm256_mul_ps(b, t1)));
       }
     }
-    if (go) tile_to_planes(s->tile2, n, go + p0, os);  // back to planes
+    if (go && ops == 1) tile_to_planes(s->tile2, n, go + p0, os);  // back to the online's layout
+    if (go && ops != 1) tile_to_rows(s->tile2, n, go + p0 * ops, ops);
   }
   if (gf) ring_flush(s, gf, chs, pxs, W);
 }
@@ -659,15 +687,15 @@ void band_backward(const F* f, int64_t chs, int64_t pxs, const G* g, int64_t gs,
 
 template <typename F, typename O>
 void band_loss_forward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                       const float* coords, int64_t P, const O* o, int64_t os, float* sums,
-                       int64_t ss, BandScratch* s) {
-  loss_forward_impl(f, H, W, chs, pxs, coords, P, o, os, sums, ss, s);
+                       const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                       float* sums, int64_t ss, BandScratch* s) {
+  loss_forward_impl(f, H, W, chs, pxs, coords, P, o, os, ops, sums, ss, s);
 }
 template <typename F, typename O>
 void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                        const float* coords, int64_t P, const O* o, int64_t os, const float* coef,
-                        int64_t cs, O* go, float* gf, BandScratch* s) {
-  loss_backward_impl(f, H, W, chs, pxs, coords, P, o, os, coef, cs, go, gf, s);
+                        const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                        const float* coef, int64_t cs, O* go, float* gf, BandScratch* s) {
+  loss_backward_impl(f, H, W, chs, pxs, coords, P, o, os, ops, coef, cs, go, gf, s);
 }
 
 #else  // no AVX2 build: callers use the planar kernels
@@ -682,10 +710,10 @@ void band_backward(const F*, int64_t, int64_t, const G*, int64_t, int64_t, int64
                    int64_t, float*, float*, float*, BandScratch*) {}
 template <typename F, typename O>
 void band_loss_forward(const F*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const O*,
-                       int64_t, float*, int64_t, BandScratch*) {}
+                       int64_t, int64_t, float*, int64_t, BandScratch*) {}
 template <typename F, typename O>
 void band_loss_backward(const F*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
-                        const O*, int64_t, const float*, int64_t, O*, float*, BandScratch*) {}
+                        const O*, int64_t, int64_t, const float*, int64_t, O*, float*, BandScratch*) {}
 
 #endif
 
@@ -704,11 +732,11 @@ template void band_backward<uint16_t, uint16_t>(const uint16_t*, int64_t, int64_
 
 #define PYSSL_BAND_LOSS(F, O)                                                                    \
   template void band_loss_forward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t,            \
-                                        const float*, int64_t, const O*, int64_t, float*,        \
-                                        int64_t, BandScratch*);                                  \
+                                        const float*, int64_t, const O*, int64_t, int64_t,       \
+                                        float*, int64_t, BandScratch*);                          \
   template void band_loss_backward<F, O>(const F*, int64_t, int64_t, int64_t, int64_t,           \
-                                         const float*, int64_t, const O*, int64_t, const float*, \
-                                         int64_t, O*, float*, BandScratch*);
+                                         const float*, int64_t, const O*, int64_t, int64_t,      \
+                                         const float*, int64_t, O*, float*, BandScratch*);
 PYSSL_BAND_LOSS(float, float)
 PYSSL_BAND_LOSS(float, uint16_t)
 PYSSL_BAND_LOSS(uint16_t, float)

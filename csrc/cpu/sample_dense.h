@@ -147,31 +147,33 @@ void band_backward(const F* f, int64_t chs, int64_t pxs, const G* g, int64_t gs,
                    BandScratch* s);
 // The fused dense loss of pyssl.ops.dense_correspondence_loss, per image: t[c][j] is the bilinear
 // sample of the features f at coords[j] (float32 math, also for bfloat16 features), o the online
-// planes [C][os], points j < P. f (and gf) hold channel c of pixel i at c * chs + i * pxs:
+// map, points j < P: channel c of point j at o[c * os + j * ops], planes (ops = 1) or, for the
+// band kernels only with os = 1, channels-last rows (ops = the map's channel count); go in the
+// same layout. f (and gf) hold channel c of pixel i at c * chs + i * pxs:
 // planes (chs = H*W, pxs = 1) or channels-last (chs = 1, pxs = the map's channel count), f
 // pointing at the first channel of the slice. F and O: float, or uint16_t holding bfloat16 (read
 // as float; go rounded to nearest even).
 //   forward:  sums planes [3][ss] = (sum_c t^2, sum_c o^2, sum_c t o), channels in order (written)
 //   backward: with coef planes [4][cs] = (cf1, cf2, cg1, cg2) per point,
-//             go[c * os + j] = cg1 o + cg2 t (written; go may be null),
+//             go[c * os + j * ops] = cg1 o + cg2 t (written; go may be null),
 //             gf += cf1 t + cf2 o scattered through the taps (gf may be null; points with
 //             cf1 = cf2 = 0 add nothing)
 // band_*: 16 channels through the ring of channels-last rows (band_kernels_available());
 // planar_*: any C, a point's channels one after the other.
 template <typename F, typename O>
 void band_loss_forward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                       const float* coords, int64_t P, const O* o, int64_t os, float* sums,
-                       int64_t ss, BandScratch* s);
+                       const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                       float* sums, int64_t ss, BandScratch* s);
 template <typename F, typename O>
 void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                        const float* coords, int64_t P, const O* o, int64_t os, const float* coef,
-                        int64_t cs, O* go, float* gf, BandScratch* s);
+                        const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                        const float* coef, int64_t cs, O* go, float* gf, BandScratch* s);
 template <typename F, typename O>
 void planar_loss_forward(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                         const float* coords, int64_t P, const O* o, int64_t os, float* sums,
-                         int64_t ss);
+                         const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
+                         float* sums, int64_t ss);
 template <typename F, typename O>
 void planar_loss_backward(const F* f, int64_t C, int64_t H, int64_t W, int64_t chs, int64_t pxs,
-                          const float* coords, int64_t P, const O* o, int64_t os,
+                          const float* coords, int64_t P, const O* o, int64_t os, int64_t ops,
                           const float* coef, int64_t cs, O* go, float* gf);
 }  // namespace pyssl::cpu

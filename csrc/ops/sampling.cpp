@@ -1306,10 +1306,12 @@ Tensor dense_features(const Tensor& f) {
 // body(b, q, c0, C, features, coords, online, scratch, p0, n) for each (image b, task q) of
 // channels [c0, c0 + C) and, with `chunks` > 1, each range [p0, p0 + n) of its points (whole
 // blocks); features, coords and online point at the image and channel, not at p0. scratch: set
-// for the 16-channel band slices, null for the planar rest.
+// for the 16-channel band slices, null for the planar rest. L, OL: the features' and the online
+// map's layouts (dense_features).
 template <typename F, typename O, typename Body>
 void dense_loss_tasks(const F* fp, const DenseLayout& L, const SampleShape& s, int64_t P,
-                      const float* cp, const O* op, int64_t chunks, const Body& body) {
+                      const float* cp, const O* op, const DenseLayout& OL, int64_t chunks,
+                      const Body& body) {
   const DenseSplit split(s.D);
   const int64_t T = split.tasks, HW = s.H * s.W, S = cpu::kBandChannels;
   const int64_t blocks = (P + kDenseBlock - 1) / kDenseBlock;
@@ -1324,7 +1326,7 @@ void dense_loss_tasks(const F* fp, const DenseLayout& L, const SampleShape& s, i
       const bool band = q < split.slices;
       if (band && !scratch) scratch.reset(cpu::band_scratch_new(s.W));
       body(b, q, c0, band ? S : split.rest, fp + b * s.D * HW + c0 * L.chs, cp + b * P * 2,
-           op + (b * s.D + c0) * P, band ? scratch.get() : nullptr, p0, n);
+           op + b * s.D * P + c0 * OL.chs, band ? scratch.get() : nullptr, p0, n);
     }
   });
 }
@@ -1352,7 +1354,8 @@ using Elem = std::remove_cv_t<std::remove_pointer_t<T>>;
 void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t loss, Tensor& stats,
                         double* total, double* weight_sum) {
   const int64_t P = s.per_image, T = DenseSplit(s.D).tasks;
-  const Tensor o = in.pf.contiguous();  // float32 or bfloat16, as it came
+  const Tensor o = dense_features(in.pf);  // float32 or bfloat16, as it came
+  const DenseLayout OL(o, P);
   const float* cp = in.p.xy.const_data_ptr<float>();
   Tensor part = empty_large({s.N, T, 3, P}, in.p.xy.options());  // every element written
   float* pp = part.mutable_data_ptr<float>();
@@ -1366,14 +1369,17 @@ void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t l
   with_dense_types(f, o, [&](const auto* fp, const auto* op) {
     using F = Elem<decltype(fp)>;
     using O = Elem<decltype(op)>;
-    dense_loss_tasks(fp, L, s, P, cp, op, chunks,
+    dense_loss_tasks(fp, L, s, P, cp, op, OL, chunks,
                      [&](int64_t b, int64_t q, int64_t, int64_t C, const F* f, const float* c,
                          const O* ob, cpu::BandScratch* sc, int64_t p0, int64_t n) {
       float* sums = pp + (b * T + q) * 3 * P + p0;
+      const O* o0 = ob + p0 * OL.pxs;
       if (sc) {
-        cpu::band_loss_forward(f, s.H, s.W, L.chs, L.pxs, c + 2 * p0, n, ob + p0, P, sums, P, sc);
+        cpu::band_loss_forward(f, s.H, s.W, L.chs, L.pxs, c + 2 * p0, n, o0, OL.chs, OL.pxs, sums,
+                               P, sc);
       } else {
-        cpu::planar_loss_forward(f, C, s.H, s.W, L.chs, L.pxs, c + 2 * p0, n, ob + p0, P, sums, P);
+        cpu::planar_loss_forward(f, C, s.H, s.W, L.chs, L.pxs, c + 2 * p0, n, o0, OL.chs, OL.pxs,
+                                 sums, P);
       }
     });
   });
@@ -1409,7 +1415,8 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
                          const Tensor& stats, int64_t loss, bool need_pf, bool need_features,
                          Tensor& gpf, Tensor& gacc) {
   const int64_t P = s.per_image;
-  const Tensor o = in.pf.contiguous();  // float32 or bfloat16, as it came
+  const Tensor o = dense_features(in.pf);  // float32 or bfloat16, as it came
+  const DenseLayout OL(o, P);
   const float* cp = in.p.xy.const_data_ptr<float>();
   const float* w = in.w.defined() ? in.w.const_data_ptr<float>() : nullptr;
   const float* sts = stats.const_data_ptr<float>();
@@ -1430,10 +1437,11 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
     }
   });
   // The online gradient in the dtype and layout of the online map (as the fake kernel predicts):
-  // written in place when that is NCHW, else through an NCHW buffer. Every element is written.
+  // written in place when that is the layout read (NCHW or channels-last), else through a buffer
+  // in that layout. Every element is written.
   gpf = need_pf ? empty_like_large(in.pf, in.pf.options()) : Tensor();
-  const bool direct = need_pf && gpf.is_contiguous();
-  Tensor go_buf = need_pf && !direct ? empty_large(o.sizes(), o.options()) : gpf;
+  const bool direct = need_pf && gpf.strides() == o.strides();
+  Tensor go_buf = need_pf && !direct ? empty_like_large(o, o.options()) : gpf;
   const int64_t HW = s.H * s.W;
   const Tensor f = dense_features(in.p.features);
   const DenseLayout L(f, HW);
@@ -1446,16 +1454,18 @@ void dense_loss_backward(double grad, const DistillInputs& in, const SampleShape
     using F = Elem<decltype(fp)>;
     using O = Elem<decltype(op)>;
     O* gop = need_pf ? static_cast<O*>(go_buf.mutable_data_ptr()) : nullptr;
-    dense_loss_tasks(fp, L, s, P, cp, op, 1,
+    dense_loss_tasks(fp, L, s, P, cp, op, OL, 1,
                      [&](int64_t b, int64_t, int64_t c0, int64_t C, const F* f, const float* c,
                          const O* ob, cpu::BandScratch* sc, int64_t, int64_t) {
       const float* k = kp + b * 4 * P;
-      O* go = gop ? gop + (b * s.D + c0) * P : nullptr;
+      O* go = gop ? gop + b * s.D * P + c0 * OL.chs : nullptr;
       float* gf = gfp ? gfp + b * s.D * HW + c0 * L.chs : nullptr;
       if (sc) {
-        cpu::band_loss_backward(f, s.H, s.W, L.chs, L.pxs, c, P, ob, P, k, P, go, gf, sc);
+        cpu::band_loss_backward(f, s.H, s.W, L.chs, L.pxs, c, P, ob, OL.chs, OL.pxs, k, P, go, gf,
+                                sc);
       } else {
-        cpu::planar_loss_backward(f, C, s.H, s.W, L.chs, L.pxs, c, P, ob, P, k, P, go, gf);
+        cpu::planar_loss_backward(f, C, s.H, s.W, L.chs, L.pxs, c, P, ob, OL.chs, OL.pxs, k, P, go,
+                                  gf);
       }
     });
   });

@@ -691,6 +691,29 @@ def test_dense_loss_fast_path_equals_the_generic_pair_path(case, dtype, online_d
         torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **(tol if bf16 else dict(rtol=1e-5, atol=1e-5)))
 
 
+@pytest.mark.parametrize("case", _GENERIC_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16])
+def test_dense_loss_reads_a_channels_last_online_map_in_place(case, online_dtype):
+    """A channels-last online map is read (and its gradient written) in place by the dense
+    kernels, with the arithmetic of the NCHW map: equal bits for the loss and both gradients,
+    over 16-channel slices and a planar rest, tall bands (the planar fallback) and a ring of rows
+    reused and evicted."""
+    g = torch.Generator().manual_seed(5)
+    online, target, coords = _generic_case(case, torch.float32, online_dtype, g)
+    valid = torch.rand(coords.shape[:3], generator=g) * (torch.rand(coords.shape[:3], generator=g) > 0.3)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        o = online.contiguous(memory_format=fmt).requires_grad_(True)
+        assert torch.ops.pyssl.dense_loss_kernels(o, target, None, coords.reshape(-1, 2), 0)
+        t = target.detach().requires_grad_(True)
+        value = ops.dense_correspondence_loss(o, t, coords, valid)
+        go, gt = torch.autograd.grad(value, (o, t))
+        assert go.is_contiguous(memory_format=fmt)
+        results.append((value, go, gt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_loss_fast_path_does_not_depend_on_the_thread_count(dtype):
     """Including the forward's split of each task's points across threads, and a ring of rows
