@@ -667,9 +667,43 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
   if (gf) ring_flush(s, gf, chs, pxs, W);
 }
 
+// dst[c * stride + i] = src[i * pxs + c] for the 16 channels and i < n, a block of points at a
+// time through the 8 x 8 transposes (bfloat16 widened and rounded back: moved exactly)
+template <typename F>
+PYSSL_AVX2 void slice_to_planes_impl(const F* src, int64_t pxs, int64_t n, F* dst, int64_t stride) {
+  alignas(32) float tile[kTile][kS];
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const int m = static_cast<int>(std::min<int64_t>(kTile, n - i0));
+    rows_to_tile(src + i0 * pxs, pxs, m, tile);
+    tile_to_planes(tile, m, dst + i0, stride);
+  }
+}
+// and back: dst[i * pxs + c] = src[c * stride + i]
+template <typename F>
+PYSSL_AVX2 void planes_to_slice_impl(const F* src, int64_t stride, int64_t n, F* dst, int64_t pxs) {
+  alignas(32) float tile[kTile][kS];
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const int m = static_cast<int>(std::min<int64_t>(kTile, n - i0));
+    planes_to_tile(src + i0, stride, m, tile);
+    tile_to_rows(tile, m, dst + i0 * pxs, pxs);
+  }
+}
+
 }  // namespace
 
 bool band_kernels_available() { return band_ok(); }
+void slice_to_planes(const float* src, int64_t pxs, int64_t n, float* dst, int64_t stride) {
+  slice_to_planes_impl(src, pxs, n, dst, stride);
+}
+void slice_to_planes(const uint16_t* src, int64_t pxs, int64_t n, uint16_t* dst, int64_t stride) {
+  slice_to_planes_impl(src, pxs, n, dst, stride);
+}
+void planes_to_slice(const float* src, int64_t stride, int64_t n, float* dst, int64_t pxs) {
+  planes_to_slice_impl(src, stride, n, dst, pxs);
+}
+void planes_to_slice(const uint16_t* src, int64_t stride, int64_t n, uint16_t* dst, int64_t pxs) {
+  planes_to_slice_impl(src, stride, n, dst, pxs);
+}
 void band_gather(const float* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
                  const float* coords, int64_t P, float* out, int64_t os, BandScratch* s) {
   gather_impl(f, H, W, chs, pxs, coords, P, out, os, s);
@@ -701,6 +735,10 @@ void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t p
 #else  // no AVX2 build: callers use the planar kernels
 
 bool band_kernels_available() { return false; }
+void slice_to_planes(const float*, int64_t, int64_t, float*, int64_t) {}
+void slice_to_planes(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) {}
+void planes_to_slice(const float*, int64_t, int64_t, float*, int64_t) {}
+void planes_to_slice(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) {}
 void band_gather(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, float*,
                  int64_t, BandScratch*) {}
 void band_gather(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,

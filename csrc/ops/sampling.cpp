@@ -949,13 +949,64 @@ bool channels_last_bands(const Tensor& features) {
   return C > 0 && C % cpu::kBandChannels == 0 && DenseLayout::channels_last(features);
 }
 
+// Channels-last maps to NCHW and back (float32 or bfloat16; a CPU with the band kernels): the
+// 16-channel slices through 8 x 8 transposes, a block of pixels at a time, the rest (fewer than
+// 16 channels) by torch's copy. torch's copy of many channels goes through every plane at once,
+// and with planes a multiple of 4 KiB apart those accesses compete for the same cache sets: 30 ms
+// for 40 float32 channels of 2 x 256 x 512 here, against 3 ms for 17 (benchmarks/RESULTS.md).
+template <bool kToPlanes, typename F>
+void transpose_slices(const F* src, F* dst, int64_t B, int64_t C, int64_t HW) {
+  constexpr int64_t kPixels = 1024;
+  const int64_t S = cpu::kBandChannels, slices = C / S, blocks = (HW + kPixels - 1) / kPixels;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, p0 = task % blocks * kPixels, n = std::min(kPixels, HW - p0);
+      const int64_t rows = b * C * HW + p0 * C, planes = b * C * HW + p0;  // (b, p0) in each
+      for (int64_t q = 0; q < slices; ++q) {
+        if constexpr (kToPlanes) {
+          cpu::slice_to_planes(src + rows + q * S, C, n, dst + planes + q * S * HW, HW);
+        } else {
+          cpu::planes_to_slice(src + planes + q * S * HW, HW, n, dst + rows + q * S, C);
+        }
+      }
+    }
+  });
+}
+
+// t (NCHW-contiguous or channels-last, float32 or bfloat16) copied into the other layout
+Tensor transposed_channels(const Tensor& t) {
+  const bool to_planes = !t.is_contiguous();
+  Tensor out = to_planes ? empty_large(t.sizes(), t.options())
+                         : empty_large({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options())
+                               .permute({0, 3, 1, 2});
+  const int64_t B = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  auto run = [&](const auto* src, auto* dst) {
+    if (to_planes) {
+      transpose_slices<true>(src, dst, B, C, HW);
+    } else {
+      transpose_slices<false>(src, dst, B, C, HW);
+    }
+  };
+  if (t.scalar_type() == at::kBFloat16) {
+    run(kernel_ptr<uint16_t>(t), kernel_ptr_mut<uint16_t>(out));
+  } else {
+    run(kernel_ptr<float>(t), kernel_ptr_mut<float>(out));
+  }
+  const int64_t done = C / cpu::kBandChannels * cpu::kBandChannels;
+  if (done < C) out.narrow(1, done, C - done).copy_(t.narrow(1, done, C - done));
+  return out;
+}
+
 // The features as the dense sampling kernels read them: as they are when NCHW, or channels-last
-// (channels_last_bands) on a CPU with the band kernels; any other layout copied to NCHW. Their
-// channel and pixel strides: DenseLayout.
+// (channels_last_bands) on a CPU with the band kernels; other channels-last maps transposed to
+// NCHW (channels_last_to_planes), any other layout copied to NCHW. Their channel and pixel
+// strides: DenseLayout.
 Tensor sampling_features(const Tensor& features) {
-  const bool in_place = features.is_contiguous() ||
-                        (channels_last_bands(features) && cpu::band_kernels_available());
-  return in_place ? features : features.contiguous();
+  if (features.is_contiguous() || (channels_last_bands(features) && cpu::band_kernels_available())) {
+    return features;
+  }
+  if (!DenseLayout::channels_last(features) || !cpu::band_kernels_available()) return features.contiguous();
+  return transposed_channels(features);
 }
 
 // chs, pxs: the features' channel and pixel strides (sampling_features); other than (H*W, 1)
@@ -1188,6 +1239,20 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
   });
 }
 
+// The feature gradient as sample_features_dense_backward returns it: in the features' dtype and
+// layout, NCHW or channels-last (the fake kernel's rule: pyssl/ops/flow.py, _dense_backward_fake),
+// also when the kernels accumulated it in float32 or in NCHW planes
+Tensor feature_gradient(const Tensor& gf, const Tensor& features) {
+  const auto dtype = features.scalar_type();
+  const auto format = DenseLayout::channels_last(features) ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous;
+  if (gf.scalar_type() == dtype && gf.is_contiguous(format)) return gf;
+  if (format == at::MemoryFormat::ChannelsLast && gf.is_contiguous() && cpu::band_kernels_available()) {
+    return transposed_channels(to_large(gf, dtype));
+  }
+  return copy_large(gf, gf.options().dtype(dtype).memory_format(format));
+}
+
 std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad,
                                                               const Tensor& features,
                                                               const Tensor& coords,
@@ -1198,7 +1263,14 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C &&
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
-  const Tensor f = sampling_features(features), xy = coords.contiguous();
+  // The features' values are read only for the coordinate gradient: without it, a map the
+  // kernels would read through an NCHW copy is not copied (an uninitialised NCHW stand-in
+  // gives the kernels the layout to accumulate in; no kernel reads it)
+  const bool copied = !features.is_contiguous() &&
+                      !(channels_last_bands(features) && cpu::band_kernels_available());
+  const Tensor f = coords_grad || !copied ? sampling_features(features)
+                                          : at::empty(features.sizes(), features.options());
+  const Tensor xy = coords.contiguous();
   const DenseLayout L(f, H * W);
   const DenseSplit split(C);
   const bool quad = split.slices == 0 && use_quad(C, H, W);
@@ -1243,7 +1315,7 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
     } else {
       run(g.const_data_ptr<float>());
     }
-    return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
+    return {features_grad ? feature_gradient(gf, features) : gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
   }
   float* gfp = features_grad ? gf.mutable_data_ptr<float>() : nullptr;
   auto run = [&](const auto* gp) {
@@ -1258,16 +1330,7 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   } else {
     run(g.const_data_ptr<float>());
   }
-  if (features_grad) {
-    // the features' dtype; channels-last for channels_last_bands features (also when a CPU
-    // without the band kernels read an NCHW copy of them)
-    const auto format = channels_last_bands(features) ? at::MemoryFormat::ChannelsLast
-                                                      : at::MemoryFormat::Contiguous;
-    if (gf.scalar_type() != f.scalar_type() || !gf.is_contiguous(format)) {
-      gf = copy_large(gf, gf.options().dtype(f.scalar_type()).memory_format(format));
-    }
-  }
-  return {gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
+  return {features_grad ? feature_gradient(gf, features) : gf, coords_grad ? gc.permute({0, 2, 3, 1}) : gc};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -90,25 +90,44 @@ def _flow_backward(ctx, grad_coords, _grad_valid):
 torch.library.register_autograd("pyssl::flow_correspondence", _flow_backward, setup_context=_flow_setup)
 
 
-def _channels_last_bands(features: torch.Tensor) -> bool:
-    """Channels-last features whose channels all fall in 16-channel band slices: the CPU's dense
-    sampling kernels read them in place and return a channels-last feature gradient (the rule of
-    csrc/ops/sampling.cpp: channels_last_bands)."""
+def _channels_last(features: torch.Tensor) -> bool:
+    """Channels-last features (and not NCHW-contiguous as well): the CPU's dense sampling kernels
+    return a channels-last feature gradient for them (csrc/ops/sampling.cpp: feature_gradient),
+    and read them in place when every channel is in a 16-channel band slice."""
+    return not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense_sampling(features: torch.Tensor, coords: torch.Tensor) -> bool:
+    """Whether sample_features takes the CPU's dense kernels (sample_features_dense) rather than
+    the pair kernels of sample_points. NCHW maps always do. Channels-last maps do too, read in
+    place when every channel is in a 16-channel band and transposed to NCHW otherwise, except one
+    case where the pair kernels are faster: a float32 map with more than 16 channels, not all in
+    bands, when no gradient will be taken. The pair kernels read a channels-last pixel's channels
+    contiguously and give the same bits; the transposition costs the dense forward its lead
+    there (1.3-2.1x slower at 17-72 channels), while forward+backward is 1.7-3.8x faster on the
+    dense kernels (benchmarks/RESULTS.md)."""
+    if features.is_contiguous():
+        return True
+    if not _channels_last(features):
+        return False
     C = features.shape[1]
-    return (C > 0 and C % 16 == 0 and not features.is_contiguous()
-            and features.is_contiguous(memory_format=torch.channels_last))
+    wants_grad = torch.is_grad_enabled() and (features.requires_grad or coords.requires_grad)
+    return C % 16 == 0 or C < 16 or features.dtype == torch.bfloat16 or wants_grad
 
 
 def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear sampling of ``features`` ``[B, C, H, W]`` at pixel coordinates ``coords``
-    ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]`` (NCHW-contiguous from the CPU
-    fast path for fp32/bf16 features, NCHW or channels-last with a multiple of 16 channels, and
-    fp32 coords; channels-last otherwise),
-    equal to ``grid_sample(features, normalised coords, align_corners=True,
-    padding_mode="zeros")`` when H, W > 1 (grid_sample maps every coordinate of a size-1 axis
-    onto its pixel; here pixel coordinates keep their meaning). Gradients to ``features`` and ``coords``; the scatter into
+    ``[B, Ho, Wo, 2]`` (x, y), zeros outside: ``[B, C, Ho, Wo]``, equal to
+    ``grid_sample(features, normalised coords, align_corners=True, padding_mode="zeros")`` when
+    H, W > 1 (grid_sample maps every coordinate of a size-1 axis onto its pixel; here pixel
+    coordinates keep their meaning). Gradients to ``features`` and ``coords``; the scatter into
     ``features`` uses no float atomics when ``torch.are_deterministic_algorithms_enabled()``
-    (and never on the CPU)."""
+    (and never on the CPU).
+
+    On the CPU, float32 or bfloat16 features, NCHW or channels-last, with float32 ``coords``
+    take dense kernels (see ``_dense_sampling`` for the one channels-last case that does not):
+    the output is then NCHW-contiguous and the feature gradient has the features' layout.
+    Otherwise the output is a channels-last view."""
     check_tensor(features, "features")
     check_tensor(coords, "coords")
     if features.dim() != 4:
@@ -120,7 +139,7 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
     B, Ho, Wo, _ = coords.shape
     if (features.device.type == "cpu" and features.dtype in (torch.float32, torch.bfloat16)
             and coords.dtype == torch.float32
-            and (features.is_contiguous() or _channels_last_bands(features))):
+            and _dense_sampling(features, coords)):
         # CPU fast path, NCHW out: planar gathers for few channels, channels-last bands of source
         # rows for 16 channels and more (csrc/cpu/sample_band.cpp), which read channels-last
         # features in place when every channel is in a 16-channel band
@@ -155,9 +174,9 @@ def _dense_backward_fake(grad, features, coords, features_grad, coords_grad):
     B, Ho, Wo, _ = coords.shape
     # the coordinate gradient lives in planes [B, 2, Ho, Wo] (the kernel's layout; a flow's
     # gradient is then contiguous) and is returned as its [B, Ho, Wo, 2] view
-    # the feature gradient is NCHW-contiguous, except for channels-last features with a multiple
-    # of 16 channels (csrc/ops/sampling.cpp: channels_last_bands), whose gradient is channels-last
-    fmt = torch.channels_last if _channels_last_bands(features) else torch.contiguous_format
+    # the feature gradient has the features' layout, NCHW or channels-last (any other strides:
+    # NCHW); csrc/ops/sampling.cpp: feature_gradient
+    fmt = torch.channels_last if _channels_last(features) else torch.contiguous_format
     return (features.new_empty(features.shape).contiguous(memory_format=fmt) if features_grad
             else features.new_empty(0),
             coords.new_empty(B, 2, Ho, Wo).permute(0, 2, 3, 1) if coords_grad else coords.new_empty(0))

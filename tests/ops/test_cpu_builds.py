@@ -65,12 +65,13 @@ for C in (3, 4, 20):
             coords.requires_grad_(True)
             o = ops.sample_features(f, coords)
             o.float().square().sum().backward()
-            if C >= 16 and not cl:
-                # NCHW with 16+ channels: the AVX2 build runs 16-channel slices through the
-                # channels-last band kernels, which sum the coordinate gradient (and the rest
-                # channels' feature gradient) in another order than the planar kernels: the
-                # same values to rounding, not the same bits (README, "The op API").
-                out[f"sample_features C={C} {dtype} NCHW forward"] = digest(o)
+            if C >= 16:
+                # 16+ channels, either layout (channels-last maps with a rest are copied to
+                # NCHW): the AVX2 build runs 16-channel slices through the channels-last band
+                # kernels, which sum the coordinate gradient (and the rest channels' feature
+                # gradient) in another order than the planar kernels: the same values to
+                # rounding, not the same bits (README, "The op API").
+                out[f"sample_features C={C} {dtype} cl={cl} forward"] = digest(o)
             else:
                 out[f"sample_features C={C} {dtype} cl={cl}"] = digest(o, f.grad, coords.grad)
 # The fused dense loss with fewer than 16 channels: planar kernels in every build (16+ channels

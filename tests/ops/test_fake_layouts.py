@@ -92,10 +92,11 @@ def test_dense_sampling_fakes_predict_layouts(layout, channels):
     for coords in (torch.rand(3, 4, 6, 2) * 6, (torch.rand(3, 2, 4, 6) * 6).permute(0, 2, 3, 1)):
         out = P.sample_features_dense(f, coords)
         _assert_fake_matches_real(P.sample_features_dense, [f, coords])
-        _assert_fake_matches_real(P.sample_features_dense_backward,
-                                  [torch.randn_like(out), f, coords, True, True])
+        for flags in ((True, True), (True, False)):  # without the coordinate gradient, no copy
+            _assert_fake_matches_real(P.sample_features_dense_backward,
+                                      [torch.randn_like(out), f, coords, *flags])
         gf = P.sample_features_dense_backward(torch.randn_like(out), f, coords, True, False)[0]
-        cl = layout == "channels_last" and channels % 16 == 0
+        cl = layout == "channels_last"  # the gradient in the features' layout (others: NCHW)
         assert gf.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 

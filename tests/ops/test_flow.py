@@ -1,6 +1,7 @@
 """Optical-flow correspondence ops against grid_sample references, a synthetic occlusion with a
 known answer, and real stereo data with ground-truth disparity (Middlebury motorcycle)."""
 
+import functools
 import math
 
 import numpy as np
@@ -178,9 +179,8 @@ def _check_fast_path(feats, coords, g, coord_tol=1e-4):
     g1 = torch.autograd.grad(fast, (f1, c1), gr)
     g2 = torch.autograd.grad(generic, (f2, c2), gr)
     tol = {} if feats.dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
-    # the feature gradient is NCHW, or channels-last for channels-last features with 16k channels
-    C = feats.shape[1]
-    cl = C > 0 and C % 16 == 0 and not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
+    # the feature gradient has the features' layout: NCHW or channels-last
+    cl = not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
     assert g1[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     torch.testing.assert_close(g1[0], g2[0], equal_nan=True, **tol)
     torch.testing.assert_close(g1[1], g2[1], equal_nan=True, rtol=coord_tol, atol=coord_tol)
@@ -771,6 +771,44 @@ def test_opcheck_gradcheck_compile():
 
     args = (online.float(), target.float(), fw.detach().float() * 0.3, -fw.detach().float() * 0.3)
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(*args), step(*args))
+
+
+@pytest.mark.parametrize("C", [2, 3, 8, 24, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_features_on_channels_last_maps_not_all_in_bands(C, dtype):
+    """Channels-last features whose channels are not all in 16-channel bands take the dense
+    kernels through an NCHW transposition: the NCHW map's bits, an NCHW output and a
+    channels-last feature gradient, also without a coordinate gradient (then backward reads no
+    features and transposes nothing). Forward only, float32 maps with more than 16 channels take
+    the pair kernels (a channels-last view out), with the same bits."""
+    g = torch.Generator().manual_seed(C)
+    feats = torch.randn(2, C, 13, 40, generator=g).to(dtype)
+    feats[0, :, 4, 7] = math.inf  # read by the points that touch pixel (4, 7) only
+    coords = _smooth_coords(2, 11, 37, 13, 40, g, 2.0).float()
+    grad = torch.randn(2, C, 11, 37, generator=g).to(dtype)
+    outs, grads = [], {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for need_c in (True, False):
+            f = feats.contiguous(memory_format=fmt).requires_grad_(True)
+            c = coords.clone().requires_grad_(need_c)
+            out = ops.sample_features(f, c)
+            assert out.is_contiguous()
+            got = torch.autograd.grad(out, (f, c) if need_c else (f,), grad)
+            assert got[0].is_contiguous(memory_format=fmt)
+            outs.append(out)
+            grads[fmt, need_c] = got
+        with torch.no_grad():
+            out = ops.sample_features(feats.contiguous(memory_format=fmt), coords)
+        pair = fmt == torch.channels_last and dtype == torch.float32 and C > 16
+        assert out.is_contiguous() != pair
+        outs.append(out)
+    same = functools.partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)
+    for out in outs[1:]:
+        same(out, outs[0])
+    for need_c in (True, False):
+        for a, b in zip(grads[torch.contiguous_format, need_c], grads[torch.channels_last, need_c]):
+            same(a, b)
+    same(grads[torch.channels_last, True][0], grads[torch.channels_last, False][0])
 
 
 def test_channels_last_maps_opcheck_and_compile():
