@@ -103,7 +103,7 @@ def test_demo_smoke(tmp_path, capsys):
 def test_torchrun_workers_end_without_interpreter_finalization(monkeypatch, capsys, rank, status, code):
     """Under torchrun (WORLD_SIZE > 1) a finished pretrain worker leaves through os._exit with its
     exit code, after flushing its output: gloo's worker threads may still be releasing tensors,
-    which aborts a finalizing interpreter (pyssl/commands/pretrain.py)."""
+    which aborts a finalizing interpreter (pyssl.engine.distributed.end_worker)."""
     import pyssl.engine.run
     from pyssl.commands import pretrain as command
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 
 def run(args) -> int:
@@ -18,7 +17,9 @@ def run(args) -> int:
         return fail("pretrain", e)
     code = _report(args, summary)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_torchrun_worker(code)
+        from ..engine.distributed import end_worker
+
+        end_worker(code)  # no interpreter finalization: see its docstring
     return code
 
 
@@ -33,25 +34,6 @@ def _report(args, summary) -> int:
     print(f"[pyssl] done: {summary['step']} steps, final loss {summary['loss']:.4f}, "
           f"{summary['seconds']:.0f} s; run folder {summary['run_dir']}")
     return 0
-
-
-def _exit_torchrun_worker(code: int) -> None:
-    """Ends a finished torchrun worker without interpreter finalization. After the process group
-    is destroyed, a ProcessGroupGloo worker thread may still be releasing the last tensor of a
-    finished collective (e.g. DINO's asynchronous centre all-reduce, FSDP's gathers); when that
-    tensor has a Python object, the release takes the GIL, and a thread that asks for the GIL
-    while the interpreter finalizes is ended by pthread_exit inside a noexcept frame:
-    std::terminate, SIGABRT after the run had finished and saved (about one FSDP DINO run in
-    ten on a loaded 2-core VM; backtrace ProcessGroupGloo::runLoop -> TensorImpl::decref_pyobject
-    -> PyEval_AcquireThread -> pthread_exit). Every file of the run is closed by now (the
-    trainer closes its logs and writes checkpoints atomically); only the standard streams and
-    logging handlers are flushed here."""
-    import logging
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
 
 
 def register(subparsers) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "initialized",
+__all__ = ["DistInfo", "all_reduce_mean", "barrier", "end_worker", "init_distributed", "initialized",
            "is_rank_zero", "shutdown_distributed", "wrap_model"]
 
 
@@ -59,10 +61,31 @@ def shutdown_distributed(info: DistInfo) -> None:
     interpreter exit, gloo's threads sometimes aborted a finished run ("terminate called without
     an active exception", SIGABRT: about one torchrun in seven on a 2-core VM). That alone did
     not remove the abort (a gloo thread may still release a tensor while the interpreter
-    finalizes): `pyssl pretrain` workers also end through os._exit (pyssl/commands/pretrain.py)."""
+    finalizes): `pyssl pretrain` workers also end through end_worker (os._exit)."""
     if info.initialized_here and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_worker(code: int = 0) -> NoReturn:
+    """Ends a finished distributed worker process (a torchrun worker, an mp.spawn child) without
+    interpreter finalization: call it last, after the process group is destroyed and every file
+    is closed. After destroy_process_group, a ProcessGroupGloo worker thread may still be
+    releasing the last tensor of a finished collective (e.g. DINO's asynchronous centre
+    all-reduce, FSDP's gathers, DDP's buckets); when that tensor has a Python object the release
+    takes the GIL, and a thread that asks for the GIL while the interpreter finalizes is ended
+    by pthread_exit inside a noexcept frame: std::terminate ("terminate called without an active
+    exception"), SIGABRT after the work had finished and saved (about one FSDP DINO run in ten
+    on a loaded 2-core VM; backtrace ProcessGroupGloo::runLoop -> TensorImpl::decref_pyobject ->
+    PyEval_AcquireThread -> pthread_exit). `pyssl pretrain` workers end through it; so should
+    scripts that call pyssl.engine.run.pretrain under torchrun. The standard streams and logging
+    handlers are flushed first; os._exit(code) skips atexit handlers."""
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -88,12 +88,12 @@ def _spawn_two(worker, tmp_path):
     """Runs worker(rank, world=2, port, out_dir) in two processes joined by a gloo group."""
     import socket
 
-    import torch.multiprocessing as mp
+    from ..spawn import spawn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(worker, (2, port, str(tmp_path)))
 
 
 def _vq_counts_worker(rank, world, port, out_dir):

@@ -10,10 +10,11 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pyssl.losses import ClipLoss, InfoNCELoss, KoLeoLoss, NTXentLoss, info_nce, koleo_loss, nt_xent
+
+from ..spawn import spawn
 
 
 def _pair(n=6, d=5, seed=0):
@@ -221,7 +222,7 @@ def test_gradients_at_world_size_two_equal_world_size_one():
     y = x + 0.3 * torch.randn(8, 5, generator=g, dtype=torch.float64)
     ids = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5])
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out, x, y, ids), nprocs=2, join=True)
+        spawn(_ddp_worker, (2, _free_port(), out, x, y, ids))
         res = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
     single = _Towers()
     for kind in KINDS:
@@ -261,7 +262,7 @@ def _uneven_worker(rank, world, port, out_dir):
 def test_unequal_batches_across_ranks_raise_on_every_rank():
     # all_gather needs equal rows: one rank read garbage and the other aborted the process
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_uneven_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        spawn(_uneven_worker, (2, _free_port(), out))
         res = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
     for errors in res:
         assert len(errors) == 2 and all(e is not None and "[3, 5]" in e for e in errors), errors

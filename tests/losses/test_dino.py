@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pyssl import ops
 from pyssl.losses import DINOLoss, IBOTPatchLoss
 from pyssl.ops import reference
+
+from ..spawn import spawn
 
 
 def _inputs(B=4, S=5, T=2, K=50, seed=0):
@@ -161,7 +162,7 @@ def test_two_process_center_and_sinkhorn_equal_single_process():
     s_full = torch.randn(5 * B, K, generator=g)
     t_full = torch.randn(2 * B, K, generator=g) * 3
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), out, s_full, t_full, B), nprocs=2, join=True)
+        spawn(_worker, (2, _free_port(), out, s_full, t_full, B))
         results = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
     single = DINOLoss(K, center_momentum=0.9)
     single_loss = single(s_full, t_full)
@@ -213,8 +214,7 @@ def test_two_process_ibot_with_uneven_and_empty_ranks():
     masks[:3].view(-1)[torch.randperm(27, generator=g)[:13]] = True
     t_full = torch.randn(int(masks.sum()), K, generator=g, dtype=torch.float64) * 4
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_ibot_worker, args=(2, _free_port(), out, t_full, masks, [(0, 3), (3, 4)]),
-                 nprocs=2, join=True)
+        spawn(_ibot_worker, (2, _free_port(), out, t_full, masks, [(0, 3), (3, 4)]))
         results = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
     assert [r["rows"] for r in results] == [13, 0]
     want_sk = ops.sinkhorn_knopp_center(t_full, 0.05)
@@ -260,9 +260,7 @@ def test_two_process_ibot_keeps_the_pending_update_when_a_rank_goes_empty():
     t1 = torch.randn(int(m1.sum()), K, generator=g, dtype=torch.float64) * 3
     t2 = torch.randn(int(m2.sum()), K, generator=g, dtype=torch.float64) * 3
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_ibot_two_step_worker,
-                 args=(2, _free_port(), out, [t1, t2], [m1, m2], [(0, 3), (3, 4)]),
-                 nprocs=2, join=True)
+        spawn(_ibot_two_step_worker, (2, _free_port(), out, [t1, t2], [m1, m2], [(0, 3), (3, 4)]))
         centers = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(2)]
     single = IBOTPatchLoss(K, teacher_temp=0.05).double()
     single(t1 * 0.5, t1, m1)
