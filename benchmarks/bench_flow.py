@@ -8,6 +8,7 @@ and dense-SSL code uses (UnFlow / ARFlow style), on the same inputs.
     (gradients to the features and the forward flow). On CUDA also pyssl's deterministic mode.
   * dense loss: dense_correspondence_loss (fused, no warped map) vs sample_features + masked
     cosine loss vs grid_sample + masked cosine loss.
+  * the warp and the dense loss on channels-last maps (forward+backward).
 The CPU run here keeps B=2 and C <= 64 (the full grid is minutes per point on 2 cores).
 """
 
@@ -121,10 +122,70 @@ def test_warp(benchmark, device, quick, dtype, C, B, mode, impl):
         group=f"flow warp {mode} B={B} C={C} {H}x{W} {dtype} [{device}]", **extra)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("C", [3, 24, 64])
+@pytest.mark.parametrize("impl", [PYSSL, "grid_sample"])
+def test_warp_channels_last(benchmark, device, quick, dtype, C, impl):
+    """The warp of test_warp, forward+backward, B=2, on channels-last features (the layout of a
+    channels-last network's feature maps): 3 and 24 channels are not all in 16-channel bands."""
+    B = 2
+    if quick and (C != 64 or dtype != "fp32"):
+        pytest.skip("--bench-quick")
+    fw, bw, feats = _inputs(B, C, DTYPES[dtype], device)
+    feats = feats.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    fw.requires_grad_(True)
+    pipeline = grid_sample_pipeline if impl == "grid_sample" else pyssl_pipeline
+
+    def fn():
+        fw.grad = feats.grad = None
+        warped, valid = pipeline(fw, bw, feats)
+        (warped.float().sum(1) * valid).sum().backward()
+    run(benchmark, fn, device, impl=impl,
+        group=f"flow warp fwd+bwd channels-last B={B} C={C} {H}x{W} {dtype} [{device}]",
+        peak_bytes=peak_memory(fn, device))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("impl", [PYSSL, "grid_sample_then_loss"])
+def test_dense_loss_channels_last(benchmark, device, quick, dtype, impl):
+    """test_dense_loss at C=64 with channels-last online and target maps."""
+    B, C = 2, 64
+    if quick and dtype != "fp32":
+        pytest.skip("--bench-quick")
+    cl = torch.channels_last
+    fw, bw, target = _inputs(B, C, DTYPES[dtype], device)
+    coords, valid = ops.flow_correspondence(fw, bw)
+    online = torch.randn(B, C, H, W, device=device).to(DTYPES[dtype]).contiguous(memory_format=cl)
+    online.requires_grad_(True)
+    target = target.contiguous(memory_format=cl).requires_grad_(True)
+    if impl == PYSSL:
+        def forward():
+            return ops.dense_correspondence_loss(online, target, coords, valid)
+    else:
+        def forward():
+            return _grid_sample_then_loss(online, target, coords, valid)
+
+    def fn():
+        online.grad = target.grad = None
+        forward().backward()
+    run(benchmark, fn, device, impl=impl,
+        group=f"dense correspondence loss fwd+bwd channels-last B={B} C={C} {H}x{W} {dtype} [{device}]",
+        peak_bytes=peak_memory(fn, device))
+
+
 def _cosine(online, warped, valid):
     per = 1 - (F.normalize(online, dim=1) * F.normalize(warped.to(online.dtype), dim=1)).sum(1)
     w = valid.to(per.dtype)
     return (per * w).sum() / w.sum().clamp(min=1)
+
+
+def _grid_sample_then_loss(online, target, coords, valid):
+    if target.dtype == torch.bfloat16 and target.device.type == "cpu":
+        # torch's CPU grid_sample segfaults on bf16 here (grid_sample_pipeline): in float32
+        warped = reference.sample_features(target.float(), coords).to(target.dtype)
+    else:
+        warped = reference.sample_features(target, coords)
+    return _cosine(online, warped, valid)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -145,12 +206,9 @@ def test_dense_loss(benchmark, device, quick, dtype, C, impl):
     elif impl == "pyssl_sample_then_loss":
         def forward():
             return _cosine(online, ops.sample_features(target, coords), valid)
-    elif target.dtype == torch.bfloat16 and target.device.type == "cpu":
-        def forward():  # torch's CPU grid_sample segfaults on bf16 here (grid_sample_pipeline)
-            return _cosine(online, reference.sample_features(target.float(), coords).to(target.dtype), valid)
     else:
         def forward():
-            return _cosine(online, reference.sample_features(target, coords), valid)
+            return _grid_sample_then_loss(online, target, coords, valid)
 
     def fn():
         online.grad = target.grad = None
