@@ -8,7 +8,7 @@ and dense-SSL code uses (UnFlow / ARFlow style), on the same inputs.
     (gradients to the features and the forward flow). On CUDA also pyssl's deterministic mode.
   * dense loss: dense_correspondence_loss (fused, no warped map) vs sample_features + masked
     cosine loss vs grid_sample + masked cosine loss.
-  * the warp and the dense loss on channels-last maps (forward+backward).
+  * the warp and the dense loss on channels-last maps (forward+backward, C=64 for the loss).
 The CPU run here keeps B=2 and C <= 64 (the full grid is minutes per point on 2 cores).
 """
 
@@ -145,34 +145,6 @@ def test_warp_channels_last(benchmark, device, quick, dtype, C, impl):
         peak_bytes=peak_memory(fn, device))
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", [PYSSL, "grid_sample_then_loss"])
-def test_dense_loss_channels_last(benchmark, device, quick, dtype, impl):
-    """test_dense_loss at C=64 with channels-last online and target maps."""
-    B, C = 2, 64
-    if quick and dtype != "fp32":
-        pytest.skip("--bench-quick")
-    cl = torch.channels_last
-    fw, bw, target = _inputs(B, C, DTYPES[dtype], device)
-    coords, valid = ops.flow_correspondence(fw, bw)
-    online = torch.randn(B, C, H, W, device=device).to(DTYPES[dtype]).contiguous(memory_format=cl)
-    online.requires_grad_(True)
-    target = target.contiguous(memory_format=cl).requires_grad_(True)
-    if impl == PYSSL:
-        def forward():
-            return ops.dense_correspondence_loss(online, target, coords, valid)
-    else:
-        def forward():
-            return _grid_sample_then_loss(online, target, coords, valid)
-
-    def fn():
-        online.grad = target.grad = None
-        forward().backward()
-    run(benchmark, fn, device, impl=impl,
-        group=f"dense correspondence loss fwd+bwd channels-last B={B} C={C} {H}x{W} {dtype} [{device}]",
-        peak_bytes=peak_memory(fn, device))
-
-
 def _cosine(online, warped, valid):
     per = 1 - (F.normalize(online, dim=1) * F.normalize(warped.to(online.dtype), dim=1)).sum(1)
     w = valid.to(per.dtype)
@@ -190,16 +162,22 @@ def _grid_sample_then_loss(online, target, coords, valid):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("C", [64, 256])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("impl", [PYSSL, "pyssl_sample_then_loss", "grid_sample_then_loss"])
-def test_dense_loss(benchmark, device, quick, dtype, C, impl):
+def test_dense_loss(benchmark, device, quick, dtype, C, layout, impl):
+    """channels_last: online and target maps channels-last, C=64 only."""
     B = 2
     _skip_large(device, B, C)
-    if quick and (C != 64 or dtype != "fp32"):
+    if quick and (C != 64 or dtype != "fp32" or layout != "nchw"):
         pytest.skip("--bench-quick")
+    if layout == "channels_last" and C != 64:
+        pytest.skip("channels-last maps: C=64 only")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     fw, bw, target = _inputs(B, C, DTYPES[dtype], device)
     coords, valid = ops.flow_correspondence(fw, bw)
-    online = torch.randn(B, C, H, W, device=device).to(DTYPES[dtype]).requires_grad_(True)
-    target.requires_grad_(True)
+    online = torch.randn(B, C, H, W, device=device).to(DTYPES[dtype]).contiguous(memory_format=fmt)
+    online.requires_grad_(True)
+    target = target.contiguous(memory_format=fmt).requires_grad_(True)
     if impl == PYSSL:
         def forward():
             return ops.dense_correspondence_loss(online, target, coords, valid)
@@ -214,6 +192,7 @@ def test_dense_loss(benchmark, device, quick, dtype, C, impl):
         online.grad = target.grad = None
         forward().backward()
     run(benchmark, fn, device, impl=impl,
-        group=f"dense correspondence loss fwd+bwd B={B} C={C} {H}x{W} {dtype} [{device}]",
+        group=f"dense correspondence loss fwd+bwd{' channels-last' if layout != 'nchw' else ''} "
+              f"B={B} C={C} {H}x{W} {dtype} [{device}]",
         saved_bytes=saved_bytes(forward, inputs=(online, target, coords, valid)),
         peak_bytes=peak_memory(fn, device))

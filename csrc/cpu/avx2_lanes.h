@@ -28,6 +28,14 @@ PYSSL_AVX2 inline void store8(uint16_t* p, __m256 v) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
+// Stores of lanes that hold float32 or bfloat16 values exactly (load8 of the same type): the
+// bits as they are, NaN payloads and signs too (store8 rounds, and makes every NaN 0x7FC0)
+PYSSL_AVX2 inline void move8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+PYSSL_AVX2 inline void move8(uint16_t* p, __m256 v) {
+  const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(v), 16);  // 0..0xFFFF: no saturation
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
 
 }  // namespace
 }  // namespace pyssl::cpu

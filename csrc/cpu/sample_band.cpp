@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -244,6 +245,12 @@ inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 inline void store1(float* p, float v) { *p = v; }
 inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
+inline void move1(float* p, float v) { *p = v; }
+inline void move1(uint16_t* p, float v) {  // v holds a bfloat16 exactly: its upper 16 bits
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = static_cast<uint16_t>(u >> 16);
+}
 
 // tile[i][c] = src[c * stride + i] for i < n and the 16 channels (float32 or bfloat16 planes into
 // channels-last rows: a block's points, or an image row's pixels), 8 x 8 transposes
@@ -295,12 +302,19 @@ PYSSL_AVX2 void rows_to_tile(const T* src, int64_t stride, int64_t n, float (*ti
     _mm256_storeu_ps(tile[i] + 8, load8(src + i * stride + 8));
   }
 }
-// and back: dst[i * stride + c] = tile[i][c] (bfloat16: rounded to nearest even)
-template <typename T>
+// and back: dst[i * stride + c] = tile[i][c] (bfloat16: rounded to nearest even; kMove: the
+// tile holds values of T exactly, whose bits are moved as they are, move8)
+template <bool kMove = false, typename T>
 PYSSL_AVX2 void tile_to_rows(const float (*tile)[kS], int64_t n, T* dst, int64_t stride) {
   for (int64_t i = 0; i < n; ++i) {
-    store8(dst + i * stride, _mm256_loadu_ps(tile[i]));
-    store8(dst + i * stride + 8, _mm256_loadu_ps(tile[i] + 8));
+    for (int h = 0; h < 2; ++h) {
+      const __m256 v = _mm256_loadu_ps(tile[i] + h * 8);
+      if constexpr (kMove) {
+        move8(dst + i * stride + h * 8, v);
+      } else {
+        store8(dst + i * stride + h * 8, v);
+      }
+    }
   }
 }
 
@@ -336,20 +350,34 @@ PYSSL_AVX2 void flush_slice_row(const float* src, int64_t chs, int64_t pxs, int6
   }
 }
 
-// and back: dst[c * stride + i] = tile[i][c] (bfloat16: rounded to nearest even)
-template <typename T>
+// and back: dst[c * stride + i] = tile[i][c] (bfloat16: rounded to nearest even; kMove: the
+// tile holds values of T exactly, whose bits are moved as they are, move8)
+template <bool kMove = false, typename T>
 PYSSL_AVX2 void tile_to_planes(const float (*tile)[kS], int n, T* dst, int64_t stride) {
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int h = 0; h < 2; ++h) {
       __m256 a[8];
       for (int q = 0; q < 8; ++q) a[q] = _mm256_load_ps(tile[i + q] + h * 8);
-      transpose8(a);
-      for (int q = 0; q < 8; ++q) store8(dst + (h * 8 + q) * stride + i, a[q]);
+      transpose8(a);  // shuffles: the bits as they are
+      for (int q = 0; q < 8; ++q) {
+        if constexpr (kMove) {
+          move8(dst + (h * 8 + q) * stride + i, a[q]);
+        } else {
+          store8(dst + (h * 8 + q) * stride + i, a[q]);
+        }
+      }
     }
   }
-  for (; i < n; ++i)
-    for (int c = 0; c < kS; ++c) store1(dst + c * stride + i, tile[i][c]);
+  for (; i < n; ++i) {
+    for (int c = 0; c < kS; ++c) {
+      if constexpr (kMove) {
+        move1(dst + c * stride + i, tile[i][c]);
+      } else {
+        store1(dst + c * stride + i, tile[i][c]);
+      }
+    }
+  }
 }
 
 // The samples of a block's n points, channels-last (its band's rows in the ring, its taps in s):
@@ -668,14 +696,15 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
 }
 
 // dst[c * stride + i] = src[i * pxs + c] for the 16 channels and i < n, a block of points at a
-// time through the 8 x 8 transposes (bfloat16 widened and rounded back: moved exactly)
+// time through the 8 x 8 transposes (bfloat16 widened exactly and its bits moved back, NaN
+// payloads too)
 template <typename F>
 PYSSL_AVX2 void slice_to_planes_impl(const F* src, int64_t pxs, int64_t n, F* dst, int64_t stride) {
   alignas(32) float tile[kTile][kS];
   for (int64_t i0 = 0; i0 < n; i0 += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, n - i0));
     rows_to_tile(src + i0 * pxs, pxs, m, tile);
-    tile_to_planes(tile, m, dst + i0, stride);
+    tile_to_planes<true>(tile, m, dst + i0, stride);
   }
 }
 // and back: dst[i * pxs + c] = src[c * stride + i]
@@ -685,7 +714,7 @@ PYSSL_AVX2 void planes_to_slice_impl(const F* src, int64_t stride, int64_t n, F*
   for (int64_t i0 = 0; i0 < n; i0 += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, n - i0));
     planes_to_tile(src + i0, stride, m, tile);
-    tile_to_rows(tile, m, dst + i0 * pxs, pxs);
+    tile_to_rows<true>(tile, m, dst + i0 * pxs, pxs);
   }
 }
 
@@ -735,10 +764,11 @@ void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t p
 #else  // no AVX2 build: callers use the planar kernels
 
 bool band_kernels_available() { return false; }
-void slice_to_planes(const float*, int64_t, int64_t, float*, int64_t) {}
-void slice_to_planes(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) {}
-void planes_to_slice(const float*, int64_t, int64_t, float*, int64_t) {}
-void planes_to_slice(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) {}
+// callers check band_kernels_available(): a call here would leave dst unwritten
+void slice_to_planes(const float*, int64_t, int64_t, float*, int64_t) { std::abort(); }
+void slice_to_planes(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) { std::abort(); }
+void planes_to_slice(const float*, int64_t, int64_t, float*, int64_t) { std::abort(); }
+void planes_to_slice(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) { std::abort(); }
 void band_gather(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, float*,
                  int64_t, BandScratch*) {}
 void band_gather(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,

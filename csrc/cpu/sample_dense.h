@@ -128,7 +128,7 @@ void flow_row(const float* u, const float* v, const float* qb, int64_t i, int64_
 constexpr int64_t kBandChannels = 16;
 bool band_kernels_available();
 // dst[c * stride + i] = src[i * pxs + c], c < 16, i < n: a 16-channel slice of n channels-last
-// pixels (pixels pxs apart) into 16 planes, exactly (band_kernels_available() only)
+// pixels (pixels pxs apart) into 16 planes, the bits as they are (band_kernels_available() only)
 void slice_to_planes(const float* src, int64_t pxs, int64_t n, float* dst, int64_t stride);
 void slice_to_planes(const uint16_t* src, int64_t pxs, int64_t n, uint16_t* dst, int64_t stride);
 // and back: dst[i * pxs + c] = src[c * stride + i]

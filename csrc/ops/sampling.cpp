@@ -942,8 +942,8 @@ struct DenseLayout {
 };
 
 // Channels-last features whose channels all fall in 16-channel band slices: the band kernels
-// read their rows in place and the feature gradient is channels-last too (the fake kernel's rule:
-// pyssl/ops/flow.py, _dense_backward_fake).
+// read their rows in place (other channels-last maps are transposed to NCHW first; the feature
+// gradient of every channels-last map is channels-last: feature_gradient).
 bool channels_last_bands(const Tensor& features) {
   const int64_t C = features.size(1);
   return C > 0 && C % cpu::kBandChannels == 0 && DenseLayout::channels_last(features);
@@ -999,7 +999,7 @@ Tensor transposed_channels(const Tensor& t) {
 
 // The features as the dense sampling kernels read them: as they are when NCHW, or channels-last
 // (channels_last_bands) on a CPU with the band kernels; other channels-last maps transposed to
-// NCHW (channels_last_to_planes), any other layout copied to NCHW. Their channel and pixel
+// NCHW (transposed_channels), any other layout copied to NCHW. Their channel and pixel
 // strides: DenseLayout.
 Tensor sampling_features(const Tensor& features) {
   if (features.is_contiguous() || (channels_last_bands(features) && cpu::band_kernels_available())) {
@@ -1265,7 +1265,8 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
   // The features' values are read only for the coordinate gradient: without it, a map the
   // kernels would read through an NCHW copy is not copied (an uninitialised NCHW stand-in
-  // gives the kernels the layout to accumulate in; no kernel reads it)
+  // gives the kernels the layout to accumulate in; no kernel reads it, and its pages are never
+  // touched)
   const bool copied = !features.is_contiguous() &&
                       !(channels_last_bands(features) && cpu::band_kernels_available());
   const Tensor f = coords_grad || !copied ? sampling_features(features)

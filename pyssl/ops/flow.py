@@ -104,8 +104,8 @@ def _dense_sampling(features: torch.Tensor, coords: torch.Tensor) -> bool:
     case where the pair kernels are faster: a float32 map with more than 16 channels, not all in
     bands, when no gradient will be taken. The pair kernels read a channels-last pixel's channels
     contiguously and give the same bits; the transposition costs the dense forward its lead
-    there (1.3-2.1x slower at 17-72 channels), while forward+backward is 1.7-3.8x faster on the
-    dense kernels (benchmarks/RESULTS.md)."""
+    there (1.3-2.1x slower at 17-72 channels), while forward+backward is 1.8-3.4x faster on the
+    dense kernels (24 and 72 channels, benchmarks/RESULTS.md)."""
     if features.is_contiguous():
         return True
     if not _channels_last(features):

@@ -76,13 +76,16 @@ for C in (3, 4, 20):
                 out[f"sample_features C={C} {dtype} cl={cl}"] = digest(o, f.grad, coords.grad)
 # The fused dense loss with fewer than 16 channels: planar kernels in every build (16+ channels
 # take the band kernels in the AVX2 build, which sum channels in slices: equal to rounding).
+# Online maps NCHW and channels-last (read in place through a point stride).
 for dtype in (torch.float32, torch.bfloat16):
-    on = torch.randn(2, 5, 24, 40, generator=g).to(dtype).requires_grad_(True)
-    tg = torch.randn(2, 5, 26, 38, generator=g).to(dtype).requires_grad_(True)
-    coords = torch.rand(2, 24, 40, 2, generator=g) * torch.tensor([41.0, 29.0]) - 1.5
-    loss = ops.dense_correspondence_loss(on, tg, coords, torch.rand(2, 24, 40, generator=g) > 0.2)
-    loss.backward()
-    out[f"dense_correspondence_loss C=5 {dtype}"] = digest(loss, on.grad, tg.grad)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        on = torch.randn(2, 5, 24, 40, generator=g).to(dtype).contiguous(memory_format=fmt)
+        on.requires_grad_(True)
+        tg = torch.randn(2, 5, 26, 38, generator=g).to(dtype).requires_grad_(True)
+        coords = torch.rand(2, 24, 40, 2, generator=g) * torch.tensor([41.0, 29.0]) - 1.5
+        loss = ops.dense_correspondence_loss(on, tg, coords, torch.rand(2, 24, 40, generator=g) > 0.2)
+        loss.backward()
+        out[f"dense_correspondence_loss C=5 {dtype} {fmt}"] = digest(loss, on.grad, tg.grad)
 # Channels-last features with 32 channels: the AVX2 build reads them in place (band kernels), the
 # baseline build an NCHW copy; the same forward bits, and a channels-last gradient in both.
 for dtype in (torch.float32, torch.bfloat16):

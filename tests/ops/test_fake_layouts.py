@@ -80,19 +80,21 @@ def test_dense_loss_fakes_predict_layouts(layout, dtype):
                                                             stats, 0, 0, True, True, False])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "hw_transposed", "nc_permuted"])
 @pytest.mark.parametrize("channels", [3, 5, 32, 40])
-def test_dense_sampling_fakes_predict_layouts(layout, channels):
+def test_dense_sampling_fakes_predict_layouts(layout, channels, dtype):
     f = _features()[layout]
     f = f.repeat(1, channels, 1, 1)[:, :channels] if layout == "nchw" else \
         torch.cat([f] * 8, 1)[:, :channels]
+    f = f.to(dtype)  # (keeps the layout)
     if layout == "channels_last":  # channels-last contiguous (read in place with 16k channels)
         f = f.contiguous(memory_format=torch.channels_last)
         assert not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
     for coords in (torch.rand(3, 4, 6, 2) * 6, (torch.rand(3, 2, 4, 6) * 6).permute(0, 2, 3, 1)):
         out = P.sample_features_dense(f, coords)
         _assert_fake_matches_real(P.sample_features_dense, [f, coords])
-        for flags in ((True, True), (True, False)):  # without the coordinate gradient, no copy
+        for flags in ((True, True), (True, False), (False, True)):  # (True, False): no copy
             _assert_fake_matches_real(P.sample_features_dense_backward,
                                       [torch.randn_like(out), f, coords, *flags])
         gf = P.sample_features_dense_backward(torch.randn_like(out), f, coords, True, False)[0]

@@ -202,7 +202,7 @@ def _smooth_coords(B, Ho, Wo, H, W, g, noise):
 def test_band_path_equals_the_generic_kernel(B, C, H, W, seed, noise, dtype, channels_last):
     """C >= 16: 16-channel slices through the channels-last band kernels (csrc/cpu/sample_band.cpp),
     the remaining channels planar; float32 and bfloat16. Channels-last features with a multiple of
-    16 channels are read in place, and their gradient is channels-last; others are copied to NCHW."""
+    16 channels are read in place, others transposed to NCHW; their gradient is channels-last."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(B, C, H, W, generator=g).to(dtype)
     if channels_last:
@@ -699,28 +699,33 @@ def test_dense_loss_reads_a_channels_last_online_map_in_place(case, online_dtype
     over 16-channel slices and a planar rest, tall bands (the planar fallback) and a ring of rows
     reused and evicted."""
     g = torch.Generator().manual_seed(5)
-    online, target, coords = _generic_case(case, torch.float32, online_dtype, g)
-    valid = torch.rand(coords.shape[:3], generator=g) * (torch.rand(coords.shape[:3], generator=g) > 0.3)
-    results = []
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        o = online.contiguous(memory_format=fmt).requires_grad_(True)
-        assert torch.ops.pyssl.dense_loss_kernels(o, target, None, coords.reshape(-1, 2), 0)
-        t = target.detach().requires_grad_(True)
-        value = ops.dense_correspondence_loss(o, t, coords, valid)
-        go, gt = torch.autograd.grad(value, (o, t))
-        assert go.is_contiguous(memory_format=fmt)
-        results.append((value, go, gt))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for dtype, target_layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last")):
+        online, target, coords = _generic_case(case, dtype, online_dtype, g, target_layout)
+        valid = torch.rand(coords.shape[:3], generator=g) * (torch.rand(coords.shape[:3], generator=g) > 0.3)
+        results = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            o = online.contiguous(memory_format=fmt).requires_grad_(True)
+            assert torch.ops.pyssl.dense_loss_kernels(o, target, None, coords.reshape(-1, 2), 0)
+            t = target.detach().requires_grad_(True)
+            value = ops.dense_correspondence_loss(o, t, coords, valid)
+            go, gt = torch.autograd.grad(value, (o, t))
+            assert go.is_contiguous(memory_format=fmt) and gt.stride() == target.stride()
+            results.append((value, go, gt))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_loss_fast_path_does_not_depend_on_the_thread_count(dtype):
-    """Including the forward's split of each task's points across threads, and a ring of rows
-    that evicts (16 channels on 40 rows of 2100 pixels)."""
+    """Including the forward's split of each task's points across threads (also with a
+    channels-last online map), and a ring of rows that evicts (16 channels on 40 rows of 2100
+    pixels)."""
     g = torch.Generator().manual_seed(2)
+    online, target, coords = _generic_case(_GENERIC_CASES[-1], dtype, dtype, g)  # one task: chunks
     cases = [_dense_loss_inputs(2, 37, 24, 31, 26, 30, dtype, "nchw", 11, True),
-             _generic_case(_GENERIC_CASES[-1], dtype, dtype, g),
+             _dense_loss_inputs(2, 37, 24, 31, 26, 30, dtype, "channels_last", 12, True),
+             (online, target, coords),
+             (online.contiguous(memory_format=torch.channels_last), target, coords),
              _generic_case(_GENERIC_CASES[-1], dtype, dtype, g, "channels_last")]
     threads = torch.get_num_threads()
     try:
@@ -782,10 +787,14 @@ def test_sample_features_on_channels_last_maps_not_all_in_bands(C, dtype):
     features and transposes nothing). Forward only, float32 maps with more than 16 channels take
     the pair kernels (a channels-last view out), with the same bits."""
     g = torch.Generator().manual_seed(C)
-    feats = torch.randn(2, C, 13, 40, generator=g).to(dtype)
+    feats = torch.randn(2, C, 37, 61, generator=g).to(dtype)  # 2257 pixels: 3 transposed blocks
     feats[0, :, 4, 7] = math.inf  # read by the points that touch pixel (4, 7) only
-    coords = _smooth_coords(2, 11, 37, 13, 40, g, 2.0).float()
-    grad = torch.randn(2, C, 11, 37, generator=g).to(dtype)
+    # a negative NaN with a payload: the transposition moves its bits (the coordinate gradient,
+    # float32, carries them from the features on)
+    ints = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    feats.view(ints)[1, :, 20, 30] = -63 if dtype == torch.bfloat16 else -4194303  # 0xFFC1, 0xFFC00001
+    coords = _smooth_coords(2, 31, 53, 37, 61, g, 2.0).float()
+    grad = torch.randn(2, C, 31, 53, generator=g).to(dtype)
     outs, grads = [], {}
     for fmt in (torch.contiguous_format, torch.channels_last):
         for need_c in (True, False):
@@ -802,13 +811,18 @@ def test_sample_features_on_channels_last_maps_not_all_in_bands(C, dtype):
         pair = fmt == torch.channels_last and dtype == torch.float32 and C > 16
         assert out.is_contiguous() != pair
         outs.append(out)
-    same = functools.partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)
-    for out in outs[1:]:
-        same(out, outs[0])
+
+    def bits(t):
+        return t.contiguous().view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+    for out in outs[1:]:  # the dense kernels on both layouts: equal bits
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(bits(outs[3]), bits(outs[0]))
     for need_c in (True, False):
         for a, b in zip(grads[torch.contiguous_format, need_c], grads[torch.channels_last, need_c]):
-            same(a, b)
-    same(grads[torch.channels_last, True][0], grads[torch.channels_last, False][0])
+            assert torch.equal(bits(a), bits(b))
+    assert torch.equal(bits(grads[torch.channels_last, True][0]), bits(grads[torch.channels_last, False][0]))
+    assert grads[torch.channels_last, True][1].isnan().any()  # the NaN reached the gradient
 
 
 def test_channels_last_maps_opcheck_and_compile():
