@@ -225,20 +225,22 @@ template <typename A>
 __global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict__ stats,
                             const A* __restrict__ w, const A* __restrict__ wsum, int64_t M,
                             int loss, A* __restrict__ coef) {
-  const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (m >= M) return;
-  const A total = w ? wsum[0] : A(M);
-  const A scale = total != A(0) ? grad_loss[0] * (w ? w[m] : A(1)) / total : A(0);
-  const A nfr = stats[3 * m], ngr = stats[3 * m + 1], fg = stats[3 * m + 2];
-  const A nf = max(nfr, A(kEps)), ng = max(ngr, A(kEps));
-  const A p = loss == 0 ? A(0) : A(2), q = loss == 0 ? A(-1) : A(-2);
-  const A ab = fg / (nf * ng);
-  const A sa = nfr > A(kEps) ? p * nfr * nfr / (nf * nf) + q * ab : A(0);
-  const A sb = ngr > A(kEps) ? p * ngr * ngr / (ng * ng) + q * ab : A(0);
-  coef[4 * m] = scale * (p - sa) / (nf * nf);
-  coef[4 * m + 1] = scale * q / (nf * ng);
-  coef[4 * m + 2] = scale * (p - sb) / (ng * ng);
-  coef[4 * m + 3] = scale * q / (nf * ng);
+  // a grid-stride loop: grid_for caps the grid (2^28 threads), pairs may be more
+  for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M;
+       m += int64_t(gridDim.x) * blockDim.x) {
+    const A total = w ? wsum[0] : A(M);
+    const A scale = total != A(0) ? grad_loss[0] * (w ? w[m] : A(1)) / total : A(0);
+    const A nfr = stats[3 * m], ngr = stats[3 * m + 1], fg = stats[3 * m + 2];
+    const A nf = max(nfr, A(kEps)), ng = max(ngr, A(kEps));
+    const A p = loss == 0 ? A(0) : A(2), q = loss == 0 ? A(-1) : A(-2);
+    const A ab = fg / (nf * ng);
+    const A sa = nfr > A(kEps) ? p * nfr * nfr / (nf * nf) + q * ab : A(0);
+    const A sb = ngr > A(kEps) ? p * ngr * ngr / (ng * ng) + q * ab : A(0);
+    coef[4 * m] = scale * (p - sa) / (nf * nf);
+    coef[4 * m + 1] = scale * q / (nf * ng);
+    coef[4 * m + 2] = scale * (p - sb) / (ng * ng);
+    coef[4 * m + 3] = scale * q / (nf * ng);
+  }
 }
 
 template <typename F>
