@@ -825,6 +825,25 @@ def test_sample_features_on_channels_last_maps_not_all_in_bands(C, dtype):
     assert grads[torch.channels_last, True][1].isnan().any()  # the NaN reached the gradient
 
 
+def test_channels_last_routing_compiles_as_eager():
+    """A float32 channels-last map of 24 channels takes the pair kernels forward only and the
+    dense kernels when a gradient is needed (_dense_sampling): torch.compile(fullgraph=True)
+    takes the same route as eager in both cases (the same values and strides)."""
+    g = torch.Generator().manual_seed(9)
+    f = torch.randn(2, 24, 9, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    coords = torch.rand(2, 6, 5, 2, generator=g) * 10 - 0.5
+    compiled = torch.compile(ops.sample_features, fullgraph=True)
+    with torch.no_grad():
+        a, b = ops.sample_features(f, coords), compiled(f, coords)
+    assert torch.equal(a, b) and a.stride() == b.stride() and not a.is_contiguous()
+    x, y = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    a, b = ops.sample_features(x, coords), compiled(y, coords)
+    assert torch.equal(a, b) and a.stride() == b.stride() and a.is_contiguous()
+    ga, gb = torch.autograd.grad(a.square().sum(), x)[0], torch.autograd.grad(b.square().sum(), y)[0]
+    torch.testing.assert_close(ga, gb)
+    assert ga.stride() == gb.stride() and ga.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_maps_opcheck_and_compile():
     """Channels-last features (sample_features, 16 and 32 channels: the band kernels read them in
     place) and channels-last targets (dense_correspondence_loss): opcheck, and a compiled
