@@ -2,9 +2,10 @@
 # Everything a GPU machine should check, in one go, within a time budget (GPU_CHECK_BUDGET,
 # default 480 s, the 8 minutes of ../shared/DESIGN.md): build with CUDA kernels, the CUDA
 # tests, compute-sanitizer (memcheck + racecheck) over a small program that runs every CUDA
-# kernel, the benchmarks on the GPU (one run per family, so a slow or failing family keeps the
-# others' figures), and a summary table. Each step gets at most what is left of the budget; a
-# step that fails, times out or finds no time left is reported in the summary, never fatal.
+# kernel, the benchmarks on the GPU (one run per family or part of one, so a slow or failing
+# part keeps the others' figures), and a summary table. Each step gets at most what is left of
+# the budget; a step that fails, times out or finds no time left is reported in the summary,
+# never fatal.
 # OUTDIR/summary.md is rewritten after every step, so even a run killed from outside leaves the
 # steps that finished.
 #
@@ -117,25 +118,40 @@ for tool in memcheck racecheck; do
   fi
 done
 
-# 4. Benchmarks on the GPU, one run per family; each gets an equal share of the time left.
+# 4. Benchmarks on the GPU, one run per part: a family, or a pytest -k selection of one. A run
+# killed midway keeps no figures (pytest-benchmark writes its JSON at the end), so the flow
+# family (over half of the benchmarks) runs in three parts. Each part gets a share of the time
+# left in proportion to its weight, its number of benchmarks on a GPU (the `pytest
+# --collect-only` counts, checked by tests/test_benchmark_report.py) plus 10 for the start of a
+# process (torch, CUDA); unused time passes on to the parts after it.
 s=$(date +%s)
-fams=(masking dino_loss projection flow)
+parts=(
+  "masking||24"
+  "dino_loss||48"
+  "projection||13"
+  "flow|test_warp and not bwd and not channels_last|36"
+  "flow|test_warp and bwd and not channels_last|36"
+  "flow|channels_last or dense_loss|36"
+)
 : >"$OUT/bench.txt"
 done_fams=()
-for i in "${!fams[@]}"; do
-  f=${fams[$i]}
+for i in "${!parts[@]}"; do
+  IFS='|' read -r f sel w <<<"${parts[$i]}"
+  left_w=0
+  for e in "${parts[@]:$i}"; do left_w=$(( left_w + ${e##*|} + 10 )); done
+  name="$f${sel:+ ($sel)}"
   t=$(allow 600)
-  t=$(( t / (${#fams[@]} - i) ))
-  if [ "$t" -lt 20 ]; then  # a family killed midway keeps no figures
-    no_time "benchmarks $f"
+  t=$(( t * (w + 10) / left_w ))
+  if [ "$t" -lt 20 ]; then  # a part killed midway keeps no figures
+    no_time "benchmarks $name"
     continue
   fi
   fs=$(date +%s)
-  timeout -k 10 "$t" $PY -m benchmarks.run "$f" --device cuda --json "$WORK/bench_$f.json" --max-time 0.1 \
-    >>"$OUT/bench.txt" 2>&1
+  timeout -k 10 "$t" $PY -m benchmarks.run "$f" ${sel:+-k "$sel"} --device cuda \
+    --json "$WORK/bench_$i.json" --max-time 0.1 >>"$OUT/bench.txt" 2>&1
   rc=$?
-  [ -s "$WORK/bench_$f.json" ] && done_fams+=("$WORK/bench_$f.json")
-  status "benchmarks $f" "$(verdict $rc)" "bench.txt, $(elapsed $fs)"
+  [ -s "$WORK/bench_$i.json" ] && done_fams+=("$WORK/bench_$i.json")
+  status "benchmarks $name" "$(verdict $rc)" "bench.txt, $(elapsed $fs)"
 done
 if [ ${#done_fams[@]} -gt 0 ]; then
   $PY -m benchmarks.report "${done_fams[@]}" --merged "$OUT/bench.json" --plot "$OUT/ratios.png" >"$WORK/table.md" 2>>"$OUT/bench.txt"

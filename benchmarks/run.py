@@ -4,6 +4,7 @@
     python -m benchmarks.run masking --quick # benchmarks/bench_masking.py, small configs
     python -m benchmarks.run masking --json out.json --device cpu
     python -m benchmarks.run flow --threads 1 --plot flow.png   # also a chart of the ratios
+    python -m benchmarks.run flow -k "dense_loss"   # only the benchmarks pytest -k selects
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also keep pytest-benchmark's JSON here")
     p.add_argument("--plot", help="also draw the ratios as a bar chart (PNG) here")
     p.add_argument("--max-time", default="0.5", help="seconds per benchmark (pytest-benchmark)")
+    p.add_argument("-k", dest="select", metavar="EXPR",
+                   help="only the benchmarks this pytest -k expression selects")
     p.add_argument("--threads", type=int, help="CPU threads for torch and pyssl (OMP_NUM_THREADS); "
                    "1 gives stable figures on a shared machine")
     args = p.parse_args(argv)
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
            "--benchmark-columns=median,iqr,rounds"]
     if args.quick:
         cmd.append("--bench-quick")
+    if args.select:
+        cmd += ["-k", args.select]
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the benchmark process and the report
     rc = subprocess.call(cmd, cwd=HERE.parent)

@@ -99,3 +99,57 @@ def _write(tmp_path, data):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     return str(path)
+
+
+_COLLECT = """
+import json, sys
+import pytest
+
+class Ids:
+    def pytest_collection_finish(self, session):
+        self.ids = [item.nodeid for item in session.items]
+
+result = []
+for family, select in json.loads(sys.argv[1]):
+    ids = Ids()
+    args = [f"benchmarks/bench_{family}.py", "--collect-only", "-q", "-p", "no:cacheprovider",
+            "--bench-device=cuda"] + (["-k", select] if select else [])
+    pytest.main(args, plugins=[ids])
+    result.append(ids.ids)
+print("IDS" + json.dumps(result))
+"""
+
+
+def _collected(queries):
+    """For each (family, -k selection or ""), the benchmark ids of benchmarks/bench_<family>.py
+    that a GPU run would collect (one pytest process for all of them)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _COLLECT, json.dumps(queries)], cwd=root,
+                         capture_output=True, text=True).stdout
+    return json.loads(out[out.rindex("IDS") + 3:])
+
+
+def test_gpu_check_benchmark_parts_select_each_benchmark_once_with_its_count_as_weight():
+    """gpu_check.sh runs the GPU benchmarks in parts (a family, or a pytest -k selection of one),
+    each given time in proportion to its weight, the number of benchmarks it runs: the parts of a
+    family select each of its benchmarks exactly once, and every weight is that count."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh").read_text()
+    block = text[text.index("parts=(\n"):text.index("\n)\n", text.index("parts=(\n"))]
+    parts = [line.split("|") for line in re.findall(r'^\s+"([^"]+)"$', block, re.M)]
+    assert parts and all(len(p) == 3 for p in parts)
+    families = sorted({family for family, _, _ in parts})
+    found = _collected([[f, s] for f, s, _ in parts] + [[f, ""] for f in families])
+    seen = {}
+    for (family, select, weight), ids in zip(parts, found):
+        assert len(ids) == int(weight), (family, select, len(ids))
+        assert not set(ids) & seen.setdefault(family, set()), (family, select)
+        seen[family] |= set(ids)
+    for family, ids in zip(families, found[len(parts):]):
+        assert ids and seen[family] == set(ids), family
