@@ -141,8 +141,10 @@ __global__ void segment_divide_kernel(const acc_t<F>* __restrict__ sums,
                                       F* __restrict__ means) {
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < S * D;
        t += int64_t(gridDim.x) * blockDim.x) {
+    // times the reciprocal, as the CPU kernel (ops/projection.cpp): the same bits for the same sums
     const int64_t n = counts[t / D];
-    means[t] = from_acc<F>(n > 0 ? sums[t] / acc_t<F>(n) : acc_t<F>(0));
+    const acc_t<F> inv = n > 0 ? acc_t<F>(1) / acc_t<F>(n) : acc_t<F>(0);
+    means[t] = from_acc<F>(sums[t] * inv);
   }
 }
 
@@ -153,8 +155,12 @@ __global__ void segment_gather_kernel(const F* __restrict__ g, const int64_t* __
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < N * D;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t s = ids[t / D];
-    out[t] = (s < 0 || s >= S) ? F(0.0f)
-             : from_acc<F>(to_acc(g[s * D + t % D]) / acc_t<F>(counts[s] > 0 ? counts[s] : 1));
+    if (s < 0 || s >= S) {
+      out[t] = F(0.0f);
+      continue;
+    }
+    const acc_t<F> inv = acc_t<F>(1) / acc_t<F>(counts[s] > 0 ? counts[s] : 1);  // as the CPU
+    out[t] = from_acc<F>(to_acc(g[s * D + t % D]) * inv);
   }
 }
 
