@@ -268,12 +268,6 @@ PYSSL_AVX2 void planes_to_tile(const T* src, int64_t stride, int64_t n, float (*
   for (; i < n; ++i)
     for (int c = 0; c < kS; ++c) tile[i][c] = load1(src + c * stride + i);
 }
-// dst [W][16] = row r of the 16 planes src [16][HW]
-template <typename F>
-PYSSL_AVX2 void load_row(const F* src, int64_t HW, int64_t W, int64_t r, float* dst) {
-  planes_to_tile(src + r * W, HW, W, reinterpret_cast<float (*)[kS]>(dst));
-}
-
 // row r of the 16 planes gf [16][HW] += src [W][16]
 PYSSL_AVX2 void flush_row(const float* src, int64_t HW, int64_t W, int64_t r, float* gf) {
   float* base = gf + r * W;
@@ -318,12 +312,17 @@ PYSSL_AVX2 void tile_to_rows(const float (*tile)[kS], int64_t n, T* dst, int64_t
   }
 }
 
-// The same as load_row for channels-last features: src points at channel 0 of the slice in
-// pixel 0, pixels pxs apart (the map's channel count), the slice's 16 channels contiguous
-template <typename F>
-PYSSL_AVX2 void load_row_cl(const F* src, int64_t pxs, int64_t W, int64_t r, float* dst) {
-  rows_to_tile(src + r * W * pxs, pxs, W, reinterpret_cast<float (*)[kS]>(dst));
+// A 16-channel slice of n points in either layout, src[c * chs + i * pxs]: planes (pxs == 1,
+// planes chs apart) or channels-last rows (chs == 1, points pxs apart, the map's channel count)
+template <typename T>
+PYSSL_AVX2 void slice_to_tile(const T* src, int64_t chs, int64_t pxs, int64_t n, float (*tile)[kS]) {
+  if (pxs == 1) {
+    planes_to_tile(src, chs, n, tile);
+  } else {
+    rows_to_tile(src, pxs, n, tile);
+  }
 }
+
 PYSSL_AVX2 void flush_row_cl(const float* src, int64_t pxs, int64_t W, int64_t r, float* gf) {
   for (int64_t x = 0; x < W; ++x) {
     float* p = gf + (r * W + x) * pxs;
@@ -331,16 +330,7 @@ PYSSL_AVX2 void flush_row_cl(const float* src, int64_t pxs, int64_t W, int64_t r
     _mm256_storeu_ps(p + 8, _mm256_add_ps(_mm256_loadu_ps(p + 8), _mm256_loadu_ps(src + x * kS + 8)));
   }
 }
-// A row of a 16-channel slice in either layout: planar (pxs == 1, planes chs apart) or
-// channels-last (chs == 1, pixels pxs apart)
-template <typename F>
-PYSSL_AVX2 void load_slice_row(const F* f, int64_t chs, int64_t pxs, int64_t W, int64_t r, float* dst) {
-  if (pxs == 1) {
-    load_row(f, chs, W, r, dst);
-  } else {
-    load_row_cl(f, pxs, W, r, dst);
-  }
-}
+// row r of a 16-channel slice of gf, in either layout (slice_to_tile), += src [W][16]
 PYSSL_AVX2 void flush_slice_row(const float* src, int64_t chs, int64_t pxs, int64_t W, int64_t r,
                                 float* gf) {
   if (pxs == 1) {
@@ -379,6 +369,15 @@ PYSSL_AVX2 void tile_to_planes(const float (*tile)[kS], int n, T* dst, int64_t s
     }
   }
 }
+// and back into either layout (tile_to_planes, tile_to_rows)
+template <bool kMove = false, typename T>
+PYSSL_AVX2 void tile_to_slice(const float (*tile)[kS], int n, T* dst, int64_t chs, int64_t pxs) {
+  if (pxs == 1) {
+    tile_to_planes<kMove>(tile, n, dst, chs);
+  } else {
+    tile_to_rows<kMove>(tile, n, dst, pxs);
+  }
+}
 
 // The samples of a block's n points, channels-last (its band's rows in the ring, its taps in s):
 // the four taps weighted and summed in corner order, corners outside the image read as zeros
@@ -406,7 +405,8 @@ PYSSL_AVX2 void ring_load(BandScratch* s, const F* f, int64_t chs, int64_t pxs, 
   for (int64_t r = rmin; r <= rmax; ++r) {
     const int slot = static_cast<int>(r % s->K);
     if (s->ftag[slot] != r) {
-      load_slice_row(f, chs, pxs, W, r, s->fring.get() + slot * W * kS);
+      float* row = s->fring.get() + slot * W * kS;
+      slice_to_tile(f + r * W * pxs, chs, pxs, W, reinterpret_cast<float (*)[kS]>(row));
       s->ftag[slot] = r;
     }
   }
@@ -659,12 +659,7 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
     ring_load(s, f, chs, pxs, W, b.rmin, b.rmax);
     if (gf) ring_claim(s, gf, chs, pxs, W, b.rmin, b.rmax);
     band_sample_tile(s, n, W, s->tile);
-    // the online rows of the block, channels-last
-    if (ops == 1) {
-      planes_to_tile(o + p0, os, n, s->tile2);
-    } else {
-      rows_to_tile(o + p0 * ops, ops, n, s->tile2);
-    }
+    slice_to_tile(o + p0 * ops, os, ops, n, s->tile2);  // the online rows of the block
     for (int j = 0; j < n; ++j) {
       const int64_t p = p0 + j;
       const float cf1 = coef[p], cf2 = coef[cs + p];
@@ -689,49 +684,35 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
         _mm256_store_ps(s->tile2[j] + 8, _mm256_add_ps(_mm256_mul_ps(a, o1), _mm256_mul_ps(b, t1)));
       }
     }
-    if (go && ops == 1) tile_to_planes(s->tile2, n, go + p0, os);  // back to the online's layout
-    if (go && ops != 1) tile_to_rows(s->tile2, n, go + p0 * ops, ops);
+    if (go) tile_to_slice(s->tile2, n, go + p0 * ops, os, ops);  // in the online's layout
   }
   if (gf) ring_flush(s, gf, chs, pxs, W);
 }
 
-// dst[c * stride + i] = src[i * pxs + c] for the 16 channels and i < n, a block of points at a
-// time through the 8 x 8 transposes (bfloat16 widened exactly and its bits moved back, NaN
+// dst[c * dchs + i * dpxs] = src[c * schs + i * spxs] for the 16 channels and i < n, a block of
+// points at a time through the tile (bfloat16 widened exactly and its bits moved back, NaN
 // payloads too)
 template <typename F>
-PYSSL_AVX2 void slice_to_planes_impl(const F* src, int64_t pxs, int64_t n, F* dst, int64_t stride) {
+PYSSL_AVX2 void copy_slice_impl(const F* src, int64_t schs, int64_t spxs, int64_t n, F* dst,
+                                int64_t dchs, int64_t dpxs) {
   alignas(32) float tile[kTile][kS];
   for (int64_t i0 = 0; i0 < n; i0 += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, n - i0));
-    rows_to_tile(src + i0 * pxs, pxs, m, tile);
-    tile_to_planes<true>(tile, m, dst + i0, stride);
-  }
-}
-// and back: dst[i * pxs + c] = src[c * stride + i]
-template <typename F>
-PYSSL_AVX2 void planes_to_slice_impl(const F* src, int64_t stride, int64_t n, F* dst, int64_t pxs) {
-  alignas(32) float tile[kTile][kS];
-  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
-    const int m = static_cast<int>(std::min<int64_t>(kTile, n - i0));
-    planes_to_tile(src + i0, stride, m, tile);
-    tile_to_rows<true>(tile, m, dst + i0 * pxs, pxs);
+    slice_to_tile(src + i0 * spxs, schs, spxs, m, tile);
+    tile_to_slice<true>(tile, m, dst + i0 * dpxs, dchs, dpxs);
   }
 }
 
 }  // namespace
 
 bool band_kernels_available() { return band_ok(); }
-void slice_to_planes(const float* src, int64_t pxs, int64_t n, float* dst, int64_t stride) {
-  slice_to_planes_impl(src, pxs, n, dst, stride);
+void copy_slice(const float* src, int64_t schs, int64_t spxs, int64_t n, float* dst, int64_t dchs,
+                int64_t dpxs) {
+  copy_slice_impl(src, schs, spxs, n, dst, dchs, dpxs);
 }
-void slice_to_planes(const uint16_t* src, int64_t pxs, int64_t n, uint16_t* dst, int64_t stride) {
-  slice_to_planes_impl(src, pxs, n, dst, stride);
-}
-void planes_to_slice(const float* src, int64_t stride, int64_t n, float* dst, int64_t pxs) {
-  planes_to_slice_impl(src, stride, n, dst, pxs);
-}
-void planes_to_slice(const uint16_t* src, int64_t stride, int64_t n, uint16_t* dst, int64_t pxs) {
-  planes_to_slice_impl(src, stride, n, dst, pxs);
+void copy_slice(const uint16_t* src, int64_t schs, int64_t spxs, int64_t n, uint16_t* dst,
+                int64_t dchs, int64_t dpxs) {
+  copy_slice_impl(src, schs, spxs, n, dst, dchs, dpxs);
 }
 void band_gather(const float* f, int64_t H, int64_t W, int64_t chs, int64_t pxs,
                  const float* coords, int64_t P, float* out, int64_t os, BandScratch* s) {
@@ -765,10 +746,10 @@ void band_loss_backward(const F* f, int64_t H, int64_t W, int64_t chs, int64_t p
 
 bool band_kernels_available() { return false; }
 // callers check band_kernels_available(): a call here would leave dst unwritten
-void slice_to_planes(const float*, int64_t, int64_t, float*, int64_t) { std::abort(); }
-void slice_to_planes(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) { std::abort(); }
-void planes_to_slice(const float*, int64_t, int64_t, float*, int64_t) { std::abort(); }
-void planes_to_slice(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) { std::abort(); }
+void copy_slice(const float*, int64_t, int64_t, int64_t, float*, int64_t, int64_t) { std::abort(); }
+void copy_slice(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*, int64_t, int64_t) {
+  std::abort();
+}
 void band_gather(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, float*,
                  int64_t, BandScratch*) {}
 void band_gather(const uint16_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,

@@ -127,13 +127,13 @@ void flow_row(const float* u, const float* v, const float* qb, int64_t i, int64_
 // to the order of partial sums of rows that leave and re-enter the ring).
 constexpr int64_t kBandChannels = 16;
 bool band_kernels_available();
-// dst[c * stride + i] = src[i * pxs + c], c < 16, i < n: a 16-channel slice of n channels-last
-// pixels (pixels pxs apart) into 16 planes, the bits as they are (band_kernels_available() only)
-void slice_to_planes(const float* src, int64_t pxs, int64_t n, float* dst, int64_t stride);
-void slice_to_planes(const uint16_t* src, int64_t pxs, int64_t n, uint16_t* dst, int64_t stride);
-// and back: dst[i * pxs + c] = src[c * stride + i]
-void planes_to_slice(const float* src, int64_t stride, int64_t n, float* dst, int64_t pxs);
-void planes_to_slice(const uint16_t* src, int64_t stride, int64_t n, uint16_t* dst, int64_t pxs);
+// dst[c * dchs + i * dpxs] = src[c * schs + i * spxs], c < 16, i < n: a 16-channel slice of n
+// pixels from one layout to another, each planes (pxs = 1) or channels-last rows (chs = 1), the
+// bits as they are (band_kernels_available() only)
+void copy_slice(const float* src, int64_t schs, int64_t spxs, int64_t n, float* dst, int64_t dchs,
+                int64_t dpxs);
+void copy_slice(const uint16_t* src, int64_t schs, int64_t spxs, int64_t n, uint16_t* dst,
+                int64_t dchs, int64_t dpxs);
 struct BandScratch;
 BandScratch* band_scratch_new(int64_t W);
 void band_scratch_free(BandScratch* s);

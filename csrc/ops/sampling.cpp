@@ -954,20 +954,17 @@ bool channels_last_bands(const Tensor& features) {
 // 16 channels) by torch's copy. torch's copy of many channels goes through every plane at once,
 // and with planes a multiple of 4 KiB apart those accesses compete for the same cache sets: 30 ms
 // for 40 float32 channels of 2 x 256 x 512 here, against 3 ms for 17 (benchmarks/RESULTS.md).
-template <bool kToPlanes, typename F>
-void transpose_slices(const F* src, F* dst, int64_t B, int64_t C, int64_t HW) {
+template <typename F>
+void copy_slices(const F* src, const DenseLayout& from, F* dst, const DenseLayout& to, int64_t B,
+                 int64_t C, int64_t HW) {
   constexpr int64_t kPixels = 1024;
   const int64_t S = cpu::kBandChannels, slices = C / S, blocks = (HW + kPixels - 1) / kPixels;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, p0 = task % blocks * kPixels, n = std::min(kPixels, HW - p0);
-      const int64_t rows = b * C * HW + p0 * C, planes = b * C * HW + p0;  // (b, p0) in each
       for (int64_t q = 0; q < slices; ++q) {
-        if constexpr (kToPlanes) {
-          cpu::slice_to_planes(src + rows + q * S, C, n, dst + planes + q * S * HW, HW);
-        } else {
-          cpu::planes_to_slice(src + planes + q * S * HW, HW, n, dst + rows + q * S, C);
-        }
+        cpu::copy_slice(src + b * C * HW + q * S * from.chs + p0 * from.pxs, from.chs, from.pxs, n,
+                        dst + b * C * HW + q * S * to.chs + p0 * to.pxs, to.chs, to.pxs);
       }
     }
   });
@@ -975,22 +972,15 @@ void transpose_slices(const F* src, F* dst, int64_t B, int64_t C, int64_t HW) {
 
 // t (NCHW-contiguous or channels-last, float32 or bfloat16) copied into the other layout
 Tensor transposed_channels(const Tensor& t) {
-  const bool to_planes = !t.is_contiguous();
-  Tensor out = to_planes ? empty_large(t.sizes(), t.options())
-                         : empty_large({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options())
-                               .permute({0, 3, 1, 2});
   const int64_t B = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
-  auto run = [&](const auto* src, auto* dst) {
-    if (to_planes) {
-      transpose_slices<true>(src, dst, B, C, HW);
-    } else {
-      transpose_slices<false>(src, dst, B, C, HW);
-    }
-  };
+  Tensor out = !t.is_contiguous() ? empty_large(t.sizes(), t.options())
+                                  : empty_large({B, t.size(2), t.size(3), C}, t.options())
+                                        .permute({0, 3, 1, 2});
+  const DenseLayout from(t, HW), to(out, HW);
   if (t.scalar_type() == at::kBFloat16) {
-    run(kernel_ptr<uint16_t>(t), kernel_ptr_mut<uint16_t>(out));
+    copy_slices(kernel_ptr<uint16_t>(t), from, kernel_ptr_mut<uint16_t>(out), to, B, C, HW);
   } else {
-    run(kernel_ptr<float>(t), kernel_ptr_mut<float>(out));
+    copy_slices(kernel_ptr<float>(t), from, kernel_ptr_mut<float>(out), to, B, C, HW);
   }
   const int64_t done = C / cpu::kBandChannels * cpu::kBandChannels;
   if (done < C) out.narrow(1, done, C - done).copy_(t.narrow(1, done, C - done));
@@ -1001,10 +991,11 @@ Tensor transposed_channels(const Tensor& t) {
 // (channels_last_bands) on a CPU with the band kernels; other channels-last maps transposed to
 // NCHW (transposed_channels), any other layout copied to NCHW. Their channel and pixel
 // strides: DenseLayout.
+bool sampled_in_place(const Tensor& features) {
+  return features.is_contiguous() || (channels_last_bands(features) && cpu::band_kernels_available());
+}
 Tensor sampling_features(const Tensor& features) {
-  if (features.is_contiguous() || (channels_last_bands(features) && cpu::band_kernels_available())) {
-    return features;
-  }
+  if (sampled_in_place(features)) return features;
   if (!DenseLayout::channels_last(features) || !cpu::band_kernels_available()) return features.contiguous();
   return transposed_channels(features);
 }
@@ -1267,10 +1258,9 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   // kernels would read through an NCHW copy is not copied (an uninitialised NCHW stand-in
   // gives the kernels the layout to accumulate in; no kernel reads it, and its pages are never
   // touched)
-  const bool copied = !features.is_contiguous() &&
-                      !(channels_last_bands(features) && cpu::band_kernels_available());
-  const Tensor f = coords_grad || !copied ? sampling_features(features)
-                                          : at::empty(features.sizes(), features.options());
+  const Tensor f = coords_grad || sampled_in_place(features)
+                       ? sampling_features(features)
+                       : at::empty(features.sizes(), features.options());
   const Tensor xy = coords.contiguous();
   const DenseLayout L(f, H * W);
   const DenseSplit split(C);
