@@ -21,6 +21,10 @@ def masking(dev):
     # long rows take the device-sort path
     ops.random_masking(torch.randn(2, 9000, 4, device=dev), 0.75)
     ops.block_masking(64, 14, 14, 75, device=dev)
+
+
+def errors(dev):
+    # last: an error raised in C++ after a kernel ran (the validation of ids_restore)
     try:
         ops.unshuffle_tokens(torch.randn(2, 3, 4, device=dev), torch.tensor([[0, 1, 1, 2]] * 2, device=dev),
                              torch.zeros(4, device=dev))
@@ -91,7 +95,7 @@ def flow(dev):
     ops.affine_correspondence(torch.randn(3, 2, 3, device=dev), (40, 60), (20, 30))
 
 
-FAMILIES = [masking, dino_loss, projection, flow]
+FAMILIES = [masking, dino_loss, projection, flow, errors]
 
 
 def main(argv=None) -> int:
