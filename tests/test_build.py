@@ -35,6 +35,22 @@ def test_every_op_has_cpu_and_fake_kernels_and_cuda_when_built():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA") == pyssl.has_cuda_kernels(), name
 
 
+@pytest.mark.gpu_check
+def test_cxx_error_messages_with_numbers_do_not_crash():
+    # c10::str formats integers through std::ostream. With a second, static C++ runtime linked
+    # into _C (see CMakeLists.txt) this segfaulted on a GPU machine and cut the message short
+    # here; a subprocess turns such a crash into a failure.
+    code = ("import torch; from pyssl import ops\n"
+            "try:\n"
+            "    ops.unshuffle_tokens(torch.zeros(2, 3, 4), torch.tensor([[0, 1, 1, 2]] * 2),"
+            " torch.zeros(4))\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"the C++ error crashed the process (rc={run.returncode}): {run.stderr[-2000:]}"
+    assert "(L=4) in every row; row 0 repeats 1" in run.stdout
+
+
 def test_cli_version_and_info(capsys):
     out = subprocess.run([sys.executable, "-m", "pyssl", "--version"], capture_output=True,
                          text=True, check=True).stdout
