@@ -403,6 +403,26 @@ def test_cuda_matches_cpu(dtype, K, crops):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("special", ["neg_inf", "pos_inf", "nan"])
+def test_cuda_special_logits_match_cpu(special):
+    """-inf teacher logits add nothing; +inf or NaN student logits make the loss NaN, on the
+    device as on the CPU (the merge of per-chunk statistics carries them across 40 chunks)."""
+    T, S, B, K = 2, 6, 3, 40000
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(S * B, K, generator=g)
+    t = torch.randn(T * B, K, generator=g)
+    t[1, 39990:] = -math.inf
+    if special != "neg_inf":
+        s[4, 1000:1100] = math.inf if special == "pos_inf" else math.nan
+    c = torch.zeros(K)
+    loss, mean = ops.dino_loss(s.cuda(), t.cuda(), c.cuda(), n_teacher_crops=T, skip_same_view=True)
+    rl, rm = ops.dino_loss(s, t, c, n_teacher_crops=T, skip_same_view=True)
+    assert bool(loss.isnan()) == (special != "neg_inf")
+    torch.testing.assert_close(loss.cpu(), rl, rtol=2e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(mean.cpu(), rm, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("M", [64, 2100])
 def test_cuda_ibot_many_patches_matches_cpu(M):
     """iBOT pairs thousands of masked patches (rows) with K up to 65536: past 8M per-group column
