@@ -64,6 +64,57 @@ __global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* _
   }
 }
 
+// Maps whose channels are not contiguous (NCHW: channel stride H * W) with 16 channels or more
+// take a tiled forward. forward_kernel gives consecutive threads consecutive channels of one
+// point: on an NCHW map each of a warp's reads lands in another channel plane. On an H100 that
+// made the NCHW warp 1.7x slower than grid_sample at B=8, C=64 (benchmarks/RESULTS.md). A tiled
+// block handles 32 points x 32 channels: threads along points read neighbouring pixels of one
+// channel plane, and a shared-memory tile turns the rows of the [M, D] output into coalesced
+// writes. Each element's arithmetic is unchanged. (The backward needs no tiles: its gradient
+// accumulator is channels-last, csrc/ops/sampling.h, so consecutive channels are adjacent.)
+constexpr int kTileP = 32, kTileD = 32, kTileRows = 8;  // block (32, 8)
+
+bool tiled(const SampleArgs& a) { return a.sD != 1 && a.D >= 16; }
+
+unsigned tile_grid(const SampleArgs& a) {
+  const int64_t tiles = ceil_div(a.M, kTileP) * ceil_div(a.D, kTileD);
+  return static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 20));
+}
+
+template <typename F>
+__global__ void __launch_bounds__(kTileP * kTileRows)
+forward_tiled_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
+                     const acc_t<F>* __restrict__ xy, SampleArgs a, F* __restrict__ out) {
+  using A = acc_t<F>;
+  __shared__ A tile[kTileD][kTileP + 1];  // [channel][point]
+  const int64_t tiles_d = ceil_div(a.D, kTileD), tiles = ceil_div(a.M, kTileP) * tiles_d;
+  for (int64_t tt = blockIdx.x; tt < tiles; tt += gridDim.x) {
+    const int64_t m0 = (tt / tiles_d) * kTileP, d0 = (tt % tiles_d) * kTileD;
+    const int64_t m = m0 + threadIdx.x;
+    if (m < a.M) {
+      const int64_t n = image_of(idx, m, a.per_image);
+      const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+      int64_t po[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) po[c] = tap_pointer(tp.offset[c], a);
+      for (int dd = threadIdx.y; dd < kTileD && d0 + dd < a.D; dd += kTileRows) {
+        const F* base = f + n * a.sN + (d0 + dd) * a.sD;
+        A acc = 0;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (po[c] >= 0) acc += tp.weight[c] * to_acc(base[po[c]]);
+        tile[dd][threadIdx.x] = acc;
+      }
+    }
+    __syncthreads();
+    for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
+      const int64_t mm = m0 + pp, d = d0 + threadIdx.x;
+      if (mm < a.M && d < a.D) out[mm * a.D + d] = from_acc<F>(tile[threadIdx.x][pp]);
+    }
+    __syncthreads();
+  }
+}
+
 template <typename A>
 __global__ void tap_keys_kernel(const int64_t* __restrict__ idx, const A* __restrict__ xy,
                                 SampleArgs a, int64_t* __restrict__ keys) {
@@ -323,6 +374,12 @@ cudaError_t sample_points(const void* features, DType dtype, const int64_t* imag
   if (a.M * a.D == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
+    if (tiled(a)) {
+      forward_tiled_kernel<F><<<tile_grid(a), dim3(kTileP, kTileRows), 0, stream>>>(
+          static_cast<const F*>(features), image_index, static_cast<const acc_t<F>*>(xy), a,
+          static_cast<F*>(out));
+      return cudaGetLastError();
+    }
     forward_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
         static_cast<const F*>(features), image_index, static_cast<const acc_t<F>*>(xy), a,
         static_cast<F*>(out));

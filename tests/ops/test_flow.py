@@ -1052,3 +1052,42 @@ def test_cuda_flow_ops_match_cpu(dtype):
                                            atol=tol * scale)
         finally:
             torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("D", [3, 16, 40, 77])
+def test_cuda_sample_points_tiles_match_cpu(dtype, layout, D):
+    """NCHW-like maps with 16 channels or more take the tiled CUDA forward (32 points x 32
+    channels per block; csrc/kernels/sampling.cu): partial tiles in points (M = 1001) and
+    channels, points outside the map, an image index, both modes, row strides other than
+    W * column stride; and the atomic backward on the same maps."""
+    g = torch.Generator().manual_seed(D)
+    N, H, W, M = 3, 13, 29, 1001
+    f = torch.randn(N, D, H, W, generator=g).to(dtype)
+    if layout == "channels_last":
+        f = f.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other row: the row stride is 2 W (sliced on each device)
+        f = torch.randn(N, D, 2 * H, W, generator=g).to(dtype)
+    on_device = (lambda t: t.cuda()[:, :, ::2]) if layout == "strided" else (lambda t: t.cuda())
+    on_cpu = (lambda t: t[:, :, ::2]) if layout == "strided" else (lambda t: t)
+    xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 3.0, H + 3.0]) - 2
+    idx = torch.randint(0, N, (M,), generator=g)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for mode in ("bilinear", "nearest"):
+        for image_index in (idx, None):
+            n_pts = M if image_index is not None else (M // N) * N
+            fc = f.cuda().requires_grad_(True)
+            fd = on_device(fc)
+            assert layout != "strided" or fd.stride(2) == 2 * W
+            out = ops.sample_points(fd, xy[:n_pts].cuda(), None if image_index is None else idx.cuda(), mode=mode)
+            grad = torch.randn(out.shape, generator=g).to(dtype)
+            out.backward(grad.cuda())
+            fr = f.clone().requires_grad_(True)
+            ref = ops.sample_points(on_cpu(fr), xy[:n_pts], image_index, mode=mode)
+            ref.backward(grad)
+            torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(fc.grad.cpu().float(), fr.grad.float(), rtol=tol,
+                                       atol=tol * 4)
+
