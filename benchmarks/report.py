@@ -87,10 +87,18 @@ def format_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def bar_color(row: dict) -> str:
+    """Green where pyssl is faster than the baseline, red where slower; grey for another pyssl
+    path (e.g. ``pyssl_deterministic``, ``pyssl_fused``), which is a comparison, not a baseline."""
+    if row["impl"].startswith(PYSSL):
+        return "tab:gray"
+    return "tab:green" if row["ratio"] >= 1 else "tab:red"
+
+
 def plot(data: dict, path: str) -> str:
     """A horizontal bar chart of ``time(baseline) / time(pyssl)`` for every configuration and
-    baseline of ``data`` (log axis, parity at 1x; bars right of it: pyssl is faster), written as
-    a PNG at ``path``. Configurations without a pyssl timing have no ratio and are left out.
+    baseline of ``data`` (log axis, parity at 1x; bars right of it: pyssl is faster; grey bars
+    compare pyssl with another of its own paths), written as a PNG at ``path``. Configurations without a pyssl timing have no ratio and are left out.
     Returns ``path``."""
     from pyssl.engine.logger import save_figure
 
@@ -106,7 +114,7 @@ def plot(data: dict, path: str) -> str:
     ratios = [r["ratio"] for r in bars]
     fig, ax = plt.subplots(figsize=(11, 0.9 + 0.24 * len(bars)))
     y = list(range(len(bars)))[::-1]  # first row at the top, as in the table
-    ax.barh(y, ratios, color=["tab:green" if v >= 1 else "tab:red" for v in ratios], height=0.7)
+    ax.barh(y, ratios, color=[bar_color(r) for r in bars], height=0.7)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=1)
     for yi, v in zip(y, ratios):
@@ -118,8 +126,10 @@ def plot(data: dict, path: str) -> str:
     ax.set_xlim(lo / 1.5, hi * 3)  # room for the labels right of the longest bar
     ax.set_xlabel("time(baseline) / time(pyssl)   (> 1: pyssl is faster)")
     header = format_table(data).split("\n\n")[0]  # machine, CPU/GPU, builds
-    fig.suptitle("\n".join(textwrap.fill(line, 140) for line in header.splitlines()), fontsize=7)
-    fig.tight_layout()
+    title = [part for line in header.splitlines() for part in textwrap.wrap(line, 140)]
+    fig.suptitle("\n".join(title), fontsize=7)
+    # keep the title's lines (about 0.13 in each at 7 pt) clear of the top bars
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.15 + 0.13 * len(title)) / fig.get_figheight()))
     save_figure(fig, path)
     return path
 

@@ -89,6 +89,12 @@ def test_ratio_chart_is_a_png_with_a_bar_per_baseline(tmp_path, monkeypatch):
     assert sorted(drawn["ratios"]) == pytest.approx([0.5, 3.0])  # beit slower than pyssl: 0.5
 
 
+def test_bar_colors_say_faster_slower_or_another_pyssl_path():
+    assert report.bar_color({"impl": "mae", "ratio": 2.0}) == "tab:green"
+    assert report.bar_color({"impl": "mae", "ratio": 0.5}) == "tab:red"
+    assert report.bar_color({"impl": "pyssl_deterministic", "ratio": 0.5}) == "tab:gray"
+
+
 def test_ratio_chart_without_any_ratio_is_a_clear_error(tmp_path):
     data = _result("flow fwd", {"grid_sample": 0.005})
     with pytest.raises(ValueError, match="nothing to plot"):
