@@ -85,8 +85,13 @@ elif ! $PY -c "import torch, pyssl, sys; sys.exit(0 if torch.cuda.is_available()
     >"$OUT/tests.log" 2>&1; then
   status "CUDA tests" FAILED "no CUDA device visible to torch, or pyssl built without CUDA kernels"
 else
-  timeout -k 10 "$t" $PY -m pytest tests/ops tests/losses tests/test_build.py -m "cuda or gpu_check" -q \
-    -p no:cacheprovider --no-header -rfE >"$OUT/tests.log" 2>&1
+  cuda_tests() {  # cuda_tests SECONDS [pytest args]: appends to tests.log
+    local secs=$1
+    shift
+    timeout -k 10 "$secs" $PY -m pytest tests/ops tests/losses tests/test_build.py \
+      -m "cuda or gpu_check" -q -p no:cacheprovider --no-header -rfE "$@" >>"$OUT/tests.log" 2>&1
+  }
+  cuda_tests "$t"
   rc=$?
   # A crash (a signal: rc > 128 other than timeout's 137) ends pytest at the crashing test. Run
   # the tests again under pytest-xdist where it is installed: a crashed worker fails only its
@@ -94,16 +99,12 @@ else
   t=$(allow 150)
   if [ $rc -gt 128 ] && [ $rc != 137 ] && [ "$t" -gt 0 ] && $PY -c "import xdist" 2>/dev/null; then
     echo "=== pytest crashed (rc=$rc); again with pytest-xdist (-n 4) ===" >>"$OUT/tests.log"
-    timeout -k 10 "$t" $PY -m pytest tests/ops tests/losses tests/test_build.py -m "cuda or gpu_check" -q \
-      -p no:cacheprovider --no-header -rfE -n 4 >>"$OUT/tests.log" 2>&1
+    cuda_tests "$t" -n 4
     rc2=$?
-    line=$(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)
-    status "CUDA tests (-m 'cuda or gpu_check')" "$(verdict $rc)" \
-      "crashed (rc=$rc); under xdist (rc=$rc2): ${line:-no summary}, $(elapsed $s)"
-  else
-    line=$(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)
-    status "CUDA tests (-m 'cuda or gpu_check')" "$(verdict $rc)" "${line:-rc=$rc}, $(elapsed $s)"
   fi
+  line=$(grep -E "passed|failed|error" "$OUT/tests.log" | tail -1)
+  [ -n "${rc2:-}" ] && line="crashed (rc=$rc); under xdist (rc=$rc2): ${line:-no summary}"
+  status "CUDA tests (-m 'cuda or gpu_check')" "$(verdict $rc)" "${line:-rc=$rc}, $(elapsed $s)"
 fi
 
 # 3. compute-sanitizer over a small program that runs every CUDA kernel. Without torch's caching

@@ -98,8 +98,8 @@ def bar_color(row: dict) -> str:
 def plot(data: dict, path: str) -> str:
     """A horizontal bar chart of ``time(baseline) / time(pyssl)`` for every configuration and
     baseline of ``data`` (log axis, parity at 1x; bars right of it: pyssl is faster; grey bars
-    compare pyssl with another of its own paths), written as a PNG at ``path``. Configurations without a pyssl timing have no ratio and are left out.
-    Returns ``path``."""
+    compare pyssl with another of its own paths), written as a PNG at ``path``. Configurations
+    without a pyssl timing have no ratio and are left out. Returns ``path``."""
     from pyssl.engine.logger import save_figure
 
     import matplotlib

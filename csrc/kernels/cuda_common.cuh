@@ -53,11 +53,25 @@ template <typename T> __device__ __forceinline__ T device_exp(T x);
 template <> __device__ __forceinline__ float device_exp<float>(float x) { return __expf(x); }
 template <> __device__ __forceinline__ double device_exp<double>(double x) { return exp(x); }
 
+// Warp-wide reductions with a fixed xor butterfly: IEEE addition is commutative, so every lane
+// ends with the same, repeatable value.
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // Block-wide reductions with a fixed tree (bitwise repeatable); every thread gets the result.
 // `smem` holds at least 32 * N values; the function synchronises before and after using it.
 template <typename T>
 __device__ __forceinline__ T block_max(T v, T* smem) {
-  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
+  v = warp_max(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   __syncthreads();
   if (lane == 0) smem[warp] = v;
@@ -70,8 +84,7 @@ __device__ __forceinline__ T block_max(T v, T* smem) {
 template <int N, typename T>
 __device__ __forceinline__ void block_sum(T (&v)[N], T* smem) {
 #pragma unroll
-  for (int n = 0; n < N; ++n)
-    for (int off = 16; off > 0; off >>= 1) v[n] += __shfl_xor_sync(0xffffffffu, v[n], off);
+  for (int n = 0; n < N; ++n) v[n] = warp_sum(v[n]);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   __syncthreads();
   if (lane == 0) {

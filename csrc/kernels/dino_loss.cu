@@ -134,19 +134,6 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
   }
 }
 
-__device__ __forceinline__ double dnan_max(double a, double b) { return (b > a || b != b) ? b : a; }
-
-// Warp-wide reductions in double with a fixed xor butterfly: IEEE addition is commutative, so
-// every lane ends with the same, repeatable value.
-__device__ __forceinline__ double warp_max_d(double v) {
-  for (int off = 16; off > 0; off >>= 1) v = dnan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-__device__ __forceinline__ double warp_sum_d(double v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 constexpr int kMergeThreads = 256;
 
 // Merges the per-chunk statistics of one image (one block per image): loss_b = w_b * sum over
@@ -173,12 +160,12 @@ dino_merge_kernel(const A* __restrict__ tm, const A* __restrict__ tz,
     const A* mx = (student ? sm : tm) + row * nk;
     const A* zz = (student ? sz : tz) + row * nk;
     double M = -INFINITY;
-    for (int64_t c = lane; c < nk; c += 32) M = dnan_max(M, double(mx[c]));
-    M = warp_max_d(M);
+    for (int64_t c = lane; c < nk; c += 32) M = nan_max(M, double(mx[c]));
+    M = warp_max(M);
     const double shift = M == -INFINITY ? 0.0 : M;
     double Z = 0;
     for (int64_t c = lane; c < nk; c += 32) Z += double(zz[c]) * exp(double(mx[c]) - shift);
-    Z = warp_sum_d(Z);
+    Z = warp_sum(Z);
     if (lane == 0) {
       const A l = A(shift + log(Z));
       if (student) {
@@ -200,7 +187,7 @@ dino_merge_kernel(const A* __restrict__ tm, const A* __restrict__ tz,
     const double shift = t_shift[i];
     double num = 0;
     for (int64_t c = lane; c < nk; c += 32) num += double(d[c]) * exp(double(mx[c]) - shift);
-    num = warp_sum_d(num);
+    num = warp_sum(num);
     acc += double(student_lse[int64_t(v) * B + b]) - num / t_z[i] * inv_ts;
   }
   if (lane == 0) part[warp] = acc;

@@ -12,6 +12,9 @@ namespace {
 constexpr int kThreads = 256;
 // ranks_kernel's shared keys are allocated in multiples of this many keys.
 constexpr int kRanksPad = 4;
+__host__ __device__ __forceinline__ int64_t padded_keys(int64_t L) {
+  return ceil_div(L, kRanksPad) * kRanksPad;
+}
 
 __device__ __forceinline__ uint32_t key_of(float x) { return ordered_key(x); }
 __device__ __forceinline__ uint64_t key_of(double x) { return ordered_key(x); }
@@ -36,9 +39,7 @@ __global__ void ranks_kernel(const in_t* __restrict__ noise, int L, int64_t K,
   // the scalar tail of the unrolled loop below as one vector, past L (compute-sanitizer's
   // memcheck flagged 12-byte reads at keys[L-1] on an H100, nvcc 13.0). Zero the padding so
   // those reads see defined values; they are never used.
-  for (int l = L + threadIdx.x; l < kRanksPad * ((L + kRanksPad - 1) / kRanksPad);
-       l += blockDim.x)
-    keys[l] = 0;
+  for (int l = L + threadIdx.x; l < padded_keys(L); l += blockDim.x) keys[l] = 0;
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     const key_t k = keys[l];
@@ -218,7 +219,7 @@ cudaError_t random_masking_ranks(const void* noise, DType noise_dtype, int64_t N
     using T = std::remove_pointer_t<decltype(tag)>;
     using key_t = std::conditional_t<std::is_same_v<T, double>, uint64_t, uint32_t>;
     const int threads = L >= 256 ? 256 : static_cast<int>(ceil_div(L, 32) * 32);
-    const size_t smem = ceil_div(L, int64_t{kRanksPad}) * kRanksPad * sizeof(key_t);
+    const size_t smem = padded_keys(L) * sizeof(key_t);
     ranks_kernel<T, key_t><<<static_cast<unsigned>(N), threads, smem, stream>>>(
         static_cast<const T*>(noise), static_cast<int>(L), K, ids_keep, ids_restore, mask);
     return cudaGetLastError();

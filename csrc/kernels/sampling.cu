@@ -24,6 +24,20 @@ __device__ __forceinline__ int64_t grad_pointer(int64_t n, int64_t d, int64_t of
   return n * a.gN + d * a.gD + tap_offset(offset, a.W, a.gH, a.gW);
 }
 
+// Channel d of point m in image n: the taps' weighted sum, in tap order.
+template <typename F>
+__device__ __forceinline__ acc_t<F> sample_one(const F* f, const Taps<acc_t<F>>& tp, int64_t n,
+                                               int64_t d, const SampleArgs& a) {
+  acc_t<F> acc = 0;
+  const F* base = f + n * a.sN + d * a.sD;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int64_t po = tap_pointer(tp.offset[c], a);
+    if (po >= 0) acc += tp.weight[c] * to_acc(base[po]);
+  }
+  return acc;
+}
+
 template <typename F>
 __global__ void forward_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
                                const acc_t<F>* __restrict__ xy, SampleArgs a, F* __restrict__ out) {
@@ -34,14 +48,7 @@ __global__ void forward_kernel(const F* __restrict__ f, const int64_t* __restric
     const int64_t m = t / a.D, d = t % a.D;
     const int64_t n = image_of(idx, m, a.per_image);
     const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-    const F* base = f + n * a.sN + d * a.sD;
-    A acc = 0;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int64_t po = tap_pointer(tp.offset[c], a);
-      if (po >= 0) acc += tp.weight[c] * to_acc(base[po]);
-    }
-    out[t] = from_acc<F>(acc);
+    out[t] = from_acc<F>(sample_one(f, tp, n, d, a));
   }
 }
 
@@ -94,17 +101,8 @@ forward_tiled_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
     if (m < a.M) {
       const int64_t n = image_of(idx, m, a.per_image);
       const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-      int64_t po[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) po[c] = tap_pointer(tp.offset[c], a);
-      for (int dd = threadIdx.y; dd < kTileD && d0 + dd < a.D; dd += kTileRows) {
-        const F* base = f + n * a.sN + (d0 + dd) * a.sD;
-        A acc = 0;
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (po[c] >= 0) acc += tp.weight[c] * to_acc(base[po[c]]);
-        tile[dd][threadIdx.x] = acc;
-      }
+      for (int dd = threadIdx.y; dd < kTileD && d0 + dd < a.D; dd += kTileRows)
+        tile[dd][threadIdx.x] = sample_one(f, tp, n, d0 + dd, a);
     }
     __syncthreads();
     for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
@@ -207,19 +205,6 @@ unsigned grid_for(int64_t work) {
 // ---------------------------------------------------------------------------------------------
 
 constexpr double kEps = 1e-12;
-
-template <typename F>
-__device__ __forceinline__ acc_t<F> sample_one(const F* f, const Taps<acc_t<F>>& tp, int64_t n,
-                                               int64_t d, const SampleArgs& a) {
-  acc_t<F> acc = 0;
-  const F* base = f + n * a.sN + d * a.sD;
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int64_t po = tap_pointer(tp.offset[c], a);
-    if (po >= 0) acc += tp.weight[c] * to_acc(base[po]);
-  }
-  return acc;
-}
 
 template <typename F>
 __global__ void distill_forward_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
