@@ -1,0 +1,315 @@
+"""pyssl's CUDA code paths, run on the CPU by the CUDA emulator (tests/cuda_emu), against the
+CPU ops.
+
+`torch.ops.pyssl_emu.<op>` on CPU tensors is the CUDA implementation of `torch.ops.pyssl.<op>`:
+the glue of csrc/ops/<family>_cuda.cpp (checks, workspaces, sorts, launch configurations) and
+the kernels of csrc/kernels/<family>.cu, each CUDA thread a fiber, with real __syncthreads and
+warp-shuffle rendezvous. So the CUDA code's indexing and reductions are checked here, on every
+CI run, not only in the rare sessions with a GPU; tests/ops/test_<family>.py's `cuda` tests
+repeat the comparisons on a real device (with its __expf and FMA contraction, which the
+emulator does not model; see cuda_emu.h).
+
+The emulated library is built on first use (about a minute on 2 cores) into
+~/.cache/pyssl/cuda_emu_<key> (PYSSL_EMU_BUILD overrides); it needs the CUDA toolkit's
+headers, which CI has (it builds the CUDA kernels with nvcc).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pyssl  # noqa: F401  (registers torch.ops.pyssl)
+from pyssl.ops.projection import _image_size_tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+from .test_projection import random_points, random_rig  # noqa: E402
+
+CPU = torch.ops.pyssl
+
+pytestmark = pytest.mark.skipif(emu_build.cuda_include() is None,
+                                reason="the CUDA emulator needs the CUDA toolkit's headers")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emu_build.load()
+
+
+def _close(got, want, tol, scale=1.0):
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The emulator's own rewrite
+# --------------------------------------------------------------------------------------------
+
+
+def test_rewrite_turns_launches_and_dynamic_shared_memory_into_calls():
+    src = ("extern __shared__ __align__(16) unsigned char smem[];\n"
+           "k<T, 2><<<grid, kThreads, 0, stream>>>(a, b);\n"
+           "noargs<<<dim3(1, 2),\n 32>>>();\n")
+    out = emu_build.rewrite_kernels(src)
+    assert "::emu::launch(::emu::Cfg(grid, kThreads, 0, stream), k<T, 2>, a, b);" in out
+    assert "::emu::launch(::emu::Cfg(dim3(1, 2), 32), noargs);" in out
+    assert "unsigned char* smem = reinterpret_cast<unsigned char*>(::emu::dynamic_smem());" in out
+    assert "<<<" not in out and out.startswith('#include "cuda_emu.h"')
+
+
+# --------------------------------------------------------------------------------------------
+# DINO loss (csrc/kernels/dino_loss.cu)
+# --------------------------------------------------------------------------------------------
+
+
+def _dino_both(emu, s, t, c, w, T, skip, grad=1.3):
+    args = (T, 0.1, 0.04, skip)
+    got = emu.dino_loss(s, t, c, w, *args)
+    want = CPU.dino_loss(s, t, c, w, *args)
+    g = torch.tensor(grad)
+    ggot = emu.dino_loss_backward(g, s, t, c, w, got[2], got[3], *args)
+    gwant = CPU.dino_loss_backward(g, s, t, c, w, want[2], want[3], *args)
+    return got, want, ggot, gwant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("K", [1, 17, 255, 257, 4097])
+@pytest.mark.parametrize("crops", [(2, 12, True), (1, 1, False), (2, 2, False), (3, 5, True)])
+def test_dino_loss_matches_cpu(emu, dtype, K, crops):
+    """Forward statistics per warp chunk of 256 prototypes (partial chunks at K = 17, 255, 257,
+    4097), the merge, the teacher mean and the backward; bitwise repeatable."""
+    T, S, skip = crops
+    B = 5
+    g = torch.Generator().manual_seed(K * 10 + T)
+    s = (torch.randn(S * B, K, generator=g) * 3).to(dtype)
+    t = (torch.randn(T * B, K, generator=g) * 3).to(dtype)
+    c = torch.randn(K, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * 0.1
+    got, want, ggot, gwant = _dino_both(emu, s, t, c, None, T, skip)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for a, b in zip(got, want):
+        _close(a, b, tol)
+    gtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    _close(ggot, gwant, gtol, float(gwant.abs().max()) + 1e-6)
+    again = emu.dino_loss(s, t, c, None, T, 0.1, 0.04, skip)
+    assert all(torch.equal(a, b) for a, b in zip(again, got))
+
+
+def test_dino_loss_grouped_images_and_fused_column_sums(emu):
+    """Enough warps for several images per warp (B * K / 256 >= 16384): the forward keeps the
+    teacher's column sums per group of images; with iBOT-like weights."""
+    M, K = 600, 8192
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(M, K, generator=g) * 2
+    t = torch.randn(M, K, generator=g) * 2
+    c = torch.randn(K, generator=g) * 0.1
+    w = torch.rand(M, generator=g)
+    got, want, ggot, gwant = _dino_both(emu, s, t, c, w, 1, False)
+    for a, b in zip(got, want):
+        _close(a, b, 2e-5)
+    _close(ggot, gwant, 1e-5, float(gwant.abs().max()))
+
+
+@pytest.mark.parametrize("special", ["neg_inf", "pos_inf", "nan"])
+def test_dino_loss_special_logits(emu, special):
+    T, S, B, K = 2, 4, 3, 3000
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(S * B, K, generator=g)
+    t = torch.randn(T * B, K, generator=g)
+    t[1, 2990:] = -math.inf
+    if special != "neg_inf":
+        s[4, 1000:1100] = math.inf if special == "pos_inf" else math.nan
+    c = torch.zeros(K)
+    got = emu.dino_loss(s, t, c, None, T, 0.1, 0.04, True)
+    want = CPU.dino_loss(s, t, c, None, T, 0.1, 0.04, True)
+    assert bool(got[0].isnan()) == (special != "neg_inf")
+    for a, b in zip(got, want):
+        _close(a, b, 2e-5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 6), S=st.integers(1, 5), T=st.integers(1, 4), K=st.integers(1, 1500),
+       skip=st.booleans(), scale=st.sampled_from([1.0, 30.0]), seed=st.integers(0, 2**31 - 1))
+def test_dino_loss_random_shapes(emu, B, S, T, K, skip, scale, seed):
+    T = min(T, S)
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(S * B, K, generator=g, dtype=torch.float64) * scale
+    t = torch.randn(T * B, K, generator=g, dtype=torch.float64) * scale
+    c = torch.randn(K, generator=g, dtype=torch.float64)
+    if skip and S == T == 1:
+        skip = False  # no pair left
+    got, want, ggot, gwant = _dino_both(emu, s, t, c, None, T, skip)
+    for a, b in zip(got, want):
+        _close(a, b, 1e-9)
+    _close(ggot, gwant, 1e-9, float(gwant.abs().max()))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_offset_logsumexp(emu, dim):
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(37, 1100, generator=g) * 5
+    ro, co = torch.randn(37, generator=g), torch.randn(1100, generator=g)
+    for r, c in ((ro, co), (None, None), (ro, None)):
+        _close(emu.offset_logsumexp(x, r, c, 7.0, dim), CPU.offset_logsumexp(x, r, c, 7.0, dim), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Masking (csrc/kernels/masking.cu)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("L", [1, 7, 196, 1000, 9000])
+def test_random_masking_and_unshuffle(emu, dtype, L):
+    """Ranks in shared memory (short rows) or a sort (long rows), ties and NaNs, the gather,
+    the unshuffle and its backward: the same bits as the CPU."""
+    g = torch.Generator().manual_seed(L)
+    N, D = 3, 35
+    x = torch.randn(N, L, D, generator=g).to(dtype)
+    noise = torch.randint(0, 50, (N, L), generator=g).to(dtype)
+    noise[0, : min(L, 3)] = math.nan
+    keep = int(L * 0.25)
+    got = emu.random_masking(x, noise, keep)
+    want = CPU.random_masking(x, noise, keep)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    token = torch.randn(D, generator=g).to(dtype)
+    out = emu.unshuffle_tokens(got[0], got[3], token, True)
+    assert torch.equal(out, CPU.unshuffle_tokens(want[0], want[3], token, True))
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    gv, gt = emu.unshuffle_tokens_backward(grad, got[3], keep, True)
+    rv, rt = CPU.unshuffle_tokens_backward(grad, want[3], keep, True)
+    assert torch.equal(gv, rv)
+    _close(gt, rt, 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_unshuffle_validation_and_block_masking(emu):
+    for ids in ([[0, 1, 1, 2]] * 2, [[0, 1, 9, 2]] * 2):
+        with pytest.raises(ValueError, match="ids_restore"):
+            emu.unshuffle_tokens(torch.randn(2, 3, 4), torch.tensor(ids), torch.zeros(4), True)
+    seeds = torch.randint(-(2**62), 2**62, (64,), generator=torch.Generator().manual_seed(1))
+    got = emu.block_masking(seeds, 14, 14, 75, 4, 75, 0.3, 1 / 0.3, True)
+    assert torch.equal(got, CPU.block_masking(seeds, 14, 14, 75, 4, 75, 0.3, 1 / 0.3, True))
+
+
+# --------------------------------------------------------------------------------------------
+# Projection (csrc/kernels/projection.cu)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_and_pairs(emu, dtype):
+    M, K = random_rig(6, 61, dtype)
+    pts = random_points(3000, 62, dtype)
+    size = _image_size_tensor((900, 1600), M, False)
+    for rounding in (0, 1, 2):
+        got = emu.project_points(pts, M, K, size, None, 1.0, 0.0, rounding)
+        want = CPU.project_points(pts, M, K, size, None, 1.0, 0.0, rounding)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    rnd = torch.rand(3000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for cameras, r in ((0, None), (1, None), (2, rnd)):
+        got = emu.point_pixel_pairs(pts, M, K, size, None, 1.0, 0.0, 1, cameras, r)
+        want = CPU.point_pixel_pairs(pts, M, K, size, None, 1.0, 0.0, 1, cameras, r)
+        assert got[0].numel() > 0
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_segment_mean(emu, deterministic):
+    g = torch.Generator().manual_seed(5)
+    vals = torch.randn(5000, 19, generator=g)
+    ids = torch.randint(-1, 300, (5000,), generator=g)
+    m, c = emu.segment_mean(vals, ids, 300, deterministic)
+    rm, rc = CPU.segment_mean(vals, ids, 300, True)
+    assert torch.equal(c, rc)
+    _close(m, rm, 1e-5)
+    grad = torch.randn(300, 19, generator=g)
+    _close(emu.segment_mean_backward(grad, ids, c), CPU.segment_mean_backward(grad, ids, rc), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Flow and sampling (csrc/kernels/flow.cu, sampling.cu)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flow_and_affine_correspondence(emu, dtype):
+    g = torch.Generator().manual_seed(7)
+    fw = (torch.randn(2, 2, 24, 40, generator=g) * 5).to(dtype)
+    bw = (-fw + torch.randn(2, 2, 24, 40, generator=g).to(dtype) * 0.3)
+    fw[0, 0, 3, 4] = math.nan
+    for b in (bw, None):
+        got, want = emu.flow_correspondence(fw, b, 0.01, 0.5), CPU.flow_correspondence(fw, b, 0.01, 0.5)
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
+        assert torch.equal(got[1], want[1])
+    theta = torch.randn(3, 2, 3, generator=g, dtype=dtype)
+    torch.testing.assert_close(emu.affine_correspondence(theta, 30, 50, 17, 23),
+                               CPU.affine_correspondence(theta, 30, 50, 17, 23))
+
+
+def _maps(layout, N, D, H, W, dtype, g):
+    if layout == "strided":  # every other row: the row stride is 2 W
+        return torch.randn(N, D, 2 * H, W, generator=g).to(dtype)[:, :, ::2]
+    f = torch.randn(N, D, H, W, generator=g).to(dtype)
+    return f.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("D", [3, 16, 40, 77])
+def test_sample_points_and_backward(emu, dtype, layout, D):
+    """The tiled forward (NCHW-like maps, D >= 16: 32 points x 32 channels per block, partial
+    tiles), the per-point forward, both modes, with and without an image index; the atomic
+    and the deterministic (sort + segmented sums) feature gradients and the xy gradient."""
+    g = torch.Generator().manual_seed(D)
+    N, H, W, M = 3, 13, 29, 301
+    f = _maps(layout, N, D, H, W, dtype, g)
+    xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 3.0, H + 3.0]) - 2
+    idx = torch.randint(0, N, (M,), generator=g)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for mode in (0, 1):
+        for image_index, n in ((idx, M), (None, (M // N) * N)):
+            out = emu.sample_points(f, image_index, xy[:n], mode)
+            want = CPU.sample_points(f, image_index, xy[:n], mode)
+            _close(out, want, tol)
+            grad = torch.randn(out.shape, generator=g).to(dtype)
+            rf, rxy = CPU.sample_points_backward(grad, f, image_index, xy[:n], mode, True, True, True)
+            for det in (False, True):
+                gf, gxy = emu.sample_points_backward(grad, f, image_index, xy[:n], mode, True, True, det)
+                _close(gf, rf, tol, 4)
+                _close(gxy, rxy, tol * 10, float(rxy.abs().max()) + 1)
+                if det:
+                    again = emu.sample_points_backward(grad, f, image_index, xy[:n], mode, True, False, det)[0]
+                    assert torch.equal(again, gf)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("loss", [0, 1])
+@pytest.mark.parametrize("D", [5, 40])
+def test_distillation_loss(emu, mode, loss, D):
+    """The fused gather + loss (projection's pixel_to_point_distillation_loss, flow's
+    dense_correspondence_loss): forward, coefficients, both gradients, atomic and
+    deterministic."""
+    g = torch.Generator().manual_seed(D + 10 * mode + 100 * loss)
+    N, H, W, M = 4, 11, 17, 500
+    feats = torch.randn(N, D, H, W, generator=g)
+    pf = torch.randn(M, D, generator=g)
+    idx = torch.randint(0, N, (M,), generator=g)
+    xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1
+    for w in (None, (torch.rand(M, generator=g) > 0.3).float()):
+        got, stats = emu.distill_loss(pf, feats, idx, xy, w, mode, loss)
+        want, rstats = CPU.distill_loss(pf, feats, idx, xy, w, mode, loss)
+        _close(got, want, 1e-5)
+        gl = torch.tensor(0.7)
+        rp, rf = CPU.distill_loss_backward(gl, pf, feats, idx, xy, w, rstats, mode, loss, True, True, True)
+        for det in (False, True):
+            gp, gf = emu.distill_loss_backward(gl, pf, feats, idx, xy, w, stats, mode, loss, True, True, det)
+            _close(gp, rp, 1e-4, float(rp.abs().max()))
+            _close(gf, rf, 1e-4, float(rf.abs().max()))
