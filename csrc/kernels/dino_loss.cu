@@ -1,11 +1,15 @@
 // DINO-loss CUDA kernels: the same chunked, one-pass algorithm as the CPU implementation
 // (csrc/ops/dino_loss.cpp), with fixed reduction trees (bitwise repeatable).
 //
-// Forward: one block per (group of kGroup images, chunk of kChunk prototypes). Each thread owns
-// kElems prototypes of the chunk; for every image it keeps the teacher's exp(a - m) values in
+// Forward: every warp owns a statistics chunk of kWarpChunk prototypes (each lane kWarpElems of
+// them) for a group of images; for every image it keeps the teacher's exp(a - m) values in
 // registers and streams the student crops past them, producing per-(row, chunk) max / sum-exp
-// statistics and teacher-student dot products. A merge kernel (one block per image, a warp per
-// row or pair) combines the chunks, then one thread sums the loss over images in order.
+// statistics and teacher-student dot products with warp shuffles only (no block barriers, so a
+// warp's loads of the next row need not wait for other warps). A merge kernel (one block per
+// image, a warp per row or pair) combines the chunks, then one thread sums the loss over images
+// in order. The first version reduced over 1024-prototype block chunks with two block barriers
+// per row; at B = 32 its 64-512 blocks each ran ~56 rows one after another (0.18 ms at K = 8192
+// on an H100, 0.08 ms of which the bandwidth floor would allow at K = 65536).
 // Backward: one block per (image, chunk), no reductions: q from the teacher row and its saved
 // log-sum-exp, p from the student row and its saved log-sum-exp.
 #include <algorithm>
@@ -17,17 +21,33 @@
 namespace pyssl::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;                  // backward and column kernels
 constexpr int kElems = 4;
-constexpr int64_t kChunk = kThreads * kElems;  // prototypes per block
-constexpr int64_t kGroup = 4;                  // images per forward block
-// The forward keeps the teacher's column sums per group of kGroup images, [B / kGroup, K] in the
+constexpr int64_t kChunk = kThreads * kElems;  // prototypes per backward block
+constexpr int kWarpElems = 8;                  // prototypes per lane in the forward
+constexpr int64_t kWarpChunk = 32 * kWarpElems;  // prototypes per forward statistics chunk
+constexpr int kForwardThreads = 128;           // 4 warps, 4 chunks, per forward block
+constexpr int64_t kBlockSpan = kWarpChunk * (kForwardThreads / 32);
+constexpr int64_t kMaxGroup = 4;               // images per forward warp, at most
+// The forward can keep the teacher's column sums per group of images, [B / group, K] in the
 // workspace, while that holds at most kMaxColsum elements (32 MB in fp32; DINO at B = 64,
-// K = 65536 needs 1M). Beyond it (iBOT's thousands of masked patches would need ~400 MB at
-// M = 6000) a separate kernel sums each column over all rows, reading the teacher once more (the same column_mean_kernel over its rows).
+// K = 65536 needs 2M). Otherwise (one image per group, or iBOT's thousands of masked patches,
+// which would need ~400 MB at M = 6000) a separate kernel sums each column over the teacher's
+// rows, reading the teacher once more (the same column_mean_kernel over its rows).
 constexpr int64_t kMaxColsum = int64_t{1} << 23;
 
-bool fused_colsum(const DinoArgs& a) { return ceil_div(a.B, kGroup) * a.K <= kMaxColsum; }
+int64_t stat_chunks(const DinoArgs& a) { return ceil_div(a.K, kWarpChunk); }
+
+// Images per forward warp: one while the grid has fewer warps than an H100 holds at once (132
+// SMs x 64), so that every row's loads are in flight together; more only for larger batches.
+int64_t forward_group(const DinoArgs& a) {
+  return std::clamp<int64_t>(a.B * stat_chunks(a) / 8192, 1, kMaxGroup);
+}
+
+bool fused_colsum(const DinoArgs& a) {
+  const int64_t g = forward_group(a);
+  return g > 1 && ceil_div(a.B, g) * a.K <= kMaxColsum;
+}
 
 template <typename T> __device__ __forceinline__ acc_t<T> neg_inf() { return -INFINITY; }
 
@@ -46,91 +66,98 @@ __device__ __forceinline__ void lse_push(A& m, A& z, A y) {
 }
 
 template <typename T, int kMaxT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kForwardThreads)
 dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                     const acc_t<T>* __restrict__ center, int64_t B, int S, int Tc, int64_t K,
-                    int64_t nk, acc_t<T> inv_ts, acc_t<T> inv_tt, acc_t<T>* __restrict__ tm,
-                    acc_t<T>* __restrict__ tz, acc_t<T>* __restrict__ sm,
-                    acc_t<T>* __restrict__ sz, acc_t<T>* __restrict__ dots,
-                    acc_t<T>* __restrict__ colsum) {
+                    int64_t nk, int64_t group_size, acc_t<T> inv_ts, acc_t<T> inv_tt,
+                    acc_t<T>* __restrict__ tm, acc_t<T>* __restrict__ tz,
+                    acc_t<T>* __restrict__ sm, acc_t<T>* __restrict__ sz,
+                    acc_t<T>* __restrict__ dots, acc_t<T>* __restrict__ colsum) {
   using A = acc_t<T>;
-  __shared__ A smem[32 * (kMaxT + 1)];
-  const int64_t group = blockIdx.x, kc = blockIdx.y;  // images on x (up to 2^31 - 1 blocks)
-  const int64_t k0 = kc * kChunk;
-  int64_t kk[kElems];
-  bool ok[kElems];
-  A cen[kElems], col[kElems];
+  const int64_t group = blockIdx.x;  // images on x (up to 2^31 - 1 blocks)
+  const int64_t kc = int64_t(blockIdx.y) * (kForwardThreads / 32) + (threadIdx.x >> 5);
+  if (kc >= nk) return;  // a whole warp: no block-wide synchronisation follows
+  // The lane's prototypes: k0 + 32 j (each j: 32 adjacent prototypes over the warp), valid for
+  // j < nv. Offsets from one base, not an index per j, keep registers for the values.
+  const int64_t k0 = kc * kWarpChunk + (threadIdx.x & 31);
+  const int nv = k0 < K ? static_cast<int>(min(int64_t{kWarpElems}, (K - k0 + 31) / 32)) : 0;
+  const bool lead = (threadIdx.x & 31) == 0;
+  bool ok[kWarpElems];
+  A cen[kWarpElems], col[kWarpElems];
 #pragma unroll
-  for (int j = 0; j < kElems; ++j) {
-    kk[j] = k0 + threadIdx.x + j * kThreads;
-    ok[j] = kk[j] < K;
-    cen[j] = ok[j] ? center[kk[j]] : A(0);
+  for (int j = 0; j < kWarpElems; ++j) {
+    ok[j] = j < nv;
+    cen[j] = ok[j] ? center[k0 + j * 32] : A(0);
     col[j] = 0;
   }
-  const int64_t b1 = min(B, (group + 1) * kGroup);
-  for (int64_t b = group * kGroup; b < b1; ++b) {
-    A e[kMaxT][kElems];
+  const int64_t b1 = min(B, (group + 1) * group_size);
+  for (int64_t b = group * group_size; b < b1; ++b) {
+    A e[kMaxT][kWarpElems];
 #pragma unroll
     for (int i = 0; i < kMaxT; ++i) {
       if (i >= Tc) break;
       const int64_t row = i * B + b;
-      const T* tr = teacher + row * K;
+      const T* tr = teacher + row * K + k0;
       A m = neg_inf<T>();
 #pragma unroll
-      for (int j = 0; j < kElems; ++j) {
-        const A t = ok[j] ? to_acc(tr[kk[j]]) : A(0);
+      for (int j = 0; j < kWarpElems; ++j) {
+        const A t = ok[j] ? to_acc(tr[j * 32]) : A(0);
         col[j] += t;
         e[i][j] = ok[j] ? (t - cen[j]) * inv_tt : neg_inf<T>();
         m = nan_max(m, e[i][j]);
       }
-      m = block_max(m, smem);
+      m = warp_max(m);
       const A shift = m == neg_inf<T>() ? A(0) : m;
-      A z[1] = {0};
+      A z = 0;
 #pragma unroll
-      for (int j = 0; j < kElems; ++j) {
+      for (int j = 0; j < kWarpElems; ++j) {
         e[i][j] = ok[j] ? device_exp(e[i][j] - shift) : A(0);
-        z[0] += e[i][j];
+        z += e[i][j];
       }
-      block_sum(z, smem);
-      if (threadIdx.x == 0) {
+      z = warp_sum(z);
+      if (lead) {
         tm[row * nk + kc] = m;
-        tz[row * nk + kc] = z[0];
+        tz[row * nk + kc] = z;
       }
     }
     for (int v = 0; v < S; ++v) {
       const int64_t row = v * B + b;
-      const T* sr = student + row * K;
-      A s[kElems];
+      const T* sr = student + row * K + k0;
+      A s[kWarpElems];
       A m = neg_inf<T>();
 #pragma unroll
-      for (int j = 0; j < kElems; ++j) {
-        s[j] = ok[j] ? to_acc(sr[kk[j]]) : A(0);
+      for (int j = 0; j < kWarpElems; ++j) {
+        s[j] = ok[j] ? to_acc(sr[j * 32]) : A(0);
         if (ok[j]) m = nan_max(m, s[j] * inv_ts);
       }
-      m = block_max(m, smem);
+      m = warp_max(m);
       const A shift = m == neg_inf<T>() ? A(0) : m;
       A acc[kMaxT + 1];
 #pragma unroll
       for (int n = 0; n <= kMaxT; ++n) acc[n] = 0;
 #pragma unroll
-      for (int j = 0; j < kElems; ++j) {
+      for (int j = 0; j < kWarpElems; ++j) {
         if (ok[j]) acc[kMaxT] += device_exp(s[j] * inv_ts - shift);
 #pragma unroll
         for (int i = 0; i < kMaxT; ++i)
           if (i < Tc) acc[i] += e[i][j] * s[j];
       }
-      block_sum(acc, smem);
-      if (threadIdx.x == 0) {
+#pragma unroll
+      for (int n = 0; n <= kMaxT; ++n)
+        if (n < Tc || n == kMaxT) acc[n] = warp_sum(acc[n]);  // Tc is uniform over the warp
+      if (lead) {
         sm[row * nk + kc] = m;
         sz[row * nk + kc] = acc[kMaxT];
-        for (int i = 0; i < Tc; ++i) dots[((int64_t(i) * S + v) * B + b) * nk + kc] = acc[i];
+#pragma unroll
+        for (int i = 0; i < kMaxT; ++i)
+          if (i < Tc) dots[((int64_t(i) * S + v) * B + b) * nk + kc] = acc[i];
       }
     }
   }
   if (colsum) {
 #pragma unroll
-    for (int j = 0; j < kElems; ++j)
-      if (ok[j]) colsum[group * K + kk[j]] = col[j];
+    for (int j = 0; j < kWarpElems; ++j)
+      if (ok[j]) colsum[group * K + k0 + j * 32] = col[j];
   }
 }
 
@@ -311,7 +338,7 @@ __global__ void lse_cols_kernel(const T* __restrict__ x, int64_t R, int64_t K,
 // sums (when fused_colsum), then (at an even offset, so doubles are aligned) one double per
 // image.
 int64_t dino_loss_b_offset(const DinoArgs& a) {
-  const int64_t nk = ceil_div(a.K, kChunk), groups = ceil_div(a.B, kGroup);
+  const int64_t nk = stat_chunks(a), groups = ceil_div(a.B, forward_group(a));
   const int64_t n = 2 * a.T * a.B * nk + 2 * a.S * a.B * nk + a.T * a.S * a.B * nk +
                     (fused_colsum(a) ? groups * a.K : 0);
   return (n + 1) / 2 * 2;
@@ -323,7 +350,8 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
                           void* teacher_mean, void* student_lse, void* teacher_lse,
                           cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t nk = ceil_div(a.K, kChunk), groups = ceil_div(a.B, kGroup);
+  const int64_t nk = stat_chunks(a), group_size = forward_group(a);
+  const int64_t groups = ceil_div(a.B, group_size);
   A* ws = static_cast<A*>(workspace);
   A* tm = ws;
   A* tz = tm + a.T * a.B * nk;
@@ -332,21 +360,26 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   A* dots = sz + a.S * a.B * nk;
   A* colsum = fused_colsum(a) ? dots + a.T * a.S * a.B * nk : nullptr;
   double* loss_b = reinterpret_cast<double*>(ws + dino_loss_b_offset(a));
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(nk));
+  const dim3 grid(static_cast<unsigned>(groups),
+                  static_cast<unsigned>(ceil_div(a.K, kBlockSpan)));
   const auto* s = static_cast<const T*>(student);
   const auto* t = static_cast<const T*>(teacher);
   const auto* c = static_cast<const A*>(center);
   const A its = A(a.inv_student_temp), itt = A(a.inv_teacher_temp);
   const int S = static_cast<int>(a.S), Tc = static_cast<int>(a.T);
+#define PYSSL_DINO_FW(MAXT)                                                                  \
+  dino_forward_kernel<T, MAXT><<<grid, kForwardThreads, 0, stream>>>(                        \
+      s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum)
   if (a.T == 1) {
-    dino_forward_kernel<T, 1><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+    PYSSL_DINO_FW(1);
   } else if (a.T == 2) {
-    dino_forward_kernel<T, 2><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+    PYSSL_DINO_FW(2);
   } else if (a.T <= 4) {
-    dino_forward_kernel<T, 4><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+    PYSSL_DINO_FW(4);
   } else {
-    dino_forward_kernel<T, 8><<<grid, kThreads, 0, stream>>>(s, t, c, a.B, S, Tc, a.K, nk, its, itt, tm, tz, sm, sz, dots, colsum);
+    PYSSL_DINO_FW(8);
   }
+#undef PYSSL_DINO_FW
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // A warp per row at most: iBOT's single-crop rows (S = T = 1, B = thousands) get 2 warps.
