@@ -77,8 +77,9 @@ __global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* _
 // made the NCHW warp 1.7x slower than grid_sample at B=8, C=64 (benchmarks/RESULTS.md). A tiled
 // block handles 32 points x 32 channels: threads along points read neighbouring pixels of one
 // channel plane, and a shared-memory tile turns the rows of the [M, D] output into coalesced
-// writes. Each element's arithmetic is unchanged. (The backward needs no tiles: its gradient
-// accumulator is channels-last, csrc/ops/sampling.h, so consecutive channels are adjacent.)
+// writes. Each element's arithmetic is unchanged. (The feature gradient needs no tiles: its
+// accumulator is channels-last, csrc/ops/sampling.h, so consecutive channels are adjacent. The
+// xy gradient reads the map like the forward: backward_xy_tiled_kernel.)
 constexpr int kTileP = 32, kTileD = 32, kTileRows = 8;  // block (32, 8)
 
 bool tiled(const SampleArgs& a) { return a.sD != 1 && a.D >= 16; }
@@ -108,6 +109,71 @@ forward_tiled_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
     for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
       const int64_t mm = m0 + pp, d = d0 + threadIdx.x;
       if (mm < a.M && d < a.D) out[mm * a.D + d] = from_acc<F>(tile[threadIdx.x][pp]);
+    }
+    __syncthreads();
+  }
+}
+
+// The xy gradient on the same NCHW-like maps: backward_xy_kernel's lanes stride over channels,
+// so each of a warp's tap reads lands in another channel plane, as in the untiled forward. Here
+// a block takes 32 points; for every 32 channels it stages the [32 points x 32 channels] block
+// of the [M, D] gradient in shared memory (coalesced rows), then threads along points read
+// neighbouring pixels of one plane. Each thread sums its channels (y, y + 8, ...) in order, and
+// the 8 partial sums of a point are added in row order: bitwise repeatable.
+template <typename F>
+__global__ void __launch_bounds__(kTileP * kTileRows)
+backward_xy_tiled_kernel(const F* __restrict__ g, const F* __restrict__ f,
+                         const int64_t* __restrict__ idx, const acc_t<F>* __restrict__ xy,
+                         SampleArgs a, acc_t<F>* __restrict__ gxy) {
+  using A = acc_t<F>;
+  __shared__ A gt[kTileD][kTileP + 1];          // gradient tile [channel][point]
+  __shared__ A part[2][kTileRows][kTileP + 1];  // per-row partial sums of d/dx and d/dy
+  const int64_t tiles = ceil_div(a.M, kTileP);
+  for (int64_t tt = blockIdx.x; tt < tiles; tt += gridDim.x) {
+    const int64_t m0 = tt * kTileP, m = m0 + threadIdx.x;
+    const bool valid = m < a.M;
+    const int64_t n = valid ? image_of(idx, m, a.per_image) : 0;
+    const Taps<A> tp = sample_taps<A>(valid ? xy[2 * m] : A(-2), valid ? xy[2 * m + 1] : A(-2),
+                                      a.H, a.W, kBilinear);
+    int64_t po[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) po[c] = tap_pointer(tp.offset[c], a);
+    A gx = 0, gy = 0;
+    for (int64_t d0 = 0; d0 < a.D; d0 += kTileD) {
+      for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
+        const int64_t mm = m0 + pp, d = d0 + threadIdx.x;
+        gt[threadIdx.x][pp] = (mm < a.M && d < a.D) ? to_acc(g[mm * a.D + d]) : A(0);
+      }
+      __syncthreads();
+      if (valid) {
+        for (int dd = threadIdx.y; dd < kTileD && d0 + dd < a.D; dd += kTileRows) {
+          const F* base = f + n * a.sN + (d0 + dd) * a.sD;
+          A sx = 0, sy = 0;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if (po[c] < 0) continue;
+            const A v = to_acc(base[po[c]]);
+            sx += tp.dwdx[c] * v;
+            sy += tp.dwdy[c] * v;
+          }
+          const A gd = gt[dd][threadIdx.x];
+          gx += gd * sx;
+          gy += gd * sy;
+        }
+      }
+      __syncthreads();
+    }
+    part[0][threadIdx.y][threadIdx.x] = gx;
+    part[1][threadIdx.y][threadIdx.x] = gy;
+    __syncthreads();
+    if (threadIdx.y == 0 && valid) {
+      A sx = 0, sy = 0;
+      for (int r = 0; r < kTileRows; ++r) {
+        sx += part[0][r][threadIdx.x];
+        sy += part[1][r][threadIdx.x];
+      }
+      gxy[2 * m] = sx;
+      gxy[2 * m + 1] = sy;
     }
     __syncthreads();
   }
@@ -417,6 +483,13 @@ cudaError_t sample_points_backward_xy(const void* grad, const void* features, DT
   if (a.M == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
+    if (tiled(a)) {
+      const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(a.M, kTileP), int64_t{1} << 20));
+      backward_xy_tiled_kernel<F><<<blocks, dim3(kTileP, kTileRows), 0, stream>>>(
+          static_cast<const F*>(grad), static_cast<const F*>(features), image_index,
+          static_cast<const acc_t<F>*>(xy), a, static_cast<acc_t<F>*>(gxy));
+      return cudaGetLastError();
+    }
     backward_xy_kernel<F><<<grid_for(a.M * 32), kThreads, 0, stream>>>(
         static_cast<const F*>(grad), static_cast<const F*>(features), image_index,
         static_cast<const acc_t<F>*>(xy), a, static_cast<acc_t<F>*>(gxy));

@@ -1062,7 +1062,8 @@ def test_cuda_sample_points_tiles_match_cpu(dtype, layout, D):
     """NCHW-like maps with 16 channels or more take the tiled CUDA forward (32 points x 32
     channels per block; csrc/kernels/sampling.cu): partial tiles in points (M = 1001) and
     channels, points outside the map, an image index, both modes, row strides other than
-    W * column stride; and the atomic backward on the same maps."""
+    W * column stride; and the atomic backward and the (likewise tiled) xy gradient on the same
+    maps."""
     g = torch.Generator().manual_seed(D)
     N, H, W, M = 3, 13, 29, 1001
     f = torch.randn(N, D, H, W, generator=g).to(dtype)
@@ -1081,13 +1082,18 @@ def test_cuda_sample_points_tiles_match_cpu(dtype, layout, D):
             fc = f.cuda().requires_grad_(True)
             fd = on_device(fc)
             assert layout != "strided" or fd.stride(2) == 2 * W
-            out = ops.sample_points(fd, xy[:n_pts].cuda(), None if image_index is None else idx.cuda(), mode=mode)
+            xyc = xy[:n_pts].cuda().requires_grad_(True)
+            out = ops.sample_points(fd, xyc, None if image_index is None else idx.cuda(), mode=mode)
             grad = torch.randn(out.shape, generator=g).to(dtype)
             out.backward(grad.cuda())
             fr = f.clone().requires_grad_(True)
-            ref = ops.sample_points(on_cpu(fr), xy[:n_pts], image_index, mode=mode)
+            xyr = xy[:n_pts].clone().requires_grad_(True)
+            ref = ops.sample_points(on_cpu(fr), xyr, image_index, mode=mode)
             ref.backward(grad)
             torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol, atol=tol)
             torch.testing.assert_close(fc.grad.cpu().float(), fr.grad.float(), rtol=tol,
                                        atol=tol * 4)
+            # the xy gradient (tiled on NCHW-like maps with D >= 16): sums over D channels
+            torch.testing.assert_close(xyc.grad.cpu(), xyr.grad, rtol=tol * 10,
+                                       atol=tol * 10 * (float(xyr.grad.abs().max()) + 1))
 
