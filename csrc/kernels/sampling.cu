@@ -71,6 +71,39 @@ __global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* _
   }
 }
 
+// The fixed-point scatter (sample_points_backward_fixed): as backward_atomic_kernel, but each
+// term is rounded to an integer number of units and added with a 64-bit integer atomic. Integer
+// addition is associative, so the sum, and the gradient, do not depend on the order of the
+// atomics: deterministic at the cost of float atomics, where sorting the taps (tap_keys_kernel,
+// segment_sum_kernel) cost about as much again as the whole atomic backward on an H100.
+template <typename F>
+__global__ void backward_fixed_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
+                                      const acc_t<F>* __restrict__ xy, SampleArgs a,
+                                      double inv_unit, unsigned long long* __restrict__ gfix) {
+  using A = acc_t<F>;
+  const int64_t total = a.M * a.D;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = t / a.D, d = t % a.D;
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    const A gv = to_acc(g[t]);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (tp.offset[c] < 0) continue;
+      const long long q = llrint(double(tp.weight[c] * gv) * inv_unit);  // exact scaling: 2^k
+      atomicAdd(gfix + grad_pointer(n, d, tp.offset[c], a), static_cast<unsigned long long>(q));
+    }
+  }
+}
+
+__global__ void fixed_to_acc_kernel(const int64_t* __restrict__ gfix, int64_t count, double unit,
+                                    float* __restrict__ gacc) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x)
+    gacc[i] = static_cast<float>(static_cast<double>(gfix[i]) * unit);
+}
+
 // Maps whose channels are not contiguous (NCHW: channel stride H * W) with 16 channels or more
 // take a tiled forward. forward_kernel gives consecutive threads consecutive channels of one
 // point: on an NCHW map each of a warp's reads lands in another channel plane. On an H100 that
@@ -449,6 +482,28 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
         static_cast<acc_t<F>*>(gacc));
     return cudaGetLastError();
   });
+}
+
+cudaError_t sample_points_backward_fixed(const void* grad, DType dtype, const int64_t* image_index,
+                                         const void* xy, const SampleArgs& a, double inv_unit,
+                                         int64_t* gfix, cudaStream_t stream) {
+  if (dtype == DType::kFloat64) return cudaErrorInvalidValue;
+  if (a.M * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    backward_fixed_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+        static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a, inv_unit,
+        reinterpret_cast<unsigned long long*>(gfix));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t fixed_to_acc(const int64_t* gfix, int64_t count, double unit, void* gacc,
+                         cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  fixed_to_acc_kernel<<<grid_for(count), kThreads, 0, stream>>>(gfix, count, unit,
+                                                               static_cast<float*>(gacc));
+  return cudaGetLastError();
 }
 
 cudaError_t sample_points_tap_keys(const int64_t* image_index, const void* xy, DType acc_dtype,

@@ -26,6 +26,17 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
                                           const int64_t* image_index, const void* xy,
                                           const SampleArgs& a, void* gacc, cudaStream_t stream);
 
+// Deterministic scatter without float atomics, for a float accumulator: gfix (int64, zeroed,
+// strides gN..gW) += llrint(w * grad * inv_unit) with integer atomics, whose sum is exact in any
+// order; then fixed_to_acc: gacc[i] = float(gfix[i] * unit) over `count` elements of two dense
+// buffers laid out alike. The caller picks unit = 2^(e - 62) with 2^e > M * max|grad|, which
+// bounds every partial sum below 2^62 units. Not for double accumulators (cudaErrorInvalidValue).
+cudaError_t sample_points_backward_fixed(const void* grad, DType dtype, const int64_t* image_index,
+                                         const void* xy, const SampleArgs& a, double inv_unit,
+                                         int64_t* gfix, cudaStream_t stream);
+cudaError_t fixed_to_acc(const int64_t* gfix, int64_t count, double unit, void* gacc,
+                         cudaStream_t stream);
+
 // Deterministic scatter in two steps: keys [4M] = target pixel of each (point, tap) or -1 ...
 cudaError_t sample_points_tap_keys(const int64_t* image_index, const void* xy, DType acc_dtype,
                                    const SampleArgs& a, int64_t* keys, cudaStream_t stream);

@@ -1,6 +1,8 @@
-// CUDA glue for point sampling: checks (shared with the CPU side), the deterministic
-// (sort + segmented sum) or atomic backward, launches.
+// CUDA glue for point sampling: checks (shared with the CPU side), the atomic or the
+// deterministic backward (fixed-point integer atomics, or sort + segmented sums), launches.
 #include <ATen/Context.h>
+
+#include <cmath>
 
 #include "kernels/sampling.h"
 #include "ops/cuda_utils.h"
@@ -38,6 +40,31 @@ const int64_t* index_ptr(const Prepared& p) {
   return p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
 }
 
+// The deterministic feature gradient for a float accumulator: a fixed-point scatter with
+// integer atomics (kernels/sampling.h), exact in any order. The unit is 2^(e - 62) with
+// 2^e > M * max|grad|: every point adds a tap to a pixel at most once with a weight <= 1, so no
+// partial sum reaches 2^62 units, and a unit is max|grad| * M * 2^-61 or less (2^-41 of the
+// largest term at a million points, far below float32's 2^-24). Returns false, leaving gacc
+// alone, for double accumulators and for non-finite gradients: the caller then sorts the taps
+// and sums each pixel's in order (NaN and inf propagate as on the CPU). One host sync (max|grad|).
+bool fixed_point_scatter(const Tensor& g, int64_t M, const Tensor& xy, Tensor& gacc,
+                         const cuda::SampleArgs& args, const int64_t* index,
+                         cudaStream_t stream) {
+  if (xy.scalar_type() != at::kFloat || gacc.scalar_type() != at::kFloat) return false;
+  const double gmax = g.abs().max().item<double>();
+  if (!std::isfinite(gmax)) return false;
+  if (gmax == 0) return true;  // gacc is zero already
+  const int e = std::ilogb(gmax * static_cast<double>(M)) + 1;
+  Tensor gfix = at::zeros_like(gacc, gacc.options().dtype(at::kLong));
+  PYSSL_CUDA_CHECK(cuda::sample_points_backward_fixed(g.const_data_ptr(), to_dtype(g.scalar_type()),
+                                                      index, xy.const_data_ptr(), args,
+                                                      std::ldexp(1.0, 62 - e),
+                                                      gfix.mutable_data_ptr<int64_t>(), stream));
+  PYSSL_CUDA_CHECK(cuda::fixed_to_acc(gfix.const_data_ptr<int64_t>(), gfix.numel(),
+                                      std::ldexp(1.0, e - 62), gacc.mutable_data_ptr(), stream));
+  return true;
+}
+
 Tensor sample_points_cuda(const Tensor& features, const std::optional<Tensor>& image_index,
                           const Tensor& xy, int64_t mode) {
   const SampleShape s = check_sample(features, image_index, xy, mode);
@@ -69,7 +96,7 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
       PYSSL_CUDA_CHECK(cuda::sample_points_backward_atomic(g.const_data_ptr(), dt, index_ptr(p),
                                                            p.xy.const_data_ptr(), args,
                                                            gacc.mutable_data_ptr(), stream));
-    } else if (s.M > 0) {
+    } else if (s.M > 0 && s.D > 0 && !fixed_point_scatter(g, s.M, p.xy, gacc, args, index_ptr(p), stream)) {
       Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
       PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(),
                                                     to_dtype(p.xy.scalar_type()), p.args,
@@ -165,7 +192,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
       PYSSL_CUDA_CHECK(cuda::distill_grad_features_atomic(
           pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
           coef.const_data_ptr(), args, gacc.mutable_data_ptr(), stream));
-    } else if (s.M > 0) {
+    } else if (s.M > 0 && s.D > 0 && !fixed_point_scatter(g, s.M, p.xy, gacc, args, index_ptr(p), stream)) {
       Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
       PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(), to_dtype(acc),
                                                     p.args, keys.mutable_data_ptr<int64_t>(), stream));

@@ -122,7 +122,8 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
     H, W > 1 (grid_sample maps every coordinate of a size-1 axis onto its pixel; here pixel
     coordinates keep their meaning). Gradients to ``features`` and ``coords``; the scatter into
     ``features`` uses no float atomics when ``torch.are_deterministic_algorithms_enabled()``
-    (and never on the CPU).
+    (and never on the CPU; on CUDA a fixed-point scatter with integer atomics, see
+    :func:`pyssl.ops.sample_points`).
 
     On the CPU, float32 or bfloat16 features, NCHW or channels-last, with float32 ``coords``
     take dense kernels (see ``_dense_sampling`` for the one channels-last case that does not):

@@ -33,7 +33,10 @@ def sample_points(features: torch.Tensor, xy: torch.Tensor, image_index: torch.T
     ``mode="nearest"``: the pixel at ``round(x), round(y)`` (half to even); gradient to
     ``features``. The backward into ``features`` is a scatter-add: deterministic on the CPU; on
     CUDA it uses float atomics unless ``torch.are_deterministic_algorithms_enabled()``, which
-    selects a sort + segmented-sum path without atomics. Returns [M, D].
+    selects a path without float atomics: for float32/16/bf16 a fixed-point scatter (each term
+    rounded to a unit of at most ``max|grad| * M * 2**-61``, then added with 64-bit integer
+    atomics, exact in any order; one host sync), for float64 or non-finite gradients a sort +
+    segmented sums. Returns [M, D].
     """
     check_tensor(features, "features")
     check_tensor(xy, "xy")

@@ -313,3 +313,33 @@ def test_distillation_loss(emu, mode, loss, D):
             gp, gf = emu.distill_loss_backward(gl, pf, feats, idx, xy, w, stats, mode, loss, True, True, det)
             _close(gp, rp, 1e-4, float(rp.abs().max()))
             _close(gf, rf, 1e-4, float(rf.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["float64", "nan", "zero", "huge", "tiny", "nearest"])
+def test_deterministic_feature_gradient_paths(emu, case):
+    """The deterministic feature gradient: float accumulators take the fixed-point scatter
+    (integer atomics; its unit scales with max|grad|, so 1e30 and 1e-30 gradients keep float32
+    accuracy), float64 and non-finite gradients the sort + ordered sums (NaN lands where the CPU
+    puts it); a zero gradient gives zeros."""
+    g = torch.Generator().manual_seed(11)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    N, D, H, W, M = 2, 20, 9, 14, 400
+    f = torch.randn(N, D, H, W, generator=g, dtype=dtype)
+    xy = (torch.rand(M, 2, generator=g, dtype=dtype) * torch.tensor([W + 1.0, H + 1.0], dtype=dtype) - 1)
+    grad = torch.randn(M, D, generator=g, dtype=dtype)
+    if case == "nan":
+        grad[7, 3] = math.nan
+    scale = {"huge": 1e30, "tiny": 1e-30, "zero": 0.0}.get(case, 1.0)
+    grad = grad * scale
+    mode = 1 if case == "nearest" else 0
+    want = CPU.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
+    got = emu.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
+    again = emu.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
+    torch.testing.assert_close(again, got, rtol=0, atol=0, equal_nan=True)  # repeatable
+    if case == "zero":
+        assert torch.equal(got, torch.zeros_like(got))
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.nan_to_num().abs().max()),
+                               equal_nan=True)
+    if case == "nan":
+        assert got.isnan().sum() == want.isnan().sum() > 0
