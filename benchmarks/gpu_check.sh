@@ -11,8 +11,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# OUTDIR gets at most 8 files: summary.md, build.log, tests.log, memcheck.log, racecheck.log,
-# bench.txt, bench.json, ratios.png (the chart of the table; the device tool brings back at most 8).
+# OUTDIR gets at most 8 files: summary.md, build.log, tests.log, sanitizer.log (memcheck, then
+# racecheck), bench.txt, bench.json, ratios.png (the chart of the table) and profile.txt (the
+# per-kernel CUDA times of benchmarks/gpu_profile.py); the device tool brings back at most 8.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -110,6 +111,7 @@ fi
 # 3. compute-sanitizer over a small program that runs every CUDA kernel. Without torch's caching
 # allocator each tensor is its own allocation, so memcheck sees reads past a tensor's end.
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+: >"$OUT/sanitizer.log"
 for tool in memcheck racecheck; do
   s=$(date +%s)
   t=$(allow 90)
@@ -122,10 +124,11 @@ for tool in memcheck racecheck; do
     [ $tool = racecheck ] && small=1
     PYSSL_SMOKE_SMALL=$small PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$t" "$san" \
       --tool $tool --error-exitcode 3 --print-limit 50 \
-      $PY benchmarks/cuda_smoke.py >"$OUT/$tool.log" 2>&1
+      $PY benchmarks/cuda_smoke.py >"$WORK/$tool.log" 2>&1
     rc=$?
-    errs=$(grep -Eo "ERROR SUMMARY: [0-9]+[^)]*" "$OUT/$tool.log" | tail -1)
-    if grep -q "Device not supported" "$OUT/$tool.log"; then
+    { echo "=== compute-sanitizer --tool $tool (rc=$rc) ==="; cat "$WORK/$tool.log"; } >>"$OUT/sanitizer.log"
+    errs=$(grep -Eo "ERROR SUMMARY: [0-9]+[^)]*" "$WORK/$tool.log" | tail -1)
+    if grep -q "Device not supported" "$WORK/$tool.log"; then
       status "compute-sanitizer $tool" skipped "the sanitizer refuses this device (a gVisor machine?)"
     else
       status "compute-sanitizer $tool" "$(verdict $rc)" "${errs:-rc=$rc}, $(elapsed $s)"
@@ -172,7 +175,19 @@ if [ ${#done_fams[@]} -gt 0 ]; then
   $PY -m benchmarks.report "${done_fams[@]}" --merged "$OUT/bench.json" --plot "$OUT/ratios.png" >"$WORK/table.md" 2>>"$OUT/bench.txt"
 fi
 
-# 5. Summary.
+# 5. Where the time goes: per-kernel CUDA times of the configurations whose goals are not met
+# (benchmarks/gpu_profile.py), for the next optimisation; last, so it never costs the figures.
+s=$(date +%s)
+t=$(allow 90)
+if [ "$t" -lt 20 ]; then
+  no_time "kernel profile"
+else
+  timeout -k 10 "$t" $PY -m benchmarks.gpu_profile >"$OUT/profile.txt" 2>&1
+  rc=$?
+  status "kernel profile" "$(verdict $rc)" "profile.txt, $(elapsed $s)"
+fi
+
+# 6. Summary.
 write_summary
 rm -rf "$WORK"
 cat "$SUMMARY"

@@ -159,3 +159,23 @@ def test_gpu_check_benchmark_parts_select_each_benchmark_once_with_its_count_as_
         seen[family] |= set(ids)
     for family, ids in zip(families, found[len(parts):]):
         assert ids and seen[family] == set(ids), family
+
+
+def test_gpu_profile_cases_run_and_tabulate_on_the_cpu():
+    """benchmarks/gpu_profile.py runs in gpu_check.sh on a GPU only; its cases and table are
+    checked here on small CPU inputs, so a GPU run is not spent on a broken script."""
+    from benchmarks import bench_flow, gpu_profile
+
+    old = bench_flow.H, bench_flow.W
+    bench_flow.H, bench_flow.W = 16, 24
+    try:
+        for title, make, params, impls in gpu_profile.CASES:
+            small = (2, 8) if make is not gpu_profile._dino_case else (2, 300)
+            for impl in impls:
+                if impl == "pyssl_deterministic":
+                    continue  # CUDA only
+                lines = gpu_profile.profile_case(make(*small, impl, device="cpu"), 1, 4, device="cpu")
+                assert lines[0].startswith("  wall ") and len(lines) >= 2, (title, impl, lines)
+                assert all(" ms " in line for line in lines[1:]), lines
+    finally:
+        bench_flow.H, bench_flow.W = old
