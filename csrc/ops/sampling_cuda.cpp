@@ -192,7 +192,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
       PYSSL_CUDA_CHECK(cuda::distill_grad_features_atomic(
           pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
           coef.const_data_ptr(), args, gacc.mutable_data_ptr(), stream));
-    } else if (s.M > 0 && s.D > 0 && !fixed_point_scatter(g, s.M, p.xy, gacc, args, index_ptr(p), stream)) {
+    } else if (s.M > 0) {
       Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
       PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(), to_dtype(acc),
                                                     p.args, keys.mutable_data_ptr<int64_t>(), stream));
