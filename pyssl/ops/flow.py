@@ -313,13 +313,13 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
     Returns:
         A scalar (0 when no pixel is valid). Fused: the warped target map is never materialised,
         forward or backward; gradients to ``online`` and ``target`` (deterministic on the CPU; on
-        CUDA without atomics under ``torch.use_deterministic_algorithms``). On the CPU, float32 or
-        bfloat16 maps (NCHW or channels-last, read in place and their gradients written in the
-        same layout; other strides copied to NCHW) with float32 ``coords`` take dense kernels
-        (source rows copied into channels-last bands, 16 channels at a time), whose results do
-        not depend on the number of threads;
-        other inputs (float64, float16) take the general pair kernels of
-        :func:`pixel_to_point_distillation_loss`.
+        CUDA without atomics under ``torch.use_deterministic_algorithms``; there NCHW maps with
+        16 channels or more are read through channels-last copies made for the call). On the
+        CPU, float32 or bfloat16 maps (NCHW or channels-last, read in place and their gradients
+        written in the same layout; other strides copied to NCHW) with float32 ``coords`` take
+        dense kernels (source rows copied into channels-last bands, 16 channels at a time),
+        whose results do not depend on the number of threads; other inputs (float64, float16)
+        take the general pair kernels of :func:`pixel_to_point_distillation_loss`.
     """
     for name, t in (("online", online), ("target", target), ("coords", coords), ("valid", valid)):
         check_tensor(t, name)

@@ -318,7 +318,9 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
     Fused: no ``[M, D]`` copy of the pixel features is made in the forward or backward, and
     only three scalars per pair are kept for backward. Gradients to ``point_features`` and
     ``features`` (the scatter-add into ``features`` is deterministic on the CPU; on CUDA without
-    atomics under ``torch.use_deterministic_algorithms``); row/col get none.
+    atomics under ``torch.use_deterministic_algorithms``); row/col get none. On CUDA, NCHW maps
+    with 16 channels or more are read through a channels-last copy made for the call (memory
+    of one map while it runs, nothing kept), so that a warp's reads of a pixel are coalesced.
     """
     for name, t in (("point_features", point_features), ("features", features),
                     ("camera_index", camera_index), ("row", row), ("col", col)):

@@ -343,3 +343,28 @@ def test_deterministic_feature_gradient_paths(emu, case):
                                equal_nan=True)
     if case == "nan":
         assert got.isnan().sum() == want.isnan().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("C", [8, 24])
+def test_dense_loss_on_maps(emu, layout, C):
+    """flow's dense_correspondence_loss: both maps [B, C, H, W]; NCHW maps with C >= 16 are
+    read through channels-last copies, and the online gradient comes back in the online map's
+    own layout (as the fake kernel says)."""
+    g = torch.Generator().manual_seed(C)
+    B, H, W = 2, 10, 13
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    online = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=fmt)
+    target = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=fmt)
+    xy = (torch.rand(B * H * W, 2, generator=g) * torch.tensor([W + 1.0, H + 1.0]) - 1)
+    w = (torch.rand(B * H * W, generator=g) > 0.2).float()
+    got, stats = emu.distill_loss(online, target, None, xy, w, 0, 0)
+    want, rstats = CPU.distill_loss(online, target, None, xy, w, 0, 0)
+    _close(got, want, 1e-5)
+    gl = torch.tensor(1.0)
+    rp, rf = CPU.distill_loss_backward(gl, online, target, None, xy, w, rstats, 0, 0, True, True, True)
+    for det in (False, True):
+        gp, gf = emu.distill_loss_backward(gl, online, target, None, xy, w, stats, 0, 0, True, True, det)
+        assert gp.stride() == online.stride()
+        _close(gp, rp, 1e-4, float(rp.abs().max()))
+        _close(gf, rf, 1e-4, float(rf.abs().max()))
