@@ -178,11 +178,22 @@ inline void run_block(Launch& l, Block& b) {
   l.blk = &b;
   std::fill(l.smem.begin(), l.smem.end(), 0xA5);  // stale shared memory is not zero on a GPU
   for (auto& f : l.fibers) prepare(f);
+  // Fibers run in a different order in every block (a fixed pseudo-random permutation of the
+  // block's index): a missing barrier shows when a reader runs before its writer, so varying
+  // who runs first finds more of them than thread order alone.
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  uint64_t rng = 0x9E3779B97F4A7C15ull * (1 + b.idx.x + 65536ull * (b.idx.y + 65536ull * b.idx.z));
+  for (int i = n - 1; i > 0; --i) {
+    rng ^= rng >> 12, rng ^= rng << 25, rng ^= rng >> 27;
+    std::swap(order[i], order[(rng * 0x2545F4914F6CDD1Dull >> 33) % (i + 1)]);
+  }
   int live = n;
   while (live > 0) {
     const uint64_t before = l.progress;
     bool all_waiting = true;
-    for (auto& f : l.fibers) {
+    for (int i : order) {
+      Fiber& f = l.fibers[i];
       if (f.done) continue;
       current_fiber() = &f;
       pyssl_emu_switch(&l.sched_sp, f.sp);
