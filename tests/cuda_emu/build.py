@@ -92,8 +92,26 @@ def _write(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def load(verbose: bool = False):
-    """Builds (or reuses) the emulated library and loads it: torch.ops.pyssl_emu.*."""
+def asan_runtime() -> str | None:
+    """g++'s AddressSanitizer runtime (to LD_PRELOAD into Python), or None."""
+    import subprocess
+
+    try:
+        path = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def load(verbose: bool = False, asan: bool | None = None):
+    """Builds (or reuses) the emulated library and loads it: torch.ops.pyssl_emu.*.
+
+    asan (default: the PYSSL_EMU_ASAN environment variable): build with AddressSanitizer on
+    heap and global memory (not the fiber stacks), in a build directory of its own; the process
+    must then have the ASan runtime preloaded (asan_runtime()). Reads or writes past a tensor's
+    end, or past a kernel's shared memory, then stop the process with a report.
+    """
     import torch
     from torch.utils import cpp_extension
 
@@ -103,16 +121,23 @@ def load(verbose: bool = False):
                            "set CUDA_HOME")
     # One build directory per source tree and torch version.
     key = hashlib.sha1(f"{ROOT}|{torch.__version__}|{sysconfig.get_platform()}".encode()).hexdigest()[:12]
+    if asan is None:
+        asan = os.environ.get("PYSSL_EMU_ASAN", "") not in ("", "0")
+    suffix = "_asan" if asan else ""
     build = Path(os.environ.get("PYSSL_EMU_BUILD", Path.home() / ".cache" / "pyssl" / f"cuda_emu_{key}"))
+    build = build.with_name(build.name + suffix)
     build.mkdir(parents=True, exist_ok=True)
     srcs = sources(build / "src")
+    # The fibers' stacks are heap blocks that ASan's stack bookkeeping does not know: it checks
+    # heap and globals (tensors, the kernels' shared memory), not stack frames.
+    san = ["-fsanitize=address", "-fno-omit-frame-pointer", "--param", "asan-stack=0"] if asan else []
     cpp_extension.load(
-        name="pyssl_cuda_emu",
+        name="pyssl_cuda_emu" + suffix,
         sources=srcs,
         extra_include_paths=[str(HERE), str(CSRC), str(inc)],
         extra_cflags=["-O1", "-fvisibility=hidden", "-Wno-unused-function", "-Wno-attributes",
-                      "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+                      "-fopenmp"] + san,
+        extra_ldflags=["-fopenmp"] + (["-fsanitize=address"] if asan else []),
         build_directory=str(build),
         is_python_module=False,
         verbose=verbose,

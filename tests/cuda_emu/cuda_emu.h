@@ -11,7 +11,10 @@
 // than 1024 threads per block, grid.y/z > 65535, shared memory beyond 48 KB), shuffles of a
 // partial or diverged warp, shuffles that read a lane which has exited, and barriers that some
 // thread never reaches (a deadlock, reported instead of hanging). Failures are collected and
-// raised by the glue's error check as a CUDA launch error.
+// raised by the glue's error check as a CUDA launch error. Built with AddressSanitizer
+// (build.py, PYSSL_EMU_ASAN=1), reads and writes past a tensor's end or past a kernel's shared
+// memory are reported too, as compute-sanitizer's memcheck would on a GPU. Each block runs its
+// fibers in a pseudo-random order of its own, so a missing barrier shows from either side.
 //
 // What it does not model: timing, memory coalescing, float atomics' order (they run in thread
 // order), __expf's approximation (it calls expf), FMA contraction (nvcc fuses where g++ on
@@ -243,7 +246,7 @@ void launch(Cfg c, void (*kernel)(P...), A&&... args) {
   Launch l;
   l.grid = c.grid;
   l.block = c.block;
-  l.smem.assign(c.smem + 16, 0);
+  l.smem.assign(c.smem, 0);  // exactly: under ASan a read past the end is reported
   std::tuple<std::decay_t<P>...> a(std::forward<A>(args)...);  // converted once, as CUDA does
   l.body = [&]() { std::apply(kernel, a); };
   std::vector<std::unique_ptr<char[]>> stacks;
