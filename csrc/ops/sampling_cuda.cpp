@@ -43,8 +43,10 @@ void features_channels_last(Prepared& p) {
   p.args.sW = st[3];
 }
 
-Tensor points_channels_last(const Tensor& pf) {
-  return planar_map(pf) ? pf.contiguous(at::MemoryFormat::ChannelsLast) : pf;
+// point_features in the accumulation dtype, channels-last if a planar map: one copy at most.
+Tensor points_for_kernels(const Tensor& pf, at::ScalarType acc) {
+  if (planar_map(pf)) return pf.to(pf.options().dtype(acc), false, false, at::MemoryFormat::ChannelsLast);
+  return pf.scalar_type() == acc ? pf : pf.to(acc);
 }
 
 // Kernel arguments with the strides of a feature-gradient accumulator.
@@ -72,7 +74,7 @@ bool fixed_point_scatter(const Tensor& g, int64_t M, const Tensor& xy, Tensor& g
                          const cuda::SampleArgs& args, const int64_t* index,
                          cudaStream_t stream) {
   if (xy.scalar_type() != at::kFloat || gacc.scalar_type() != at::kFloat) return false;
-  const double gmax = g.abs().max().item<double>();
+  const double gmax = at::linalg_vector_norm(g, INFINITY).item<double>();  // one pass, no |g| copy
   if (!std::isfinite(gmax)) return false;
   if (gmax == 0) return true;  // gacc is zero already
   const int e = std::ilogb(gmax * static_cast<double>(M)) + 1;
@@ -157,8 +159,7 @@ std::tuple<Tensor, Tensor> distill_loss_cuda(const Tensor& point_features, const
   Prepared p = prepare(features, image_index, xy, mode, s);
   features_channels_last(p);
   const auto acc = p.xy.scalar_type();
-  const Tensor pf = points_channels_last(
-      point_features.scalar_type() == acc ? point_features : point_features.to(acc));
+  const Tensor pf = points_for_kernels(point_features, acc);
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   Tensor stats = at::empty({s.M, 3}, p.xy.options());
   Tensor per = at::empty({s.M}, p.xy.options());
@@ -185,8 +186,7 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
   Prepared p = prepare(features, image_index, xy, mode, s);
   features_channels_last(p);
   const auto acc = p.xy.scalar_type();
-  const Tensor pf = points_channels_last(
-      point_features.scalar_type() == acc ? point_features : point_features.to(acc));
+  const Tensor pf = points_for_kernels(point_features, acc);
   const RowLayout pl = row_layout(pf);
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   const Tensor wsum = w.defined() ? w.sum() : Tensor();

@@ -39,6 +39,34 @@ def cuda_include() -> Path | None:
     return None
 
 
+_SHARED = re.compile(r"(?<![\w:])__shared__\s+(?!__align__)([^;]*);")
+
+
+def _split_top(text: str) -> list[str]:
+    """Splits at commas outside brackets and parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[(<"
+        depth -= ch in "])>"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
+def _fill_static_shared(m: re.Match) -> str:
+    """`__shared__ T a[..], b[..];` -> the same declaration, then a call that fills each array
+    with 0xFF bytes (NaN floats) at the first thread of each block to get there: on a GPU a block
+    finds garbage in shared memory, in the emulator a static array would keep the last block's
+    values (or zeros), hiding reads of entries the block never wrote."""
+    names = [re.match(r"\s*(?:.*\s)?(\w+)\s*\[", part, re.S) for part in _split_top(m.group(1))]
+    if not all(names):
+        raise RuntimeError(f"a shared declaration the emulator's rewrite does not recognise: {m.group(0)}")
+    return m.group(0) + "".join(f" ::emu::shared_fill({n.group(1)}, sizeof({n.group(1)}));" for n in names)
+
+
 def rewrite_kernels(src: str) -> str:
     def launch(m: re.Match) -> str:
         kernel, cfg, empty = m.group(1), " ".join(m.group(2).split()), m.group(3)
@@ -47,6 +75,8 @@ def rewrite_kernels(src: str) -> str:
     out, n = _LAUNCH.subn(launch, src)
     if "<<<" in out:
         raise RuntimeError("a kernel launch the emulator's rewrite does not recognise")
+    out = _SHARED.sub(_fill_static_shared, out.replace("extern __shared__", "extern __SHARED_EXTERN__"))
+    out = out.replace("extern __SHARED_EXTERN__", "extern __shared__")
     out = _EXTERN_SHARED.sub(
         lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_smem());",
         out)

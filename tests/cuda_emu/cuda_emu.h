@@ -86,6 +86,7 @@ struct Block {
   uint3 idx{};
   Barrier bar;
   std::vector<Warp> warps;
+  std::vector<void*> filled;  // static shared arrays given this block's garbage already
 };
 
 struct Launch {
@@ -179,7 +180,7 @@ inline void run_block(Launch& l, Block& b) {
     b.warps[w].bar.expected = b.warps[w].size;
   }
   l.blk = &b;
-  std::fill(l.smem.begin(), l.smem.end(), 0xA5);  // stale shared memory is not zero on a GPU
+  std::fill(l.smem.begin(), l.smem.end(), 0xFF);  // shared memory starts as garbage (NaN floats)
   for (auto& f : l.fibers) prepare(f);
   // Fibers run in a different order in every block (a fixed pseudo-random permutation of the
   // block's index): a missing barrier shows when a reader runs before its writer, so varying
@@ -224,6 +225,16 @@ inline uint3 block_idx() { return current_launch()->blk->idx; }
 inline dim3 block_dim() { return current_launch()->block; }
 inline dim3 grid_dim() { return current_launch()->grid; }
 inline unsigned char* dynamic_smem() { return current_launch()->smem.data(); }
+
+// A static __shared__ array (build.py adds the call after its declaration): filled with 0xFF
+// bytes when the block's first thread gets there, so entries the block reads without writing
+// are NaN, not the last block's values.
+inline void shared_fill(void* p, size_t bytes) {
+  auto& filled = current_launch()->blk->filled;
+  if (std::find(filled.begin(), filled.end(), p) != filled.end()) return;
+  filled.push_back(p);
+  std::memset(p, 0xFF, bytes);
+}
 
 template <typename... P, typename... A>
 void launch(Cfg c, void (*kernel)(P...), A&&... args) {
