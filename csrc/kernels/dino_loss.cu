@@ -49,6 +49,14 @@ bool fused_colsum(const DinoArgs& a) {
   return g > 1 && ceil_div(a.B, g) * a.K <= kMaxColsum;
 }
 
+// Without fused column sums, the teacher mean sums its T * B rows in kColChunks chunks of rows
+// (one block row each), then the chunks in order: one thread per column looping over every row
+// left a K = 8192 grid of 32 blocks waiting on 64 dependent-latency loads each. Few rows: one pass.
+constexpr int64_t kColChunks = 16;
+int64_t column_chunks(const DinoArgs& a) {
+  return fused_colsum(a) || a.T * a.B < 4 * kColChunks ? 1 : kColChunks;
+}
+
 template <typename T> __device__ __forceinline__ acc_t<T> neg_inf() { return -INFINITY; }
 
 // Online log-sum-exp: (m, z) with z = sum exp(y - m); NaN and +inf poison m (a NaN result, as
@@ -250,6 +258,21 @@ __global__ void column_mean_kernel(const T* __restrict__ x, int64_t rows, int64_
   out[k] = A(double(s) * inv_rows);
 }
 
+// Column sums of rows [c * chunk, (c + 1) * chunk) of x [rows, K] for c = blockIdx.y, in row
+// order, into out [chunks, K]; column_mean_kernel then adds the chunks in order.
+template <typename T>
+__global__ void column_partial_kernel(const T* __restrict__ x, int64_t rows, int64_t chunk,
+                                      int64_t K, acc_t<T>* __restrict__ out) {
+  using A = acc_t<T>;
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= K) return;
+  const int64_t r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
+  A s = 0;
+#pragma unroll 4
+  for (int64_t r = r0; r < r1; ++r) s += to_acc(x[r * K + k]);
+  out[blockIdx.y * K + k] = s;
+}
+
 template <typename T, int kMaxT>
 __global__ void __launch_bounds__(kThreads)
 dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict__ student,
@@ -339,8 +362,8 @@ __global__ void lse_cols_kernel(const T* __restrict__ x, int64_t R, int64_t K,
 // image.
 int64_t dino_loss_b_offset(const DinoArgs& a) {
   const int64_t nk = stat_chunks(a), groups = ceil_div(a.B, forward_group(a));
-  const int64_t n = 2 * a.T * a.B * nk + 2 * a.S * a.B * nk + a.T * a.S * a.B * nk +
-                    (fused_colsum(a) ? groups * a.K : 0);
+  const int64_t cols = fused_colsum(a) ? groups * a.K : (column_chunks(a) > 1 ? column_chunks(a) * a.K : 0);
+  const int64_t n = 2 * a.T * a.B * nk + 2 * a.S * a.B * nk + a.T * a.S * a.B * nk + cols;
   return (n + 1) / 2 * 2;
 }
 
@@ -392,9 +415,18 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const auto mean_blocks = static_cast<unsigned>(ceil_div(a.K, kThreads));
   const double inv_rows = 1.0 / double(a.T * a.B);
+  const int64_t chunks = column_chunks(a);
   if (colsum) {
     column_mean_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(
         colsum, groups, a.K, inv_rows, static_cast<A*>(teacher_mean));
+  } else if (chunks > 1) {
+    A* partial = dots + a.T * a.S * a.B * nk;  // where the fused column sums would be
+    const int64_t rows = a.T * a.B;
+    column_partial_kernel<T><<<dim3(mean_blocks, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
+        t, rows, ceil_div(rows, chunks), a.K, partial);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    column_mean_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(
+        partial, chunks, a.K, inv_rows, static_cast<A*>(teacher_mean));
   } else {
     column_mean_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(
         t, a.T * a.B, a.K, inv_rows, static_cast<A*>(teacher_mean));

@@ -129,10 +129,11 @@ def test_dino_loss_matches_cpu(emu, dtype, K, crops):
     assert all(torch.equal(a, b) for a, b in zip(again, got))
 
 
-def test_dino_loss_grouped_images_and_fused_column_sums(emu):
-    """Enough warps for several images per warp (B * K / 256 >= 16384): the forward keeps the
-    teacher's column sums per group of images; with iBOT-like weights."""
-    M, K = 600, 8192
+@pytest.mark.parametrize("M, K", [(600, 8192), (200, 1000), (70, 3)])
+def test_dino_loss_teacher_mean_paths_ibot_rows(emu, M, K):
+    """iBOT-like rows (one crop each, weights). M=600, K=8192: enough warps for several images
+    per warp (B * K / 256 >= 16384), the forward keeps per-group column sums of the teacher;
+    M=200 and 70: one image per warp, the teacher mean sums 16 chunks of rows, then the chunks."""
     g = torch.Generator().manual_seed(3)
     s = torch.randn(M, K, generator=g) * 2
     t = torch.randn(M, K, generator=g) * 2
