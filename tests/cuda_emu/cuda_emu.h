@@ -16,10 +16,10 @@
 // memory are reported too, as compute-sanitizer's memcheck would on a GPU. Each block runs its
 // fibers in a pseudo-random order of its own, so a missing barrier shows from either side.
 //
-// What it does not model: timing, memory coalescing, float atomics' order (they run in thread
-// order), __expf's approximation (it calls expf), FMA contraction (nvcc fuses where g++ on
-// x86-64 without -mfma does not), the device's memory (pointers are host pointers), and data
-// races between threads (fibers switch only at a barrier or shuffle).
+// What it does not model: timing, memory coalescing, float atomics' order (they run in fiber
+// order), the last bits of __expf (its float-rounded argument is modelled), FMA contraction
+// (nvcc fuses where g++ on x86-64 without -mfma does not), the device's memory (pointers are
+// host pointers), and data races between threads (fibers switch only at a barrier or shuffle).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -332,7 +332,13 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return ::emu::shfl_xor(mask, v, lane_mask, width);
 }
-inline float __expf(float x) { return std::exp(x); }
+// __expf as the GPU computes it: ex2.approx of x * log2(e) rounded to float (that rounding is
+// its main error: about |x| * 2^-24 relative, 5e-6 at |x| = 100), subnormal results flushed.
+inline float __expf(float x) {
+  const float t = x * 1.44269502f;
+  const float r = std::exp2(t);
+  return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
+}
 
 // Atomics: fibers switch only at barriers, so a plain read-modify-write is atomic here.
 template <typename T>
