@@ -32,8 +32,14 @@ _EXTERN_SHARED = re.compile(
 
 
 def cuda_include() -> Path | None:
-    """The CUDA toolkit's include directory (cuda_fp16.h and friends), or None."""
-    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    """The CUDA toolkit's include directory (cuda_fp16.h and friends), or None: from CUDA_HOME,
+    CUDA_PATH, the nvcc on PATH, /usr/local/cuda, or the system headers (Debian's toolkit)."""
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    bases = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             str(Path(nvcc).resolve().parents[1]) if nvcc else None, "/usr/local/cuda", "/usr"]
+    for base in bases:
         if base and (Path(base) / "include" / "cuda_fp16.h").is_file():
             return Path(base) / "include"
     return None
@@ -164,7 +170,8 @@ def load(verbose: bool = False, asan: bool | None = None):
     cpp_extension.load(
         name="pyssl_cuda_emu" + suffix,
         sources=srcs,
-        extra_include_paths=[str(HERE), str(CSRC), str(inc)],
+        # (never -I/usr/include: it breaks libstdc++'s #include_next)
+        extra_include_paths=[str(HERE), str(CSRC)] + ([str(inc)] if str(inc) != "/usr/include" else []),
         extra_cflags=["-O1", "-fvisibility=hidden", "-Wno-unused-function", "-Wno-attributes",
                       "-fopenmp"] + san,
         extra_ldflags=["-fopenmp"] + (["-fsanitize=address"] if asan else []),
