@@ -33,7 +33,7 @@ constexpr int64_t kMaxGroup = 4;               // images per forward warp, at mo
 // workspace, while that holds at most kMaxColsum elements (32 MB in fp32; DINO at B = 64,
 // K = 65536 needs 2M). Otherwise (one image per group, or iBOT's thousands of masked patches,
 // which would need ~400 MB at M = 6000) a separate kernel sums each column over the teacher's
-// rows, reading the teacher once more (the same column_mean_kernel over its rows).
+// rows, reading the teacher once more (column_sum_kernel over its rows).
 constexpr int64_t kMaxColsum = int64_t{1} << 23;
 
 int64_t stat_chunks(const DinoArgs& a) { return ceil_div(a.K, kWarpChunk); }
@@ -244,33 +244,21 @@ __global__ void dino_final_kernel(const double* __restrict__ loss_b, int64_t B, 
   }
 }
 
-// Column means of x [rows, K] (the per-group column sums, or the teacher rows themselves; see
-// kMaxColsum), summed in row order: bitwise repeatable.
+// out[c, k] = scale * (sum of x[r, k] over rows r of chunk c = blockIdx.y: [c * chunk,
+// (c + 1) * chunk)), in row order: bitwise repeatable. x [rows, K] is the teacher or the
+// per-group column sums; one chunk of all rows with scale 1 / rows gives the teacher mean, or 16
+// chunks with scale 1 give partial sums that a second call (one chunk) averages.
 template <typename T>
-__global__ void column_mean_kernel(const T* __restrict__ x, int64_t rows, int64_t K,
-                                   double inv_rows, acc_t<T>* __restrict__ out) {
-  using A = acc_t<T>;
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= K) return;
-  A s = 0;
-#pragma unroll 8
-  for (int64_t r = 0; r < rows; ++r) s += to_acc(x[r * K + k]);
-  out[k] = A(double(s) * inv_rows);
-}
-
-// Column sums of rows [c * chunk, (c + 1) * chunk) of x [rows, K] for c = blockIdx.y, in row
-// order, into out [chunks, K]; column_mean_kernel then adds the chunks in order.
-template <typename T>
-__global__ void column_partial_kernel(const T* __restrict__ x, int64_t rows, int64_t chunk,
-                                      int64_t K, acc_t<T>* __restrict__ out) {
+__global__ void column_sum_kernel(const T* __restrict__ x, int64_t rows, int64_t chunk,
+                                  int64_t K, double scale, acc_t<T>* __restrict__ out) {
   using A = acc_t<T>;
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= K) return;
   const int64_t r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
   A s = 0;
-#pragma unroll 4
+#pragma unroll 8
   for (int64_t r = r0; r < r1; ++r) s += to_acc(x[r * K + k]);
-  out[blockIdx.y * K + k] = s;
+  out[blockIdx.y * K + k] = A(double(s) * scale);
 }
 
 template <typename T, int kMaxT>
@@ -415,21 +403,18 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const auto mean_blocks = static_cast<unsigned>(ceil_div(a.K, kThreads));
   const double inv_rows = 1.0 / double(a.T * a.B);
-  const int64_t chunks = column_chunks(a);
+  const int64_t chunks = column_chunks(a), rows = a.T * a.B;
+  auto* mean = static_cast<A*>(teacher_mean);
   if (colsum) {
-    column_mean_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(
-        colsum, groups, a.K, inv_rows, static_cast<A*>(teacher_mean));
+    column_sum_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(colsum, groups, groups, a.K, inv_rows, mean);
   } else if (chunks > 1) {
     A* partial = dots + a.T * a.S * a.B * nk;  // where the fused column sums would be
-    const int64_t rows = a.T * a.B;
-    column_partial_kernel<T><<<dim3(mean_blocks, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
-        t, rows, ceil_div(rows, chunks), a.K, partial);
+    column_sum_kernel<T><<<dim3(mean_blocks, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
+        t, rows, ceil_div(rows, chunks), a.K, 1.0, partial);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    column_mean_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(
-        partial, chunks, a.K, inv_rows, static_cast<A*>(teacher_mean));
+    column_sum_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(partial, chunks, chunks, a.K, inv_rows, mean);
   } else {
-    column_mean_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(
-        t, a.T * a.B, a.K, inv_rows, static_cast<A*>(teacher_mean));
+    column_sum_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(t, rows, rows, a.K, inv_rows, mean);
   }
   return cudaGetLastError();
 }

@@ -52,10 +52,28 @@ __global__ void forward_kernel(const F* __restrict__ f, const int64_t* __restric
   }
 }
 
-template <typename F>
-__global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
-                                       const acc_t<F>* __restrict__ xy, SampleArgs a,
-                                       acc_t<F>* __restrict__ gacc) {
+// How a scatter term w * grad lands in its accumulator element: a float atomic add, or (the
+// deterministic sample_points_backward_fixed) the term rounded to an integer number of units and
+// added with a 64-bit integer atomic. Integer addition is associative, so that sum, and the
+// gradient, do not depend on the order of the atomics: deterministic at the cost of float
+// atomics, where sorting the taps (tap_keys_kernel, segment_sum_kernel) cost about as much again
+// as the whole atomic backward on an H100.
+struct FloatAdd {
+  template <typename A>
+  __device__ __forceinline__ void operator()(A* acc, int64_t i, A v) const { atomicAdd(acc + i, v); }
+};
+
+struct FixedAdd {
+  double inv_unit;  // a power of two: the scaling is exact
+  __device__ __forceinline__ void operator()(unsigned long long* acc, int64_t i, float v) const {
+    atomicAdd(acc + i, static_cast<unsigned long long>(llrint(double(v) * inv_unit)));
+  }
+};
+
+template <typename F, typename Out, typename Add>
+__global__ void scatter_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
+                               const acc_t<F>* __restrict__ xy, SampleArgs a,
+                               Out* __restrict__ out, Add add) {
   using A = acc_t<F>;
   const int64_t total = a.M * a.D;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
@@ -66,34 +84,7 @@ __global__ void backward_atomic_kernel(const F* __restrict__ g, const int64_t* _
     const A gv = to_acc(g[t]);
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      if (tp.offset[c] >= 0)
-        atomicAdd(gacc + grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * gv);
-  }
-}
-
-// The fixed-point scatter (sample_points_backward_fixed): as backward_atomic_kernel, but each
-// term is rounded to an integer number of units and added with a 64-bit integer atomic. Integer
-// addition is associative, so the sum, and the gradient, do not depend on the order of the
-// atomics: deterministic at the cost of float atomics, where sorting the taps (tap_keys_kernel,
-// segment_sum_kernel) cost about as much again as the whole atomic backward on an H100.
-template <typename F>
-__global__ void backward_fixed_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
-                                      const acc_t<F>* __restrict__ xy, SampleArgs a,
-                                      double inv_unit, unsigned long long* __restrict__ gfix) {
-  using A = acc_t<F>;
-  const int64_t total = a.M * a.D;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = t / a.D, d = t % a.D;
-    const int64_t n = image_of(idx, m, a.per_image);
-    const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-    const A gv = to_acc(g[t]);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (tp.offset[c] < 0) continue;
-      const long long q = llrint(double(tp.weight[c] * gv) * inv_unit);  // exact scaling: 2^k
-      atomicAdd(gfix + grad_pointer(n, d, tp.offset[c], a), static_cast<unsigned long long>(q));
-    }
+      if (tp.offset[c] >= 0) add(out, grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * gv);
   }
 }
 
@@ -477,9 +468,9 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
   if (a.M * a.D == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
-    backward_atomic_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+    scatter_kernel<F, acc_t<F>, FloatAdd><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
         static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a,
-        static_cast<acc_t<F>*>(gacc));
+        static_cast<acc_t<F>*>(gacc), FloatAdd{});
     return cudaGetLastError();
   });
 }
@@ -491,9 +482,9 @@ cudaError_t sample_points_backward_fixed(const void* grad, DType dtype, const in
   if (a.M * a.D == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
-    backward_fixed_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
-        static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a, inv_unit,
-        reinterpret_cast<unsigned long long*>(gfix));
+    scatter_kernel<F, unsigned long long, FixedAdd><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+        static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a,
+        reinterpret_cast<unsigned long long*>(gfix), FixedAdd{inv_unit});
     return cudaGetLastError();
   });
 }

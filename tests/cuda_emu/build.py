@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 
-_LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
+# kernel (with template arguments, nested one level: k<F, acc_t<F>, Add>) <<<cfg>>> (
+_LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<(?:[^<>;{}]|<[^<>;{}]*>)*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*)\s+(\w+)\[\];")
 

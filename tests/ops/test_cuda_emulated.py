@@ -81,6 +81,7 @@ def test_emulated_cuda_code_under_address_sanitizer():
 def test_rewrite_turns_launches_and_shared_memory_into_calls():
     src = ("extern __shared__ __align__(16) unsigned char smem[];\n"
            "k<T, 2><<<grid, kThreads, 0, stream>>>(a, b);\n"
+           "s<F, acc_t<F>, Add><<<g, 256>>>(x, Add{2.0});\n"
            "noargs<<<dim3(1, 2),\n 32>>>();\n"
            "  __shared__ double a[8], b[2][kN + 1];\n")
     out = emu_build.rewrite_kernels(src)
@@ -88,6 +89,7 @@ def test_rewrite_turns_launches_and_shared_memory_into_calls():
             " ::emu::shared_fill(b, sizeof(b));") in out
     assert "::emu::launch(::emu::Cfg(grid, kThreads, 0, stream), k<T, 2>, a, b);" in out
     assert "::emu::launch(::emu::Cfg(dim3(1, 2), 32), noargs);" in out
+    assert "::emu::launch(::emu::Cfg(g, 256), s<F, acc_t<F>, Add>, x, Add{2.0});" in out
     assert "unsigned char* smem = reinterpret_cast<unsigned char*>(::emu::dynamic_smem());" in out
     assert "<<<" not in out and out.startswith('#include "cuda_emu.h"')
 
