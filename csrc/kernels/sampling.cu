@@ -38,6 +38,23 @@ __device__ __forceinline__ acc_t<F> sample_one(const F* f, const Taps<acc_t<F>>&
   return acc;
 }
 
+// d sample / dx and d sample / dy of one channel (base: its plane in the point's image; po: the
+// taps' element offsets, -1 outside), in tap order.
+template <typename F>
+__device__ __forceinline__ void sample_grad_xy(const F* base, const Taps<acc_t<F>>& tp,
+                                               const int64_t (&po)[4], acc_t<F>& sx,
+                                               acc_t<F>& sy) {
+  sx = 0;
+  sy = 0;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (po[c] < 0) continue;
+    const acc_t<F> v = to_acc(base[po[c]]);
+    sx += tp.dwdx[c] * v;
+    sy += tp.dwdy[c] * v;
+  }
+}
+
 template <typename F>
 __global__ void forward_kernel(const F* __restrict__ f, const int64_t* __restrict__ idx,
                                const acc_t<F>* __restrict__ xy, SampleArgs a, F* __restrict__ out) {
@@ -171,15 +188,8 @@ backward_xy_tiled_kernel(const F* __restrict__ g, const F* __restrict__ f,
       __syncthreads();
       if (valid) {
         for (int dd = threadIdx.y; dd < kTileD && d0 + dd < a.D; dd += kTileRows) {
-          const F* base = f + n * a.sN + (d0 + dd) * a.sD;
-          A sx = 0, sy = 0;
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            if (po[c] < 0) continue;
-            const A v = to_acc(base[po[c]]);
-            sx += tp.dwdx[c] * v;
-            sy += tp.dwdy[c] * v;
-          }
+          A sx, sy;
+          sample_grad_xy(f + n * a.sN + (d0 + dd) * a.sD, tp, po, sx, sy);
           const A gd = gt[dd][threadIdx.x];
           gx += gd * sx;
           gy += gd * sy;
@@ -262,15 +272,8 @@ __global__ void backward_xy_kernel(const F* __restrict__ g, const F* __restrict_
     for (int c = 0; c < 4; ++c) po[c] = tap_pointer(tp.offset[c], a);
     A gx = 0, gy = 0;
     for (int64_t d = lane; d < a.D; d += 32) {
-      const F* base = f + n * a.sN + d * a.sD;
-      A sx = 0, sy = 0;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        if (po[c] < 0) continue;
-        const A v = to_acc(base[po[c]]);
-        sx += tp.dwdx[c] * v;
-        sy += tp.dwdy[c] * v;
-      }
+      A sx, sy;
+      sample_grad_xy(f + n * a.sN + d * a.sD, tp, po, sx, sy);
       const A gd = to_acc(g[m * a.D + d]);
       gx += gd * sx;
       gy += gd * sy;
