@@ -1,5 +1,6 @@
 // Point-sampling CUDA kernels; see csrc/kernels/sampling.h.
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "kernels/cuda_common.cuh"
@@ -110,6 +111,39 @@ __global__ void fixed_to_acc_kernel(const int64_t* __restrict__ gfix, int64_t co
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
     gacc[i] = static_cast<float>(static_cast<double>(gfix[i]) * unit);
+}
+
+// The float-atomic scatter four channels at a time, for float accumulators whose channels are
+// contiguous (the channels-last accumulator) with D % 4 == 0: one 16-byte vector atomic
+// (sm_90: atom.global.add.v4.f32) per tap instead of four scalar ones, a quarter of the atomic
+// requests the L2 has to serialise. Older architectures add the four channels one by one.
+template <typename F>
+__global__ void scatter4_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
+                                const float* __restrict__ xy, SampleArgs a,
+                                float* __restrict__ gacc) {
+  const int64_t D4 = a.D / 4, total = a.M * D4;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = t / D4, d = (t % D4) * 4;
+    const int64_t n = image_of(idx, m, a.per_image);
+    const Taps<float> tp = sample_taps<float>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    const F* gm = g + m * a.D + d;
+    const float g0 = to_acc(gm[0]), g1 = to_acc(gm[1]), g2 = to_acc(gm[2]), g3 = to_acc(gm[3]);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (tp.offset[c] < 0) continue;
+      const float w = tp.weight[c];
+      float* p = gacc + grad_pointer(n, d, tp.offset[c], a);
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(PYSSL_CUDA_EMULATOR)
+      atomicAdd(reinterpret_cast<float4*>(p), make_float4(w * g0, w * g1, w * g2, w * g3));
+#else
+      atomicAdd(p, w * g0);
+      atomicAdd(p + 1, w * g1);
+      atomicAdd(p + 2, w * g2);
+      atomicAdd(p + 3, w * g3);
+#endif
+    }
+  }
 }
 
 // Maps whose channels are not contiguous (NCHW: channel stride H * W) with 16 channels or more
@@ -471,6 +505,15 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
   if (a.M * a.D == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (std::is_same_v<acc_t<F>, float>) {
+      if (a.D % 4 == 0 && a.gD == 1 && a.gW % 4 == 0 && a.gH % 4 == 0 && a.gN % 4 == 0 &&
+          reinterpret_cast<uintptr_t>(gacc) % 16 == 0) {
+        scatter4_kernel<F><<<grid_for(a.M * a.D / 4), kThreads, 0, stream>>>(
+            static_cast<const F*>(grad), image_index, static_cast<const float*>(xy), a,
+            static_cast<float*>(gacc));
+        return cudaGetLastError();
+      }
+    }
     scatter_kernel<F, acc_t<F>, FloatAdd><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
         static_cast<const F*>(grad), image_index, static_cast<const acc_t<F>*>(xy), a,
         static_cast<acc_t<F>*>(gacc), FloatAdd{});

@@ -340,6 +340,10 @@ inline float __expf(float x) {
   return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
 }
 
+// Kernels may take a code path the emulator models in place of an architecture test
+// (e.g. sm_90's vector atomics).
+#define PYSSL_CUDA_EMULATOR 1
+
 // Atomics: fibers switch only at barriers, so a plain read-modify-write is atomic here.
 template <typename T>
 inline T atomicAdd(T* p, T v) {
@@ -357,6 +361,19 @@ template <typename T>
 inline T atomicMax(T* p, T v) {
   const T old = *p;
   *p = std::max(old, v);
+  return old;
+}
+// sm_90's vector atomics (global memory, 8- or 16-byte aligned).
+inline float4 atomicAdd(float4* p, float4 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) ::emu::fail("atomicAdd(float4*) on an address not 16-byte aligned");
+  const float4 old = *p;
+  *p = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
+  return old;
+}
+inline float2 atomicAdd(float2* p, float2 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 8) ::emu::fail("atomicAdd(float2*) on an address not 8-byte aligned");
+  const float2 old = *p;
+  *p = make_float2(old.x + v.x, old.y + v.y);
   return old;
 }
 using std::max;
