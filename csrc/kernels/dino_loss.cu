@@ -13,6 +13,7 @@
 // Backward: one block per (image, chunk), no reductions: q from the teacher row and its saved
 // log-sum-exp, p from the student row and its saved log-sum-exp.
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "kernels/cuda_common.cuh"
@@ -261,7 +262,33 @@ __global__ void column_sum_kernel(const T* __restrict__ x, int64_t rows, int64_t
   out[blockIdx.y * K + k] = A(double(s) * scale);
 }
 
-template <typename T, int kMaxT>
+// Four elements of T in one load or store: 16 bytes of float, 8 of half / bfloat16.
+template <typename T> struct Vec4 { using type = void; };
+template <> struct Vec4<float> { using type = float4; };
+template <> struct Vec4<__half> { using type = uint2; };
+template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, acc_t<T> (&out)[4]) {
+  const typename Vec4<T>::type v = *reinterpret_cast<const typename Vec4<T>::type*>(p);
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[j] = to_acc(e[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const acc_t<T> (&in)[4]) {
+  typename Vec4<T>::type v;
+  T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) e[j] = from_acc<T>(in[j]);
+  *reinterpret_cast<typename Vec4<T>::type*>(p) = v;
+}
+
+// kVec (float, half, bfloat16 with K % 4 == 0 and aligned rows): each thread's kElems = 4
+// prototypes are adjacent and move in one vector load or store per row, a quarter of the
+// memory instructions of the strided layout (thread t: t, t + 256, ...).
+template <typename T, int kMaxT, bool kVec>
 __global__ void __launch_bounds__(kThreads)
 dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict__ student,
                      const T* __restrict__ teacher, const acc_t<T>* __restrict__ center,
@@ -270,6 +297,7 @@ dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict
                      int64_t n_terms, acc_t<T> inv_ts, acc_t<T> inv_tt, bool skip,
                      T* __restrict__ grad) {
   using A = acc_t<T>;
+  static_assert(!kVec || kElems == 4, "vector loads move 4 elements");
   const int64_t b = blockIdx.x, kc = blockIdx.y;  // images on x (iBOT: one row per patch)
   const int64_t k0 = kc * kChunk;
   int64_t kk[kElems];
@@ -277,18 +305,31 @@ dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict
   A q[kMaxT][kElems];
 #pragma unroll
   for (int j = 0; j < kElems; ++j) {
-    kk[j] = k0 + threadIdx.x + j * kThreads;
+    kk[j] = kVec ? k0 + 4 * threadIdx.x + j : k0 + threadIdx.x + j * kThreads;
     ok[j] = kk[j] < K;
+  }
+  A cen[kElems] = {};
+  if constexpr (kVec) {
+    if (ok[0]) load4(center + kk[0], cen);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kElems; ++j) cen[j] = ok[j] ? center[kk[j]] : A(0);
   }
 #pragma unroll
   for (int i = 0; i < kMaxT; ++i) {
     if (i >= Tc) break;
     const int64_t row = i * B + b;
     const A l = tlse[row];
+    A t[kElems] = {};
+    if constexpr (kVec) {
+      if (ok[0]) load4(teacher + row * K + kk[0], t);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) t[j] = ok[j] ? to_acc(teacher[row * K + kk[j]]) : A(0);
+    }
 #pragma unroll
     for (int j = 0; j < kElems; ++j)
-      q[i][j] = ok[j] ? device_exp((to_acc(teacher[row * K + kk[j]]) - center[kk[j]]) * inv_tt - l)
-                      : A(0);
+      q[i][j] = ok[j] ? device_exp((t[j] - cen[j]) * inv_tt - l) : A(0);
   }
   const A wb = weights ? weights[b] : A(1) / A(B);
   const A coef = grad_loss[0] * wb * inv_ts / A(n_terms);
@@ -305,11 +346,23 @@ dino_backward_kernel(const acc_t<T>* __restrict__ grad_loss, const T* __restrict
 #pragma unroll
       for (int j = 0; j < kElems; ++j) Q[j] += q[i][j];
     }
+    A x[kElems] = {}, out[kElems];
+    if constexpr (kVec) {
+      if (!ok[0]) continue;
+      load4(student + row * K + kk[0], x);
+    } else {
 #pragma unroll
-    for (int j = 0; j < kElems; ++j) {
-      if (!ok[j]) continue;
-      const A p = device_exp(to_acc(student[row * K + kk[j]]) * inv_ts - l);
-      grad[row * K + kk[j]] = from_acc<T>(coef * (A(n_v) * p - Q[j]));
+      for (int j = 0; j < kElems; ++j) x[j] = ok[j] ? to_acc(student[row * K + kk[j]]) : A(0);
+    }
+#pragma unroll
+    for (int j = 0; j < kElems; ++j)
+      out[j] = coef * (A(n_v) * device_exp(x[j] * inv_ts - l) - Q[j]);
+    if constexpr (kVec) {
+      store4(grad + row * K + kk[0], out);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kElems; ++j)
+        if (ok[j]) grad[row * K + kk[j]] = from_acc<T>(out[j]);
     }
   }
 }
@@ -426,13 +479,28 @@ cudaError_t backward_typed(const void* grad_loss, const void* student, const voi
   using A = acc_t<T>;
   const int64_t nk = ceil_div(a.K, kChunk);
   const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(nk));
-#define PYSSL_DINO_BW(MAXT)                                                                    \
-  dino_backward_kernel<T, MAXT><<<grid, kThreads, 0, stream>>>(                                \
+  // Vector loads and stores need K % 4 == 0 (then every row starts as aligned as its base)
+  // and 16-byte-aligned bases; never for double.
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = a.K % 4 == 0 && aligned(student) && aligned(teacher) && aligned(center) &&
+                   aligned(grad);
+#define PYSSL_DINO_BW_LAUNCH(MAXT, VEC)                                                        \
+  dino_backward_kernel<T, MAXT, VEC><<<grid, kThreads, 0, stream>>>(                           \
       static_cast<const A*>(grad_loss), static_cast<const T*>(student),                        \
       static_cast<const T*>(teacher), static_cast<const A*>(center),                           \
       static_cast<const A*>(weights), static_cast<const A*>(slse), static_cast<const A*>(tlse), \
       a.B, static_cast<int>(a.S), static_cast<int>(a.T), a.K, a.n_terms, A(a.inv_student_temp), \
       A(a.inv_teacher_temp), a.skip_same_view, static_cast<T*>(grad))
+#define PYSSL_DINO_BW(MAXT)                                                                    \
+  do {                                                                                         \
+    if constexpr (!std::is_same_v<T, double>) {                                                \
+      if (vec) {                                                                               \
+        PYSSL_DINO_BW_LAUNCH(MAXT, true);                                                      \
+        break;                                                                                 \
+      }                                                                                        \
+    }                                                                                          \
+    PYSSL_DINO_BW_LAUNCH(MAXT, false);                                                         \
+  } while (0)
   if (a.T == 1) {
     PYSSL_DINO_BW(1);
   } else if (a.T == 2) {
@@ -443,6 +511,7 @@ cudaError_t backward_typed(const void* grad_loss, const void* student, const voi
     PYSSL_DINO_BW(8);
   }
 #undef PYSSL_DINO_BW
+#undef PYSSL_DINO_BW_LAUNCH
   return cudaGetLastError();
 }
 

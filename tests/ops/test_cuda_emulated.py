@@ -110,11 +110,12 @@ def _dino_both(emu, s, t, c, w, T, skip, grad=1.3):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("K", [1, 17, 255, 257, 4097])
+@pytest.mark.parametrize("K", [1, 17, 255, 256, 257, 4096, 4097])
 @pytest.mark.parametrize("crops", [(2, 12, True), (1, 1, False), (2, 2, False), (3, 5, True)])
 def test_dino_loss_matches_cpu(emu, dtype, K, crops):
     """Forward statistics per warp chunk of 256 prototypes (partial chunks at K = 17, 255, 257,
-    4097), the merge, the teacher mean and the backward; bitwise repeatable."""
+    4097), the merge, the teacher mean and the backward (with 4-element vector loads where
+    K % 4 == 0: K = 256, 4096); bitwise repeatable."""
     T, S, skip = crops
     B = 5
     g = torch.Generator().manual_seed(K * 10 + T)
