@@ -74,7 +74,56 @@ __device__ __forceinline__ void lse_push(A& m, A& z, A y) {
   }
 }
 
-template <typename T, int kMaxT>
+// Four elements of T in one load or store: 16 bytes of float, 8 of half / bfloat16.
+template <typename T> struct Vec4 { using type = void; };
+template <> struct Vec4<float> { using type = float4; };
+template <> struct Vec4<__half> { using type = uint2; };
+template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, acc_t<T> (&out)[4]) {
+  const typename Vec4<T>::type v = *reinterpret_cast<const typename Vec4<T>::type*>(p);
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) out[j] = to_acc(e[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const acc_t<T> (&in)[4]) {
+  typename Vec4<T>::type v;
+  T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) e[j] = from_acc<T>(in[j]);
+  *reinterpret_cast<typename Vec4<T>::type*>(p) = v;
+}
+
+// A lane's kWarpElems prototypes of its warp's chunk, at base + lane_offset<kVec>(j):
+// strided (j * 32: each j is 32 adjacent prototypes over the warp) or, with kVec (K % 4 == 0,
+// aligned rows), two groups of four adjacent ones (each group of 32 lanes: 128 adjacent), read
+// with one vector load per group.
+template <bool kVec>
+__device__ __forceinline__ constexpr int64_t lane_offset(int j) {
+  return kVec ? (j >> 2) * 128 + (j & 3) : int64_t{32} * j;
+}
+
+template <bool kVec, typename T>
+__device__ __forceinline__ void load_lane(const T* p, const bool (&ok)[kWarpElems],
+                                          acc_t<T> (&out)[kWarpElems]) {
+  if constexpr (kVec) {
+#pragma unroll
+    for (int h = 0; h < kWarpElems / 4; ++h) {
+      acc_t<T> v[4] = {};
+      if (ok[4 * h]) load4(p + 128 * h, v);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) out[4 * h + q] = v[q];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kWarpElems; ++j) out[j] = ok[j] ? to_acc(p[32 * j]) : acc_t<T>(0);
+  }
+}
+
+template <typename T, int kMaxT, bool kVec>
 __global__ void __launch_bounds__(kForwardThreads)
 dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                     const acc_t<T>* __restrict__ center, int64_t B, int S, int Tc, int64_t K,
@@ -86,19 +135,19 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
   const int64_t group = blockIdx.x;  // images on x (up to 2^31 - 1 blocks)
   const int64_t kc = int64_t(blockIdx.y) * (kForwardThreads / 32) + (threadIdx.x >> 5);
   if (kc >= nk) return;  // a whole warp: no block-wide synchronisation follows
-  // The lane's prototypes: k0 + 32 j (each j: 32 adjacent prototypes over the warp), valid for
-  // j < nv. Offsets from one base, not an index per j, keep registers for the values.
-  const int64_t k0 = kc * kWarpChunk + (threadIdx.x & 31);
-  const int nv = k0 < K ? static_cast<int>(min(int64_t{kWarpElems}, (K - k0 + 31) / 32)) : 0;
-  const bool lead = (threadIdx.x & 31) == 0;
+  // The lane's prototypes: k0 + lane_offset<kVec>(j). Offsets from one base, not an index per
+  // j, keep registers for the values.
+  const int lane = threadIdx.x & 31;
+  const int64_t k0 = kc * kWarpChunk + (kVec ? 4 * lane : lane);
+  const bool lead = lane == 0;
   bool ok[kWarpElems];
   A cen[kWarpElems], col[kWarpElems];
 #pragma unroll
   for (int j = 0; j < kWarpElems; ++j) {
-    ok[j] = j < nv;
-    cen[j] = ok[j] ? center[k0 + j * 32] : A(0);
+    ok[j] = k0 + lane_offset<kVec>(j) < K;
     col[j] = 0;
   }
+  load_lane<kVec>(center + k0, ok, cen);
   const int64_t b1 = min(B, (group + 1) * group_size);
   for (int64_t b = group * group_size; b < b1; ++b) {
     A e[kMaxT][kWarpElems];
@@ -106,13 +155,13 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
     for (int i = 0; i < kMaxT; ++i) {
       if (i >= Tc) break;
       const int64_t row = i * B + b;
-      const T* tr = teacher + row * K + k0;
+      A t[kWarpElems];
+      load_lane<kVec>(teacher + row * K + k0, ok, t);
       A m = neg_inf<T>();
 #pragma unroll
       for (int j = 0; j < kWarpElems; ++j) {
-        const A t = ok[j] ? to_acc(tr[j * 32]) : A(0);
-        col[j] += t;
-        e[i][j] = ok[j] ? (t - cen[j]) * inv_tt : neg_inf<T>();
+        col[j] += t[j];
+        e[i][j] = ok[j] ? (t[j] - cen[j]) * inv_tt : neg_inf<T>();
         m = nan_max(m, e[i][j]);
       }
       m = warp_max(m);
@@ -131,12 +180,11 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
     }
     for (int v = 0; v < S; ++v) {
       const int64_t row = v * B + b;
-      const T* sr = student + row * K + k0;
       A s[kWarpElems];
+      load_lane<kVec>(student + row * K + k0, ok, s);
       A m = neg_inf<T>();
 #pragma unroll
       for (int j = 0; j < kWarpElems; ++j) {
-        s[j] = ok[j] ? to_acc(sr[j * 32]) : A(0);
         if (ok[j]) m = nan_max(m, s[j] * inv_ts);
       }
       m = warp_max(m);
@@ -166,7 +214,7 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
   if (colsum) {
 #pragma unroll
     for (int j = 0; j < kWarpElems; ++j)
-      if (ok[j]) colsum[group * K + k0 + j * 32] = col[j];
+      if (ok[j]) colsum[group * K + k0 + lane_offset<kVec>(j)] = col[j];
   }
 }
 
@@ -260,29 +308,6 @@ __global__ void column_sum_kernel(const T* __restrict__ x, int64_t rows, int64_t
 #pragma unroll 8
   for (int64_t r = r0; r < r1; ++r) s += to_acc(x[r * K + k]);
   out[blockIdx.y * K + k] = A(double(s) * scale);
-}
-
-// Four elements of T in one load or store: 16 bytes of float, 8 of half / bfloat16.
-template <typename T> struct Vec4 { using type = void; };
-template <> struct Vec4<float> { using type = float4; };
-template <> struct Vec4<__half> { using type = uint2; };
-template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
-
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, acc_t<T> (&out)[4]) {
-  const typename Vec4<T>::type v = *reinterpret_cast<const typename Vec4<T>::type*>(p);
-  const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) out[j] = to_acc(e[j]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store4(T* p, const acc_t<T> (&in)[4]) {
-  typename Vec4<T>::type v;
-  T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) e[j] = from_acc<T>(in[j]);
-  *reinterpret_cast<typename Vec4<T>::type*>(p) = v;
 }
 
 // kVec (float, half, bfloat16 with K % 4 == 0 and aligned rows): each thread's kElems = 4
@@ -431,9 +456,23 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   const auto* c = static_cast<const A*>(center);
   const A its = A(a.inv_student_temp), itt = A(a.inv_teacher_temp);
   const int S = static_cast<int>(a.S), Tc = static_cast<int>(a.T);
-#define PYSSL_DINO_FW(MAXT)                                                                  \
-  dino_forward_kernel<T, MAXT><<<grid, kForwardThreads, 0, stream>>>(                        \
+  // Vector loads need K % 4 == 0 (then every row starts as aligned as its base) and
+  // 16-byte-aligned bases; never for double.
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = a.K % 4 == 0 && aligned(s) && aligned(t) && aligned(c);
+#define PYSSL_DINO_FW_LAUNCH(MAXT, VEC)                                                        \
+  dino_forward_kernel<T, MAXT, VEC><<<grid, kForwardThreads, 0, stream>>>(                     \
       s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum)
+#define PYSSL_DINO_FW(MAXT)                                                                    \
+  do {                                                                                         \
+    if constexpr (!std::is_same_v<T, double>) {                                                \
+      if (vec) {                                                                               \
+        PYSSL_DINO_FW_LAUNCH(MAXT, true);                                                      \
+        break;                                                                                 \
+      }                                                                                        \
+    }                                                                                          \
+    PYSSL_DINO_FW_LAUNCH(MAXT, false);                                                         \
+  } while (0)
   if (a.T == 1) {
     PYSSL_DINO_FW(1);
   } else if (a.T == 2) {
@@ -444,6 +483,7 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
     PYSSL_DINO_FW(8);
   }
 #undef PYSSL_DINO_FW
+#undef PYSSL_DINO_FW_LAUNCH
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // A warp per row at most: iBOT's single-crop rows (S = T = 1, B = thousands) get 2 warps.
