@@ -50,9 +50,12 @@ def dino_loss(dev):
     # uses no shared memory, so racecheck (slow on these sizes) skips it: PYSSL_SMOKE_SMALL=1
     if os.environ.get("PYSSL_SMOKE_SMALL"):
         return
-    M, K = 4100, 8200
-    ops.ibot_patch_loss(torch.randn(M, K, device=dev), torch.randn(M, K, device=dev),
-                        torch.zeros(K, device=dev), torch.rand(M, device=dev))
+    # (M, K): several images per forward warp with fused per-group column sums (2100, 2048);
+    # the teacher mean from 16 chunks of rows, past 8M per-group column sums (4100, 8200)
+    for M, K in ((2100, 2048), (4100, 8200)):
+        s = torch.randn(M, K, device=dev, requires_grad=True)
+        ops.ibot_patch_loss(s, torch.randn(M, K, device=dev), torch.zeros(K, device=dev),
+                            torch.rand(M, device=dev)).backward()
 
 
 def projection(dev):
@@ -84,14 +87,18 @@ def flow(dev):
         fw = (torch.randn(2, 2, 40, 60, device=dev) * 3).to(dtype)
         bw = (-fw.float() + torch.randn(2, 2, 40, 60, device=dev) * 0.3).to(dtype)
         coords, valid = ops.flow_correspondence(fw, bw)
-        feats = torch.randn(2, 16, 40, 60, device=dev).to(dtype).requires_grad_(True)
-        online = torch.randn(2, 16, 40, 60, device=dev).to(dtype).requires_grad_(True)
-        c = coords.detach().requires_grad_(True)
-        for det in (False, True):
-            torch.use_deterministic_algorithms(det, warn_only=True)
-            ops.sample_features(feats, c).float().sum().backward()
-            ops.dense_correspondence_loss(online, feats, coords, valid).backward()
-        torch.use_deterministic_algorithms(False)
+        # 16 channels: the tiled forward and xy gradient, 4-channel vector atomics, the
+        # fixed-point deterministic scatter, channels-last copies in the dense loss; 3: the
+        # per-point kernels
+        for C in (16, 3):
+            feats = torch.randn(2, C, 40, 60, device=dev).to(dtype).requires_grad_(True)
+            online = torch.randn(2, C, 40, 60, device=dev).to(dtype).requires_grad_(True)
+            c = coords.detach().requires_grad_(True)
+            for det in (False, True):
+                torch.use_deterministic_algorithms(det, warn_only=True)
+                ops.sample_features(feats, c).float().sum().backward()
+                ops.dense_correspondence_loss(online, feats, coords, valid).backward()
+            torch.use_deterministic_algorithms(False)
     ops.affine_correspondence(torch.randn(3, 2, 3, device=dev), (40, 60), (20, 30))
 
 

@@ -179,3 +179,18 @@ def test_gpu_profile_cases_run_and_tabulate_on_the_cpu():
                 assert all(" ms " in line for line in lines[1:]), lines
     finally:
         bench_flow.H, bench_flow.W = old
+
+
+def test_cuda_smoke_families_run_on_the_cpu(monkeypatch):
+    """benchmarks/cuda_smoke.py is what compute-sanitizer runs in gpu_check.sh; every family
+    runs here on CPU tensors (small sizes), so a GPU run is not spent on a broken call."""
+    import torch
+
+    from benchmarks import cuda_smoke
+
+    monkeypatch.setenv("PYSSL_SMOKE_SMALL", "1")
+    try:
+        for fam in cuda_smoke.FAMILIES:
+            fam(torch.device("cpu"))
+    finally:
+        torch.use_deterministic_algorithms(False)
