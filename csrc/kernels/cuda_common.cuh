@@ -40,6 +40,26 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Whether the current device has sm_90's vector atomics (compute capability 9.0 or newer):
+// kernels whose sm_90 path uses them fall back to slower scalar code on older architectures.
+inline bool device_has_vector_atomics() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+}
+
+// Vector loads and stores need their alignment; the CUDA emulator (tests/cuda_emu) checks it,
+// since a host CPU would not fault where the GPU does.
+#ifdef PYSSL_CUDA_EMULATOR
+#define PYSSL_ASSUME_ALIGNED(p, n) ::emu::check_aligned((p), (n))
+#else
+#define PYSSL_ASSUME_ALIGNED(p, n) ((void)0)
+#endif
+
 }  // namespace pyssl::cuda
 
 namespace pyssl::cuda {

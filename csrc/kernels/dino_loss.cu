@@ -74,27 +74,52 @@ __device__ __forceinline__ void lse_push(A& m, A& z, A y) {
   }
 }
 
-// Four elements of T in one load or store: 16 bytes of float, 8 of half / bfloat16.
-template <typename T> struct Vec4 { using type = void; };
-template <> struct Vec4<float> { using type = float4; };
-template <> struct Vec4<__half> { using type = uint2; };
-template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
+// Four elements of T in one vector load or store: 16 bytes of float, 8 of half / bfloat16
+// (packed into a uint2 by value, not through a pointer of another type). The store goes through
+// __stwb: a plain assignment of a float4 built in registers came out as four scalar stores.
+__device__ __forceinline__ void load4(const float* p, float (&out)[4]) {
+  PYSSL_ASSUME_ALIGNED(p, 16);
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
 
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, acc_t<T> (&out)[4]) {
-  const typename Vec4<T>::type v = *reinterpret_cast<const typename Vec4<T>::type*>(p);
-  const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) out[j] = to_acc(e[j]);
+__device__ __forceinline__ void store4(float* p, const float (&in)[4]) {
+  PYSSL_ASSUME_ALIGNED(p, 16);
+  __stwb(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
+}
+
+__device__ __forceinline__ float half_bits_to_acc(unsigned short b, __half) {
+  return __half2float(__ushort_as_half(b));
+}
+__device__ __forceinline__ float half_bits_to_acc(unsigned short b, __nv_bfloat16) {
+  return __bfloat162float(__ushort_as_bfloat16(b));
+}
+__device__ __forceinline__ unsigned acc_to_half_bits(float x, __half) {
+  return __half_as_ushort(__float2half_rn(x));
+}
+__device__ __forceinline__ unsigned acc_to_half_bits(float x, __nv_bfloat16) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+template <typename T>  // __half or __nv_bfloat16
+__device__ __forceinline__ void load4(const T* p, float (&out)[4]) {
+  PYSSL_ASSUME_ALIGNED(p, 8);
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  out[0] = half_bits_to_acc(static_cast<unsigned short>(v.x & 0xffffu), T());
+  out[1] = half_bits_to_acc(static_cast<unsigned short>(v.x >> 16), T());
+  out[2] = half_bits_to_acc(static_cast<unsigned short>(v.y & 0xffffu), T());
+  out[3] = half_bits_to_acc(static_cast<unsigned short>(v.y >> 16), T());
 }
 
 template <typename T>
-__device__ __forceinline__ void store4(T* p, const acc_t<T> (&in)[4]) {
-  typename Vec4<T>::type v;
-  T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) e[j] = from_acc<T>(in[j]);
-  *reinterpret_cast<typename Vec4<T>::type*>(p) = v;
+__device__ __forceinline__ void store4(T* p, const float (&in)[4]) {
+  PYSSL_ASSUME_ALIGNED(p, 8);
+  __stwb(reinterpret_cast<uint2*>(p),
+         make_uint2(acc_to_half_bits(in[0], T()) | (acc_to_half_bits(in[1], T()) << 16),
+                    acc_to_half_bits(in[2], T()) | (acc_to_half_bits(in[3], T()) << 16)));
 }
 
 // A lane's kWarpElems prototypes of its warp's chunk, at base + lane_offset<kVec>(j):
@@ -140,11 +165,16 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
   const int lane = threadIdx.x & 31;
   const int64_t k0 = kc * kWarpChunk + (kVec ? 4 * lane : lane);
   const bool lead = lane == 0;
+  // valid: j < nv (strided: each j is 32 further) or whole groups of four (kVec, K % 4 == 0)
+  const int64_t left = K - k0;
+  const int nv = left <= 0 ? 0
+                 : kVec    ? (left > 128 ? kWarpElems : 4)
+                           : static_cast<int>(min(int64_t{kWarpElems}, (left + 31) / 32));
   bool ok[kWarpElems];
   A cen[kWarpElems], col[kWarpElems];
 #pragma unroll
   for (int j = 0; j < kWarpElems; ++j) {
-    ok[j] = k0 + lane_offset<kVec>(j) < K;
+    ok[j] = j < nv;
     col[j] = 0;
   }
   load_lane<kVec>(center + k0, ok, cen);

@@ -116,7 +116,9 @@ __global__ void fixed_to_acc_kernel(const int64_t* __restrict__ gfix, int64_t co
 // The float-atomic scatter four channels at a time, for float accumulators whose channels are
 // contiguous (the channels-last accumulator) with D % 4 == 0: one 16-byte vector atomic
 // (sm_90: atom.global.add.v4.f32) per tap instead of four scalar ones, a quarter of the atomic
-// requests the L2 has to serialise. Older architectures add the four channels one by one.
+// requests the L2 has to serialise. Launched on compute capability 9.0 or newer only (its
+// scalar fallback, for builds that also target older architectures, would be slower than
+// scatter_kernel's adjacent lanes).
 template <typename F>
 __global__ void scatter4_kernel(const F* __restrict__ g, const int64_t* __restrict__ idx,
                                 const float* __restrict__ xy, SampleArgs a,
@@ -507,7 +509,7 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
     using F = std::remove_pointer_t<decltype(tag)>;
     if constexpr (std::is_same_v<acc_t<F>, float>) {
       if (a.D % 4 == 0 && a.gD == 1 && a.gW % 4 == 0 && a.gH % 4 == 0 && a.gN % 4 == 0 &&
-          reinterpret_cast<uintptr_t>(gacc) % 16 == 0) {
+          reinterpret_cast<uintptr_t>(gacc) % 16 == 0 && device_has_vector_atomics()) {
         scatter4_kernel<F><<<grid_for(a.M * a.D / 4), kThreads, 0, stream>>>(
             static_cast<const F*>(grad), image_index, static_cast<const float*>(xy), a,
             static_cast<float*>(gacc));

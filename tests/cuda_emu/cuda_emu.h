@@ -325,6 +325,34 @@ inline void syncwarp() { barrier_wait(current_launch()->blk->warps[current_fiber
 #define gridDim (::emu::grid_dim())
 #define cudaGetLastError ::emu::last_error
 #define cudaGetErrorString ::emu::error_string
+#define cudaGetDevice ::emu::get_device
+#define cudaDeviceGetAttribute ::emu::device_attribute
+
+namespace emu {
+// One emulated device, of compute capability 9.0 with 4 SMs.
+inline cudaError_t get_device(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t device_attribute(int* v, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
+    case cudaDevAttrMultiProcessorCount: *v = 4; break;
+    default: *v = 0;
+  }
+  return cudaSuccess;
+}
+// A vector load or store's address (PYSSL_ASSUME_ALIGNED in cuda_common.cuh): the GPU faults
+// on a misaligned one, the host would not.
+inline void check_aligned(const void* p, size_t n) {
+  if (reinterpret_cast<uintptr_t>(p) % n)
+    fail("a vector access at an address not " + std::to_string(n) + "-byte aligned");
+}
+}  // namespace emu
+
+template <typename T>
+inline void __stwb(T* p, T v) { *p = v; }
 
 inline void __syncthreads() { ::emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::syncwarp(); }

@@ -132,6 +132,28 @@ def test_dino_loss_matches_cpu(emu, dtype, K, crops):
     assert all(torch.equal(a, b) for a, b in zip(again, got))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("misaligned", ["student", "teacher", "none"])
+def test_dino_loss_vector_and_strided_paths(emu, dtype, misaligned):
+    """K % 4 == 0: aligned rows take the vector loads and stores (the emulator checks every
+    vector address's alignment), rows starting one element off their storage take the strided
+    layout; both match the CPU."""
+    T, S, B, K = 2, 4, 3, 1024
+    g = torch.Generator().manual_seed(5)
+
+    def rows(n, off):
+        return torch.randn(n * K + off, generator=g).to(dtype)[off:].view(n, K)
+    s = rows(S * B, int(misaligned == "student"))
+    t = rows(T * B, int(misaligned == "teacher"))
+    assert (s.data_ptr() % 16 != 0) == (misaligned == "student")
+    c = torch.randn(K, generator=g) * 0.1
+    got, want, ggot, gwant = _dino_both(emu, s, t, c, None, T, True)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(got, want):
+        _close(a, b, 2e-5)
+    _close(ggot, gwant, tol, float(gwant.abs().max()))
+
+
 @pytest.mark.parametrize("M, K", [(600, 8192), (200, 1000), (70, 3)])
 def test_dino_loss_teacher_mean_paths_ibot_rows(emu, M, K):
     """iBOT-like rows (one crop each, weights). M=600, K=8192: enough warps for several images
