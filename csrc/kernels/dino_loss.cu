@@ -463,6 +463,30 @@ int64_t dino_loss_b_offset(const DinoArgs& a) {
   return (n + 1) / 2 * 2;
 }
 
+// Calls launch(max_t, vec) with compile-time constants: max_t = 1, 2, 4 or 8 teacher crops
+// (at least `crops`), vec = the vector layout when `vec` holds (never for double).
+template <typename T, typename Launch>
+void dispatch_kernel(int64_t crops, bool vec, Launch&& launch) {
+  const auto with_layout = [&](auto max_t) {
+    if constexpr (!std::is_same_v<T, double>) {
+      if (vec) {
+        launch(max_t, std::true_type{});
+        return;
+      }
+    }
+    launch(max_t, std::false_type{});
+  };
+  if (crops == 1) {
+    with_layout(std::integral_constant<int, 1>{});
+  } else if (crops == 2) {
+    with_layout(std::integral_constant<int, 2>{});
+  } else if (crops <= 4) {
+    with_layout(std::integral_constant<int, 4>{});
+  } else {
+    with_layout(std::integral_constant<int, 8>{});
+  }
+}
+
 template <typename T>
 cudaError_t forward_typed(const void* student, const void* teacher, const void* center,
                           const void* weights, const DinoArgs& a, void* workspace, void* loss,
@@ -490,30 +514,10 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   // 16-byte-aligned bases; never for double.
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = a.K % 4 == 0 && aligned(s) && aligned(t) && aligned(c);
-#define PYSSL_DINO_FW_LAUNCH(MAXT, VEC)                                                        \
-  dino_forward_kernel<T, MAXT, VEC><<<grid, kForwardThreads, 0, stream>>>(                     \
-      s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum)
-#define PYSSL_DINO_FW(MAXT)                                                                    \
-  do {                                                                                         \
-    if constexpr (!std::is_same_v<T, double>) {                                                \
-      if (vec) {                                                                               \
-        PYSSL_DINO_FW_LAUNCH(MAXT, true);                                                      \
-        break;                                                                                 \
-      }                                                                                        \
-    }                                                                                          \
-    PYSSL_DINO_FW_LAUNCH(MAXT, false);                                                         \
-  } while (0)
-  if (a.T == 1) {
-    PYSSL_DINO_FW(1);
-  } else if (a.T == 2) {
-    PYSSL_DINO_FW(2);
-  } else if (a.T <= 4) {
-    PYSSL_DINO_FW(4);
-  } else {
-    PYSSL_DINO_FW(8);
-  }
-#undef PYSSL_DINO_FW
-#undef PYSSL_DINO_FW_LAUNCH
+  dispatch_kernel<T>(a.T, vec, [&](auto max_t, auto v) {
+    dino_forward_kernel<T, decltype(max_t)::value, decltype(v)::value><<<grid, kForwardThreads, 0, stream>>>(
+        s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum);
+  });
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // A warp per row at most: iBOT's single-crop rows (S = T = 1, B = thousands) get 2 warps.
@@ -554,34 +558,14 @@ cudaError_t backward_typed(const void* grad_loss, const void* student, const voi
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool vec = a.K % 4 == 0 && aligned(student) && aligned(teacher) && aligned(center) &&
                    aligned(grad);
-#define PYSSL_DINO_BW_LAUNCH(MAXT, VEC)                                                        \
-  dino_backward_kernel<T, MAXT, VEC><<<grid, kThreads, 0, stream>>>(                           \
-      static_cast<const A*>(grad_loss), static_cast<const T*>(student),                        \
-      static_cast<const T*>(teacher), static_cast<const A*>(center),                           \
-      static_cast<const A*>(weights), static_cast<const A*>(slse), static_cast<const A*>(tlse), \
-      a.B, static_cast<int>(a.S), static_cast<int>(a.T), a.K, a.n_terms, A(a.inv_student_temp), \
-      A(a.inv_teacher_temp), a.skip_same_view, static_cast<T*>(grad))
-#define PYSSL_DINO_BW(MAXT)                                                                    \
-  do {                                                                                         \
-    if constexpr (!std::is_same_v<T, double>) {                                                \
-      if (vec) {                                                                               \
-        PYSSL_DINO_BW_LAUNCH(MAXT, true);                                                      \
-        break;                                                                                 \
-      }                                                                                        \
-    }                                                                                          \
-    PYSSL_DINO_BW_LAUNCH(MAXT, false);                                                         \
-  } while (0)
-  if (a.T == 1) {
-    PYSSL_DINO_BW(1);
-  } else if (a.T == 2) {
-    PYSSL_DINO_BW(2);
-  } else if (a.T <= 4) {
-    PYSSL_DINO_BW(4);
-  } else {
-    PYSSL_DINO_BW(8);
-  }
-#undef PYSSL_DINO_BW
-#undef PYSSL_DINO_BW_LAUNCH
+  dispatch_kernel<T>(a.T, vec, [&](auto max_t, auto v) {
+    dino_backward_kernel<T, decltype(max_t)::value, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
+        static_cast<const A*>(grad_loss), static_cast<const T*>(student),
+        static_cast<const T*>(teacher), static_cast<const A*>(center),
+        static_cast<const A*>(weights), static_cast<const A*>(slse), static_cast<const A*>(tlse),
+        a.B, static_cast<int>(a.S), static_cast<int>(a.T), a.K, a.n_terms, A(a.inv_student_temp),
+        A(a.inv_teacher_temp), a.skip_same_view, static_cast<T*>(grad));
+  });
   return cudaGetLastError();
 }
 
