@@ -32,6 +32,7 @@ from pyssl.ops.projection import _image_size_tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_emu"))
 import build as emu_build  # noqa: E402
 
+from .test_dino_loss import special_logit_inputs  # noqa: E402
 from .test_projection import random_points, random_rig  # noqa: E402
 
 CPU = torch.ops.pyssl
@@ -172,14 +173,8 @@ def test_dino_loss_teacher_mean_paths_ibot_rows(emu, M, K):
 
 @pytest.mark.parametrize("special", ["neg_inf", "pos_inf", "nan"])
 def test_dino_loss_special_logits(emu, special):
-    T, S, B, K = 2, 4, 3, 3000
-    g = torch.Generator().manual_seed(7)
-    s = torch.randn(S * B, K, generator=g)
-    t = torch.randn(T * B, K, generator=g)
-    t[1, 2990:] = -math.inf
-    if special != "neg_inf":
-        s[4, 1000:1100] = math.inf if special == "pos_inf" else math.nan
-    c = torch.zeros(K)
+    T = 2
+    s, t, c = special_logit_inputs(special, S=4, B=3, K=3000, T=T)
     got = emu.dino_loss(s, t, c, None, T, 0.1, 0.04, True)
     want = CPU.dino_loss(s, t, c, None, T, 0.1, 0.04, True)
     assert bool(got[0].isnan()) == (special != "neg_inf")

@@ -402,19 +402,25 @@ def test_cuda_matches_cpu(dtype, K, crops):
     assert torch.equal(loss2, loss) and torch.equal(sc2.grad, sc.grad)
 
 
+def special_logit_inputs(special, S, B, K, T=2):
+    """Student, teacher and centre with the last 10 logits of teacher row 1 at -inf and, for
+    "pos_inf" / "nan", 100 logits of student row 4 at +inf / NaN (K > 1100)."""
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(S * B, K, generator=g)
+    t = torch.randn(T * B, K, generator=g)
+    t[1, K - 10:] = -math.inf
+    if special != "neg_inf":
+        s[4, 1000:1100] = math.inf if special == "pos_inf" else math.nan
+    return s, t, torch.zeros(K)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("special", ["neg_inf", "pos_inf", "nan"])
 def test_cuda_special_logits_match_cpu(special):
     """-inf teacher logits add nothing; +inf or NaN student logits make the loss NaN, on the
     device as on the CPU (the merge of per-chunk statistics carries them across 40 chunks)."""
-    T, S, B, K = 2, 6, 3, 40000
-    g = torch.Generator().manual_seed(7)
-    s = torch.randn(S * B, K, generator=g)
-    t = torch.randn(T * B, K, generator=g)
-    t[1, 39990:] = -math.inf
-    if special != "neg_inf":
-        s[4, 1000:1100] = math.inf if special == "pos_inf" else math.nan
-    c = torch.zeros(K)
+    T = 2
+    s, t, c = special_logit_inputs(special, S=6, B=3, K=40000, T=T)
     loss, mean = ops.dino_loss(s.cuda(), t.cuda(), c.cuda(), n_teacher_crops=T, skip_same_view=True)
     rl, rm = ops.dino_loss(s, t, c, n_teacher_crops=T, skip_same_view=True)
     assert bool(loss.isnan()) == (special != "neg_inf")
