@@ -1,6 +1,8 @@
 // Device-side helpers shared by the CUDA kernels (torch-free).
 #pragma once
 
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -51,6 +53,9 @@ inline bool device_has_vector_atomics() {
   }
   return major >= 9;
 }
+
+// Whether a pointer allows 16-byte vector accesses (host side, before choosing a vector path).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Vector loads and stores need their alignment; the CUDA emulator (tests/cuda_emu) checks it,
 // since a host CPU would not fault where the GPU does.

@@ -13,7 +13,6 @@
 // Backward: one block per (image, chunk), no reductions: q from the teacher row and its saved
 // log-sum-exp, p from the student row and its saved log-sum-exp.
 #include <algorithm>
-#include <cstdint>
 #include <type_traits>
 
 #include "kernels/cuda_common.cuh"
@@ -512,8 +511,7 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   const int S = static_cast<int>(a.S), Tc = static_cast<int>(a.T);
   // Vector loads need K % 4 == 0 (then every row starts as aligned as its base) and
   // 16-byte-aligned bases; never for double.
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool vec = a.K % 4 == 0 && aligned(s) && aligned(t) && aligned(c);
+  const bool vec = a.K % 4 == 0 && aligned16(s) && aligned16(t) && aligned16(c);
   dispatch_kernel<T>(a.T, vec, [&](auto max_t, auto v) {
     dino_forward_kernel<T, decltype(max_t)::value, decltype(v)::value><<<grid, kForwardThreads, 0, stream>>>(
         s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum);
@@ -555,9 +553,8 @@ cudaError_t backward_typed(const void* grad_loss, const void* student, const voi
   const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(nk));
   // Vector loads and stores need K % 4 == 0 (then every row starts as aligned as its base)
   // and 16-byte-aligned bases; never for double.
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool vec = a.K % 4 == 0 && aligned(student) && aligned(teacher) && aligned(center) &&
-                   aligned(grad);
+  const bool vec = a.K % 4 == 0 && aligned16(student) && aligned16(teacher) &&
+                   aligned16(center) && aligned16(grad);
   dispatch_kernel<T>(a.T, vec, [&](auto max_t, auto v) {
     dino_backward_kernel<T, decltype(max_t)::value, decltype(v)::value><<<grid, kThreads, 0, stream>>>(
         static_cast<const A*>(grad_loss), static_cast<const T*>(student),

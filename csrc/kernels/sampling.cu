@@ -1,6 +1,5 @@
 // Point-sampling CUDA kernels; see csrc/kernels/sampling.h.
 #include <algorithm>
-#include <cstdint>
 #include <type_traits>
 
 #include "kernels/cuda_common.cuh"
@@ -23,6 +22,11 @@ __device__ __forceinline__ int64_t tap_pointer(int64_t offset, const SampleArgs&
 __device__ __forceinline__ int64_t grad_pointer(int64_t n, int64_t d, int64_t offset,
                                                 const SampleArgs& a) {
   return n * a.gN + d * a.gD + tap_offset(offset, a.W, a.gH, a.gW);
+}
+
+// Blocks of kThreads threads for `work` items (grid-stride kernels), at most 2^20.
+unsigned grid_for(int64_t work) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), int64_t{1} << 20)));
 }
 
 // Channel d of point m in image n: the taps' weighted sum, in tap order.
@@ -158,13 +162,10 @@ __global__ void scatter4_kernel(const F* __restrict__ g, const int64_t* __restri
 // accumulator is channels-last, csrc/ops/sampling.h, so consecutive channels are adjacent. The
 // xy gradient reads the map like the forward: backward_xy_tiled_kernel.)
 constexpr int kTileP = 32, kTileD = 32, kTileRows = 8;  // block (32, 8)
+static_assert(kTileP * kTileRows == kThreads, "a tile block has kThreads threads: grid_for sizes its grid");
 
 bool tiled(const SampleArgs& a) { return a.sD != 1 && a.D >= 16; }
 
-unsigned tile_grid(const SampleArgs& a) {
-  const int64_t tiles = ceil_div(a.M, kTileP) * ceil_div(a.D, kTileD);
-  return static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{1} << 20));
-}
 
 template <typename F>
 __global__ void __launch_bounds__(kTileP * kTileRows)
@@ -325,9 +326,6 @@ __global__ void backward_xy_kernel(const F* __restrict__ g, const F* __restrict_
   }
 }
 
-unsigned grid_for(int64_t work) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), int64_t{1} << 20)));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fused distillation loss
@@ -489,7 +487,8 @@ cudaError_t sample_points(const void* features, DType dtype, const int64_t* imag
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
     if (tiled(a)) {
-      forward_tiled_kernel<F><<<tile_grid(a), dim3(kTileP, kTileRows), 0, stream>>>(
+      forward_tiled_kernel<F><<<grid_for(ceil_div(a.M, kTileP) * ceil_div(a.D, kTileD) * kThreads),
+                               dim3(kTileP, kTileRows), 0, stream>>>(
           static_cast<const F*>(features), image_index, static_cast<const acc_t<F>*>(xy), a,
           static_cast<F*>(out));
       return cudaGetLastError();
@@ -509,7 +508,7 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
     using F = std::remove_pointer_t<decltype(tag)>;
     if constexpr (std::is_same_v<acc_t<F>, float>) {
       if (a.D % 4 == 0 && a.gD == 1 && a.gW % 4 == 0 && a.gH % 4 == 0 && a.gN % 4 == 0 &&
-          reinterpret_cast<uintptr_t>(gacc) % 16 == 0 && device_has_vector_atomics()) {
+          aligned16(gacc) && device_has_vector_atomics()) {
         scatter4_kernel<F><<<grid_for(a.M * a.D / 4), kThreads, 0, stream>>>(
             static_cast<const F*>(grad), image_index, static_cast<const float*>(xy), a,
             static_cast<float*>(gacc));
@@ -578,8 +577,7 @@ cudaError_t sample_points_backward_xy(const void* grad, const void* features, DT
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
     if (tiled(a)) {
-      const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(a.M, kTileP), int64_t{1} << 20));
-      backward_xy_tiled_kernel<F><<<blocks, dim3(kTileP, kTileRows), 0, stream>>>(
+      backward_xy_tiled_kernel<F><<<grid_for(ceil_div(a.M, kTileP) * kThreads), dim3(kTileP, kTileRows), 0, stream>>>(
           static_cast<const F*>(grad), static_cast<const F*>(features), image_index,
           static_cast<const acc_t<F>*>(xy), a, static_cast<acc_t<F>*>(gxy));
       return cudaGetLastError();
