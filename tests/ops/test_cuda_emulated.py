@@ -317,7 +317,8 @@ def _maps(layout, N, D, H, W, dtype, g):
 def test_sample_points_and_backward(emu, dtype, layout, D):
     """The tiled forward (NCHW-like maps, D >= 16: 32 points x 32 channels per block, partial
     tiles), the per-point forward, both modes, with and without an image index; the atomic
-    and the deterministic (sort + segmented sums) feature gradients and the xy gradient."""
+    and the deterministic (fixed-point for these float gradients) feature gradients and the xy
+    gradient."""
     g = torch.Generator().manual_seed(D)
     N, H, W, M = 3, 13, 29, 301
     f = _maps(layout, N, D, H, W, dtype, g)
