@@ -17,7 +17,7 @@ using at::Tensor;
 std::tuple<Tensor, Tensor> flow_correspondence_cpu(const Tensor& flow_fw,
                                                    const std::optional<Tensor>& flow_bw,
                                                    double alpha1, double alpha2) {
-  check_flow(flow_fw, flow_bw);
+  check_flow(flow_fw, flow_bw, alpha1, alpha2);
   const int64_t B = flow_fw.size(0), H = flow_fw.size(2), W = flow_fw.size(3);
   const auto acc = flow_acc(flow_fw);
   const Tensor fw = flow_fw.to(acc);

@@ -1,11 +1,18 @@
 // Optical-flow / affine correspondence ops: argument checks shared by CPU and CUDA.
 #pragma once
 
+#include <cmath>
+
 #include "ops/common.h"
 
 namespace pyssl::flow {
 
-inline void check_flow(const at::Tensor& flow_fw, const std::optional<at::Tensor>& flow_bw) {
+inline void check_flow(const at::Tensor& flow_fw, const std::optional<at::Tensor>& flow_bw,
+                       double alpha1, double alpha2) {
+  // NaN fails both comparisons; a negative constant would make the check reject even a
+  // perfectly consistent pair (alpha2 < 0) or depend on the sign of a scale (alpha1 < 0)
+  TORCH_CHECK_VALUE(alpha1 >= 0 && std::isfinite(alpha1), "alpha1 must be finite and >= 0, got ", alpha1);
+  TORCH_CHECK_VALUE(alpha2 >= 0 && std::isfinite(alpha2), "alpha2 must be finite and >= 0, got ", alpha2);
   check_dim(flow_fw, 4, "flow_fw", "[B, 2, H, W] (channel 0 = u/x, 1 = v/y)");
   TORCH_CHECK_VALUE(flow_fw.size(1) == 2, "flow_fw must have 2 channels (u, v), got shape ",
                     flow_fw.sizes());

@@ -11,7 +11,7 @@ using at::Tensor;
 std::tuple<Tensor, Tensor> flow_correspondence_cuda(const Tensor& flow_fw,
                                                     const std::optional<Tensor>& flow_bw,
                                                     double alpha1, double alpha2) {
-  check_flow(flow_fw, flow_bw);
+  check_flow(flow_fw, flow_bw, alpha1, alpha2);
   const c10::cuda::CUDAGuard guard(flow_fw.device());
   const int64_t B = flow_fw.size(0), H = flow_fw.size(2), W = flow_fw.size(3);
   const auto acc = flow_acc(flow_fw);

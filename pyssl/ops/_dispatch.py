@@ -29,6 +29,14 @@ def check_tensor(value, name: str) -> torch.Tensor:
     return value
 
 
+def check_no_grad(value: torch.Tensor, name: str, alternative: str) -> None:
+    """Fused losses that do not differentiate through an input refuse it with requires_grad
+    (while autograd records), rather than drop its gradient without a word."""
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but this fused loss gives it no gradient: pass "
+                         f"{name}.detach(), or {alternative}")
+
+
 def check_int(value, name: str, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_int, check_tensor, has_kernel, same_device_fake
+from ._dispatch import check_int, check_no_grad, check_tensor, has_kernel, same_device_fake
 from .sampling import sample_points
 
 __all__ = [
@@ -312,7 +312,9 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
         loss: ``"cosine"`` (``1 - cos``) or ``"l2_normalized"`` (``|a - b|^2`` of unit vectors).
     Returns:
         A scalar (0 when no pixel is valid). Fused: the warped target map is never materialised,
-        forward or backward; gradients to ``online`` and ``target`` (deterministic on the CPU; on
+        forward or backward; gradients to ``online`` and ``target``, none to ``coords`` (a
+        ``coords`` that requires grad is refused with a ValueError: detach it, or use
+        :func:`sample_features` and a loss) (deterministic on the CPU; on
         CUDA without atomics under ``torch.use_deterministic_algorithms``; there NCHW maps with
         16 channels or more are read through channels-last copies made for the call). On the
         CPU, float32 or bfloat16 maps (NCHW or channels-last, read in place and their gradients
@@ -335,6 +337,7 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
     if tuple(valid.shape) != (B, H, W):
         raise ValueError(f"valid must have shape [B, H, W] = {(B, H, W)}, got {tuple(valid.shape)}")
     _check_float(coords, "coords")
+    check_no_grad(coords, "coords", "use sample_features and a loss for gradients to the coordinates")
     xy = coords.reshape(B * H * W, 2)
     weights = valid.reshape(B * H * W).to(xy.dtype)
     if has_kernel(online.device):

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import (check_generator, check_int, check_tensor, has_kernel, same_device_fake,
-                        suggest_memory_format)
+from ._dispatch import (check_generator, check_int, check_no_grad, check_tensor, has_kernel,
+                        same_device_fake, suggest_memory_format)
 from .sampling import sample_points
 
 __all__ = [
@@ -318,7 +318,8 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
     Fused: no ``[M, D]`` copy of the pixel features is made in the forward or backward, and
     only three scalars per pair are kept for backward. Gradients to ``point_features`` and
     ``features`` (the scatter-add into ``features`` is deterministic on the CPU; on CUDA without
-    atomics under ``torch.use_deterministic_algorithms``); row/col get none. On CUDA, NCHW maps
+    atomics under ``torch.use_deterministic_algorithms``); row/col get none (a row or col that
+    requires grad is refused with a ValueError). On CUDA, NCHW maps
     with 16 channels or more are read through a channels-last copy made for the call (memory
     of one map while it runs, nothing kept), so that a warp's reads of a pixel are coalesced.
     """
@@ -330,6 +331,8 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
     if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
         raise ValueError("camera_index, row and col must be 1-D of the same length")
     _check_camera_index(camera_index)
+    for name, t in (("row", row), ("col", col)):
+        check_no_grad(t, name, "use gather_pixel_features and a loss for gradients to the pixels")
     xy = _pair_coordinates(features, row, col, mode)
     code = 0 if mode == "bilinear" else 1
     if has_kernel(features.device):

@@ -289,7 +289,7 @@ def test_segment_mean(emu, deterministic):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_flow_and_affine_correspondence(emu, dtype):
     g = torch.Generator().manual_seed(7)
     fw = (torch.randn(2, 2, 24, 40, generator=g) * 5).to(dtype)
@@ -302,6 +302,8 @@ def test_flow_and_affine_correspondence(emu, dtype):
     theta = torch.randn(3, 2, 3, generator=g, dtype=dtype)
     torch.testing.assert_close(emu.affine_correspondence(theta, 30, 50, 17, 23),
                                CPU.affine_correspondence(theta, 30, 50, 17, 23))
+    with pytest.raises(ValueError, match="alpha1"):
+        emu.flow_correspondence(fw, bw, -0.01, 0.5)
 
 
 def _maps(layout, N, D, H, W, dtype, g):

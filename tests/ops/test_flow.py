@@ -28,20 +28,13 @@ def flows(draw, max_b=3, max_hw=12):
     return fw, bw
 
 
-def _assert_match(got, want, tol):
-    coords, valid = got
-    rc, rv = want
-    torch.testing.assert_close(coords.double(), rc.double(), rtol=tol, atol=tol, equal_nan=True)
-    assert torch.equal(valid, rv)
-
-
 @given(f=flows(), use_bw=st.booleans(), alpha=st.sampled_from([(0.01, 0.5), (0.1, 0.0)]))
 def test_flow_correspondence_matches_reference(f, use_bw, alpha):
     fw, bw = f
     got = ops.flow_correspondence(fw, bw if use_bw else None, alpha1=alpha[0], alpha2=alpha[1])
     want = reference.flow_correspondence(fw, bw if use_bw else None, *alpha)
+    torch.testing.assert_close(got.coords, want[0], rtol=1e-12, atol=1e-12, equal_nan=True)
     # valid may only differ where the check is within rounding error of its threshold
-    _assert_match((got.coords, got.valid), (want[0], got.valid), 1e-12)
     if use_bw:
         warped = reference.sample_features(bw, torch.nan_to_num(want[0]))
         lhs = ((fw + warped) ** 2).sum(1)
@@ -495,6 +488,57 @@ def test_sample_features_gradcheck_and_determinism():
                           (torch.randn(1, 17, 6, 9, generator=g), torch.rand(1, 5, 4, 2, generator=g) * 6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flow_ops_in_half_precision_match_the_float64_reference(dtype):
+    """fp16 / bf16 inputs of the ops that the float32 and float64 tests do not reach: affine
+    correspondence (float32 math on the rounded theta), sample_features and the dense loss
+    (float32 accumulation) against float64 references on the same rounded inputs."""
+    g = torch.Generator().manual_seed(11)
+    theta = (torch.randn(2, 2, 3, generator=g) * 0.5).to(dtype)
+    got = ops.affine_correspondence(theta, (20, 30), (7, 9))
+    want = reference.affine_correspondence(theta.double(), (20, 30), (7, 9))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    feats = torch.randn(2, 20, 9, 11, generator=g).to(dtype).requires_grad_(True)
+    coords = (torch.rand(2, 6, 7, 2, generator=g) * torch.tensor([12.0, 10.0]) - 1).requires_grad_(True)
+    out = ops.sample_features(feats, coords)
+    f64, c64 = feats.detach().double().requires_grad_(True), coords.detach().double().requires_grad_(True)
+    ref = reference.sample_features(f64, c64)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    gout = torch.randn(out.shape, generator=g)
+    gf, gc = torch.autograd.grad(out, (feats, coords), gout.to(dtype))
+    rf, rc = torch.autograd.grad(ref, (f64, c64), gout.to(dtype).double())
+    torch.testing.assert_close(gf.double(), rf, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(gc.double(), rc, rtol=tol, atol=tol * float(rc.abs().max()))
+    online = torch.randn(2, 20, 6, 7, generator=g).to(dtype).requires_grad_(True)
+    valid = torch.rand(2, 6, 7, generator=g) > 0.3
+    loss = ops.dense_correspondence_loss(online, feats, coords.detach(), valid)
+    o64 = online.detach().double().requires_grad_(True)
+    f64 = feats.detach().double().requires_grad_(True)
+    rloss = reference.dense_correspondence_loss(o64, f64, coords.detach().double(), valid)
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-4, atol=1e-5)
+    go, gt = torch.autograd.grad(loss, (online, feats))
+    ro, rt = torch.autograd.grad(rloss, (o64, f64))
+    for a, b in ((go, ro), (gt, rt)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+def test_affine_correspondence_compiles_as_eager():
+    g = torch.Generator().manual_seed(12)
+    theta = torch.randn(3, 2, 3, generator=g, requires_grad=True)
+
+    def step(t):
+        return ops.affine_correspondence(t, (20, 30), (7, 9)).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(theta), step(theta))
+    torch.testing.assert_close(torch.autograd.grad(compiled(theta), theta)[0],
+                               torch.autograd.grad(step(theta), theta)[0])
+
+
 def test_affine_correspondence_and_crop_views():
     g = torch.Generator().manual_seed(4)
     theta = torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
@@ -861,7 +905,8 @@ def test_channels_last_maps_opcheck_and_compile():
 
     def step(feats, coords, online, target, valid):
         warped = ops.sample_features(feats, coords)
-        return warped.square().mean() + ops.dense_correspondence_loss(online, target, coords, valid)
+        # the fused loss gives coords no gradient (and refuses one that requires it)
+        return warped.square().mean() + ops.dense_correspondence_loss(online, target, coords.detach(), valid)
 
     feats = torch.randn(2, 32, 9, 10, generator=g).contiguous(memory_format=cl)
     online = torch.randn(2, 32, 6, 5, generator=g)
@@ -933,6 +978,12 @@ def test_sample_features_without_channels_has_zero_coordinate_gradient(dtype):
         (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([True])), "flip"),
         (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([1, 0, 1])), "flip"),
         (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4, device="meta")), "flow_bw"),
+        (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), alpha1=-0.01), "alpha1"),
+        (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), alpha2=math.nan), "alpha2"),
+        (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), alpha2=math.inf), "alpha2"),
+        (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4),
+                                               torch.zeros(1, 4, 4, 2, requires_grad=True), torch.ones(1, 4, 4)),
+         "coords requires grad"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

@@ -411,6 +411,7 @@ def test_compile_point_pixel_pairs_dynamic_output():
         (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (float("nan"), 4)), "image_size"),
         (lambda M, K: ops.point_pixel_pairs(torch.randn(5, 3), M, K, (1e30, 1e30)), "image_size"),
         (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0]).to("meta"), torch.tensor([0]), torch.tensor([0])), "image_index"),
+        (lambda M, K: ops.pixel_to_point_distillation_loss(torch.randn(1, 2), torch.randn(3, 2, 4, 4), torch.tensor([0]), torch.tensor([0.5], requires_grad=True), torch.tensor([0.5]), mode="bilinear"), "row requires grad"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):
