@@ -4,6 +4,8 @@ pyssl.ops.dino_loss."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,8 +30,8 @@ class _CenteredLoss(nn.Module):
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         for name, value in (("teacher_temp", teacher_temp), ("student_temp", student_temp),
                             ("warmup_teacher_temp", warmup_teacher_temp)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.out_dim = out_dim
@@ -53,6 +55,11 @@ class _CenteredLoss(nn.Module):
             return self.warmup_teacher_temp
         frac = min(1.0, max(0.0, float(epoch)) / (self.warmup_epochs - 1))
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * frac
+
+    def _check_out_dim(self, t: torch.Tensor, name: str) -> None:
+        if t.dim() != 2 or t.shape[1] != self.out_dim:
+            raise ValueError(f"{name} must be [rows, out_dim] = [rows, {self.out_dim}] (this loss was "
+                             f"built with out_dim={self.out_dim}), got shape {tuple(t.shape)}")
 
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
@@ -149,6 +156,8 @@ class DINOLoss(_CenteredLoss):
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
                 epoch: float = 0) -> torch.Tensor:
+        self._check_out_dim(student_output, "student_output")
+        self._check_out_dim(teacher_output, "teacher_output")
         teacher_output = teacher_output.detach()
         temp = self.teacher_temperature(epoch)
         center = self._targets_center(teacher_output, temp)
@@ -176,6 +185,8 @@ class IBOTPatchLoss(_CenteredLoss):
 
     def forward(self, student_patches: torch.Tensor, teacher_patches: torch.Tensor,
                 masks: torch.Tensor, epoch: float = 0) -> torch.Tensor:
+        self._check_out_dim(student_patches, "student_patches")
+        self._check_out_dim(teacher_patches, "teacher_patches")
         teacher_patches = teacher_patches.detach()
         temp = self.teacher_temperature(epoch)
         weights = ibot_weights(masks).to(student_patches.device)

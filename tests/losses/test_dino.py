@@ -88,6 +88,58 @@ def test_teacher_temperature_warmup_follows_dino_linspace():
     assert DINOLoss(10, warmup_epochs=0).teacher_temperature(0) == 0.04
 
 
+def test_teacher_temperature_warmup_is_what_forward_uses():
+    s, t = _inputs(K=30)
+    loss_fn = DINOLoss(30, teacher_temp=0.07, warmup_teacher_temp=0.02, warmup_epochs=5).double().eval()
+    zero = torch.zeros(30, dtype=torch.float64)
+    for epoch, temp in ((0, 0.02), (2, 0.02 + 0.05 * 2 / 4), (4.0, 0.07), (9, 0.07)):
+        want = reference.dino_loss(s, t, zero, teacher_temp=temp)[0]
+        torch.testing.assert_close(loss_fn(s, t, epoch), want)
+    assert not torch.allclose(reference.dino_loss(s, t, zero, teacher_temp=0.02)[0],
+                              reference.dino_loss(s, t, zero, teacher_temp=0.07)[0])
+
+
+class _PendingWork:
+    """A stand-in for an asynchronous all-reduce's work handle (one rank: the sums stay)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def wait(self):
+        self.log.append("wait")
+        return True
+
+
+def test_centre_all_reduce_overlaps_the_backward(monkeypatch):
+    """Under torch.distributed the EMA update's all-reduce is started asynchronously in forward
+    and waited for only at the next forward (or flush / state_dict): the backward never waits
+    for it, and the next step still uses the updated centre."""
+    log = []
+
+    def fake_all_reduce(tensor, group=None, async_op=False):
+        log.append("all_reduce" if async_op else "all_reduce (blocking)")
+        return _PendingWork(log)
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(DINOLoss, "_distributed", lambda self: True)
+    s, t = _inputs()
+    loss_fn = DINOLoss(50, center_momentum=0.9).double()
+    s.requires_grad_(True)
+    loss = loss_fn(s, t)
+    assert log == ["all_reduce"]
+    assert torch.equal(loss_fn.center, torch.zeros(50, dtype=torch.float64))  # not applied yet
+    loss.backward()
+    assert log == ["all_reduce"]  # the backward did not wait
+    s2, t2 = _inputs(seed=1)
+    loss2 = loss_fn(s2, t2)
+    assert log == ["all_reduce", "wait", "all_reduce"]
+    center = 0.1 * t.mean(0)
+    torch.testing.assert_close(loss2, reference.dino_loss(s2, t2, center)[0])
+    loss_fn.state_dict()
+    assert log[-1] == "wait"
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * t2.mean(0))
+
+
 def test_dino_loss_module_sinkhorn_uses_sk_targets():
     s, t = _inputs(K=40)
     loss_fn = DINOLoss(40, centering="sinkhorn_knopp", teacher_temp=0.05).double()
@@ -123,6 +175,17 @@ def test_module_bad_arguments():
         DINOLoss(0)
     with pytest.raises(ValueError, match="center_momentum"):
         DINOLoss(10, center_momentum=1.5)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        DINOLoss(10, teacher_temp=float("inf"))
+    with pytest.raises(ValueError, match="student_temp"):
+        IBOTPatchLoss(10, student_temp=0.0)
+    s, t = _inputs(K=12)
+    with pytest.raises(ValueError, match="student_output.*out_dim=10"):
+        DINOLoss(10)(s, t)
+    with pytest.raises(ValueError, match="teacher_output.*out_dim=12"):
+        DINOLoss(12)(s, t[:, :10])
+    with pytest.raises(ValueError, match="student_patches.*out_dim=10"):
+        IBOTPatchLoss(10)(s, s, torch.ones(1, s.shape[0], dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------------------------

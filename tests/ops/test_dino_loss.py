@@ -84,16 +84,24 @@ def test_dino_loss_reduced_precision_within_tolerance(a, dtype):
                                atol=bound * (out_eps + 4e-7 * scale))
 
 
-def test_dino_loss_large_k_float32():
+@pytest.mark.parametrize("dtype,B,S,T,skip", [(torch.float32, 3, 4, 2, True),
+                                               (torch.float64, 2, 5, 3, False),
+                                               (torch.float64, 1, 3, 1, True)])
+def test_dino_loss_large_k(dtype, B, S, T, skip):
+    # K = 70000: not a multiple of any tile or chunk size (256, 1024, 4096, ...)
     g = torch.Generator().manual_seed(0)
-    B, S, T, K = 3, 4, 2, 70000
+    K = 70000
     a = dict(student=torch.randn(S * B, K, generator=g, dtype=torch.float64),
              teacher=torch.randn(T * B, K, generator=g, dtype=torch.float64),
              center=torch.randn(K, generator=g, dtype=torch.float64) * 0.1, n_teacher_crops=T,
-             student_temp=0.1, teacher_temp=0.04, skip_same_view=True)
+             student_temp=0.1, teacher_temp=0.04, skip_same_view=skip)
     rloss, rmean, rgrad = _run(reference.dino_loss, a)
-    f32 = dict(a, student=a["student"].float(), teacher=a["teacher"].float())
-    loss, mean, grad = _run(ops.dino_loss, f32)
+    loss, mean, grad = _run(ops.dino_loss, dict(a, student=a["student"].to(dtype), teacher=a["teacher"].to(dtype)))
+    if dtype == torch.float64:
+        torch.testing.assert_close(loss, rloss, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, rgrad, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(mean, rmean, rtol=1e-12, atol=1e-12)
+        return
     torch.testing.assert_close(loss.double(), rloss, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(grad.double(), rgrad, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-6)
