@@ -6,7 +6,14 @@
 namespace pyssl::cpu {
 namespace {
 
+// float16 rows: their bits, a type of their own beside bfloat16's uint16_t.
+struct Half16 {
+  uint16_t bits;
+};
+
 // Element k of a row of dtype In, converted to acc_t.
+template <typename acc_t>
+PYSSL_INLINE acc_t ld(const Half16* p, int64_t k) { return static_cast<acc_t>(half_to_float(p[k].bits)); }
 template <typename acc_t>
 PYSSL_INLINE acc_t ld(const float* p, int64_t k) { return static_cast<acc_t>(p[k]); }
 template <typename acc_t>
@@ -20,9 +27,12 @@ template <typename acc_t>
 PYSSL_INLINE void st(double* p, int64_t k, acc_t x) { p[k] = static_cast<double>(x); }
 template <typename acc_t>
 PYSSL_INLINE void st(uint16_t* p, int64_t k, acc_t x) { p[k] = float_to_bf16(static_cast<float>(x)); }
+template <typename acc_t>
+PYSSL_INLINE void st(Half16* p, int64_t k, acc_t x) { p[k].bits = float_to_half(static_cast<float>(x)); }
 
-// Runs the statement given last with p_ bound to the row as a typed pointer (float, double or bf16
-// bits). A macro, not a lambda, so that the call is inlined into each ISA build of the caller.
+// Runs the statement given last with p_ bound to the row as a typed pointer (float, double,
+// float16 or bf16 bits). A macro, not a lambda, so that the call is inlined into each ISA build
+// of the caller.
 #define PYSSL_DINO_DISPATCH(dt, ptr, ...)                                           \
   do {                                                                              \
     if ((dt) == DType::kFloat32) {                                                  \
@@ -30,6 +40,9 @@ PYSSL_INLINE void st(uint16_t* p, int64_t k, acc_t x) { p[k] = float_to_bf16(sta
       __VA_ARGS__;                                                                  \
     } else if ((dt) == DType::kFloat64) {                                           \
       const double* p_ = static_cast<const double*>(ptr);                           \
+      __VA_ARGS__;                                                                  \
+    } else if ((dt) == DType::kFloat16) {                                           \
+      const Half16* p_ = static_cast<const Half16*>(ptr);                           \
       __VA_ARGS__;                                                                  \
     } else {                                                                        \
       const uint16_t* p_ = static_cast<const uint16_t*>(ptr);                       \
@@ -201,6 +214,8 @@ PYSSL_INLINE void grad_body(const void* s, DType dt, int64_t n, acc_t inv, acc_t
     grad_typed<acc_t>(static_cast<const float*>(s), n, inv, lse, Q, n_v, coef, static_cast<float*>(out));
   } else if (dt == DType::kFloat64) {
     grad_typed<acc_t>(static_cast<const double*>(s), n, inv, lse, Q, n_v, coef, static_cast<double*>(out));
+  } else if (dt == DType::kFloat16) {
+    grad_typed<acc_t>(static_cast<const Half16*>(s), n, inv, lse, Q, n_v, coef, static_cast<Half16*>(out));
   } else {
     grad_typed<acc_t>(static_cast<const uint16_t*>(s), n, inv, lse, Q, n_v, coef,
                       static_cast<uint16_t*>(out));

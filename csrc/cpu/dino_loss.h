@@ -1,7 +1,7 @@
 // Torch-free CPU building blocks of the fused DINO loss (csrc/ops/dino_loss.cpp orchestrates
-// them over (batch, K-chunk) tasks). acc_t is float (fp32/bf16 inputs) or double (fp64).
+// them over (batch, K-chunk) tasks). acc_t is float (fp32/fp16/bf16 inputs) or double (fp64).
 // Each function works on one chunk of one row; n is the chunk length. Rows given as `const
-// void*` have dtype dt (kFloat32, kFloat64 or kBFloat16) and are read in place.
+// void*` have dtype dt (kFloat32, kFloat64, kFloat16 or kBFloat16) and are read in place.
 #pragma once
 
 #include <cstdint>

@@ -65,6 +65,34 @@ PYSSL_INLINE uint16_t float_to_bf16(float x) {  // round to nearest even; NaN st
   return static_cast<uint16_t>(x != x ? 0x7FC0u : r);
 }
 
+// IEEE binary16 <-> float32, written with selects so that row loops over them vectorise
+// (exact both ways: every half is a float; float -> half rounds to nearest even, overflow to
+// inf, NaN stays a quiet NaN), bit for bit what torch's .to(torch.float16) gives.
+PYSSL_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  const float normal = u2f(((exp + 112u) << 23) | (man << 13));
+  const float sub = static_cast<float>(static_cast<int32_t>(man)) * 5.9604644775390625e-8f;  // 2^-24
+  const float special = u2f(0x7F800000u | (man << 13));  // inf, NaN (payload kept)
+  const float mag = exp == 0 ? sub : (exp == 31 ? special : normal);
+  return u2f(f2u(mag) | sign);
+}
+PYSSL_INLINE uint16_t float_to_half(float x) {
+  const uint32_t u = f2u(x);
+  const uint32_t sign = (u >> 16) & 0x8000u, ax = u & 0x7FFFFFFFu;
+  // normal halves: rebias, then round the 13 dropped bits to nearest even (a carry may move
+  // into the exponent, up to inf at 65520 and above)
+  const uint32_t r = ax - (112u << 23);
+  const uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  // below 2^-14: the FPU rounds |x| + 0.5 to a multiple of 2^-24 (ties to even), whose low
+  // mantissa bits are the subnormal's (0x400: rounded up to the smallest normal)
+  const uint32_t sub = f2u(u2f(ax) + 0.5f) - 0x3F000000u;
+  uint32_t mag = ax < 0x38800000u ? sub : normal;
+  mag = ax >= 0x477FF000u ? 0x7C00u : mag;
+  mag = ax > 0x7F800000u ? 0x7E00u : mag;
+  return static_cast<uint16_t>(sign | mag);
+}
+
 PYSSL_INLINE float max_of(float a, float b) { return a > b ? a : b; }
 PYSSL_INLINE double max_of(double a, double b) { return a > b ? a : b; }
 

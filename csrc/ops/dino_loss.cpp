@@ -32,10 +32,8 @@ constexpr int64_t kImageBlock = 16;
 // max that propagates NaN (std::max drops it): a NaN chunk statistic must poison the row.
 inline double nan_max(double a, double b) { return (b > a || b != b) ? b : a; }
 
-// fp16 goes through a float32 copy on the CPU (the chunk kernels read fp32, fp64 and bf16).
-Tensor cpu_readable(const Tensor& t) {
-  return t.scalar_type() == at::kHalf ? t.to(at::kFloat) : t.contiguous();
-}
+// The chunk kernels read fp32, fp64, fp16 and bf16 rows in place.
+Tensor cpu_readable(const Tensor& t) { return t.contiguous(); }
 
 template <typename acc_t>
 void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& center,
@@ -45,8 +43,6 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
   const int64_t nk = (K + kChunk - 1) / kChunk;
   const int64_t nbb = (B + kImageBlock - 1) / kImageBlock;
   const DType st_dt = to_dtype(student.scalar_type()), te_dt = to_dtype(teacher.scalar_type());
-  // the row kernels read fp32, fp64 and bf16 (fp16 arrives as a float32 copy: cpu_readable)
-  TORCH_INTERNAL_ASSERT(st_dt != DType::kFloat16 && te_dt != DType::kFloat16);
   const auto* s_ptr = static_cast<const char*>(student.const_data_ptr());
   const auto* t_ptr = static_cast<const char*>(teacher.const_data_ptr());
   const int64_t s_es = student.element_size(), t_es = teacher.element_size();
@@ -164,8 +160,6 @@ void backward_impl(double grad, const Tensor& student, const Tensor& teacher, co
   const int64_t B = d.B, S = d.S, T = d.T, K = d.K;
   const int64_t nk = (K + kChunk - 1) / kChunk;
   const DType st_dt = to_dtype(student.scalar_type()), te_dt = to_dtype(teacher.scalar_type());
-  // the row kernels read fp32, fp64 and bf16 (fp16 arrives as a float32 copy: cpu_readable)
-  TORCH_INTERNAL_ASSERT(st_dt != DType::kFloat16 && te_dt != DType::kFloat16);
   TORCH_INTERNAL_ASSERT(grad_student.scalar_type() == student.scalar_type());
   const auto* s_ptr = static_cast<const char*>(student.const_data_ptr());
   const auto* t_ptr = static_cast<const char*>(teacher.const_data_ptr());
@@ -227,8 +221,7 @@ Tensor dino_loss_backward_cpu(const Tensor& grad_loss, const Tensor& student,
   const Tensor c = center.to(acc).contiguous();
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   const Tensor sl = student_lse.to(acc).contiguous(), tl = teacher_lse.to(acc).contiguous();
-  const bool half = student.scalar_type() == at::kHalf;
-  Tensor grad = empty_large(student.sizes(), student.options().dtype(half ? at::kFloat : student.scalar_type()));
+  Tensor grad = empty_large(student.sizes(), student.options());
   const double g = grad_loss.item<double>();
   if (acc == at::kDouble) {
     backward_impl<double>(g, s, t, c, w, sl, tl, d, skip_same_view, 1.0 / student_temp,
@@ -237,7 +230,7 @@ Tensor dino_loss_backward_cpu(const Tensor& grad_loss, const Tensor& student,
     backward_impl<float>(g, s, t, c, w, sl, tl, d, skip_same_view, float(1.0 / student_temp),
                          float(1.0 / teacher_temp), grad);
   }
-  return half ? grad.to(at::kHalf) : grad;
+  return grad;
 }
 
 // log-sum-exp along `dim` of y = x * scale - row_offset[:, None] - col_offset[None, :]
@@ -247,7 +240,6 @@ void offset_lse_impl(const Tensor& x, const Tensor& row_off, const Tensor& col_o
                      int64_t dim, Tensor& out) {
   const int64_t R = x.size(0), K = x.size(1);
   const DType dt = to_dtype(x.scalar_type());
-  TORCH_INTERNAL_ASSERT(dt != DType::kFloat16);  // cpu_readable made a float32 copy
   const auto* xp = static_cast<const char*>(x.const_data_ptr());
   const int64_t es = x.element_size();
   const acc_t* ro = row_off.defined() ? row_off.const_data_ptr<acc_t>() : nullptr;

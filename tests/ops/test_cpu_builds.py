@@ -27,13 +27,13 @@ def digest(*ts):
     m = hashlib.sha256()
     for t in ts:
         t = t.detach().contiguous().reshape(-1)
-        m.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+        m.update((t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().tobytes())
     return m.hexdigest()
 
 out = {}
 # Row lengths and chunks: tails of the 32-wide lanes and of the 4096-wide chunks; T = 1, 2, 3
 # (the two-row fused pass, the one-row case and the extra dot pass); a NaN-free row of -inf.
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for T, S, K, skip in ((2, 6, 4099, True), (1, 3, 77, False), (3, 5, 8200, True), (2, 4, 31, False)):
         s = torch.randn(S * 3, K, generator=g).mul(3).to(dtype).requires_grad_(True)
         t = torch.randn(T * 3, K, generator=g).mul(3).to(dtype)

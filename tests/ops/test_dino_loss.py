@@ -107,6 +107,38 @@ def test_dino_loss_large_k(dtype, B, S, T, skip):
     torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-6)
 
 
+def test_float16_rows_are_read_and_written_in_place_on_the_cpu():
+    """fp16 logits are read as they are (no float32 copy) and the gradient written in fp16: the
+    same loss as float32 rows holding the same values, and the same gradient bits as the float32
+    gradient rounded by torch, from tiny (subnormal fp16) to overflowing (inf) gradients; every
+    finite fp16 value converts exactly (one-column rows of offset_logsumexp return them)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.float16).reshape(-1, 1)
+    got = torch.ops.pyssl.offset_logsumexp(x, None, None, 1.0, 1)
+    want = x.float().reshape(-1)
+    finite = torch.isfinite(want)
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(got[~finite].isnan(), torch.ops.pyssl.offset_logsumexp(x.float()[~finite], None, None, 1.0, 1).isnan())
+    g = torch.Generator().manual_seed(0)
+    B, S, T, K = 4, 6, 2, 3001
+    s = (torch.randn(S * B, K, generator=g) * 3).half()
+    t = (torch.randn(T * B, K, generator=g) * 3).half()
+    c = torch.randn(K, generator=g) * 0.1
+    counts = {"subnormal": 0, "inf": 0}
+    for scale in (1e-6, 1.0, 1e6, 3e7):
+        s16, s32 = s.clone().requires_grad_(True), s.float().requires_grad_(True)
+        l16, m16 = ops.dino_loss(s16, t, c)
+        l32, m32 = ops.dino_loss(s32, t.float(), c)
+        assert torch.equal(l16, l32) and torch.equal(m16, m32)
+        (g16,) = torch.autograd.grad(l16 * scale, s16)
+        (g32,) = torch.autograd.grad(l32 * scale, s32)
+        assert g16.dtype == torch.float16
+        assert torch.equal(g16.view(torch.int16), g32.half().view(torch.int16))
+        counts["subnormal"] += int(((g16.abs() < 2.0 ** -14) & (g16 != 0)).sum())
+        counts["inf"] += int(g16.isinf().sum())
+    assert counts["subnormal"] > 100 and counts["inf"] > 100  # both roundings were exercised
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_extreme_logits_stay_finite(dtype):
     g = torch.Generator().manual_seed(1)
