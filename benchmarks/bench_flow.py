@@ -9,7 +9,8 @@ and dense-SSL code uses (UnFlow / ARFlow style), on the same inputs.
   * dense loss: dense_correspondence_loss (fused, no warped map) vs sample_features + masked
     cosine loss vs grid_sample + masked cosine loss.
   * the warp and the dense loss on channels-last maps (forward+backward, C=64 for the loss).
-The CPU run here keeps B=2 and C <= 64 (the full grid is minutes per point on 2 cores).
+The CPU run here keeps B=2 and C <= 64 unless --bench-full (the full grid is minutes per
+point on 2 cores).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def _inputs(B, C, dtype, device, seed=0):
     return fw.to(device), bw.to(device), feats.to(device)
 
 
-def _skip_large(device, B, C):
-    if torch.device(device).type == "cpu" and (B > 2 or C > 64):
-        pytest.skip("CPU run keeps B=2, C<=64")
+def _skip_large(device, B, C, full):
+    if torch.device(device).type == "cpu" and (B > 2 or C > 64) and not full:
+        pytest.skip("CPU run keeps B=2, C<=64 (--bench-full: all)")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -78,8 +79,8 @@ def _skip_large(device, B, C):
 @pytest.mark.parametrize("B", [2, 8])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", [PYSSL, "pyssl_deterministic", "grid_sample"])
-def test_warp(benchmark, device, quick, dtype, C, B, mode, impl):
-    _skip_large(device, B, C)
+def test_warp(benchmark, device, quick, full, dtype, C, B, mode, impl):
+    _skip_large(device, B, C, full)
     if quick and (C != 64 or dtype != "fp32"):
         pytest.skip("--bench-quick")
     if impl == "pyssl_deterministic" and torch.device(device).type != "cuda":
@@ -164,10 +165,10 @@ def _grid_sample_then_loss(online, target, coords, valid):
 @pytest.mark.parametrize("C", [64, 256])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("impl", [PYSSL, "pyssl_sample_then_loss", "grid_sample_then_loss"])
-def test_dense_loss(benchmark, device, quick, dtype, C, layout, impl):
+def test_dense_loss(benchmark, device, quick, full, dtype, C, layout, impl):
     """channels_last: online and target maps channels-last, C=64 only."""
     B = 2
-    _skip_large(device, B, C)
+    _skip_large(device, B, C, full)
     if quick and (C != 64 or dtype != "fp32" or layout != "nchw"):
         pytest.skip("--bench-quick")
     if layout == "channels_last" and C != 64:

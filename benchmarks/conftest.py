@@ -42,6 +42,8 @@ def pytest_addoption(parser):
                      help="which devices to benchmark (cuda needs a GPU and a CUDA build)")
     parser.addoption("--bench-quick", action="store_true",
                      help="smaller configurations only (a quick look, not the figures of record)")
+    parser.addoption("--bench-full", action="store_true",
+                     help="also the configurations a CPU run skips for time (bench_flow: B=8, C=256)")
 
 
 def pytest_generate_tests(metafunc):
@@ -58,3 +60,8 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def quick(request):
     return request.config.getoption("--bench-quick")
+
+
+@pytest.fixture
+def full(request):
+    return request.config.getoption("--bench-full")

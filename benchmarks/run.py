@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="run pyssl benchmarks and print ratio tables")
     p.add_argument("families", nargs="*", help="e.g. masking dino_loss (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller configurations")
+    p.add_argument("--full", action="store_true",
+                   help="also the configurations a CPU run skips for time (minutes each)")
     p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     p.add_argument("--json", help="also keep pytest-benchmark's JSON here")
     p.add_argument("--plot", help="also draw the ratios as a bar chart (PNG) here")
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
            "--benchmark-columns=median,iqr,rounds"]
     if args.quick:
         cmd.append("--bench-quick")
+    if args.full:
+        cmd.append("--bench-full")
     if args.select:
         cmd += ["-k", args.select]
     if args.threads:
