@@ -10,6 +10,7 @@ Each case runs 3 warm-up iterations, then `--iters` profiled ones; the table lis
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -34,12 +35,15 @@ def _flow_case(B, C, impl, device="cuda"):
         torch.use_deterministic_algorithms(det)
         fill = torch.utils.deterministic.fill_uninitialized_memory
         torch.utils.deterministic.fill_uninitialized_memory = False
+        if impl == "pyssl_scalar_atomics":  # the scatter without sm_90's vector atomics
+            os.environ["PYSSL_NO_VECTOR_ATOMICS"] = "1"
         try:
             warped, valid = pipeline(fw, bw, feats)
             (warped.float().sum(1) * valid).sum().backward()
         finally:
             torch.use_deterministic_algorithms(False)
             torch.utils.deterministic.fill_uninitialized_memory = fill
+            os.environ.pop("PYSSL_NO_VECTOR_ATOMICS", None)
     return step
 
 
@@ -78,7 +82,8 @@ def _dense_loss_case(B, C, impl, device="cuda"):
 
 
 CASES = [
-    ("flow warp fwd+bwd B=8 C=64 256x512 fp32", _flow_case, (8, 64), ["pyssl", "pyssl_deterministic", "grid_sample"]),
+    ("flow warp fwd+bwd B=8 C=64 256x512 fp32", _flow_case, (8, 64),
+     ["pyssl", "pyssl_scalar_atomics", "pyssl_deterministic", "grid_sample"]),
     ("flow warp fwd+bwd B=2 C=256 256x512 fp32", _flow_case, (2, 256), ["pyssl", "grid_sample"]),
     ("dino_loss fwd+bwd B=32 crops=2+10 K=65536 fp32", _dino_case, (32, 65536), ["pyssl", "dino_pair_loop"]),
     ("dino_loss fwd+bwd B=32 crops=2+10 K=8192 fp32", _dino_case, (32, 8192), ["pyssl"]),

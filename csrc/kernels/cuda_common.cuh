@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -44,7 +45,11 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
 
 // Whether the current device has sm_90's vector atomics (compute capability 9.0 or newer):
 // kernels whose sm_90 path uses them fall back to slower scalar code on older architectures.
+// PYSSL_NO_VECTOR_ATOMICS=1 makes them take the scalar path anyway (benchmarks/gpu_profile.py
+// times both, to see what the vector atomics buy).
 inline bool device_has_vector_atomics() {
+  const char* off = std::getenv("PYSSL_NO_VECTOR_ATOMICS");
+  if (off && off[0] == '1') return false;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {

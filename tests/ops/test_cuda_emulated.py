@@ -343,6 +343,22 @@ def test_sample_points_and_backward(emu, dtype, layout, D):
                     assert torch.equal(again, gf)
 
 
+def test_scalar_scatter_when_vector_atomics_are_off(emu, monkeypatch):
+    """PYSSL_NO_VECTOR_ATOMICS=1 (gpu_profile's A/B of sm_90's vector atomics): D % 4 == 0 on
+    the emulated cc 9.0 device then takes the scalar scatter, with the same gradient."""
+    g = torch.Generator().manual_seed(5)
+    N, D, H, W, M = 2, 16, 9, 13, 200
+    f = torch.randn(N, D, H, W, generator=g)
+    xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1
+    grad = torch.randn(M, D, generator=g)
+    want = CPU.sample_points_backward(grad, f, None, xy, 0, True, False, True)[0]
+    vector = emu.sample_points_backward(grad, f, None, xy, 0, True, False, False)[0]
+    monkeypatch.setenv("PYSSL_NO_VECTOR_ATOMICS", "1")
+    scalar = emu.sample_points_backward(grad, f, None, xy, 0, True, False, False)[0]
+    for got in (vector, scalar):
+        _close(got, want, 1e-5, 4)
+
+
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("loss", [0, 1])
 @pytest.mark.parametrize("D", [5, 40])
