@@ -35,6 +35,7 @@ def _flow_case(B, C, impl, device="cuda"):
         torch.use_deterministic_algorithms(det)
         fill = torch.utils.deterministic.fill_uninitialized_memory
         torch.utils.deterministic.fill_uninitialized_memory = False
+        saved = os.environ.get("PYSSL_NO_VECTOR_ATOMICS")
         if impl == "pyssl_scalar_atomics":  # the scatter without sm_90's vector atomics
             os.environ["PYSSL_NO_VECTOR_ATOMICS"] = "1"
         try:
@@ -43,7 +44,10 @@ def _flow_case(B, C, impl, device="cuda"):
         finally:
             torch.use_deterministic_algorithms(False)
             torch.utils.deterministic.fill_uninitialized_memory = fill
-            os.environ.pop("PYSSL_NO_VECTOR_ATOMICS", None)
+            if saved is None:
+                os.environ.pop("PYSSL_NO_VECTOR_ATOMICS", None)
+            else:
+                os.environ["PYSSL_NO_VECTOR_ATOMICS"] = saved
     return step
 
 

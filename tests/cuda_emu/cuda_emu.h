@@ -54,6 +54,9 @@ cudaError_t last_error();  // that failure as a launch error (printed to stderr)
 inline void fail(const std::string& what) {
   if (failure().empty()) failure() = what;
 }
+// sm_90 vector atomics run so far (emu_module.cpp; torch.ops.pyssl_emu.vector_atomics() reads
+// it): tests see which scatter path a launch took.
+int64_t& vector_atomics();
 inline const char* error_string(cudaError_t e) {
   return e == cudaSuccess ? "no error" : "emulated launch failure (see stderr)";
 }
@@ -394,12 +397,14 @@ inline T atomicMax(T* p, T v) {
 // sm_90's vector atomics (global memory, 8- or 16-byte aligned).
 inline float4 atomicAdd(float4* p, float4 v) {
   if (reinterpret_cast<uintptr_t>(p) % 16) ::emu::fail("atomicAdd(float4*) on an address not 16-byte aligned");
+  ++::emu::vector_atomics();
   const float4 old = *p;
   *p = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
   return old;
 }
 inline float2 atomicAdd(float2* p, float2 v) {
   if (reinterpret_cast<uintptr_t>(p) % 8) ::emu::fail("atomicAdd(float2*) on an address not 8-byte aligned");
+  ++::emu::vector_atomics();
   const float2 old = *p;
   *p = make_float2(old.x + v.x, old.y + v.y);
   return old;

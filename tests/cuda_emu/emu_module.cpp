@@ -4,9 +4,12 @@
 
 #include "cuda_emu.h"
 
-TORCH_LIBRARY(pyssl_emu, m) {}
-
 namespace emu {
+
+int64_t& vector_atomics() {
+  static int64_t n = 0;  // fibers run one at a time: no race
+  return n;
+}
 
 std::string& failure() {
   static std::string f;
@@ -21,6 +24,10 @@ cudaError_t last_error() {
 }
 
 }  // namespace emu
+
+TORCH_LIBRARY(pyssl_emu, m) {
+  m.def("vector_atomics() -> int", []() -> int64_t { return emu::vector_atomics(); });
+}
 
 // pyssl_emu_switch(save_sp, load_sp): saves the callee-saved registers, the x87 control word and
 // MXCSR on the current stack, stores its stack pointer in *save_sp, and resumes the context whose

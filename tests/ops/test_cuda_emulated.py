@@ -352,9 +352,14 @@ def test_scalar_scatter_when_vector_atomics_are_off(emu, monkeypatch):
     xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1
     grad = torch.randn(M, D, generator=g)
     want = CPU.sample_points_backward(grad, f, None, xy, 0, True, False, True)[0]
+    count = torch.ops.pyssl_emu.vector_atomics
+    before = count()
     vector = emu.sample_points_backward(grad, f, None, xy, 0, True, False, False)[0]
+    assert count() > before  # the vector path ran
     monkeypatch.setenv("PYSSL_NO_VECTOR_ATOMICS", "1")
+    before = count()
     scalar = emu.sample_points_backward(grad, f, None, xy, 0, True, False, False)[0]
+    assert count() == before  # the scalar one
     for got in (vector, scalar):
         _close(got, want, 1e-5, 4)
 
