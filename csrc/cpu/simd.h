@@ -65,9 +65,10 @@ PYSSL_INLINE uint16_t float_to_bf16(float x) {  // round to nearest even; NaN st
   return static_cast<uint16_t>(x != x ? 0x7FC0u : r);
 }
 
-// IEEE binary16 <-> float32, written with selects so that row loops over them vectorise
-// (exact both ways: every half is a float; float -> half rounds to nearest even, overflow to
-// inf, NaN stays a quiet NaN), bit for bit what torch's .to(torch.float16) gives.
+// IEEE binary16 <-> float32, written with selects so that row loops over them vectorise.
+// half -> float is exact (NaN payloads kept as they are, signalling ones too); float -> half
+// rounds to nearest even, overflows to inf and turns NaN into the quiet NaN 0x7E00 (sign kept):
+// bit for bit what torch's .to(torch.float16) gives.
 PYSSL_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;

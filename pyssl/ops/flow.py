@@ -9,6 +9,7 @@ Pixel units throughout: pixel (row i, col j) is centred at x = j, y = i; flow ch
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -56,12 +57,16 @@ def flow_correspondence(flow_fw: torch.Tensor, flow_bw: torch.Tensor | None = No
         ``0 <= y' <= H-1``) and, with ``flow_bw``, forward-backward consistent:
         ``|F + B~|^2 <= alpha1 (|F|^2 + |B~|^2) + alpha2`` with ``B~`` = ``flow_bw`` sampled
         bilinearly at ``coords`` (Sundaram et al., 2010). ``coords`` is float32 (float64 for a
-        float64 flow) and differentiable w.r.t. ``flow_fw``.
+        float64 flow) and differentiable w.r.t. ``flow_fw`` (through :func:`sample_features`;
+        :func:`dense_correspondence_loss` takes coordinates without gradient: detach them there).
     """
     check_tensor(flow_fw, "flow_fw")
     if flow_bw is not None:
         check_tensor(flow_bw, "flow_bw")
     a1, a2 = _number(alpha1, "alpha1"), _number(alpha2, "alpha2")
+    for name, value in (("alpha1", a1), ("alpha2", a2)):  # as the kernels check, on any device
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
     if has_kernel(flow_fw.device):
         return FlowCorrespondence(*_ops.flow_correspondence(flow_fw, flow_bw, a1, a2))
     return FlowCorrespondence(*reference.flow_correspondence(flow_fw, flow_bw, a1, a2))
@@ -312,8 +317,8 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
         loss: ``"cosine"`` (``1 - cos``) or ``"l2_normalized"`` (``|a - b|^2`` of unit vectors).
     Returns:
         A scalar (0 when no pixel is valid). Fused: the warped target map is never materialised,
-        forward or backward; gradients to ``online`` and ``target``, none to ``coords`` (a
-        ``coords`` that requires grad is refused with a ValueError: detach it, or use
+        forward or backward; gradients to ``online`` and ``target``, none to ``coords`` or a
+        float ``valid`` (one that requires grad is refused with a ValueError: detach it, or use
         :func:`sample_features` and a loss) (deterministic on the CPU; on
         CUDA without atomics under ``torch.use_deterministic_algorithms``; there NCHW maps with
         16 channels or more are read through channels-last copies made for the call). On the
@@ -338,6 +343,7 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
         raise ValueError(f"valid must have shape [B, H, W] = {(B, H, W)}, got {tuple(valid.shape)}")
     _check_float(coords, "coords")
     check_no_grad(coords, "coords", "use sample_features and a loss for gradients to the coordinates")
+    check_no_grad(valid, "valid", "use sample_features and a loss for gradients to the weights")
     xy = coords.reshape(B * H * W, 2)
     weights = valid.reshape(B * H * W).to(xy.dtype)
     if has_kernel(online.device):

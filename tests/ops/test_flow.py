@@ -984,6 +984,9 @@ def test_sample_features_without_channels_has_zero_coordinate_gradient(dtype):
         (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4),
                                                torch.zeros(1, 4, 4, 2, requires_grad=True), torch.ones(1, 4, 4)),
          "coords requires grad"),
+        (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4),
+                                               torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4, requires_grad=True)),
+         "valid requires grad"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):
