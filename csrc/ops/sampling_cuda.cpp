@@ -69,14 +69,18 @@ const int64_t* index_ptr(const Prepared& p) {
 // partial sum reaches 2^62 units, and a unit is max|grad| * M * 2^-61 or less (2^-41 of the
 // largest term at a million points, far below float32's 2^-24). Returns false, leaving gacc
 // alone, for double accumulators and for non-finite gradients: the caller then sorts the taps
-// and sums each pixel's in order (NaN and inf propagate as on the CPU). One host sync (max|grad|).
+// and sums each pixel's in order (NaN and inf propagate as on the CPU). Returning true, it has
+// written every element of gacc, which need not be zeroed before. One host sync (max|grad|).
 bool fixed_point_scatter(const Tensor& g, int64_t M, const Tensor& xy, Tensor& gacc,
                          const cuda::SampleArgs& args, const int64_t* index,
                          cudaStream_t stream) {
   if (xy.scalar_type() != at::kFloat || gacc.scalar_type() != at::kFloat) return false;
   const double gmax = at::linalg_vector_norm(g, INFINITY).item<double>();  // one pass, no |g| copy
   if (!std::isfinite(gmax)) return false;
-  if (gmax == 0) return true;  // gacc is zero already
+  if (gmax == 0) {
+    gacc.zero_();
+    return true;
+  }
   const int e = std::ilogb(gmax * static_cast<double>(M)) + 1;
   Tensor gfix = at::zeros_like(gacc, gacc.options().dtype(at::kLong));
   PYSSL_CUDA_CHECK(cuda::sample_points_backward_fixed(g.const_data_ptr(), to_dtype(g.scalar_type()),
@@ -112,14 +116,19 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   const cudaStream_t stream = current_stream();
   Tensor gf = at::empty({0}, features.options());
   if (features_grad) {
-    Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
-    const cuda::SampleArgs args = with_accumulator(p, gacc);
     const bool det = deterministic || at::globalContext().deterministicAlgorithms();
+    // The deterministic paths zero the accumulator only where needed: the fixed-point scatter
+    // writes every element (a zero fill would be one more pass over a map-sized buffer).
+    Tensor gacc = channels_last_accumulator(p.features, p.xy.options(), /*zeroed=*/!det);
+    const cuda::SampleArgs args = with_accumulator(p, gacc);
     if (!det) {
       PYSSL_CUDA_CHECK(cuda::sample_points_backward_atomic(g.const_data_ptr(), dt, index_ptr(p),
                                                            p.xy.const_data_ptr(), args,
                                                            gacc.mutable_data_ptr(), stream));
-    } else if (s.M > 0 && s.D > 0 && !fixed_point_scatter(g, s.M, p.xy, gacc, args, index_ptr(p), stream)) {
+    } else if (s.M == 0 || s.D == 0) {
+      gacc.zero_();
+    } else if (!fixed_point_scatter(g, s.M, p.xy, gacc, args, index_ptr(p), stream)) {
+      gacc.zero_();  // the segmented sums write the pixels that taps land on
       Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
       PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(),
                                                     to_dtype(p.xy.scalar_type()), p.args,

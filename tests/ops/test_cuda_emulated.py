@@ -389,15 +389,17 @@ def test_distillation_loss(emu, mode, loss, D):
             _close(gf, rf, 1e-4, float(rf.abs().max()))
 
 
-@pytest.mark.parametrize("case", ["float64", "nan", "zero", "huge", "tiny", "nearest"])
+@pytest.mark.parametrize("case", ["float64", "nan", "zero", "huge", "tiny", "nearest", "no_points"])
 def test_deterministic_feature_gradient_paths(emu, case):
     """The deterministic feature gradient: float accumulators take the fixed-point scatter
     (integer atomics; its unit scales with max|grad|, so 1e30 and 1e-30 gradients keep float32
     accuracy), float64 and non-finite gradients the sort + ordered sums (NaN lands where the CPU
-    puts it); a zero gradient gives zeros."""
+    puts it); a zero gradient, or no points, gives zeros. Run with torch's deterministic mode on,
+    which fills uninitialised tensors with NaN: the accumulator starts uninitialised there, so a
+    path that forgot to write or zero an element shows."""
     g = torch.Generator().manual_seed(11)
     dtype = torch.float64 if case == "float64" else torch.float32
-    N, D, H, W, M = 2, 20, 9, 14, 400
+    N, D, H, W, M = 2, 20, 9, 14, 0 if case == "no_points" else 400
     f = torch.randn(N, D, H, W, generator=g, dtype=dtype)
     xy = (torch.rand(M, 2, generator=g, dtype=dtype) * torch.tensor([W + 1.0, H + 1.0], dtype=dtype) - 1)
     grad = torch.randn(M, D, generator=g, dtype=dtype)
@@ -407,10 +409,15 @@ def test_deterministic_feature_gradient_paths(emu, case):
     grad = grad * scale
     mode = 1 if case == "nearest" else 0
     want = CPU.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
-    got = emu.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
-    again = emu.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        got = emu.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
+        again = emu.sample_points_backward(grad, f, None, xy, mode, True, False, True)[0]
+    finally:
+        torch.use_deterministic_algorithms(False)
     torch.testing.assert_close(again, got, rtol=0, atol=0, equal_nan=True)  # repeatable
-    if case == "zero":
+    if case in ("zero", "no_points"):
         assert torch.equal(got, torch.zeros_like(got))
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.nan_to_num().abs().max()),
