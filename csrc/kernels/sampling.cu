@@ -110,11 +110,18 @@ __global__ void scatter_kernel(const F* __restrict__ g, const int64_t* __restric
   }
 }
 
-__global__ void fixed_to_acc_kernel(const int64_t* __restrict__ gfix, int64_t count, double unit,
-                                    float* __restrict__ gacc) {
+template <typename F>
+__device__ __forceinline__ F fixed_value(int64_t v, double unit) {
+  return from_acc<F>(static_cast<float>(static_cast<double>(v) * unit));
+}
+
+// gfix [N, HW, D] -> out with the same layout (a channels-last map's gradient).
+template <typename F>
+__global__ void fixed_to_grad_kernel(const int64_t* __restrict__ gfix, int64_t count, double unit,
+                                     F* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
-    gacc[i] = static_cast<float>(static_cast<double>(gfix[i]) * unit);
+    out[i] = fixed_value<F>(gfix[i], unit);
 }
 
 // The float-atomic scatter four channels at a time, for float accumulators whose channels are
@@ -166,6 +173,34 @@ static_assert(kTileP * kTileRows == kThreads, "a tile block has kThreads threads
 
 bool tiled(const SampleArgs& a) { return a.sD != 1 && a.D >= 16; }
 
+
+// gfix [N, HW, D] -> out [N, D, HW] (an NCHW map's gradient, written in its layout so that no
+// copy follows): a block converts 32 pixels x 32 channels, reading rows of channels and writing
+// rows of pixels through a shared-memory tile, both coalesced.
+template <typename F>
+__global__ void __launch_bounds__(kTileP * kTileRows)
+fixed_to_planar_kernel(const int64_t* __restrict__ gfix, int64_t N, int64_t HW, int64_t D,
+                       double unit, F* __restrict__ out) {
+  __shared__ float tile[kTileD][kTileP + 1];  // [channel][pixel]
+  const int64_t tiles_p = ceil_div(HW, kTileP), tiles_d = ceil_div(D, kTileD);
+  const int64_t tiles = N * tiles_p * tiles_d;
+  for (int64_t tt = blockIdx.x; tt < tiles; tt += gridDim.x) {
+    const int64_t n = tt / (tiles_p * tiles_d), r = tt % (tiles_p * tiles_d);
+    const int64_t p0 = (r / tiles_d) * kTileP, d0 = (r % tiles_d) * kTileD;
+    const int64_t* src = gfix + n * HW * D;
+    for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
+      const int64_t p = p0 + pp, d = d0 + threadIdx.x;
+      if (p < HW && d < D) tile[threadIdx.x][pp] = static_cast<float>(static_cast<double>(src[p * D + d]) * unit);
+    }
+    __syncthreads();
+    F* dst = out + n * HW * D;
+    for (int dd = threadIdx.y; dd < kTileD; dd += kTileRows) {
+      const int64_t p = p0 + threadIdx.x, d = d0 + dd;
+      if (p < HW && d < D) dst[d * HW + p] = from_acc<F>(tile[dd][threadIdx.x]);
+    }
+    __syncthreads();
+  }
+}
 
 template <typename F>
 __global__ void __launch_bounds__(kTileP * kTileRows)
@@ -536,12 +571,24 @@ cudaError_t sample_points_backward_fixed(const void* grad, DType dtype, const in
   });
 }
 
-cudaError_t fixed_to_acc(const int64_t* gfix, int64_t count, double unit, void* gacc,
-                         cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
-  fixed_to_acc_kernel<<<grid_for(count), kThreads, 0, stream>>>(gfix, count, unit,
-                                                               static_cast<float*>(gacc));
-  return cudaGetLastError();
+cudaError_t fixed_to_grad(const int64_t* gfix, int64_t N, int64_t HW, int64_t D, double unit,
+                          bool planar, DType dtype, void* out, cudaStream_t stream) {
+  if (dtype == DType::kFloat64) return cudaErrorInvalidValue;
+  if (N * HW * D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (!std::is_same_v<F, double>) {
+      if (planar) {
+        fixed_to_planar_kernel<F><<<grid_for(N * ceil_div(HW, kTileP) * ceil_div(D, kTileD) * kThreads),
+                                    dim3(kTileP, kTileRows), 0, stream>>>(gfix, N, HW, D, unit,
+                                                                         static_cast<F*>(out));
+      } else {
+        fixed_to_grad_kernel<F><<<grid_for(N * HW * D), kThreads, 0, stream>>>(
+            gfix, N * HW * D, unit, static_cast<F*>(out));
+      }
+    }
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t sample_points_tap_keys(const int64_t* image_index, const void* xy, DType acc_dtype,

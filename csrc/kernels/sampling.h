@@ -28,14 +28,17 @@ cudaError_t sample_points_backward_atomic(const void* grad, DType dtype,
 
 // Deterministic scatter without float atomics, for a float accumulator: gfix (int64, zeroed,
 // strides gN..gW) += llrint(w * grad * inv_unit) with integer atomics, whose sum is exact in any
-// order; then fixed_to_acc: gacc[i] = float(gfix[i] * unit) over `count` elements of two dense
-// buffers laid out alike. The caller picks unit = 2^(e - 62) with 2^e > M * max|grad|, which
-// bounds every partial sum below 2^62 units. Not for double accumulators (cudaErrorInvalidValue).
+// order; then fixed_to_grad: the feature gradient in the features' dtype (`dtype`) from gfix
+// laid out channels-last, [N, HW, D] dense: out[n, d, pixel] = from_acc(float(gfix * unit)) at
+// out + n * HW * D + d * HW + pixel (planar: an NCHW map, transposed through shared-memory tiles)
+// or at the same element offset as in gfix (!planar: a channels-last map). The caller picks
+// unit = 2^(e - 62) with 2^e > M * max|grad|, which bounds every partial sum below 2^62 units.
+// Not for double accumulators or gradients (cudaErrorInvalidValue).
 cudaError_t sample_points_backward_fixed(const void* grad, DType dtype, const int64_t* image_index,
                                          const void* xy, const SampleArgs& a, double inv_unit,
                                          int64_t* gfix, cudaStream_t stream);
-cudaError_t fixed_to_acc(const int64_t* gfix, int64_t count, double unit, void* gacc,
-                         cudaStream_t stream);
+cudaError_t fixed_to_grad(const int64_t* gfix, int64_t N, int64_t HW, int64_t D, double unit,
+                          bool planar, DType dtype, void* out, cudaStream_t stream);
 
 // Deterministic scatter in two steps: keys [4M] = target pixel of each (point, tap) or -1 ...
 cudaError_t sample_points_tap_keys(const int64_t* image_index, const void* xy, DType acc_dtype,

@@ -42,11 +42,9 @@ inline SampleShape check_sample(const at::Tensor& features,
 // [N, D, H, W] buffer with channels-last strides: each (pixel, channel-run) write is
 // contiguous. like_features() converts an accumulator to the features' dtype and memory format
 // (a no-op when they match), so autograd accumulates it without another copy.
-// (zeroed = false: uninitialised, for a caller that writes every element.)
-inline at::Tensor channels_last_accumulator(const at::Tensor& features, const at::TensorOptions& acc,
-                                            bool zeroed = true) {
-  const std::vector<int64_t> sizes{features.size(0), features.size(2), features.size(3), features.size(1)};
-  return (zeroed ? zeros_large(sizes, acc) : empty_large(sizes, acc)).permute({0, 3, 1, 2});
+inline at::Tensor channels_last_accumulator(const at::Tensor& features, const at::TensorOptions& acc) {
+  return zeros_large({features.size(0), features.size(2), features.size(3), features.size(1)}, acc)
+      .permute({0, 3, 1, 2});
 }
 
 // The feature gradient from its accumulator: the accumulator itself when it has the features'

@@ -67,29 +67,33 @@ const int64_t* index_ptr(const Prepared& p) {
 // integer atomics (kernels/sampling.h), exact in any order. The unit is 2^(e - 62) with
 // 2^e > M * max|grad|: every point adds a tap to a pixel at most once with a weight <= 1, so no
 // partial sum reaches 2^62 units, and a unit is max|grad| * M * 2^-61 or less (2^-41 of the
-// largest term at a million points, far below float32's 2^-24). Returns false, leaving gacc
-// alone, for double accumulators and for non-finite gradients: the caller then sorts the taps
-// and sums each pixel's in order (NaN and inf propagate as on the CPU). Returning true, it has
-// written every element of gacc, which need not be zeroed before. One host sync (max|grad|).
-bool fixed_point_scatter(const Tensor& g, int64_t M, const Tensor& xy, Tensor& gacc,
-                         const cuda::SampleArgs& args, const int64_t* index,
-                         cudaStream_t stream) {
-  if (xy.scalar_type() != at::kFloat || gacc.scalar_type() != at::kFloat) return false;
-  const double gmax = at::linalg_vector_norm(g, INFINITY).item<double>();  // one pass, no |g| copy
-  if (!std::isfinite(gmax)) return false;
-  if (gmax == 0) {
-    gacc.zero_();
-    return true;
-  }
-  const int e = std::ilogb(gmax * static_cast<double>(M)) + 1;
-  Tensor gfix = at::zeros_like(gacc, gacc.options().dtype(at::kLong));
+// largest term at a million points, far below float32's 2^-24). Returns the gradient in the
+// features' dtype and memory format (what like_features gives), converted from the integer sums
+// straight into that layout: no float accumulator, no copy after. Returns an undefined tensor,
+// having done nothing, for double accumulators and for non-finite gradients: the caller then
+// sorts the taps and sums each pixel's in order (NaN and inf propagate as on the CPU). One host
+// sync (max|grad|).
+Tensor fixed_point_gradient(const Tensor& g, const Prepared& p, const Tensor& features,
+                            const SampleShape& s, cudaStream_t stream) {
+  if (p.xy.scalar_type() != at::kFloat || features.scalar_type() == at::kDouble) return {};
+  const double gmax = s.M * s.D == 0 ? 0.0 : at::linalg_vector_norm(g, INFINITY).item<double>();  // one pass, no |g| copy
+  if (!std::isfinite(gmax)) return {};
+  const auto format = features.suggest_memory_format();
+  Tensor out = at::empty(features.sizes(), features.options().memory_format(format));
+  if (gmax == 0) return out.zero_();
+  const int e = std::ilogb(gmax * static_cast<double>(s.M)) + 1;
+  Tensor gfix = channels_last_accumulator(p.features, p.xy.options().dtype(at::kLong));
   PYSSL_CUDA_CHECK(cuda::sample_points_backward_fixed(g.const_data_ptr(), to_dtype(g.scalar_type()),
-                                                      index, xy.const_data_ptr(), args,
+                                                      index_ptr(p), p.xy.const_data_ptr(),
+                                                      with_accumulator(p, gfix),
                                                       std::ldexp(1.0, 62 - e),
                                                       gfix.mutable_data_ptr<int64_t>(), stream));
-  PYSSL_CUDA_CHECK(cuda::fixed_to_acc(gfix.const_data_ptr<int64_t>(), gfix.numel(),
-                                      std::ldexp(1.0, e - 62), gacc.mutable_data_ptr(), stream));
-  return true;
+  PYSSL_CUDA_CHECK(cuda::fixed_to_grad(gfix.const_data_ptr<int64_t>(), s.N, s.H * s.W, s.D,
+                                       std::ldexp(1.0, e - 62),
+                                       format != at::MemoryFormat::ChannelsLast,
+                                       to_dtype(features.scalar_type()), out.mutable_data_ptr(),
+                                       stream));
+  return out;
 }
 
 Tensor sample_points_cuda(const Tensor& features, const std::optional<Tensor>& image_index,
@@ -117,32 +121,34 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   Tensor gf = at::empty({0}, features.options());
   if (features_grad) {
     const bool det = deterministic || at::globalContext().deterministicAlgorithms();
-    // The deterministic paths zero the accumulator only where needed: the fixed-point scatter
-    // writes every element (a zero fill would be one more pass over a map-sized buffer).
-    Tensor gacc = channels_last_accumulator(p.features, p.xy.options(), /*zeroed=*/!det);
-    const cuda::SampleArgs args = with_accumulator(p, gacc);
-    if (!det) {
-      PYSSL_CUDA_CHECK(cuda::sample_points_backward_atomic(g.const_data_ptr(), dt, index_ptr(p),
-                                                           p.xy.const_data_ptr(), args,
-                                                           gacc.mutable_data_ptr(), stream));
-    } else if (s.M == 0 || s.D == 0) {
-      gacc.zero_();
-    } else if (!fixed_point_scatter(g, s.M, p.xy, gacc, args, index_ptr(p), stream)) {
-      gacc.zero_();  // the segmented sums write the pixels that taps land on
-      Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
-      PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(),
-                                                    to_dtype(p.xy.scalar_type()), p.args,
-                                                    keys.mutable_data_ptr<int64_t>(), stream));
-      auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      auto [targets, inverse, counts] = at::unique_consecutive(sorted, false, true);
-      const Tensor starts = at::cumsum(counts, 0) - counts;
-      PYSSL_CUDA_CHECK(cuda::sample_points_segment_sum(
-          g.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(), args,
-          order.const_data_ptr<int64_t>(), targets.const_data_ptr<int64_t>(),
-          starts.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(), targets.numel(),
-          gacc.mutable_data_ptr(), stream));
+    // deterministic: the fixed-point scatter, which returns the gradient in its final layout
+    // (undefined for double or non-finite inputs: then the sort + segmented sums)
+    Tensor fixed = det ? fixed_point_gradient(g, p, features, s, stream) : Tensor();
+    if (fixed.defined()) {
+      gf = fixed;
+    } else {
+      Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
+      const cuda::SampleArgs args = with_accumulator(p, gacc);
+      if (!det) {
+        PYSSL_CUDA_CHECK(cuda::sample_points_backward_atomic(g.const_data_ptr(), dt, index_ptr(p),
+                                                             p.xy.const_data_ptr(), args,
+                                                             gacc.mutable_data_ptr(), stream));
+      } else if (s.M * s.D > 0) {
+        Tensor keys = at::empty({4 * s.M}, xy.options().dtype(at::kLong));
+        PYSSL_CUDA_CHECK(cuda::sample_points_tap_keys(index_ptr(p), p.xy.const_data_ptr(),
+                                                      to_dtype(p.xy.scalar_type()), p.args,
+                                                      keys.mutable_data_ptr<int64_t>(), stream));
+        auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        auto [targets, inverse, counts] = at::unique_consecutive(sorted, false, true);
+        const Tensor starts = at::cumsum(counts, 0) - counts;
+        PYSSL_CUDA_CHECK(cuda::sample_points_segment_sum(
+            g.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(), args,
+            order.const_data_ptr<int64_t>(), targets.const_data_ptr<int64_t>(),
+            starts.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(), targets.numel(),
+            gacc.mutable_data_ptr(), stream));
+      }
+      gf = like_features(gacc, features);
     }
-    gf = like_features(gacc, features);
   }
   Tensor gxy = at::empty({0}, xy.options());
   if (xy_grad) {
