@@ -441,6 +441,25 @@ __global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict
   }
 }
 
+// A bound on the terms a pair adds to its pixels: max over its in-image taps of the weight,
+// times |coef_f| |f| + |coef_g| |g| (no channel of df = coef_f f + coef_g g exceeds that: a
+// channel is at most its vector's norm, saved in stats). 0 for a pair with no tap in the image,
+// however large its coefficients (f = 0 there, and nf clamped to 1e-12 makes coef_g enormous).
+__global__ void distill_bound_kernel(const float* __restrict__ xy, const float* __restrict__ coef,
+                                     const float* __restrict__ stats, SampleArgs a,
+                                     float* __restrict__ bound) {
+  for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < a.M;
+       m += int64_t(gridDim.x) * blockDim.x) {
+    const Taps<float> tp = sample_taps<float>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    float w = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (tp.offset[c] >= 0) w = max(w, tp.weight[c]);
+    const float b = fabsf(coef[4 * m]) * stats[3 * m] + fabsf(coef[4 * m + 1]) * stats[3 * m + 1];
+    bound[m] = w > 0 ? w * b : 0.0f;  // (a NaN b stays NaN: the caller falls back)
+  }
+}
+
 template <typename F>
 __global__ void distill_grad_points_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
                                            const F* __restrict__ f,
@@ -458,13 +477,15 @@ __global__ void distill_grad_points_kernel(const acc_t<F>* __restrict__ g, RowLa
   }
 }
 
-template <typename F>
+// The feature gradient of the distillation loss by a scatter (FloatAdd: float atomics; FixedAdd:
+// the deterministic fixed-point sums, as in scatter_kernel).
+template <typename F, typename Out, typename Add>
 __global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, RowLayout pl,
                                       const F* __restrict__ f,
                                       const int64_t* __restrict__ idx,
                                       const acc_t<F>* __restrict__ xy,
                                       const acc_t<F>* __restrict__ coef, SampleArgs a,
-                                      acc_t<F>* __restrict__ gacc) {
+                                      Out* __restrict__ gacc, Add add) {
   using A = acc_t<F>;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.M * a.D;
        t += int64_t(gridDim.x) * blockDim.x) {
@@ -476,7 +497,7 @@ __global__ void distill_atomic_kernel(const acc_t<F>* __restrict__ g, RowLayout 
     const A df = coef[4 * m] * sample_one(f, tp, n, d, a) + coef[4 * m + 1] * g[pl.base(m) + d * pl.sD];
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      if (tp.offset[c] >= 0) atomicAdd(gacc + grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * df);
+      if (tp.offset[c] >= 0) add(gacc, grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * df);
   }
 }
 
@@ -698,9 +719,38 @@ cudaError_t distill_grad_features_atomic(const void* point_features, const RowLa
   return dispatch_dtype(dtype, [&](auto tag) {
     using F = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<F>;
-    distill_atomic_kernel<F><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+    distill_atomic_kernel<F, A, FloatAdd><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
         static_cast<const A*>(point_features), pl, static_cast<const F*>(features), image_index,
-        static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(gacc));
+        static_cast<const A*>(xy), static_cast<const A*>(coef), a, static_cast<A*>(gacc), FloatAdd{});
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t distill_term_bound(const void* xy, const void* coef, const void* stats,
+                               const SampleArgs& a, void* bound, cudaStream_t stream) {
+  if (a.M == 0) return cudaSuccess;
+  distill_bound_kernel<<<grid_for(a.M), kThreads, 0, stream>>>(
+      static_cast<const float*>(xy), static_cast<const float*>(coef),
+      static_cast<const float*>(stats), a, static_cast<float*>(bound));
+  return cudaGetLastError();
+}
+
+cudaError_t distill_grad_features_fixed(const void* point_features, const RowLayout& pl,
+                                        const void* features, DType dtype,
+                                        const int64_t* image_index, const void* xy,
+                                        const void* coef, const SampleArgs& a, double inv_unit,
+                                        int64_t* gfix, cudaStream_t stream) {
+  if (dtype == DType::kFloat64) return cudaErrorInvalidValue;
+  if (a.M * a.D == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using F = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<F>;
+    if constexpr (std::is_same_v<A, float>) {
+      distill_atomic_kernel<F, unsigned long long, FixedAdd><<<grid_for(a.M * a.D), kThreads, 0, stream>>>(
+          static_cast<const A*>(point_features), pl, static_cast<const F*>(features), image_index,
+          static_cast<const A*>(xy), static_cast<const A*>(coef), a,
+          reinterpret_cast<unsigned long long*>(gfix), FixedAdd{inv_unit});
+    }
     return cudaGetLastError();
   });
 }

@@ -75,6 +75,16 @@ cudaError_t distill_grad_features_atomic(const void* point_features, const RowLa
                                          const int64_t* image_index, const void* xy,
                                          const void* coef, const SampleArgs& a, void* gacc,
                                          cudaStream_t stream);
+// Deterministic: the fixed-point scatter of sample_points_backward_fixed into gfix (int64,
+// zeroed); then fixed_to_grad. Not for double (cudaErrorInvalidValue). distill_term_bound
+// (float xy, coef, stats) gives bound [M] >= |every term pair m adds to a pixel|, for the unit.
+cudaError_t distill_term_bound(const void* xy, const void* coef, const void* stats,
+                               const SampleArgs& a, void* bound, cudaStream_t stream);
+cudaError_t distill_grad_features_fixed(const void* point_features, const RowLayout& pl,
+                                        const void* features, DType dtype,
+                                        const int64_t* image_index, const void* xy,
+                                        const void* coef, const SampleArgs& a, double inv_unit,
+                                        int64_t* gfix, cudaStream_t stream);
 cudaError_t distill_grad_features_sorted(const void* point_features, const RowLayout& pl,
                                          const void* features, DType dtype,
                                          const int64_t* image_index, const void* xy,

@@ -64,36 +64,40 @@ const int64_t* index_ptr(const Prepared& p) {
 }
 
 // The deterministic feature gradient for a float accumulator: a fixed-point scatter with
-// integer atomics (kernels/sampling.h), exact in any order. The unit is 2^(e - 62) with
-// 2^e > M * max|grad|: every point adds a tap to a pixel at most once with a weight <= 1, so no
-// partial sum reaches 2^62 units, and a unit is max|grad| * M * 2^-61 or less (2^-41 of the
-// largest term at a million points, far below float32's 2^-24). Returns the gradient in the
-// features' dtype and memory format (what like_features gives), converted from the integer sums
-// straight into that layout: no float accumulator, no copy after. Returns an undefined tensor,
-// having done nothing, for double accumulators and for non-finite gradients: the caller then
-// sorts the taps and sums each pixel's in order (NaN and inf propagate as on the CPU). One host
-// sync (max|grad|).
-Tensor fixed_point_gradient(const Tensor& g, const Prepared& p, const Tensor& features,
-                            const SampleShape& s, cudaStream_t stream) {
+// integer atomics (kernels/sampling.h), exact in any order. bound() >= |w * df| for every term
+// a point adds to a pixel (w <= 1 a tap weight; a point reaches a pixel through one tap at
+// most). The unit is 2^(e - 62) with 2^e > M * bound, so no partial sum reaches 2^62 units, and
+// a unit is bound * M * 2^-61 or less (2^-41 of the bound at a million points, far below
+// float32's 2^-24). scatter(inv_unit, args, gfix) adds the terms into gfix, an int64
+// accumulator with the strides of `args`. Returns the gradient in the features' dtype and memory
+// format (what like_features gives), converted from the integer sums straight into that layout:
+// no float accumulator, no copy after. Returns an undefined tensor, having done nothing, for
+// double accumulators and for a non-finite bound: the caller then sorts the taps and sums each
+// pixel's in order (NaN and inf propagate as on the CPU).
+template <typename Bound, typename Scatter>
+Tensor fixed_point_gradient(const Prepared& p, const Tensor& features, const SampleShape& s,
+                            cudaStream_t stream, Bound&& bound_fn, Scatter&& scatter) {
   if (p.xy.scalar_type() != at::kFloat || features.scalar_type() == at::kDouble) return {};
-  const double gmax = s.M * s.D == 0 ? 0.0 : at::linalg_vector_norm(g, INFINITY).item<double>();  // one pass, no |g| copy
-  if (!std::isfinite(gmax)) return {};
+  const double bound = bound_fn();  // a host sync
+  if (!std::isfinite(bound)) return {};
   const auto format = features.suggest_memory_format();
   Tensor out = at::empty(features.sizes(), features.options().memory_format(format));
-  if (gmax == 0) return out.zero_();
-  const int e = std::ilogb(gmax * static_cast<double>(s.M)) + 1;
+  if (bound == 0 || s.M * s.D == 0) return out.zero_();
+  const int e = std::ilogb(bound * static_cast<double>(s.M)) + 1;
   Tensor gfix = channels_last_accumulator(p.features, p.xy.options().dtype(at::kLong));
-  PYSSL_CUDA_CHECK(cuda::sample_points_backward_fixed(g.const_data_ptr(), to_dtype(g.scalar_type()),
-                                                      index_ptr(p), p.xy.const_data_ptr(),
-                                                      with_accumulator(p, gfix),
-                                                      std::ldexp(1.0, 62 - e),
-                                                      gfix.mutable_data_ptr<int64_t>(), stream));
+  scatter(std::ldexp(1.0, 62 - e), with_accumulator(p, gfix), gfix.mutable_data_ptr<int64_t>());
   PYSSL_CUDA_CHECK(cuda::fixed_to_grad(gfix.const_data_ptr<int64_t>(), s.N, s.H * s.W, s.D,
                                        std::ldexp(1.0, e - 62),
                                        format != at::MemoryFormat::ChannelsLast,
                                        to_dtype(features.scalar_type()), out.mutable_data_ptr(),
                                        stream));
   return out;
+}
+
+// max |x| (0 for an empty tensor), in double, as a 0-d float tensor on x's device (no sync).
+Tensor abs_max(const Tensor& x) {
+  return x.numel() == 0 ? at::zeros({}, x.options().dtype(at::kFloat))
+                        : at::linalg_vector_norm(x, INFINITY, std::nullopt, false, at::kFloat);
 }
 
 Tensor sample_points_cuda(const Tensor& features, const std::optional<Tensor>& image_index,
@@ -122,8 +126,15 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   if (features_grad) {
     const bool det = deterministic || at::globalContext().deterministicAlgorithms();
     // deterministic: the fixed-point scatter, which returns the gradient in its final layout
-    // (undefined for double or non-finite inputs: then the sort + segmented sums)
-    Tensor fixed = det ? fixed_point_gradient(g, p, features, s, stream) : Tensor();
+    // (undefined for double or non-finite inputs: then the sort + segmented sums). One host sync
+    // (max|grad|).
+    const Tensor fixed = !det ? Tensor() : fixed_point_gradient(
+        p, features, s, stream, [&] { return abs_max(g).item<double>(); },
+        [&](double inv_unit, const cuda::SampleArgs& args, int64_t* gfix) {
+          PYSSL_CUDA_CHECK(cuda::sample_points_backward_fixed(g.const_data_ptr(), dt, index_ptr(p),
+                                                              p.xy.const_data_ptr(), args,
+                                                              inv_unit, gfix, stream));
+        });
     if (fixed.defined()) {
       gf = fixed;
     } else {
@@ -230,10 +241,31 @@ std::tuple<Tensor, Tensor> distill_loss_backward_cuda(
     }
   }
   Tensor gf = at::empty({0}, features.options());
-  if (features_grad) {
+  const bool det = deterministic || at::globalContext().deterministicAlgorithms();
+  // Deterministic: the fixed-point scatter (fixed_point_gradient), its unit from the largest
+  // per-pair bound (kernels/sampling.h: distill_term_bound). Bounds from the maxima of the
+  // factors alone were far too loose: a pair with no tap in the image has f = 0 and an enormous
+  // coefficient, and the quantisation error showed.
+  const auto bound = [&] {
+    Tensor b = at::empty({s.M}, p.xy.options());
+    PYSSL_CUDA_CHECK(cuda::distill_term_bound(p.xy.const_data_ptr(), coef.const_data_ptr(),
+                                              st.const_data_ptr(), p.args, b.mutable_data_ptr(),
+                                              stream));
+    return abs_max(b).item<double>();
+  };
+  const Tensor fixed = !(features_grad && det) ? Tensor() : fixed_point_gradient(
+      p, features, s, stream, bound,
+      [&](double inv_unit, const cuda::SampleArgs& args, int64_t* gfix) {
+        PYSSL_CUDA_CHECK(cuda::distill_grad_features_fixed(
+            pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p),
+            p.xy.const_data_ptr(), coef.const_data_ptr(), args, inv_unit, gfix, stream));
+      });
+  if (fixed.defined()) {
+    gf = fixed;
+  } else if (features_grad) {
     Tensor gacc = channels_last_accumulator(p.features, p.xy.options());
     const cuda::SampleArgs args = with_accumulator(p, gacc);
-    if (!(deterministic || at::globalContext().deterministicAlgorithms())) {
+    if (!det) {
       PYSSL_CUDA_CHECK(cuda::distill_grad_features_atomic(
           pf.const_data_ptr(), pl, p.features.const_data_ptr(), dt, index_ptr(p), p.xy.const_data_ptr(),
           coef.const_data_ptr(), args, gacc.mutable_data_ptr(), stream));

@@ -320,7 +320,7 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
         forward or backward; gradients to ``online`` and ``target``, none to ``coords`` or a
         float ``valid`` (one that requires grad is refused with a ValueError: detach it, or use
         :func:`sample_features` and a loss) (deterministic on the CPU; on
-        CUDA without atomics under ``torch.use_deterministic_algorithms``; there NCHW maps with
+        CUDA without float atomics under ``torch.use_deterministic_algorithms``; there NCHW maps with
         16 channels or more are read through channels-last copies made for the call). On the
         CPU, float32 or bfloat16 maps (NCHW or channels-last, read in place and their gradients
         written in the same layout; other strides copied to NCHW) with float32 ``coords`` take

@@ -318,7 +318,7 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
     Fused: no ``[M, D]`` copy of the pixel features is made in the forward or backward, and
     only three scalars per pair are kept for backward. Gradients to ``point_features`` and
     ``features`` (the scatter-add into ``features`` is deterministic on the CPU; on CUDA without
-    atomics under ``torch.use_deterministic_algorithms``); row/col get none (a row or col that
+    float atomics under ``torch.use_deterministic_algorithms``); row/col get none (a row or col that
     requires grad is refused with a ValueError). On CUDA, NCHW maps
     with 16 channels or more are read through a channels-last copy made for the call (memory
     of one map while it runs, nothing kept), so that a warp's reads of a pixel are coalesced.

@@ -364,20 +364,22 @@ def test_scalar_scatter_when_vector_atomics_are_off(emu, monkeypatch):
         _close(got, want, 1e-5, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("loss", [0, 1])
 @pytest.mark.parametrize("D", [5, 40])
-def test_distillation_loss(emu, mode, loss, D):
+def test_distillation_loss(emu, mode, loss, D, dtype):
     """The fused gather + loss (projection's pixel_to_point_distillation_loss, flow's
     dense_correspondence_loss): forward, coefficients, both gradients, atomic and
-    deterministic."""
+    deterministic (float32: the fixed-point scatter, whose per-pair bound must ignore the huge
+    coefficients of pairs outside the image; float64: the sort + ordered sums)."""
     g = torch.Generator().manual_seed(D + 10 * mode + 100 * loss)
     N, H, W, M = 4, 11, 17, 500
-    feats = torch.randn(N, D, H, W, generator=g)
-    pf = torch.randn(M, D, generator=g)
+    feats = torch.randn(N, D, H, W, generator=g, dtype=dtype)
+    pf = torch.randn(M, D, generator=g, dtype=dtype)
     idx = torch.randint(0, N, (M,), generator=g)
-    xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1
-    for w in (None, (torch.rand(M, generator=g) > 0.3).float()):
+    xy = (torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1).to(dtype)
+    for w in (None, (torch.rand(M, generator=g) > 0.3).to(dtype)):
         got, stats = emu.distill_loss(pf, feats, idx, xy, w, mode, loss)
         want, rstats = CPU.distill_loss(pf, feats, idx, xy, w, mode, loss)
         _close(got, want, 1e-5)
@@ -387,6 +389,42 @@ def test_distillation_loss(emu, mode, loss, D):
             gp, gf = emu.distill_loss_backward(gl, pf, feats, idx, xy, w, stats, mode, loss, True, True, det)
             _close(gp, rp, 1e-4, float(rp.abs().max()))
             _close(gf, rf, 1e-4, float(rf.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["nan", "no_weight", "dense"])
+def test_distillation_deterministic_feature_gradient(emu, case):
+    """The distillation loss's deterministic feature gradient, in torch's deterministic mode
+    (empty tensors NaN-filled: every element must be written): the fixed-point scatter gives the
+    same, repeatable gradient as the CPU; all-zero weights give zeros (a zero bound); a NaN point
+    feature makes the bound NaN and takes the sort + ordered sums, NaN landing where the CPU puts
+    it; an NCHW map with 24 channels (read channels-last) gets its gradient in NCHW."""
+    g = torch.Generator().manual_seed(3)
+    N, D, H, W, M = 3, 24 if case == "dense" else 6, 9, 13, 300
+    feats = torch.randn(N, D, H, W, generator=g)
+    pf = torch.randn(M, D, generator=g)
+    idx = torch.randint(0, N, (M,), generator=g)
+    xy = torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1
+    w = (torch.rand(M, generator=g) > 0.3).float() * (0.0 if case == "no_weight" else 1.0)
+    if case == "nan":
+        w[5] = 1.0
+        pf[5, 2] = math.nan
+    got, stats = emu.distill_loss(pf, feats, idx, xy, w, 0, 0)
+    want, rstats = CPU.distill_loss(pf, feats, idx, xy, w, 0, 0)
+    gl = torch.tensor(0.7)
+    rf = CPU.distill_loss_backward(gl, pf, feats, idx, xy, w, rstats, 0, 0, False, True, True)[1]
+    torch.use_deterministic_algorithms(True)
+    try:
+        gf = emu.distill_loss_backward(gl, pf, feats, idx, xy, w, stats, 0, 0, False, True, True)[1]
+        again = emu.distill_loss_backward(gl, pf, feats, idx, xy, w, stats, 0, 0, False, True, True)[1]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(again, gf, rtol=0, atol=0, equal_nan=True)
+    assert gf.stride() == rf.stride() == feats.stride()
+    if case == "no_weight":
+        assert torch.equal(gf, torch.zeros_like(gf))
+    if case == "nan":
+        assert torch.equal(gf.isnan(), rf.isnan()) and gf.isnan().any()
+    _close(gf, rf, 1e-5, float(rf.nan_to_num().abs().max()))
 
 
 @pytest.mark.parametrize("case", ["float64", "nan", "zero", "huge", "tiny", "nearest", "no_points"])
