@@ -99,6 +99,13 @@ def flow(dev):
                 ops.sample_features(feats, c).float().sum().backward()
                 ops.dense_correspondence_loss(online, feats, coords, valid).backward()
             torch.use_deterministic_algorithms(False)
+    # float64: the deterministic sort + ordered sums (the fixed-point scatter is for float)
+    f64 = torch.randn(2, 16, 40, 60, device=dev, dtype=torch.float64, requires_grad=True)
+    c64 = coords.detach().double()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    ops.sample_features(f64, c64).sum().backward()
+    ops.dense_correspondence_loss(f64.detach().clone().requires_grad_(True), f64, c64, valid).backward()
+    torch.use_deterministic_algorithms(False)
     ops.affine_correspondence(torch.randn(3, 2, 3, device=dev), (40, 60), (20, 30))
 
 
