@@ -105,8 +105,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_case(step, iters: int, top: int, device: str = "cuda") -> list[str]:
-    """Times of the kernels (CUDA) or of the leaf ops (CPU, for a check without a GPU)."""
+def dino_floor_bytes(B: int, K: int, elem: int = 4, S: int = 12, T: int = 2) -> int:
+    """Issue 3's bandwidth floor of a DINO loss forward+backward: the forward reads the student
+    and teacher logits once, the backward reads both and writes the student gradient."""
+    return ((S + T) * 2 + S) * B * K * elem
+
+
+def copy_bandwidth(device: str = "cuda", mb: int = 1024) -> float:
+    """Bytes per second (read + write) of a device-to-device copy of `mb` MiB: the rate the
+    floors are measured against."""
+    a = torch.empty(mb * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    _sync(device)
+    return 2 * a.numel() * 4 * 10 / (time.perf_counter() - t0)
+
+
+def floor_line(nbytes: int, bandwidth: float, stats: dict) -> str:
+    floor = nbytes / bandwidth * 1e3
+    return (f"  floor {nbytes / 1e6:.0f} MB at {bandwidth / 1e12:.2f} TB/s = {floor:.3f} ms: "
+            f"kernels {stats['total'] / floor:.2f}x, wall {stats['wall'] / floor:.2f}x the floor")
+
+
+def profile_case(step, iters: int, top: int, device: str = "cuda",
+                 stats: dict | None = None) -> list[str]:
+    """Times of the kernels (CUDA) or of the leaf ops (CPU, for a check without a GPU); `stats`,
+    if given, gets the wall and summed kernel times (ms per iteration)."""
     for _ in range(3):
         step()
     _sync(device)
@@ -129,6 +158,8 @@ def profile_case(step, iters: int, top: int, device: str = "cuda") -> list[str]:
             rows.append((t / iters / 1e3, max(1, e.count // iters), e.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
+    if stats is not None:
+        stats.update(wall=wall, total=total)
     out = [f"  wall {wall:.3f} ms/iter (profiled), {device} total {total:.3f} ms/iter"]
     for ms, calls, key in rows[:top]:
         out.append(f"  {ms:8.3f} ms {100 * ms / max(total, 1e-12):5.1f}%  x{calls:<3d} {_short(key)}")
@@ -144,11 +175,16 @@ def main(argv=None) -> int:
         print("no CUDA device")
         return 1
     print(f"# per-kernel CUDA time, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bandwidth = copy_bandwidth()
+    print(f"# device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
     for title, make, params, impls in CASES:
         for impl in impls:
             print(f"\n{title} [{impl}]", flush=True)
+            stats = {}
             try:
-                lines = profile_case(make(*params, impl), args.iters, args.top)
+                lines = profile_case(make(*params, impl), args.iters, args.top, stats=stats)
+                if make is _dino_case and impl == "pyssl":
+                    lines.append(floor_line(dino_floor_bytes(*params), bandwidth, stats))
             except Exception as exc:  # one failing case keeps the others' tables
                 lines = [f"  FAILED: {type(exc).__name__}: {exc}"]
             print("\n".join(lines), flush=True)

@@ -174,9 +174,17 @@ def test_gpu_profile_cases_run_and_tabulate_on_the_cpu():
             for impl in impls:
                 if impl == "pyssl_deterministic":
                     continue  # CUDA only
-                lines = gpu_profile.profile_case(make(*small, impl, device="cpu"), 1, 4, device="cpu")
+                stats = {}
+                lines = gpu_profile.profile_case(make(*small, impl, device="cpu"), 1, 4, device="cpu",
+                                                 stats=stats)
                 assert lines[0].startswith("  wall ") and len(lines) >= 2, (title, impl, lines)
                 assert all(" ms " in line for line in lines[1:]), lines
+                assert stats["wall"] > 0 and stats["total"] > 0
+        # issue 3's floor at B=32, K=65536, fp32: 117 MB read forward, 218 MB moved backward
+        assert gpu_profile.dino_floor_bytes(32, 65536) == (14 + 14 + 12) * 32 * 65536 * 4
+        assert gpu_profile.copy_bandwidth("cpu", mb=8) > 0
+        line = gpu_profile.floor_line(335_544_320, 3.0e12, {"wall": 0.2236, "total": 0.1677})
+        assert "336 MB at 3.00 TB/s = 0.112 ms" in line and "kernels 1.50x" in line and "wall 2.00x" in line
     finally:
         bench_flow.H, bench_flow.W = old
 
