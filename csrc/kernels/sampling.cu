@@ -445,18 +445,28 @@ __global__ void coef_kernel(const A* __restrict__ grad_loss, const A* __restrict
 // times |coef_f| |f| + |coef_g| |g| (no channel of df = coef_f f + coef_g g exceeds that: a
 // channel is at most its vector's norm, saved in stats). 0 for a pair with no tap in the image,
 // however large its coefficients (f = 0 there, and nf clamped to 1e-12 makes coef_g enormous).
+// NaN, which sends the caller to the sort + ordered sums, for a pair in the image whose f or g
+// has a norm at or below the clamp with a nonzero coefficient: its norm may have underflowed
+// (squares below 1e-38), so the product no longer bounds the term, and its gradient, ~1e12
+// times the others, would make the common unit too coarse for every other pixel.
 __global__ void distill_bound_kernel(const float* __restrict__ xy, const float* __restrict__ coef,
                                      const float* __restrict__ stats, SampleArgs a,
                                      float* __restrict__ bound) {
   for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < a.M;
        m += int64_t(gridDim.x) * blockDim.x) {
     const Taps<float> tp = sample_taps<float>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
+    bool in_image = false;
     float w = 0;
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
-      if (tp.offset[c] >= 0) w = max(w, tp.weight[c]);
-    const float b = fabsf(coef[4 * m]) * stats[3 * m] + fabsf(coef[4 * m + 1]) * stats[3 * m + 1];
-    bound[m] = w > 0 ? w * b : 0.0f;  // (a NaN b stays NaN: the caller falls back)
+    for (int c = 0; c < 4; ++c) {
+      if (tp.offset[c] < 0) continue;
+      in_image = true;
+      w = max(w, tp.weight[c]);
+    }
+    const float cf = coef[4 * m], cg = coef[4 * m + 1], nf = stats[3 * m], ng = stats[3 * m + 1];
+    const bool clamped = (nf <= float(kEps) && cf != 0.0f) || (ng <= float(kEps) && cg != 0.0f);
+    const float b = fabsf(cf) * nf + fabsf(cg) * ng;  // NaN stays NaN: the caller falls back
+    bound[m] = !in_image ? 0.0f : (clamped ? NAN : w * b);
   }
 }
 

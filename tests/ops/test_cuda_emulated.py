@@ -391,13 +391,16 @@ def test_distillation_loss(emu, mode, loss, D, dtype):
             _close(gf, rf, 1e-4, float(rf.abs().max()))
 
 
-@pytest.mark.parametrize("case", ["nan", "no_weight", "dense"])
+@pytest.mark.parametrize("case", ["nan", "no_weight", "dense", "tiny_point", "nan_at_zero_weight_tap"])
 def test_distillation_deterministic_feature_gradient(emu, case):
     """The distillation loss's deterministic feature gradient, in torch's deterministic mode
     (empty tensors NaN-filled: every element must be written): the fixed-point scatter gives the
     same, repeatable gradient as the CPU; all-zero weights give zeros (a zero bound); a NaN point
     feature makes the bound NaN and takes the sort + ordered sums, NaN landing where the CPU puts
-    it; an NCHW map with 24 channels (read channels-last) gets its gradient in NCHW."""
+    it; an NCHW map with 24 channels (read channels-last) gets its gradient in NCHW. The only
+    weighted pair sampling zero features with a point feature of 1e-24 (its norm underflows to
+    0 while its coefficient is ~1e24: the product bound is 0, the terms are not), and a NaN
+    pair whose only in-image tap has weight 0 (x = -1), must take the sort path too."""
     g = torch.Generator().manual_seed(3)
     N, D, H, W, M = 3, 24 if case == "dense" else 6, 9, 13, 300
     feats = torch.randn(N, D, H, W, generator=g)
@@ -408,6 +411,16 @@ def test_distillation_deterministic_feature_gradient(emu, case):
     if case == "nan":
         w[5] = 1.0
         pf[5, 2] = math.nan
+    if case == "nan_at_zero_weight_tap":
+        w[5] = 1.0
+        xy[5] = torch.tensor([-1.0, 3.5])
+        pf[5] = math.nan
+    if case == "tiny_point":
+        w.zero_()
+        w[5] = 1.0
+        xy[5] = torch.tensor([4.5, 3.5])
+        feats[idx[5], :, 3:5, 4:6] = 0.0
+        pf[5] = 1e-24
     got, stats = emu.distill_loss(pf, feats, idx, xy, w, 0, 0)
     want, rstats = CPU.distill_loss(pf, feats, idx, xy, w, 0, 0)
     gl = torch.tensor(0.7)
@@ -422,7 +435,7 @@ def test_distillation_deterministic_feature_gradient(emu, case):
     assert gf.stride() == rf.stride() == feats.stride()
     if case == "no_weight":
         assert torch.equal(gf, torch.zeros_like(gf))
-    if case == "nan":
+    if case in ("nan", "nan_at_zero_weight_tap"):
         assert torch.equal(gf.isnan(), rf.isnan()) and gf.isnan().any()
     _close(gf, rf, 1e-5, float(rf.nan_to_num().abs().max()))
 
