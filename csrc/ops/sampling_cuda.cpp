@@ -94,7 +94,7 @@ Tensor fixed_point_gradient(const Prepared& p, const Tensor& features, const Sam
   return out;
 }
 
-// max |x| (0 for an empty tensor), in double, as a 0-d float tensor on x's device (no sync).
+// max |x| as a 0-d float tensor on x's device, no sync (0 for an empty tensor; NaN if x has one).
 Tensor abs_max(const Tensor& x) {
   return x.numel() == 0 ? at::zeros({}, x.options().dtype(at::kFloat))
                         : at::linalg_vector_norm(x, INFINITY, std::nullopt, false, at::kFloat);
