@@ -110,9 +110,9 @@ __global__ void scatter_kernel(const F* __restrict__ g, const int64_t* __restric
   }
 }
 
-template <typename F>
-__device__ __forceinline__ F fixed_value(int64_t v, double unit) {
-  return from_acc<F>(static_cast<float>(static_cast<double>(v) * unit));
+// A fixed-point sum in units of `unit` (a power of two), as a float.
+__device__ __forceinline__ float fixed_to_float(int64_t v, double unit) {
+  return static_cast<float>(static_cast<double>(v) * unit);
 }
 
 // gfix [N, HW, D] -> out with the same layout (a channels-last map's gradient).
@@ -121,7 +121,7 @@ __global__ void fixed_to_grad_kernel(const int64_t* __restrict__ gfix, int64_t c
                                      F* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
        i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = fixed_value<F>(gfix[i], unit);
+    out[i] = from_acc<F>(fixed_to_float(gfix[i], unit));
 }
 
 // The float-atomic scatter four channels at a time, for float accumulators whose channels are
@@ -190,7 +190,7 @@ fixed_to_planar_kernel(const int64_t* __restrict__ gfix, int64_t N, int64_t HW, 
     const int64_t* src = gfix + n * HW * D;
     for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
       const int64_t p = p0 + pp, d = d0 + threadIdx.x;
-      if (p < HW && d < D) tile[threadIdx.x][pp] = static_cast<float>(static_cast<double>(src[p * D + d]) * unit);
+      if (p < HW && d < D) tile[threadIdx.x][pp] = fixed_to_float(src[p * D + d], unit);
     }
     __syncthreads();
     F* dst = out + n * HW * D;
