@@ -32,9 +32,6 @@ constexpr int64_t kImageBlock = 16;
 // max that propagates NaN (std::max drops it): a NaN chunk statistic must poison the row.
 inline double nan_max(double a, double b) { return (b > a || b != b) ? b : a; }
 
-// The chunk kernels read fp32, fp64, fp16 and bf16 rows in place.
-Tensor cpu_readable(const Tensor& t) { return t.contiguous(); }
-
 template <typename acc_t>
 void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& center,
                   const Tensor& weights, const DinoShape& d, bool skip, acc_t inv_ts, acc_t inv_tt,
@@ -137,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dino_loss_cpu(
   const DinoShape d = check_dino(student, teacher, center, weights, n_teacher_crops, student_temp,
                                  teacher_temp, skip_same_view);
   const auto acc = acc_type(student, teacher);
-  const Tensor s = cpu_readable(student), t = cpu_readable(teacher);
+  const Tensor s = student.contiguous(), t = teacher.contiguous();  // any float dtype, read in place
   const Tensor c = center.to(acc).contiguous();
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   auto opts = student.options().dtype(acc);
@@ -217,7 +214,7 @@ Tensor dino_loss_backward_cpu(const Tensor& grad_loss, const Tensor& student,
   TORCH_CHECK_VALUE(student_lse.numel() == d.S * d.B && teacher_lse.numel() == d.T * d.B,
                     "student_lse / teacher_lse do not match the inputs (expected ", d.S * d.B,
                     " and ", d.T * d.B, " values)");
-  const Tensor s = cpu_readable(student), t = cpu_readable(teacher);
+  const Tensor s = student.contiguous(), t = teacher.contiguous();  // any float dtype, read in place
   const Tensor c = center.to(acc).contiguous();
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();
   const Tensor sl = student_lse.to(acc).contiguous(), tl = teacher_lse.to(acc).contiguous();
@@ -299,7 +296,7 @@ Tensor offset_logsumexp_cpu(const Tensor& x, const std::optional<Tensor>& row_of
                             const std::optional<Tensor>& col_offset, double scale, int64_t dim) {
   check_offset_lse(x, row_offset, col_offset, dim);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor xc = cpu_readable(x);
+  const Tensor xc = x.contiguous();
   const Tensor ro = row_offset.has_value() ? row_offset->to(acc).contiguous() : Tensor();
   const Tensor co = col_offset.has_value() ? col_offset->to(acc).contiguous() : Tensor();
   Tensor out = at::empty({x.size(dim == 1 ? 0 : 1)}, x.options().dtype(acc));
