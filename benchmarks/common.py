@@ -38,17 +38,60 @@ def saved_bytes(fn, inputs=()) -> int:
 
 
 def peak_memory(fn, device) -> int | None:
-    """Peak device memory in bytes above the starting point while running ``fn()`` (CUDA
-    only; None on CPU, where torch keeps no allocator statistics)."""
-    if torch.device(device).type != "cuda":
+    """Peak memory in bytes above the starting point while running ``fn()``, after one
+    warm-up call (one-time allocations such as library workspaces and pools are not the op's
+    peak).
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set (``VmHWM``, reset
+    through ``/proc/self/clear_refs``) above its resident set at the start, after
+    ``malloc_trim`` has handed malloc's free memory back to the system (else the call could
+    reuse it without the resident set growing). Unlike torch's allocator statistics this counts
+    every allocation the call touches, the C++ kernels' own scratch (``std::vector``) included;
+    None where Linux's ``/proc`` interface is missing."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return _cpu_peak_rss(fn)
+    if kind != "cuda":
         return None
-    fn()  # warm-up: one-time allocations (library workspaces, pools) are not the op's peak
+    fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - start
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    raise KeyError(key)
+
+
+def _cpu_peak_rss(fn) -> int | None:
+    import ctypes
+    import ctypes.util
+    import gc
+
+    try:
+        _proc_status_bytes("VmHWM")
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, KeyError, AttributeError):
+        return None
+    fn()
+    gc.collect()
+    trim(0)
+    start = _proc_status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+    except OSError:
+        return None
+    fn()
+    return max(0, _proc_status_bytes("VmHWM") - start)
 
 
 def run(benchmark, fn, device, *, group: str, impl: str, rounds: int | None = None, **extra):
