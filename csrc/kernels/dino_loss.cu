@@ -6,8 +6,10 @@
 // registers and streams the student crops past them, producing per-(row, chunk) max / sum-exp
 // statistics and teacher-student dot products with warp shuffles only (no block barriers, so a
 // warp's loads of the next row need not wait for other warps). A merge kernel (one block per
-// image, a warp per row or pair) combines the chunks, then one thread sums the loss over images
-// in order. The first version reduced over 1024-prototype block chunks with two block barriers
+// image, a warp per row or pair) combines the chunks; the last of its blocks to finish sums the
+// loss over images, and its extra blocks finish the teacher mean. Two launches in all: the
+// final sum and the column sums were launches of their own (five in all), each a few us of a
+// K = 8192 forward whose inputs take ~5 us to read. The first version reduced over 1024-prototype block chunks with two block barriers
 // per row; at B = 32 its 64-512 blocks each ran ~56 rows one after another (0.18 ms at K = 8192
 // on an H100, 0.08 ms of which the bandwidth floor would allow at K = 65536).
 // Backward: one block per (image, chunk), no reductions: q from the teacher row and its saved
@@ -32,8 +34,8 @@ constexpr int64_t kMaxGroup = 4;               // images per forward warp, at mo
 // The forward can keep the teacher's column sums per group of images, [B / group, K] in the
 // workspace, while that holds at most kMaxColsum elements (32 MB in fp32; DINO at B = 64,
 // K = 65536 needs 2M). Otherwise (one image per group, or iBOT's thousands of masked patches,
-// which would need ~400 MB at M = 6000) a separate kernel sums each column over the teacher's
-// rows, reading the teacher once more (column_sum_kernel over its rows).
+// which would need ~400 MB at M = 6000) the teacher's columns are summed from its rows, reading
+// it once more (column_chunks).
 constexpr int64_t kMaxColsum = int64_t{1} << 23;
 
 int64_t stat_chunks(const DinoArgs& a) { return ceil_div(a.K, kWarpChunk); }
@@ -50,8 +52,9 @@ bool fused_colsum(const DinoArgs& a) {
 }
 
 // Without fused column sums, the teacher mean sums its T * B rows in kColChunks chunks of rows
-// (one block row each), then the chunks in order: one thread per column looping over every row
-// left a K = 8192 grid of 32 blocks waiting on 64 dependent-latency loads each. Few rows: one pass.
+// (extra blocks of the forward kernel), then the merge kernel's extra blocks sum the chunks in
+// order: one thread per column looping over every row left a K = 8192 grid of 32 blocks waiting
+// on 64 dependent-latency loads each. Few rows: the merge kernel's blocks sum the rows.
 constexpr int64_t kColChunks = 16;
 int64_t column_chunks(const DinoArgs& a) {
   return fused_colsum(a) || a.T * a.B < 4 * kColChunks ? 1 : kColChunks;
@@ -147,6 +150,35 @@ __device__ __forceinline__ void load_lane(const T* p, const bool (&ok)[kWarpElem
   }
 }
 
+// One block's share of the chunked teacher mean: for the kBlockSpan prototypes of block row
+// blockIdx.y, the sum of teacher rows [c * chunk, (c + 1) * chunk) in row order (0 for an empty
+// chunk), into partial[c, k]. Each thread keeps kSpan columns, so a row's kSpan loads are in
+// flight together.
+template <typename T>
+__device__ __forceinline__ void column_partial(const T* __restrict__ x, int64_t rows,
+                                               int64_t chunk, int64_t K, int64_t c,
+                                               acc_t<T>* __restrict__ partial) {
+  using A = acc_t<T>;
+  constexpr int kSpan = static_cast<int>(kBlockSpan / kForwardThreads);
+  const int64_t k0 = int64_t(blockIdx.y) * kBlockSpan + threadIdx.x;
+  const int64_t r0 = c * chunk, r1 = min(rows, r0 + chunk);
+  A s[kSpan];
+#pragma unroll
+  for (int j = 0; j < kSpan; ++j) s[j] = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+#pragma unroll
+    for (int j = 0; j < kSpan; ++j) {
+      const int64_t k = k0 + int64_t(j) * kForwardThreads;
+      if (k < K) s[j] += to_acc(x[r * K + k]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kSpan; ++j) {
+    const int64_t k = k0 + int64_t(j) * kForwardThreads;
+    if (k < K) partial[c * K + k] = s[j];
+  }
+}
+
 template <typename T, int kMaxT, bool kVec>
 __global__ void __launch_bounds__(kForwardThreads)
 dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
@@ -154,8 +186,18 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
                     int64_t nk, int64_t group_size, acc_t<T> inv_ts, acc_t<T> inv_tt,
                     acc_t<T>* __restrict__ tm, acc_t<T>* __restrict__ tz,
                     acc_t<T>* __restrict__ sm, acc_t<T>* __restrict__ sz,
-                    acc_t<T>* __restrict__ dots, acc_t<T>* __restrict__ colsum) {
+                    acc_t<T>* __restrict__ dots, acc_t<T>* __restrict__ colsum,
+                    int64_t groups, int64_t col_chunk, acc_t<T>* __restrict__ partial,
+                    unsigned* __restrict__ merged) {
   using A = acc_t<T>;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *merged = 0u;  // dino_merge_kernel's count
+  if (blockIdx.x >= groups) {
+    // Blocks past the images (chunked teacher mean only): partial[c, k] = sum of the teacher's
+    // rows [c * col_chunk, (c + 1) * col_chunk) in order, c = blockIdx.x - groups, for this
+    // block's kBlockSpan prototypes; the merge kernel sums the chunks in order.
+    column_partial(teacher, Tc * B, col_chunk, K, int64_t(blockIdx.x) - groups, partial);
+    return;  // the whole block: no barrier follows
+  }
   const int64_t group = blockIdx.x;  // images on x (up to 2^31 - 1 blocks)
   const int64_t kc = int64_t(blockIdx.y) * (kForwardThreads / 32) + (threadIdx.x >> 5);
   if (kc >= nk) return;  // a whole warp: no block-wide synchronisation follows
@@ -255,14 +297,38 @@ constexpr int kMergeThreads = 256;
 // terms in order and thread 0 adds the warps' sums in order. One thread per image looping over
 // every chunk of every row and pair (the first version) took about 0.5 ms at K=65536 on an
 // H100, longer than the rest of the forward.
-template <typename A>
+// The block that finishes last (the count `merged`, zeroed by the forward kernel) sums loss_b
+// over the images: lane l adds images l, l + 32, ... in order, then a fixed butterfly, so the
+// sum is repeatable whichever block is last. Blocks B, B + 1, ... average the teacher's columns
+// (teacher mean) from the per-group column sums, the chunks' partial sums or the teacher rows
+// themselves (col_acc or col_in, col_rows rows of K), each in row order.
+template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
-dino_merge_kernel(const A* __restrict__ tm, const A* __restrict__ tz,
-                  const A* __restrict__ sm, const A* __restrict__ sz,
-                  const A* __restrict__ dots, const A* __restrict__ weights, int64_t B, int S,
-                  int Tc, int64_t nk, double inv_ts, bool skip, A* __restrict__ student_lse,
-                  A* __restrict__ teacher_lse, double* __restrict__ loss_b) {
-  // Tc <= 8 (dino_forward); blockDim.x <= kMergeThreads, a multiple of 32
+dino_merge_kernel(const acc_t<T>* __restrict__ tm, const acc_t<T>* __restrict__ tz,
+                  const acc_t<T>* __restrict__ sm, const acc_t<T>* __restrict__ sz,
+                  const acc_t<T>* __restrict__ dots, const acc_t<T>* __restrict__ weights,
+                  int64_t B, int S, int Tc, int64_t nk, double inv_ts, bool skip,
+                  acc_t<T>* __restrict__ student_lse, acc_t<T>* __restrict__ teacher_lse,
+                  double* __restrict__ loss_b, unsigned* __restrict__ merged, int64_t n_terms,
+                  acc_t<T>* __restrict__ loss, const acc_t<T>* __restrict__ col_acc,
+                  const T* __restrict__ col_in, int64_t col_rows, int64_t K, double inv_rows,
+                  acc_t<T>* __restrict__ mean) {
+  using A = acc_t<T>;
+  if (blockIdx.x >= B) {  // a teacher-mean block: the whole block returns, no barrier follows
+    const int64_t k = (int64_t(blockIdx.x) - B) * blockDim.x + threadIdx.x;
+    if (k >= K) return;
+    A c = 0;
+    if (col_acc) {
+#pragma unroll 8
+      for (int64_t r = 0; r < col_rows; ++r) c += col_acc[r * K + k];
+    } else {
+#pragma unroll 8
+      for (int64_t r = 0; r < col_rows; ++r) c += to_acc(col_in[r * K + k]);
+    }
+    mean[k] = A(double(c) * inv_rows);
+    return;
+  }
+  // Tc <= 8 (dino_forward); blockDim.x <= kMergeThreads, a multiple of 32, at least 64
   __shared__ double t_shift[8], t_z[8], part[kMergeThreads / 32];
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -305,38 +371,21 @@ dino_merge_kernel(const A* __restrict__ tm, const A* __restrict__ tz,
   }
   if (lane == 0) part[warp] = acc;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (warp != 0) return;
+  int last = 0;
+  if (lane == 0) {
     double total = 0;
     for (int w = 0; w < nwarps; ++w) total += part[w];
     loss_b[b] = total * (weights ? double(weights[b]) : 1.0 / double(B));
+    __threadfence();  // loss_b[b] reaches every block before the count says it is there
+    last = atomicAdd(merged, 1u) == static_cast<unsigned>(B - 1);
   }
-}
-
-template <typename A>
-__global__ void dino_final_kernel(const double* __restrict__ loss_b, int64_t B, int64_t n_terms,
-                                  A* __restrict__ loss) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    double s = 0;
-    for (int64_t b = 0; b < B; ++b) s += loss_b[b];
-    *loss = A(s / double(n_terms));
-  }
-}
-
-// out[c, k] = scale * (sum of x[r, k] over rows r of chunk c = blockIdx.y: [c * chunk,
-// (c + 1) * chunk)), in row order: bitwise repeatable. x [rows, K] is the teacher or the
-// per-group column sums; one chunk of all rows with scale 1 / rows gives the teacher mean, or 16
-// chunks with scale 1 give partial sums that a second call (one chunk) averages.
-template <typename T>
-__global__ void column_sum_kernel(const T* __restrict__ x, int64_t rows, int64_t chunk,
-                                  int64_t K, double scale, acc_t<T>* __restrict__ out) {
-  using A = acc_t<T>;
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= K) return;
-  const int64_t r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
-  A s = 0;
-#pragma unroll 8
-  for (int64_t r = r0; r < r1; ++r) s += to_acc(x[r * K + k]);
-  out[blockIdx.y * K + k] = A(double(s) * scale);
+  if (!warp_max(last)) return;  // the whole warp 0 takes the same branch
+  __threadfence();
+  double total = 0;
+  for (int64_t i = lane; i < B; i += 32) total += __ldcg(loss_b + i);  // past L1: other blocks' writes
+  total = warp_sum(total);
+  if (lane == 0) *loss = A(total / double(n_terms));
 }
 
 // kVec (float, half, bfloat16 with K % 4 == 0 and aligned rows): each thread's kElems = 4
@@ -501,8 +550,12 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   A* sz = sm + a.S * a.B * nk;
   A* dots = sz + a.S * a.B * nk;
   A* colsum = fused_colsum(a) ? dots + a.T * a.S * a.B * nk : nullptr;
+  const int64_t chunks = column_chunks(a), rows = a.T * a.B;
+  A* partial = chunks > 1 ? dots + a.T * a.S * a.B * nk : nullptr;  // where colsum would be
   double* loss_b = reinterpret_cast<double*>(ws + dino_loss_b_offset(a));
-  const dim3 grid(static_cast<unsigned>(groups),
+  auto* merged = reinterpret_cast<unsigned*>(loss_b + a.B);
+  // x: the image groups, then (chunked teacher mean) one block row per chunk of teacher rows
+  const dim3 grid(static_cast<unsigned>(groups + (partial ? chunks : 0)),
                   static_cast<unsigned>(ceil_div(a.K, kBlockSpan)));
   const auto* s = static_cast<const T*>(student);
   const auto* t = static_cast<const T*>(teacher);
@@ -514,33 +567,22 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   const bool vec = a.K % 4 == 0 && aligned16(s) && aligned16(t) && aligned16(c);
   dispatch_kernel<T>(a.T, vec, [&](auto max_t, auto v) {
     dino_forward_kernel<T, decltype(max_t)::value, decltype(v)::value><<<grid, kForwardThreads, 0, stream>>>(
-        s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum);
+        s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum, groups,
+        ceil_div(rows, chunks), partial, merged);
   });
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // A warp per row at most: iBOT's single-crop rows (S = T = 1, B = thousands) get 2 warps.
   const int merge_threads = 32 * static_cast<int>(std::min<int64_t>(a.S + a.T, kMergeThreads / 32));
-  dino_merge_kernel<A><<<static_cast<unsigned>(a.B), merge_threads, 0, stream>>>(
+  // The teacher mean's blocks after the images': per-group column sums, chunk sums or the rows.
+  const A* col_acc = colsum ? colsum : partial;
+  const int64_t col_rows = colsum ? groups : (partial ? chunks : rows);
+  const int64_t mean_blocks = ceil_div(a.K, int64_t{merge_threads});
+  dino_merge_kernel<T><<<static_cast<unsigned>(a.B + mean_blocks), merge_threads, 0, stream>>>(
       tm, tz, sm, sz, dots, static_cast<const A*>(weights), a.B, S, Tc, nk, a.inv_student_temp,
-      a.skip_same_view, static_cast<A*>(student_lse), static_cast<A*>(teacher_lse), loss_b);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  dino_final_kernel<A><<<1, 32, 0, stream>>>(loss_b, a.B, a.n_terms, static_cast<A*>(loss));
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  const auto mean_blocks = static_cast<unsigned>(ceil_div(a.K, kThreads));
-  const double inv_rows = 1.0 / double(a.T * a.B);
-  const int64_t chunks = column_chunks(a), rows = a.T * a.B;
-  auto* mean = static_cast<A*>(teacher_mean);
-  if (colsum) {
-    column_sum_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(colsum, groups, groups, a.K, inv_rows, mean);
-  } else if (chunks > 1) {
-    A* partial = dots + a.T * a.S * a.B * nk;  // where the fused column sums would be
-    column_sum_kernel<T><<<dim3(mean_blocks, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
-        t, rows, ceil_div(rows, chunks), a.K, 1.0, partial);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    column_sum_kernel<A><<<mean_blocks, kThreads, 0, stream>>>(partial, chunks, chunks, a.K, inv_rows, mean);
-  } else {
-    column_sum_kernel<T><<<mean_blocks, kThreads, 0, stream>>>(t, rows, rows, a.K, inv_rows, mean);
-  }
+      a.skip_same_view, static_cast<A*>(student_lse), static_cast<A*>(teacher_lse), loss_b,
+      merged, a.n_terms, static_cast<A*>(loss), col_acc, col_acc ? nullptr : t, col_rows, a.K,
+      1.0 / double(rows), static_cast<A*>(teacher_mean));
   return cudaGetLastError();
 }
 
@@ -569,8 +611,9 @@ cudaError_t backward_typed(const void* grad_loss, const void* student, const voi
 }  // namespace
 
 int64_t dino_forward_workspace(const DinoArgs& a) {
-  // ... then B doubles (2 acc elements each, which also covers acc = double)
-  return dino_loss_b_offset(a) + 2 * a.B;
+  // ... then B doubles (2 acc elements each, which also covers acc = double), then the merge
+  // kernel's count of finished blocks (an unsigned; 2 acc elements keep any acc big enough)
+  return dino_loss_b_offset(a) + 2 * a.B + 2;
 }
 
 cudaError_t dino_forward(const void* student, const void* teacher, DType dtype,

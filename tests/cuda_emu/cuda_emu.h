@@ -3,9 +3,10 @@
 // tests/cuda_emu/build.py copies csrc/kernels/*.cu to .cpp files that include this header first
 // and turns every `kernel<<<grid, block, smem, stream>>>(args)` into
 // `::emu::launch(::emu::Cfg(grid, block, smem, stream), kernel, args)`. A launch runs its blocks
-// one after another on the calling thread; within a block every CUDA thread is a fiber (its own
-// stack, cooperative switches), so __syncthreads and warp shuffles are real rendezvous of all the
-// block's or warp's threads, in the order CUDA defines, not a sequential approximation.
+// one after another on the calling thread, in a pseudo-random order (CUDA promises none); within
+// a block every CUDA thread is a fiber (its own stack, cooperative switches), so __syncthreads
+// and warp shuffles are real rendezvous of all the block's or warp's threads, in the order CUDA
+// defines, not a sequential approximation.
 //
 // What it checks beyond the arithmetic: launch configurations CUDA refuses (an empty grid, more
 // than 1024 threads per block, grid.y/z > 65535, shared memory beyond 48 KB), shuffles of a
@@ -277,13 +278,25 @@ void launch(Cfg c, void (*kernel)(P...), A&&... args) {
   Launch* outer = current_launch();
   Fiber* outer_fiber = current_fiber();
   current_launch() = &l;
-  for (unsigned z = 0; z < c.grid.z && failure().empty(); ++z)
-    for (unsigned y = 0; y < c.grid.y && failure().empty(); ++y)
-      for (unsigned x = 0; x < c.grid.x && failure().empty(); ++x) {
-        Block b;
-        b.idx = uint3{x, y, z};
-        run_block(l, b);
-      }
+  // Blocks in a pseudo-random order (a fixed permutation per grid shape): CUDA promises no
+  // order, so a kernel that counts finished blocks must not find the last block at the last
+  // index, nor may any block wait for data of a block before it.
+  const uint64_t nblocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
+  std::vector<uint64_t> blocks(nblocks);
+  for (uint64_t i = 0; i < nblocks; ++i) blocks[i] = i;
+  uint64_t rng = 0xD1B54A32D192ED03ull ^ (nblocks * 0x9E3779B97F4A7C15ull);
+  for (uint64_t i = nblocks; i > 1; --i) {
+    rng ^= rng >> 12, rng ^= rng << 25, rng ^= rng >> 27;
+    std::swap(blocks[i - 1], blocks[(rng * 0x2545F4914F6CDD1Dull >> 33) % i]);
+  }
+  for (uint64_t i = 0; i < nblocks && failure().empty(); ++i) {
+    const uint64_t id = blocks[i];
+    Block b;
+    b.idx = uint3{static_cast<unsigned>(id % c.grid.x),
+                  static_cast<unsigned>(id / c.grid.x % c.grid.y),
+                  static_cast<unsigned>(id / (uint64_t(c.grid.x) * c.grid.y))};
+    run_block(l, b);
+  }
   current_launch() = outer;
   current_fiber() = outer_fiber;
 }
@@ -356,6 +369,10 @@ inline void check_aligned(const void* p, size_t n) {
 
 template <typename T>
 inline void __stwb(T* p, T v) { *p = v; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+// Blocks run one at a time and fibers switch only at barriers: every write is already visible.
+inline void __threadfence() {}
 
 inline void __syncthreads() { ::emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::syncwarp(); }

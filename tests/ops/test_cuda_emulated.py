@@ -171,6 +171,31 @@ def test_dino_loss_teacher_mean_paths_ibot_rows(emu, M, K):
     _close(ggot, gwant, 1e-5, float(gwant.abs().max()))
 
 
+@pytest.mark.parametrize("B, S, T, K", [(5, 12, 2, 300), (70, 1, 1, 3), (200, 1, 1, 1000),
+                                        (600, 1, 1, 8192)])
+def test_dino_loss_with_nan_filled_workspace(emu, B, S, T, K):
+    """In torch's deterministic mode every torch.empty is filled with NaN: the forward's
+    workspace, whose count of finished merge blocks the forward kernel must zero, and every
+    output, so a value no kernel writes shows. The teacher mean's three paths: the rows
+    themselves (B=5), 16 chunks of rows (B=70, the last two chunks empty; B=200), per-group
+    column sums (B=600)."""
+    g = torch.Generator().manual_seed(B + K)
+    s = torch.randn(S * B, K, generator=g) * 2
+    t = torch.randn(T * B, K, generator=g) * 2
+    c = torch.randn(K, generator=g) * 0.1
+    w = torch.rand(B, generator=g) if S == 1 else None
+    args = (T, 0.1, 0.04, S > 1)
+    want = CPU.dino_loss(s, t, c, w, *args)
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = emu.dino_loss(s, t, c, w, *args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(got, want):
+        assert not a.isnan().any()
+        _close(a, b, 2e-5)
+
+
 @pytest.mark.parametrize("special", ["neg_inf", "pos_inf", "nan"])
 def test_dino_loss_special_logits(emu, special):
     T = 2
