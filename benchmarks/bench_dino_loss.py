@@ -7,7 +7,7 @@ Baselines:
       all crops at once, one einsum for all pairs, the same-view diagonal zeroed.
 Configurations from the issue: B in {32, 64}, 2 global + 10 local crops, K in {8192, 65536},
 fp32 and bf16; forward and forward+backward; memory saved for backward (saved-tensor hooks),
-peak memory on CUDA.
+peak memory (CUDA: the allocator's; CPU: the resident set's, benchmarks/common.py).
 """
 
 from __future__ import annotations
