@@ -9,9 +9,10 @@
 // image, a warp per row or pair) combines the chunks; the last of its blocks to finish sums the
 // loss over images, and its extra blocks finish the teacher mean. Two launches in all: the
 // final sum and the column sums were launches of their own (five in all), each a few us of a
-// K = 8192 forward whose inputs take ~5 us to read. The first version reduced over 1024-prototype block chunks with two block barriers
-// per row; at B = 32 its 64-512 blocks each ran ~56 rows one after another (0.18 ms at K = 8192
-// on an H100, 0.08 ms of which the bandwidth floor would allow at K = 65536).
+// K = 8192 forward whose inputs take ~5 us to read. The first version reduced over
+// 1024-prototype block chunks with two block barriers per row; at B = 32 its 64-512 blocks each
+// ran ~56 rows one after another (0.18 ms at K = 8192 on an H100, 0.08 ms of which the
+// bandwidth floor would allow at K = 65536).
 // Backward: one block per (image, chunk), no reductions: q from the teacher row and its saved
 // log-sum-exp, p from the student row and its saved log-sum-exp.
 #include <algorithm>
@@ -23,7 +24,7 @@
 namespace pyssl::cuda {
 namespace {
 
-constexpr int kThreads = 256;                  // backward and column kernels
+constexpr int kThreads = 256;                  // backward and log-sum-exp kernels
 constexpr int kElems = 4;
 constexpr int64_t kChunk = kThreads * kElems;  // prototypes per backward block
 constexpr int kWarpElems = 8;                  // prototypes per lane in the forward
@@ -51,13 +52,20 @@ bool fused_colsum(const DinoArgs& a) {
   return g > 1 && ceil_div(a.B, g) * a.K <= kMaxColsum;
 }
 
-// Without fused column sums, the teacher mean sums its T * B rows in kColChunks chunks of rows
-// (extra blocks of the forward kernel), then the merge kernel's extra blocks sum the chunks in
-// order: one thread per column looping over every row left a K = 8192 grid of 32 blocks waiting
-// on 64 dependent-latency loads each. Few rows: the merge kernel's blocks sum the rows.
+// Without fused column sums, the teacher mean sums its T * B rows in chunks of at most
+// kChunkRows rows (at least kColChunks chunks; extra blocks of the forward kernel), then the
+// merge kernel's extra blocks sum the chunks in order: one thread per column looping over every
+// row left a K = 8192 grid of 32 blocks waiting on 64 dependent-latency loads each. Chunks of
+// bounded length keep iBOT's thousands of rows (375 per chunk at M = 6000 with 16 chunks) from
+// leaving a tail of long partial sums; their partial sums stay within kMaxColsum elements.
+// Few rows: the merge kernel's blocks sum the rows.
 constexpr int64_t kColChunks = 16;
+constexpr int64_t kChunkRows = 32;
 int64_t column_chunks(const DinoArgs& a) {
-  return fused_colsum(a) || a.T * a.B < 4 * kColChunks ? 1 : kColChunks;
+  const int64_t rows = a.T * a.B;
+  if (fused_colsum(a) || rows < 4 * kColChunks) return 1;
+  const int64_t room = std::max<int64_t>(kColChunks, kMaxColsum / a.K);
+  return std::clamp<int64_t>(ceil_div(rows, kChunkRows), kColChunks, room);
 }
 
 template <typename T> __device__ __forceinline__ acc_t<T> neg_inf() { return -INFINITY; }
@@ -187,18 +195,19 @@ dino_forward_kernel(const T* __restrict__ student, const T* __restrict__ teacher
                     acc_t<T>* __restrict__ tm, acc_t<T>* __restrict__ tz,
                     acc_t<T>* __restrict__ sm, acc_t<T>* __restrict__ sz,
                     acc_t<T>* __restrict__ dots, acc_t<T>* __restrict__ colsum,
-                    int64_t groups, int64_t col_chunk, acc_t<T>* __restrict__ partial,
+                    int64_t chunks, int64_t col_chunk, acc_t<T>* __restrict__ partial,
                     unsigned* __restrict__ merged) {
   using A = acc_t<T>;
   if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *merged = 0u;  // dino_merge_kernel's count
-  if (blockIdx.x >= groups) {
-    // Blocks past the images (chunked teacher mean only): partial[c, k] = sum of the teacher's
-    // rows [c * col_chunk, (c + 1) * col_chunk) in order, c = blockIdx.x - groups, for this
-    // block's kBlockSpan prototypes; the merge kernel sums the chunks in order.
-    column_partial(teacher, Tc * B, col_chunk, K, int64_t(blockIdx.x) - groups, partial);
+  if (blockIdx.x < chunks) {
+    // The first blocks of each block row (chunked teacher mean only; first, so that they start
+    // early rather than trail the grid): partial[c, k] = sum of the teacher's rows
+    // [c * col_chunk, (c + 1) * col_chunk) in order, c = blockIdx.x, for this block's
+    // kBlockSpan prototypes; the merge kernel sums the chunks in order.
+    column_partial(teacher, Tc * B, col_chunk, K, int64_t(blockIdx.x), partial);
     return;  // the whole block: no barrier follows
   }
-  const int64_t group = blockIdx.x;  // images on x (up to 2^31 - 1 blocks)
+  const int64_t group = int64_t(blockIdx.x) - chunks;  // images on x (up to 2^31 - 1 blocks)
   const int64_t kc = int64_t(blockIdx.y) * (kForwardThreads / 32) + (threadIdx.x >> 5);
   if (kc >= nk) return;  // a whole warp: no block-wide synchronisation follows
   // The lane's prototypes: k0 + lane_offset<kVec>(j). Offsets from one base, not an index per
@@ -328,7 +337,7 @@ dino_merge_kernel(const acc_t<T>* __restrict__ tm, const acc_t<T>* __restrict__ 
     mean[k] = A(double(c) * inv_rows);
     return;
   }
-  // Tc <= 8 (dino_forward); blockDim.x <= kMergeThreads, a multiple of 32, at least 64
+  // Tc <= 8 (dino_forward); blockDim.x <= kMergeThreads, a multiple of 32 (warp 0 is whole)
   __shared__ double t_shift[8], t_z[8], part[kMergeThreads / 32];
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -379,9 +388,10 @@ dino_merge_kernel(const acc_t<T>* __restrict__ tm, const acc_t<T>* __restrict__ 
     loss_b[b] = total * (weights ? double(weights[b]) : 1.0 / double(B));
     __threadfence();  // loss_b[b] reaches every block before the count says it is there
     last = atomicAdd(merged, 1u) == static_cast<unsigned>(B - 1);
+    if (last) __threadfence();  // ... and the other blocks' loss_b before this warp reads it
   }
+  __syncwarp();  // orders lane 0's fence before the other lanes' reads below
   if (!warp_max(last)) return;  // the whole warp 0 takes the same branch
-  __threadfence();
   double total = 0;
   for (int64_t i = lane; i < B; i += 32) total += __ldcg(loss_b + i);  // past L1: other blocks' writes
   total = warp_sum(total);
@@ -554,8 +564,9 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   A* partial = chunks > 1 ? dots + a.T * a.S * a.B * nk : nullptr;  // where colsum would be
   double* loss_b = reinterpret_cast<double*>(ws + dino_loss_b_offset(a));
   auto* merged = reinterpret_cast<unsigned*>(loss_b + a.B);
-  // x: the image groups, then (chunked teacher mean) one block row per chunk of teacher rows
-  const dim3 grid(static_cast<unsigned>(groups + (partial ? chunks : 0)),
+  // x: (chunked teacher mean) one block per chunk of teacher rows, then the image groups
+  const int64_t partial_blocks = partial ? chunks : 0;
+  const dim3 grid(static_cast<unsigned>(partial_blocks + groups),
                   static_cast<unsigned>(ceil_div(a.K, kBlockSpan)));
   const auto* s = static_cast<const T*>(student);
   const auto* t = static_cast<const T*>(teacher);
@@ -567,8 +578,8 @@ cudaError_t forward_typed(const void* student, const void* teacher, const void* 
   const bool vec = a.K % 4 == 0 && aligned16(s) && aligned16(t) && aligned16(c);
   dispatch_kernel<T>(a.T, vec, [&](auto max_t, auto v) {
     dino_forward_kernel<T, decltype(max_t)::value, decltype(v)::value><<<grid, kForwardThreads, 0, stream>>>(
-        s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum, groups,
-        ceil_div(rows, chunks), partial, merged);
+        s, t, c, a.B, S, Tc, a.K, nk, group_size, its, itt, tm, tz, sm, sz, dots, colsum,
+        partial_blocks, ceil_div(rows, chunks), partial, merged);
   });
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;

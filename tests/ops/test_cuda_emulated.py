@@ -172,13 +172,13 @@ def test_dino_loss_teacher_mean_paths_ibot_rows(emu, M, K):
 
 
 @pytest.mark.parametrize("B, S, T, K", [(5, 12, 2, 300), (70, 1, 1, 3), (200, 1, 1, 1000),
-                                        (600, 1, 1, 8192)])
+                                        (600, 1, 1, 1000), (600, 1, 1, 8192)])
 def test_dino_loss_with_nan_filled_workspace(emu, B, S, T, K):
     """In torch's deterministic mode every torch.empty is filled with NaN: the forward's
     workspace, whose count of finished merge blocks the forward kernel must zero, and every
     output, so a value no kernel writes shows. The teacher mean's three paths: the rows
-    themselves (B=5), 16 chunks of rows (B=70, the last two chunks empty; B=200), per-group
-    column sums (B=600)."""
+    themselves (B=5), chunks of rows (B=70: 16 chunks, the last two empty; B=200: 16 of 13
+    rows; B=600, K=1000: 19 of at most 32 rows), per-group column sums (B=600, K=8192)."""
     g = torch.Generator().manual_seed(B + K)
     s = torch.randn(S * B, K, generator=g) * 2
     t = torch.randn(T * B, K, generator=g) * 2
