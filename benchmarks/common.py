@@ -42,15 +42,16 @@ def peak_memory(fn, device) -> int | None:
     warm-up call (one-time allocations such as library workspaces and pools are not the op's
     peak).
 
-    CUDA: the caching allocator's peak. CPU: the process's peak resident set (``VmHWM``, reset
-    through ``/proc/self/clear_refs``) above its resident set at the start, after
-    ``malloc_trim`` has handed malloc's free memory back to the system (else the call could
-    reuse it without the resident set growing). Unlike torch's allocator statistics this counts
-    every allocation the call touches, the C++ kernels' own scratch (``std::vector``) included;
-    None where Linux's ``/proc`` interface is missing."""
+    CUDA: the caching allocator's peak. CPU: the peak of the bytes torch's CPU allocator holds,
+    from the allocation and free events torch's profiler records (``profile_memory``) during
+    the call, in order; None without a usable profile. Memory the C++ kernels take outside
+    torch (``std::vector`` scratch, pyssl's scratch pools) is not seen. (The process's resident
+    set would see it but proved too noisy: malloc reuses freed heap blocks in an order that
+    made the same call measure 0.2 MB once and 12 MB, the size of the gradient it replaces,
+    the next times.)"""
     kind = torch.device(device).type
     if kind == "cpu":
-        return _cpu_peak_rss(fn)
+        return _cpu_peak_profiled(fn)
     if kind != "cuda":
         return None
     fn()
@@ -62,36 +63,33 @@ def peak_memory(fn, device) -> int | None:
     return torch.cuda.max_memory_allocated() - start
 
 
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
-    raise KeyError(key)
+def _cpu_peak_profiled(fn) -> int | None:
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-
-def _cpu_peak_rss(fn) -> int | None:
-    import ctypes
-    import ctypes.util
-    import gc
-
+    fn()  # warm-up outside the profile
+    # The warm-up call again inside it, so that the blocks the measured call frees (the last
+    # step's gradient, say) were allocated while profiling: the profiler reports no free of a
+    # block it did not see allocated.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+        with record_function("pyssl::peak_window"):
+            fn()
     try:
-        _proc_status_bytes("VmHWM")
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, KeyError, AttributeError):
+        events = list(prof.profiler.kineto_results.events())
+    except AttributeError:  # a torch without kineto results
         return None
-    fn()
-    gc.collect()
-    trim(0)
-    start = _proc_status_bytes("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-    except OSError:
+    window = [e for e in events if e.name() == "pyssl::peak_window"]
+    memory = [e for e in events
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    if len(window) != 1:  # no usable profile
         return None
-    fn()
-    return max(0, _proc_status_bytes("VmHWM") - start)
+    t0, t1 = window[0].start_ns(), window[0].start_ns() + window[0].duration_ns()
+    held = peak = 0
+    for e in sorted(memory, key=lambda e: e.start_ns()):
+        if t0 <= e.start_ns() <= t1:
+            held += e.nbytes()  # negative for a free
+            peak = max(peak, held)
+    return peak
 
 
 def run(benchmark, fn, device, *, group: str, impl: str, rounds: int | None = None, **extra):

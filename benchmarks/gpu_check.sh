@@ -173,6 +173,8 @@ for i in "${!parts[@]}"; do
 done
 if [ ${#done_fams[@]} -gt 0 ]; then
   $PY -m benchmarks.report "${done_fams[@]}" --merged "$OUT/bench.json" --plot "$OUT/ratios.png" >"$WORK/table.md" 2>>"$OUT/bench.txt"
+  # the open issues' goals, read off the same figures (benchmarks/goals.py)
+  { echo; echo "## Goals"; echo; $PY -m benchmarks.goals "$OUT/bench.json"; } >>"$WORK/table.md" 2>>"$OUT/bench.txt"
 fi
 
 # 5. Where the time goes: per-kernel CUDA times of the configurations whose goals are not met

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import report
+from . import goals, report
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     # A failing benchmark still leaves the others' figures: print them, then report the failure.
     data = report.load(out)
     print(report.format_table(data))
+    goal_table = goals.format_goals(data, measured_only=True)
+    if goal_table:
+        print("\nThe open issues' goals these figures cover (benchmarks/goals.py):\n")
+        print(goal_table)
     if args.plot:
         try:
             print(f"ratio chart: {report.plot(data, args.plot)}")

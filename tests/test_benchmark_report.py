@@ -202,3 +202,54 @@ def test_cuda_smoke_families_run_on_the_cpu(monkeypatch):
             fam(torch.device("cpu"))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def _results(groups):
+    """pytest-benchmark JSON with one group per entry: {group: {impl: seconds}}."""
+    return {"machine_info": {}, "datetime": "2026-11-28T00:00:00",
+            "benchmarks": [{"group": g, "name": f"t[{i}]", "stats": {"median": t},
+                            "extra_info": {"impl": i}}
+                           for g, times in groups.items() for i, t in times.items()]}
+
+
+def test_goals_take_the_worst_configuration_and_the_right_direction():
+    from benchmarks import goals
+
+    data = _results({
+        "dino_loss fwd+bwd B=32 crops=2+10 K=8192 fp32 [cuda]": {"pyssl": 1.0, "dino_pair_loop": 6.0},
+        "dino_loss fwd+bwd B=32 crops=2+10 K=65536 fp32 [cuda]": {"pyssl": 2.0, "dino_pair_loop": 9.0},
+        "dino_loss fwd B=32 crops=2+10 K=65536 fp32 [cuda]": {"pyssl": 1.0, "dino_pair_loop": 1.5},
+        "flow warp fwd+bwd B=2 C=3 256x512 fp32 [cuda]":
+            {"pyssl": 1.0, "grid_sample": 2.5, "pyssl_deterministic": 1.4},
+        "flow warp fwd+bwd B=8 C=64 256x512 fp32 [cuda]":
+            {"pyssl": 2.0, "grid_sample": 5.0, "pyssl_deterministic": 3.2},
+        # channels-last maps are beyond the issue's grid: not part of the warp goal
+        "flow warp fwd+bwd channels-last B=2 C=3 256x512 fp32 [cuda]": {"pyssl": 1.0, "grid_sample": 1.1},
+    })
+    by = {(e["goal"].what, e["goal"].device): e for e in goals.evaluate(data)}
+    dino = by[("DINO loss fwd+bwd vs DINO's pair loop", "cuda")]
+    assert dino["count"] == 2 and dino["worst"] == pytest.approx(4.5) and dino["met"] is False
+    assert dino["where"] == "dino_loss fwd+bwd B=32 crops=2+10 K=65536 fp32 [cuda]"
+    warp = by[("flow warp fwd+bwd vs grid_sample + check", "cuda")]
+    assert warp["count"] == 2 and warp["worst"] == pytest.approx(2.5) and warp["met"] is True
+    det = by[("deterministic / fast mode, flow warp fwd+bwd", "cuda")]  # an upper bound: the max
+    assert det["worst"] == pytest.approx(1.6) and det["met"] is False
+    assert det["where"] == "flow warp fwd+bwd B=8 C=64 256x512 fp32 [cuda]"
+    assert by[("flow warp fwd vs grid_sample + check", "cuda")]["met"] is None  # not measured
+    table = goals.format_goals(data)
+    assert "| 3 | DINO loss fwd+bwd vs DINO's pair loop | cuda | >= 5x | 4.50x |" in table
+    assert "**NOT MET**" in table and "| not measured |" in table
+    assert "| cpu |" not in table  # only the devices the result ran on
+
+
+def test_goals_measured_only_and_the_benchmark_runner(tmp_path):
+    from benchmarks import goals
+
+    masking_only = _results({"random_masking fwd N=64 L=196 D=768 fp32 [cpu]": {"pyssl": 1.0, "mae": 2.0}})
+    assert goals.format_goals(masking_only, measured_only=True) == ""
+    flow = _results({"flow warp fwd B=2 C=3 256x512 fp32 [cpu]": {"pyssl": 1.0, "grid_sample": 1.9}})
+    table = goals.format_goals(flow, measured_only=True)
+    assert table.count("\n") == 2 and "1.90x" in table and "**NOT MET**" in table
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(flow))
+    assert goals.main([str(path)]) == 0

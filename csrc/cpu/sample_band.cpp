@@ -33,8 +33,8 @@ constexpr int64_t kRingBytes = int64_t{2} << 20;  // per ring
 struct BandScratch {
   int64_t W = 0;
   int K = 0;                       // rows in each ring
-  std::unique_ptr<float[]> fring;  // [K][W][16] feature rows
-  std::unique_ptr<float[]> gring;  // [K][W][16] gradient accumulator rows
+  float* fring = nullptr;  // [K][W][16] feature rows (the caller's memory)
+  float* gring = nullptr;  // [K][W][16] gradient accumulator rows (the caller's memory)
   int64_t ftag[64], gtag[64];      // source row held by each slot, -1: none
   alignas(32) float zero[kS];      // read by taps outside the image (weight 0)
   alignas(32) float tile[kTile][kS];
@@ -46,14 +46,22 @@ struct BandScratch {
   float pweight[4 * kTile], pdx[4 * kTile], pdy[4 * kTile];
 };
 
-BandScratch* band_scratch_new(int64_t W) {
+namespace {
+int ring_rows(int64_t W) {
+  const int64_t per_row = W * kS * static_cast<int64_t>(sizeof(float));
+  return static_cast<int>(std::clamp<int64_t>(kRingBytes / std::max<int64_t>(per_row, 1), 4, 64));
+}
+}  // namespace
+
+int64_t band_ring_floats(int64_t W) { return 2 * int64_t{ring_rows(W)} * W * kS; }
+
+BandScratch* band_scratch_new(int64_t W, float* rings) {
   auto* s = new BandScratch;
   s->W = W;
-  const int64_t per_row = W * kS * static_cast<int64_t>(sizeof(float));
-  s->K = static_cast<int>(std::clamp<int64_t>(kRingBytes / std::max<int64_t>(per_row, 1), 4, 64));
+  s->K = ring_rows(W);
   // uninitialised: only the slots a band uses are touched (and written before being read)
-  s->fring.reset(new float[s->K * W * kS]);
-  s->gring.reset(new float[s->K * W * kS]);
+  s->fring = rings;
+  s->gring = rings + int64_t{s->K} * W * kS;
   std::fill(s->zero, s->zero + kS, 0.0f);
   return s;
 }
@@ -388,7 +396,7 @@ PYSSL_AVX2 void band_sample_tile(const BandScratch* s, int n, int64_t W, float (
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int k = 0; k < 4; ++k) {
       const int32_t r = s->row[i][k];
-      const float* p = r < 0 ? s->zero : s->fring.get() + ((r % K) * W + s->col[i][k]) * kS;
+      const float* p = r < 0 ? s->zero : s->fring + ((r % K) * W + s->col[i][k]) * kS;
       const __m256 wv = _mm256_set1_ps(s->w[i][k]);
       a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(p)));
       a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(p + 8)));
@@ -405,7 +413,7 @@ PYSSL_AVX2 void ring_load(BandScratch* s, const F* f, int64_t chs, int64_t pxs, 
   for (int64_t r = rmin; r <= rmax; ++r) {
     const int slot = static_cast<int>(r % s->K);
     if (s->ftag[slot] != r) {
-      float* row = s->fring.get() + slot * W * kS;
+      float* row = s->fring + slot * W * kS;
       slice_to_tile(f + r * W * pxs, chs, pxs, W, reinterpret_cast<float (*)[kS]>(row));
       s->ftag[slot] = r;
     }
@@ -415,7 +423,7 @@ PYSSL_AVX2 void ring_load(BandScratch* s, const F* f, int64_t chs, int64_t pxs, 
 // gf (the layout chs, pxs) first
 PYSSL_AVX2 void ring_claim(BandScratch* s, float* gf, int64_t chs, int64_t pxs, int64_t W,
                            int64_t rmin, int64_t rmax) {
-  float* gring = s->gring.get();
+  float* gring = s->gring;
   for (int64_t r = rmin; r <= rmax; ++r) {
     const int slot = static_cast<int>(r % s->K);
     if (s->gtag[slot] != r) {
@@ -428,7 +436,7 @@ PYSSL_AVX2 void ring_claim(BandScratch* s, float* gf, int64_t chs, int64_t pxs, 
 // Every row left in the gradient ring added into gf
 PYSSL_AVX2 void ring_flush(BandScratch* s, float* gf, int64_t chs, int64_t pxs, int64_t W) {
   for (int slot = 0; slot < s->K; ++slot)
-    if (s->gtag[slot] >= 0) flush_slice_row(s->gring.get() + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
+    if (s->gtag[slot] >= 0) flush_slice_row(s->gring + slot * W * kS, chs, pxs, W, s->gtag[slot], gf);
 }
 
 // Taps of points [p0, p0 + n) as taps_loop computes them; row -1 for corners outside the image.
@@ -538,8 +546,8 @@ PYSSL_AVX2 void backward_impl(const F* f, int64_t chs, int64_t pxs, const G* g, 
   const int K = s->K;
   const bool need_f = gf != nullptr, need_c = gx != nullptr;
   ring_reset(s);
-  float* fring = s->fring.get();
-  float* gring = s->gring.get();
+  float* fring = s->fring;
+  float* gring = s->gring;
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
     const BandBlock b = band_block(s, coords, p0, P, H, W, need_c);
     const int n = b.n;
@@ -647,7 +655,7 @@ PYSSL_AVX2 void loss_backward_impl(const F* f, int64_t H, int64_t W, int64_t chs
                                    BandScratch* s) {
   const int K = s->K;
   ring_reset(s);
-  float* gring = s->gring.get();
+  float* gring = s->gring;
   for (int64_t p0 = 0; p0 < P; p0 += kTile) {
     const BandBlock b = band_block(s, coords, p0, P, H, W, false);
     const int n = b.n;

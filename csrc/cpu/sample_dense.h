@@ -135,7 +135,10 @@ void copy_slice(const float* src, int64_t schs, int64_t spxs, int64_t n, float* 
 void copy_slice(const uint16_t* src, int64_t schs, int64_t spxs, int64_t n, uint16_t* dst,
                 int64_t dchs, int64_t dpxs);
 struct BandScratch;
-BandScratch* band_scratch_new(int64_t W);
+// The floats of a band scratch's row rings for rows of W pixels; band_scratch_new(W, rings)
+// uses `rings` (that many floats, uninitialised, owned by the caller and outliving it).
+int64_t band_ring_floats(int64_t W);
+BandScratch* band_scratch_new(int64_t W, float* rings);
 void band_scratch_free(BandScratch* s);
 // The features f of the 16 channels hold channel c of pixel i at c * chs + i * pxs: planes
 // (chs = H*W, pxs = 1) or channels-last (chs = 1, pxs = the map's channel count, f pointing at

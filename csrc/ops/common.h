@@ -5,11 +5,15 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <new>
 #include <string>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -18,6 +22,29 @@
 #include "kernels/common.h"
 
 namespace pyssl {
+
+// Scratch memory of the CPU kernels from torch's CPU allocator, not the C library directly: it
+// then shows in torch.profiler's memory events (profile_memory=True) like the op's tensors, and
+// in the benchmarks' peak memory (benchmarks/common.py). Same speed: torch's allocator is the
+// C library's aligned malloc plus a profiler check.
+template <typename T>
+struct TorchCpuAllocator {
+  using value_type = T;
+  TorchCpuAllocator() noexcept = default;
+  template <typename U>
+  TorchCpuAllocator(const TorchCpuAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    if (n > static_cast<std::size_t>(-1) / sizeof(T)) throw std::bad_array_new_length();
+    return static_cast<T*>(c10::GetCPUAllocator()->raw_allocate(n * sizeof(T)));
+  }
+  void deallocate(T* p, std::size_t) noexcept { c10::GetCPUAllocator()->raw_deallocate(p); }
+  template <typename U>
+  bool operator==(const TorchCpuAllocator<U>&) const noexcept { return true; }
+  template <typename U>
+  bool operator!=(const TorchCpuAllocator<U>&) const noexcept { return false; }
+};
+template <typename T>
+using scratch_vector = std::vector<T, TorchCpuAllocator<T>>;
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-D tensor ", layout,

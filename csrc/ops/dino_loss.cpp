@@ -45,11 +45,11 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
   const int64_t s_es = student.element_size(), t_es = teacher.element_size();
   const acc_t* c = center.const_data_ptr<acc_t>();
 
-  std::vector<acc_t> tm(T * B * nk), tz(T * B * nk), sm(S * B * nk), sz(S * B * nk);
-  std::vector<acc_t> dots(T * S * B * nk), colsum(nbb * K);
+  scratch_vector<acc_t> tm(T * B * nk), tz(T * B * nk), sm(S * B * nk), sz(S * B * nk);
+  scratch_vector<acc_t> dots(T * S * B * nk), colsum(nbb * K);
 
   at::parallel_for(0, nbb * nk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tbuf(T * kChunk), sdots(T);
+    scratch_vector<acc_t> tbuf(T * kChunk), sdots(T);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bb = task / nk, kc = task % nk;
       const int64_t k0 = kc * kChunk, n = std::min(kChunk, K - k0);
@@ -75,9 +75,9 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
   const acc_t* w = weights.defined() ? weights.const_data_ptr<acc_t>() : nullptr;
   acc_t* s_lse = student_lse.mutable_data_ptr<acc_t>();
   acc_t* t_lse = teacher_lse.mutable_data_ptr<acc_t>();
-  std::vector<double> loss_b(B);
+  scratch_vector<double> loss_b(B);
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
-    std::vector<double> qdot(T * S);
+    scratch_vector<double> qdot(T * S);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < T; ++i) {
         const int64_t row = i * B + b;
@@ -85,7 +85,7 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
         for (int64_t kc = 0; kc < nk; ++kc) M = nan_max(M, double(tm[row * nk + kc]));
         const double shift = M == -INFINITY ? 0.0 : M;
         double Z = 0;
-        std::vector<double> num(S, 0.0);
+        scratch_vector<double> num(S, 0.0);
         for (int64_t kc = 0; kc < nk; ++kc) {
           const double f = std::exp(double(tm[row * nk + kc]) - shift);
           Z += double(tz[row * nk + kc]) * f;
@@ -167,7 +167,7 @@ void backward_impl(double grad, const Tensor& student, const Tensor& teacher, co
   const acc_t* s_lse = student_lse.const_data_ptr<acc_t>();
   const acc_t* t_lse = teacher_lse.const_data_ptr<acc_t>();
   at::parallel_for(0, B * nk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(T * kChunk), Q_all(kChunk), Q_skip(kChunk);
+    scratch_vector<acc_t> q(T * kChunk), Q_all(kChunk), Q_skip(kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nk, kc = task % nk;
       const int64_t k0 = kc * kChunk, n = std::min(kChunk, K - k0);
@@ -244,9 +244,9 @@ void offset_lse_impl(const Tensor& x, const Tensor& row_off, const Tensor& col_o
   acc_t* o = out.mutable_data_ptr<acc_t>();
   const int64_t nk = (K + kChunk - 1) / kChunk;
   if (dim == 1) {
-    std::vector<acc_t> m(R * nk), z(R * nk);
+    scratch_vector<acc_t> m(R * nk), z(R * nk);
     at::parallel_for(0, R * nk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(kChunk);
+      scratch_vector<acc_t> buf(kChunk);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / nk, kc = task % nk;
         const int64_t k0 = kc * kChunk, n = std::min(kChunk, K - k0);
@@ -267,7 +267,7 @@ void offset_lse_impl(const Tensor& x, const Tensor& row_off, const Tensor& col_o
     });
   } else {
     at::parallel_for(0, nk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(kChunk), m(kChunk), z(kChunk);
+      scratch_vector<acc_t> buf(kChunk), m(kChunk), z(kChunk);
       for (int64_t kc = begin; kc < end; ++kc) {
         const int64_t k0 = kc * kChunk, n = std::min(kChunk, K - k0);
         std::fill(m.begin(), m.begin() + n, acc_t(-INFINITY));

@@ -46,8 +46,8 @@ std::tuple<Tensor, Tensor> flow_correspondence_cpu(const Tensor& flow_fw,
       });
     }
     at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> index(4 * W);
-      std::vector<float> weight(4 * W);
+      scratch_vector<int32_t> index(4 * W);
+      scratch_vector<float> weight(4 * W);
       const cpu::DenseTaps taps{index.data(), weight.data(), nullptr, nullptr};
       for (int64_t bi = begin; bi < end; ++bi) {
         const int64_t n = bi / H, i = bi % H;

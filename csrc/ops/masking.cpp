@@ -58,7 +58,7 @@ void masking_ranks_cpu(const Tensor& noise, int64_t K, Tensor& ids_keep, Tensor&
   int64_t* restore = ids_restore.mutable_data_ptr<int64_t>();
   bool* m = mask.mutable_data_ptr<bool>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<key_t, int64_t>> order(L);
+    scratch_vector<std::pair<key_t, int64_t>> order(L);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* row = nz + n * L;
       for (int64_t l = 0; l < L; ++l)
@@ -97,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_masking_cpu(const Tensor& x,
 void check_permutation_cpu(const Tensor& ids, const char* name) {
   const int64_t N = ids.size(0), L = ids.size(1);
   const int64_t* p = ids.const_data_ptr<int64_t>();
-  std::vector<uint8_t> seen(L);
+  scratch_vector<uint8_t> seen(L);
   for (int64_t n = 0; n < N; ++n) {
     std::fill(seen.begin(), seen.end(), 0);
     for (int64_t l = 0; l < L; ++l) {
@@ -136,7 +136,7 @@ void masked_row_sum_cpu(const Tensor& grad, const Tensor& ids, int64_t K, Tensor
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const int64_t* ix = ids.const_data_ptr<int64_t>();
-  std::vector<acc_t> partial(static_cast<size_t>(chunks * D), acc_t(0));
+  scratch_vector<acc_t> partial(static_cast<size_t>(chunks * D), acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       acc_t* acc = partial.data() + c * D;
@@ -205,7 +205,7 @@ Tensor block_masking_cpu(const Tensor& seeds, int64_t height, int64_t width,
   bool* o = out.mutable_data_ptr<bool>();
   const int64_t HW = height * width;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> scratch(static_cast<size_t>(HW));
+    scratch_vector<int32_t> scratch(static_cast<size_t>(HW));
     for (int64_t n = begin; n < end; ++n)
       block_mask_sample(static_cast<uint64_t>(s[n]), params, o + n * HW, scratch.data());
   });

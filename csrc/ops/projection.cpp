@@ -32,7 +32,7 @@ void project_all(const Inputs& in, const ProjShape& s, double min_depth, double 
   const int64_t* batch = in.batch.defined() ? in.batch.const_data_ptr<int64_t>() : nullptr;
   const int64_t blocks = (s.P + kPointBlock - 1) / kPointBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> xyz(3 * kPointBlock);
+    scratch_vector<T> xyz(3 * kPointBlock);
     T *xs = xyz.data(), *ys = xs + kPointBlock, *zs = ys + kPointBlock;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * kPointBlock, p1 = std::min(s.P, p0 + kPointBlock);
@@ -92,11 +92,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> point_pixel_pairs_cpu(
   check_pair_choice(cameras, random, points, s.P);
   const Inputs in = prepare_projection(points, lidar_to_cam, intrinsics, image_size, batch, s);
   const Tensor rnd = cameras == kRandom ? random->to(at::kDouble).contiguous() : Tensor();
-  std::vector<int64_t> offsets(s.P + 1, 0);
+  scratch_vector<int64_t> offsets(s.P + 1, 0);
   Tensor point_index, camera_index, row, col;
   AT_DISPATCH_FLOATING_TYPES(in.points.scalar_type(), "point_pixel_pairs", [&] {
     // Project once into temporaries, then compact: count per point, scan, write.
-    std::vector<scalar_t> px(s.C * s.P * 2), dp(s.C * s.P);
+    scratch_vector<scalar_t> px(s.C * s.P * 2), dp(s.C * s.P);
     std::unique_ptr<bool[]> vd(new bool[std::max<int64_t>(1, s.C * s.P)]);
     project_all<scalar_t>(in, s, min_depth, margin, rounding, px.data(), dp.data(), vd.get());
     const bool* valid = vd.get();
@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor> segment_mean_cpu(const Tensor& values, const Tensor& 
   Tensor means = at::empty({S, D}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "segment_mean", [&] {
     using A = at::opmath_type<scalar_t>;
-    std::vector<A> sums(static_cast<size_t>(S * D), A(0));
+    scratch_vector<A> sums(static_cast<size_t>(S * D), A(0));
     const scalar_t* x = v.const_data_ptr<scalar_t>();
     // Every (segment, column) sums its rows in row order whatever the slicing, so the result does
     // not depend on it: use as few column slices as there are threads (each slice reads every

@@ -131,26 +131,26 @@ inline void prefetch_write(const void* p) {
 template <typename A>
 struct PairTaps {
   int nt = 1;                // taps per pair: 1 (nearest) or 4 (bilinear)
-  std::vector<int64_t> ptr;  // [M * nt] element offsets (-1: outside the image)
-  std::vector<A> w;          // [M * 4] tap weights (bilinear only)
-  std::vector<int64_t> order;  // [M] visiting order: by image and pixel of the first tap, stable
-  std::vector<int64_t> key;    // [M] image * H * W + pixel of the first tap (-1: none)
+  scratch_vector<int64_t> ptr;  // [M * nt] element offsets (-1: outside the image)
+  scratch_vector<A> w;          // [M * 4] tap weights (bilinear only)
+  scratch_vector<int64_t> order;  // [M] visiting order: by image and pixel of the first tap, stable
+  scratch_vector<int64_t> key;    // [M] image * H * W + pixel of the first tap (-1: none)
 };
 
 // Stable sort of the pairs by key (the image-and-pixel index of their first tap; pairs outside
 // every image, key -1, go last): a counting sort when the key range is small, else a sort of
 // (key, pair) tuples.
-std::vector<int64_t> pixel_order(const std::vector<int64_t>& key, int64_t range) {
+scratch_vector<int64_t> pixel_order(const scratch_vector<int64_t>& key, int64_t range) {
   const int64_t M = static_cast<int64_t>(key.size());
-  std::vector<int64_t> order(M);
+  scratch_vector<int64_t> order(M);
   if (range <= 4 * M + (int64_t{1} << 16)) {
-    std::vector<int64_t> start(range + 2, 0);
+    scratch_vector<int64_t> start(range + 2, 0);
     for (int64_t m = 0; m < M; ++m) ++start[(key[m] < 0 ? range : key[m]) + 1];
     for (int64_t k = 0; k <= range; ++k) start[k + 1] += start[k];
     for (int64_t m = 0; m < M; ++m) order[start[key[m] < 0 ? range : key[m]]++] = m;
     return order;
   }
-  std::vector<std::pair<int64_t, int64_t>> kv(M);
+  scratch_vector<std::pair<int64_t, int64_t>> kv(M);
   for (int64_t m = 0; m < M; ++m) kv[m] = {key[m] < 0 ? range : key[m], m};
   std::sort(kv.begin(), kv.end());
   for (int64_t m = 0; m < M; ++m) order[m] = kv[m].second;
@@ -165,7 +165,7 @@ PairTaps<A> pair_taps(const A* xy, const int64_t* idx, const SampleShape& s, int
   t.ptr.resize(s.M * t.nt);
   if (t.nt == 4) t.w.resize(s.M * 4);
   const int64_t sN = strides[0], sH = strides[2], sW = strides[3];
-  std::vector<int64_t>& key = t.key;
+  scratch_vector<int64_t>& key = t.key;
   key.resize(s.M);
   at::parallel_for(0, s.M, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -253,7 +253,7 @@ void scatter_pairs(const PairTaps<A>& t, int64_t M, int64_t D, Tensor& gacc, Row
   if (gD == 1) chunk = std::max(kChunk, ceil_div(ceil_div(D, at::get_num_threads()), kChunk) * kChunk);
   const int64_t chunks = ceil_div(D, chunk);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> row(chunk);
+    scratch_vector<A> row(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t d0 = task * chunk, d1 = std::min(D, d0 + chunk), nd = d1 - d0;
       for (int64_t q = 0; q < M; ++q) {
@@ -308,7 +308,7 @@ void scatter_planar(const PairTaps<A>& t, const SampleShape& s, A* acc, BlockFn 
   // (at least 8 channels a task: each task sets up every block's taps and coefficients)
   const int64_t ranges = halo == 0 ? 1 : std::max<int64_t>(1, std::min(threads, (D + 7) / 8));
   // Runs: about equal numbers of pairs, each cut moved forward to the next new pixel.
-  std::vector<int64_t> cut(runs + 1, valid), lo_key(runs + 1, NHW);
+  scratch_vector<int64_t> cut(runs + 1, valid), lo_key(runs + 1, NHW);
   cut[0] = 0;
   lo_key[0] = 0;
   for (int64_t i = 1; i < runs; ++i) {
@@ -607,7 +607,7 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
   const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
   const PairTaps<A> t = pair_taps<A>(in.p.xy.const_data_ptr<A>(), idx, s, mode, in.p.features.strides());
   A* out = stats.mutable_data_ptr<A>();
-  std::vector<double> per(s.M);
+  scratch_vector<double> per(s.M);
   auto finish = [&](int64_t m, A ff, A gg, A fg) {
     out[3 * m] = std::sqrt(ff);
     out[3 * m + 1] = std::sqrt(gg);
@@ -635,7 +635,7 @@ void distill_forward_impl(const DistillInputs& in, const SampleShape& s, int64_t
       return;
     }
     per_thread_ranges(s.M, [&](int64_t begin, int64_t end) {  // planar: chunk by chunk
-      std::vector<A> sums(3 * (end - begin), A(0));
+      scratch_vector<A> sums(3 * (end - begin), A(0));
       for (int64_t d0 = 0; d0 < s.D; d0 += kChunk) {
         const int64_t d1 = std::min(s.D, d0 + kChunk);
         for (int64_t q = begin; q < end; ++q) {
@@ -710,7 +710,7 @@ std::tuple<Tensor, Tensor> distill_loss_cpu(const Tensor& point_features, const 
 // two-pass path below.
 template <int NT, typename F, typename A>
 void distill_backward_planar(const F* f, int64_t sD, const A* g, const RowLayout& pl, const PairTaps<A>& t,
-                             const PairTaps<A>& ta, const std::vector<DistillCoef<A>>& coef,
+                             const PairTaps<A>& ta, const scratch_vector<DistillCoef<A>>& coef,
                              const SampleShape& s, A* o, const RowLayout& gl, A* acc) {
   const int64_t HW = s.H * s.W;
   if (o) {  // pairs outside every image (sorted last): their sampled features are 0
@@ -773,7 +773,7 @@ void distill_backward_impl(double grad, const DistillInputs& in, const SampleSha
   const int64_t* idx = in.p.index.defined() ? in.p.index.const_data_ptr<int64_t>() : nullptr;
   double wsum = 0;
   for (int64_t m = 0; m < s.M; ++m) wsum += w ? double(w[m]) : 1.0;
-  std::vector<DistillCoef<A>> coef(s.M);
+  scratch_vector<DistillCoef<A>> coef(s.M);
   for (int64_t m = 0; m < s.M; ++m) {
     const A scale = wsum != 0 ? static_cast<A>(grad * (w ? double(w[m]) : 1.0) / wsum) : A(0);
     DistillCoef<A> c = distill_coef<A>(sts[3 * m], sts[3 * m + 1], sts[3 * m + 2], loss);
@@ -916,7 +916,22 @@ struct DenseSplit {
 struct ScratchDeleter {
   void operator()(cpu::BandScratch* s) const { cpu::band_scratch_free(s); }
 };
-using Scratch = std::unique_ptr<cpu::BandScratch, ScratchDeleter>;
+// A parallel task's band scratch, made on first use: its row rings (4 MB at most) are a torch
+// tensor, uninitialised, so that profiles and peak memory see them.
+class Scratch {
+ public:
+  cpu::BandScratch* get(int64_t W) {
+    if (!s_) {
+      rings_ = at::empty({cpu::band_ring_floats(W)}, at::kFloat);
+      s_.reset(cpu::band_scratch_new(W, rings_.mutable_data_ptr<float>()));
+    }
+    return s_.get();
+  }
+
+ private:
+  at::Tensor rings_;  // outlives s_, which points into it
+  std::unique_ptr<cpu::BandScratch, ScratchDeleter> s_;
+};
 
 // 3 or 4 channels of a whole image (no band slices) take the pixel-interleaved ("quad")
 // kernels: a corner is one 4-lane read or update for all channels instead of one gather or
@@ -1063,9 +1078,8 @@ void dense_forward(const F* fp, int64_t chs, int64_t pxs, const float* cp, F* op
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split.tasks, q = task % split.tasks, c0 = q * S;
       if (q < split.slices) {
-        if (!scratch) scratch.reset(cpu::band_scratch_new(W));
         cpu::band_gather(fp + b * C * HW + c0 * chs, H, W, chs, pxs, cp + b * P * 2, P,
-                         op + (b * C + c0) * P, P, scratch.get());
+                         op + (b * C + c0) * P, P, scratch.get(W));
       } else {  // the remaining channels, planar
         for (int64_t blk = 0; blk < blocks; ++blk) planar_block(b, blk * kDenseBlock, c0, split.rest);
       }
@@ -1116,9 +1130,8 @@ void dense_backward(const F* fp, int64_t chs, int64_t pxs, const float* cp, cons
       float* gy = pp ? gx + P : nullptr;
       float* gf = gfp ? gfp + b * C * HW + c0 * chs : nullptr;
       if (q < split.slices) {
-        if (!scratch) scratch.reset(cpu::band_scratch_new(W));
         cpu::band_backward(fp + b * C * HW + c0 * chs, chs, pxs, gp + b * gsb + c0 * gsc, gsc, H, W, cp + b * P * 2, P,
-                           gf, gx, gy, scratch.get());
+                           gf, gx, gy, scratch.get(W));
         continue;
       }
       for (int64_t p0 = 0; p0 < P; p0 += kDenseBlock) {  // the remaining channels, planar
@@ -1182,7 +1195,7 @@ void quad_backward_images(const F* fp, const float* cp, const G* gp, int64_t gsb
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     int32_t index[4 * kDenseBlock];
     float weight[4 * kDenseBlock], fx[kDenseBlock], fy[kDenseBlock];
-    std::vector<int64_t> below(gfp ? blocks + 1 : 0);  // no block >= blk reads a row < below[blk]
+    scratch_vector<int64_t> below(gfp ? blocks + 1 : 0);  // no block >= blk reads a row < below[blk]
     for (int64_t b = begin; b < end; ++b) {
       const float* cb = cp + b * P * 2;
       float* gx = gcp ? gcp + b * 2 * P : nullptr;
@@ -1378,9 +1391,8 @@ void dense_loss_tasks(const F* fp, const DenseLayout& L, const SampleShape& s, i
       const int64_t p0 = task % K * per, n = std::min(P, p0 + per) - p0;
       if (n <= 0) continue;
       const bool band = q < split.slices;
-      if (band && !scratch) scratch.reset(cpu::band_scratch_new(s.W));
       body(b, q, c0, band ? S : split.rest, fp + b * s.D * HW + c0 * L.chs, cp + b * P * 2,
-           op + b * s.D * P + c0 * OL.chs, band ? scratch.get() : nullptr, p0, n);
+           op + b * s.D * P + c0 * OL.chs, band ? scratch.get(s.W) : nullptr, p0, n);
     }
   });
 }
@@ -1439,7 +1451,7 @@ void dense_loss_forward(const DistillInputs& in, const SampleShape& s, int64_t l
   });
   const float* w = in.w.defined() ? in.w.const_data_ptr<float>() : nullptr;
   float* out = stats.mutable_data_ptr<float>();
-  std::vector<double> per(s.M);
+  scratch_vector<double> per(s.M);
   at::parallel_for(0, s.M, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t b = m / P, p = m % P;

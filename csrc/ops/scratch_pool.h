@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "ops/common.h"
+
 namespace pyssl {
 
 class ScratchPool {
@@ -21,7 +23,7 @@ class ScratchPool {
 
   class Lease {
    public:
-    Lease(ScratchPool* pool, std::vector<float> buffer, bool pooled)
+    Lease(ScratchPool* pool, scratch_vector<float> buffer, bool pooled)
         : pool_(pool), buffer_(std::move(buffer)), pooled_(pooled) {}
     Lease(Lease&& other) noexcept
         : pool_(other.pool_), buffer_(std::move(other.buffer_)), pooled_(other.pooled_) {
@@ -36,7 +38,7 @@ class ScratchPool {
 
    private:
     ScratchPool* pool_;
-    std::vector<float> buffer_;
+    scratch_vector<float> buffer_;
     bool pooled_;
   };
 
@@ -45,7 +47,7 @@ class ScratchPool {
     std::lock_guard<std::mutex> lock(mutex_);
     if (lent_) return 0;
     const int64_t bytes = static_cast<int64_t>(kept_.capacity() * sizeof(float));
-    std::vector<float>().swap(kept_);
+    scratch_vector<float>().swap(kept_);
     return bytes;
   }
 
@@ -63,18 +65,18 @@ class ScratchPool {
         return Lease(this, std::move(kept_), true);
       }
     }
-    return Lease(this, std::vector<float>(floats, 0.0f), false);
+    return Lease(this, scratch_vector<float>(floats, 0.0f), false);
   }
 
  private:
-  void give_back(std::vector<float> buffer) {
+  void give_back(scratch_vector<float> buffer) {
     std::lock_guard<std::mutex> lock(mutex_);
     kept_ = std::move(buffer);
     lent_ = false;
   }
 
   std::mutex mutex_;
-  std::vector<float> kept_;
+  scratch_vector<float> kept_;
   bool lent_ = false;
 };
 
