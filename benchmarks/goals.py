@@ -36,27 +36,25 @@ class Goal:
     at_most: bool = False  # the ratio time(impl) / time(pyssl) must be at most `minimum`
 
 
+def _goal(issue, what, group, impl, targets, at_most=False):
+    """One Goal per (device, target) of `targets`."""
+    return [Goal(issue, what, group, impl, t, d, at_most) for d, t in targets.items()]
+
+
+_DINO_STEP = r"dino_loss fwd\+bwd .*\[{device}\]"
+_WARP = r"flow warp {mode} B=.*\[{{device}}\]"  # NCHW only: not "channels-last"
 GOALS = [
-    Goal(3, "DINO loss fwd+bwd vs DINO's pair loop", r"dino_loss fwd\+bwd .*\[{device}\]",
-         "dino_pair_loop", 2.0, "cpu"),
-    Goal(3, "DINO loss fwd+bwd vs the stacked einsum", r"dino_loss fwd\+bwd .*\[{device}\]",
-         "stacked_einsum", 1.5, "cpu"),
-    Goal(3, "DINO loss fwd+bwd vs DINO's pair loop", r"dino_loss fwd\+bwd .*\[{device}\]",
-         "dino_pair_loop", 5.0, "cuda"),
-    Goal(5, "flow warp fwd vs grid_sample + check", r"flow warp fwd B=.*\[{device}\]",
-         "grid_sample", 2.0, "cpu"),
-    Goal(5, "flow warp fwd+bwd vs grid_sample + check", r"flow warp fwd\+bwd B=.*\[{device}\]",
-         "grid_sample", 2.0, "cpu"),
-    Goal(5, "flow warp fwd vs grid_sample + check", r"flow warp fwd B=.*\[{device}\]",
-         "grid_sample", 2.0, "cuda"),
-    Goal(5, "flow warp fwd+bwd vs grid_sample + check", r"flow warp fwd\+bwd B=.*\[{device}\]",
-         "grid_sample", 2.0, "cuda"),
-    Goal(5, "deterministic / fast mode, flow warp fwd+bwd", r"flow warp fwd\+bwd B=.*\[{device}\]",
-         "pyssl_deterministic", 1.5, "cuda", at_most=True),
-    Goal(5, "fused dense loss vs sampling then the loss", r"dense correspondence loss .*\[{device}\]",
-         "pyssl_sample_then_loss", 1.0, "cpu"),
-    Goal(5, "fused dense loss vs sampling then the loss", r"dense correspondence loss .*\[{device}\]",
-         "pyssl_sample_then_loss", 1.0, "cuda"),
+    *_goal(3, "DINO loss fwd+bwd vs DINO's pair loop", _DINO_STEP, "dino_pair_loop",
+           {"cpu": 2.0, "cuda": 5.0}),
+    *_goal(3, "DINO loss fwd+bwd vs the stacked einsum", _DINO_STEP, "stacked_einsum", {"cpu": 1.5}),
+    *_goal(5, "flow warp fwd vs grid_sample + check", _WARP.format(mode="fwd"), "grid_sample",
+           {"cpu": 2.0, "cuda": 2.0}),
+    *_goal(5, "flow warp fwd+bwd vs grid_sample + check", _WARP.format(mode=r"fwd\+bwd"),
+           "grid_sample", {"cpu": 2.0, "cuda": 2.0}),
+    *_goal(5, "deterministic / fast mode, flow warp fwd+bwd", _WARP.format(mode=r"fwd\+bwd"),
+           "pyssl_deterministic", {"cuda": 1.5}, at_most=True),
+    *_goal(5, "fused dense loss vs sampling then the loss", r"dense correspondence loss .*\[{device}\]",
+           "pyssl_sample_then_loss", {"cpu": 1.0, "cuda": 1.0}),
 ]
 
 
