@@ -67,6 +67,21 @@ def _dino_case(B, K, impl, device="cuda"):
     return step
 
 
+def _ibot_case(M, K, impl, device="cuda"):
+    """iBOT's masked-patch loss on M patches (one crop each, weights): the DINO kernels with
+    thousands of single-crop rows, whose teacher mean is summed in chunks of rows."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(M, K, generator=g).to(device).requires_grad_(True)
+    t = torch.randn(M, K, generator=g).to(device)
+    c = torch.zeros(K, device=device)
+    w = torch.full((M,), 1.0 / M, device=device)
+
+    def step():
+        s.grad = None
+        ops.ibot_patch_loss(s, t, c, w)[0].backward()
+    return step
+
+
 def _dense_loss_case(B, C, impl, device="cuda"):
     fw, bw, target = flow_inputs(B, C, torch.float32, device)
     online = torch.randn_like(target).requires_grad_(True)
@@ -91,6 +106,7 @@ CASES = [
     ("flow warp fwd+bwd B=2 C=256 256x512 fp32", _flow_case, (2, 256), ["pyssl", "grid_sample"]),
     ("dino_loss fwd+bwd B=32 crops=2+10 K=65536 fp32", _dino_case, (32, 65536), ["pyssl", "dino_pair_loop"]),
     ("dino_loss fwd+bwd B=32 crops=2+10 K=8192 fp32", _dino_case, (32, 8192), ["pyssl"]),
+    ("ibot_patch_loss fwd+bwd M=6000 K=8192 fp32", _ibot_case, (6000, 8192), ["pyssl"]),
     ("dense loss fwd+bwd B=2 C=256 256x512 fp32", _dense_loss_case, (2, 256), ["pyssl", "pyssl_sample_then_loss"]),
 ]
 
@@ -185,6 +201,8 @@ def main(argv=None) -> int:
                 lines = profile_case(make(*params, impl), args.iters, args.top, stats=stats)
                 if make is _dino_case and impl == "pyssl":
                     lines.append(floor_line(dino_floor_bytes(*params), bandwidth, stats))
+                if make is _ibot_case:  # one student and one teacher row per patch
+                    lines.append(floor_line(dino_floor_bytes(*params, S=1, T=1), bandwidth, stats))
             except Exception as exc:  # one failing case keeps the others' tables
                 lines = [f"  FAILED: {type(exc).__name__}: {exc}"]
             print("\n".join(lines), flush=True)

@@ -170,7 +170,7 @@ def test_gpu_profile_cases_run_and_tabulate_on_the_cpu():
     bench_flow.H, bench_flow.W = 16, 24
     try:
         for title, make, params, impls in gpu_profile.CASES:
-            small = (2, 8) if make is not gpu_profile._dino_case else (2, 300)
+            small = {gpu_profile._dino_case: (2, 300), gpu_profile._ibot_case: (70, 300)}.get(make, (2, 8))
             for impl in impls:
                 if impl == "pyssl_deterministic":
                     continue  # CUDA only
