@@ -87,14 +87,14 @@ def format_goals(data: dict, goals=GOALS, measured_only: bool = False) -> str:
     """The goals of the devices the result has (all of them if it names none) as a markdown
     table; with measured_only, only those some configuration covers ("" if none)."""
     present = devices(data)
-    goals = [g for g in goals if not present or g.device in present]
+    entries = evaluate(data, [g for g in goals if not present or g.device in present])
     if measured_only:
-        goals = [e["goal"] for e in evaluate(data, goals) if e["met"] is not None]
-        if not goals:
+        entries = [e for e in entries if e["met"] is not None]
+        if not entries:
             return ""
     lines = ["| issue | goal | device | target | worst measured | where | verdict |",
              "|---|---|---|---:|---:|---|---|"]
-    for e in evaluate(data, goals):
+    for e in entries:
         g = e["goal"]
         target = f"{'<=' if g.at_most else '>='} {g.minimum:g}x"
         if e["met"] is None:
