@@ -103,7 +103,7 @@ __global__ void scatter_kernel(const F* __restrict__ g, const int64_t* __restric
     const int64_t m = t / a.D, d = t % a.D;
     const int64_t n = image_of(idx, m, a.per_image);
     const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-    const A gv = to_acc(g[t]);
+    const A gv = to_acc(g[m * a.tM + d * a.tD]);
 #pragma unroll
     for (int c = 0; c < 4; ++c)
       if (tp.offset[c] >= 0) add(out, grad_pointer(n, d, tp.offset[c], a), tp.weight[c] * gv);
@@ -140,8 +140,9 @@ __global__ void scatter4_kernel(const F* __restrict__ g, const int64_t* __restri
     const int64_t m = t / D4, d = (t % D4) * 4;
     const int64_t n = image_of(idx, m, a.per_image);
     const Taps<float> tp = sample_taps<float>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-    const F* gm = g + m * a.D + d;
-    const float g0 = to_acc(gm[0]), g1 = to_acc(gm[1]), g2 = to_acc(gm[2]), g3 = to_acc(gm[3]);
+    const F* gm = g + m * a.tM + d * a.tD;
+    const float g0 = to_acc(gm[0]), g1 = to_acc(gm[a.tD]), g2 = to_acc(gm[2 * a.tD]),
+                g3 = to_acc(gm[3 * a.tD]);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       if (tp.offset[c] < 0) continue;
@@ -255,7 +256,7 @@ backward_xy_tiled_kernel(const F* __restrict__ g, const F* __restrict__ f,
     for (int64_t d0 = 0; d0 < a.D; d0 += kTileD) {
       for (int pp = threadIdx.y; pp < kTileP; pp += kTileRows) {
         const int64_t mm = m0 + pp, d = d0 + threadIdx.x;
-        gt[threadIdx.x][pp] = (mm < a.M && d < a.D) ? to_acc(g[mm * a.D + d]) : A(0);
+        gt[threadIdx.x][pp] = (mm < a.M && d < a.D) ? to_acc(g[mm * a.tM + d * a.tD]) : A(0);
       }
       __syncthreads();
       if (valid) {
@@ -321,7 +322,7 @@ __global__ void segment_sum_kernel(const F* __restrict__ g, const int64_t* __res
       const int64_t m = e >> 2;
       const int c = static_cast<int>(e & 3);
       const Taps<A> tp = sample_taps<A>(xy[2 * m], xy[2 * m + 1], a.H, a.W, a.mode);
-      acc += tp.weight[c] * to_acc(g[m * a.D + d]);
+      acc += tp.weight[c] * to_acc(g[m * a.tM + d * a.tD]);
     }
     const int64_t HW = a.H * a.W;
     gacc[grad_pointer(target / HW, d, target % HW, a)] = acc;
@@ -346,7 +347,7 @@ __global__ void backward_xy_kernel(const F* __restrict__ g, const F* __restrict_
     for (int64_t d = lane; d < a.D; d += 32) {
       A sx, sy;
       sample_grad_xy(f + n * a.sN + d * a.sD, tp, po, sx, sy);
-      const A gd = to_acc(g[m * a.D + d]);
+      const A gd = to_acc(g[m * a.tM + d * a.tD]);
       gx += gd * sx;
       gy += gd * sy;
     }

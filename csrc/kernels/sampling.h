@@ -15,6 +15,10 @@ struct SampleArgs {
   int64_t sN, sD, sH, sW;  // feature strides (elements)
   int64_t gN, gD, gH, gW;  // strides of the gradient accumulator (laid out like the features)
   int mode;                // 0 bilinear, 1 nearest
+  // strides of the output gradient grad [M, D] (elements) that the backward kernels read: any
+  // strides, e.g. (1, 0) for a gradient expanded over the channels (that of a loss on the
+  // channel sum), read in place instead of through a contiguous copy
+  int64_t tM, tD;
 };
 
 // out [M, D] (feature dtype).

@@ -22,7 +22,7 @@ Prepared prepare(const Tensor& features, const std::optional<Tensor>& image_inde
   Prepared p{prepare_sampling(features, image_index, xy, s), {}};
   const auto st = p.features.strides();
   p.args = {s.N, s.D, s.H, s.W, s.M, s.per_image, st[0], st[1], st[2], st[3], 0, 0, 0, 0,
-            static_cast<int>(mode)};
+            static_cast<int>(mode), s.D, 1};
   return p;
 }
 
@@ -118,8 +118,12 @@ std::tuple<Tensor, Tensor> sample_points_backward_cuda(
   const SampleShape s = check_sample(features, image_index, xy, mode);
   check_sample_grad(grad, features, s);
   const c10::cuda::CUDAGuard guard(features.device());
-  const Prepared p = prepare(features, image_index, xy, mode, s);
-  const Tensor g = grad.to(p.features.scalar_type()).contiguous();
+  Prepared p = prepare(features, image_index, xy, mode, s);
+  // read in its own strides: a gradient expanded over the channels (a loss on the channel sum)
+  // is not copied to [M, D] first
+  const Tensor g = grad.to(p.features.scalar_type());
+  p.args.tM = g.stride(0);
+  p.args.tD = g.stride(1);
   const DType dt = to_dtype(p.features.scalar_type());
   const cudaStream_t stream = current_stream();
   Tensor gf = at::empty({0}, features.options());

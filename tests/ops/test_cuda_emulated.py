@@ -389,6 +389,45 @@ def test_scalar_scatter_when_vector_atomics_are_off(emu, monkeypatch):
         _close(got, want, 1e-5, 4)
 
 
+def _strided_grad(kind, M, D, dtype, g):
+    """grad [M, D] in strides other than contiguous: expanded over the channels (strides (1, 0):
+    the gradient of a loss on the channel sum, as sample_features's backward receives it),
+    transposed (a [D, M] tensor's view) or every other column of a [M, 2 D] tensor."""
+    if kind == "expanded":
+        return torch.randn(M, 1, generator=g).to(dtype).expand(M, D)
+    if kind == "transposed":
+        return torch.randn(D, M, generator=g).to(dtype).t()
+    return torch.randn(M, 2 * D, generator=g).to(dtype)[:, ::2]
+
+
+@pytest.mark.parametrize("kind", ["expanded", "transposed", "every_other_column"])
+@pytest.mark.parametrize("D", [3, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sample_points_backward_reads_gradient_strides(emu, kind, D, dtype):
+    """The backward kernels read grad in its own strides (SampleArgs tM, tD) rather than a
+    contiguous copy: every path (the scalar and the 4-channel vector atomic scatter, the
+    fixed-point and the sorted deterministic scatter, the per-point and the tiled xy gradient)
+    gives what it gives for the contiguous copy, bit for bit where the path is deterministic."""
+    g = torch.Generator().manual_seed(D)
+    N, H, W, M = 2, 11, 17, 258
+    f = torch.randn(N, D, H, W, generator=g).to(dtype)
+    xy = (torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1).to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    grad = _strided_grad(kind, M, D, dtype, g)
+    assert not grad.is_contiguous()
+    dense = grad.contiguous()
+    want_f, want_xy = CPU.sample_points_backward(dense, f, None, xy, 0, True, True, True)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    for det in (False, True):
+        gf, gxy = emu.sample_points_backward(grad, f, None, xy, 0, True, True, det)
+        _close(gf, want_f, tol, 4)
+        _close(gxy, want_xy, tol * 10, float(want_xy.abs().max()) + 1)
+        if det:  # fixed point (float32, bf16) or sorted sums (float64): exact, any order
+            rf, rxy = emu.sample_points_backward(dense, f, None, xy, 0, True, True, det)
+            assert torch.equal(gf, rf)
+            assert torch.equal(gxy, rxy)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("loss", [0, 1])
