@@ -392,15 +392,18 @@ def test_scalar_scatter_when_vector_atomics_are_off(emu, monkeypatch):
 def _strided_grad(kind, M, D, dtype, g):
     """grad [M, D] in strides other than contiguous: expanded over the channels (strides (1, 0):
     the gradient of a loss on the channel sum, as sample_features's backward receives it),
-    transposed (a [D, M] tensor's view) or every other column of a [M, 2 D] tensor."""
+    transposed (a [D, M] tensor's view), every other column of a [M, 2 D] tensor, or one value
+    expanded to [M, D] (strides (0, 0): the gradient of out.sum())."""
     if kind == "expanded":
         return torch.randn(M, 1, generator=g).to(dtype).expand(M, D)
+    if kind == "one_value":
+        return torch.randn(1, 1, generator=g).to(dtype).expand(M, D)
     if kind == "transposed":
         return torch.randn(D, M, generator=g).to(dtype).t()
     return torch.randn(M, 2 * D, generator=g).to(dtype)[:, ::2]
 
 
-@pytest.mark.parametrize("kind", ["expanded", "transposed", "every_other_column"])
+@pytest.mark.parametrize("kind", ["expanded", "transposed", "every_other_column", "one_value"])
 @pytest.mark.parametrize("D", [3, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_sample_points_backward_reads_gradient_strides(emu, kind, D, dtype):
