@@ -44,11 +44,12 @@ def peak_memory(fn, device) -> int | None:
 
     CUDA: the caching allocator's peak. CPU: the peak of the bytes torch's CPU allocator holds,
     from the allocation and free events torch's profiler records (``profile_memory``) during
-    the call, in order; None without a usable profile. Memory the C++ kernels take outside
-    torch (``std::vector`` scratch, pyssl's scratch pools) is not seen. (The process's resident
-    set would see it but proved too noisy: malloc reuses freed heap blocks in an order that
-    made the same call measure 0.2 MB once and 12 MB, the size of the gradient it replaces,
-    the next times.)"""
+    the call, in order; None without a usable profile. pyssl's C++ kernels take their scratch
+    from torch's allocator (``scratch_vector``, csrc/ops/common.h), so it counts; memory taken
+    outside torch (numpy, other libraries) does not. (The process's resident set would see
+    everything but proved too noisy: malloc reuses freed heap blocks in an order that made the
+    same call measure 0.2 MB once and 12 MB, the size of the gradient it replaces, the next
+    times.)"""
     kind = torch.device(device).type
     if kind == "cpu":
         return _cpu_peak_profiled(fn)

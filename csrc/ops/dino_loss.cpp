@@ -77,7 +77,7 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
   acc_t* t_lse = teacher_lse.mutable_data_ptr<acc_t>();
   scratch_vector<double> loss_b(B);
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
-    scratch_vector<double> qdot(T * S);
+    scratch_vector<double> qdot(T * S), num(S);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < T; ++i) {
         const int64_t row = i * B + b;
@@ -85,7 +85,7 @@ void forward_impl(const Tensor& student, const Tensor& teacher, const Tensor& ce
         for (int64_t kc = 0; kc < nk; ++kc) M = nan_max(M, double(tm[row * nk + kc]));
         const double shift = M == -INFINITY ? 0.0 : M;
         double Z = 0;
-        scratch_vector<double> num(S, 0.0);
+        std::fill(num.begin(), num.end(), 0.0);
         for (int64_t kc = 0; kc < nk; ++kc) {
           const double f = std::exp(double(tm[row * nk + kc]) - shift);
           Z += double(tz[row * nk + kc]) * f;
