@@ -441,15 +441,16 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
   const A* xy = p.xy.const_data_ptr<A>();
   const int64_t* idx = p.index.defined() ? p.index.const_data_ptr<int64_t>() : nullptr;
   const F* g = grad.const_data_ptr<F>();
+  const int64_t gM = grad.stride(0), gD = grad.stride(1);  // any strides (e.g. expanded)
   if (need_features && p.index.defined()) {  // (idx is null when there are no pairs)
     const PairTaps<A> t = pair_taps<A>(xy, idx, s, mode, gacc.strides());
     with_taps(t, [&](auto nt) {
       constexpr int NT = decltype(nt)::value;
       if (!planar_pairs(p)) {
         scatter_pairs<NT>(t, s.M, s.D, gacc, [&](int64_t m, int64_t d0, int64_t d1, A* row) {
-          for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
+          for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * gM + d * gD]);
           return true;
-        }, [&](int64_t m, int64_t d0) { prefetch_read(g + m * s.D + d0); });
+        }, [&](int64_t m, int64_t d0) { prefetch_read(g + m * gM + d0 * gD); });
         return;
       }
       A* acc = gacc.mutable_data_ptr<A>();
@@ -459,7 +460,7 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
         A ws[kPlanarBlock][NT];
         for (int64_t i = 0; i < nb; ++i) {
           const int64_t m = t.order[b0 + i];
-          rows[i] = g + m * s.D;
+          rows[i] = g + m * gM;
           for (int c = 0; c < NT; ++c) {
             taps[i][c] = t.ptr[m * NT + c];
             ws[i][c] = NT == 1 ? A(1) : t.w[m * NT + c];
@@ -469,7 +470,7 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
           zero(d);
           A* ad = acc + d * s.H * s.W;
           for (int64_t i = 0; i < nb; ++i) {
-            const A r = static_cast<A>(rows[i][d]);
+            const A r = static_cast<A>(rows[i][d * gD]);
             if constexpr (NT == 1) {
               ad[taps[i][0]] += r;
             } else {
@@ -485,7 +486,7 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
         s, gacc,
         [&](int64_t m) { return sample_taps<A>(xy[2 * m], xy[2 * m + 1], s.H, s.W, static_cast<int>(mode)); },
         [&](int64_t m, int64_t d0, int64_t d1, A* row) {
-          for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * s.D + d]);
+          for (int64_t d = d0; d < d1; ++d) row[d - d0] = static_cast<A>(g[m * gM + d * gD]);
           return true;
         });
   }
@@ -512,7 +513,7 @@ void backward_impl(const Tensor& grad, const Prepared& p, const SampleShape& s, 
               sx += b.dx[i][c] * v;
               sy += b.dy[i][c] * v;
             }
-            const A gd = static_cast<A>(g[(m0 + i) * s.D + d]);
+            const A gd = static_cast<A>(g[(m0 + i) * gM + d * gD]);
             gx[i] += gd * sx;
             gy[i] += gd * sy;
           }
@@ -532,7 +533,9 @@ std::tuple<Tensor, Tensor> sample_points_backward_cpu(
   const SampleShape s = check_sample(features, image_index, xy, mode);
   check_sample_grad(grad, features, s);
   const Prepared p = prepare_sampling(features, image_index, xy, s);
-  const Tensor g = grad.to(p.features.scalar_type()).contiguous();
+  // Read in its own strides, as the CUDA backward does: the gradient of a sum over channels
+  // comes expanded (stride 0), and a contiguous copy would be one more pass over [M, D].
+  const Tensor g = grad.to(p.features.scalar_type());
   Tensor gacc = features_grad ? feature_accumulator(p, p.xy.options()) : at::empty({0}, p.xy.options());
   Tensor gxy = xy_grad ? at::zeros({s.M, 2}, p.xy.options()) : at::empty({0}, p.xy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.features.scalar_type(),

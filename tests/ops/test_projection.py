@@ -305,6 +305,43 @@ def test_gather_gradcheck_opcheck_and_determinism():
     assert torch.equal(grads[0], hits[:, None].expand(2, 3, 5, 6))
 
 
+def _strided_grad(kind, M, D, dtype, g):
+    """grad [M, D] in non-contiguous strides (as tests/ops/test_cuda_emulated.py's helper)."""
+    if kind == "expanded":  # strides (1, 0): a loss on the channel sum
+        return torch.randn(M, 1, generator=g).to(dtype).expand(M, D)
+    if kind == "one_value":  # strides (0, 0): out.sum()
+        return torch.randn(1, 1, generator=g).to(dtype).expand(M, D)
+    if kind == "transposed":
+        return torch.randn(D, M, generator=g).to(dtype).t()
+    return torch.randn(M, 2 * D, generator=g).to(dtype)[:, ::2]
+
+
+@pytest.mark.parametrize("kind", ["expanded", "transposed", "every_other_column", "one_value"])
+@pytest.mark.parametrize("layout", ["pairs_planar", "pairs_channels_last", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_sample_points_backward_reads_gradient_strides(kind, layout, dtype):
+    """The CPU backward of sample_points reads grad in its own strides, without a contiguous
+    copy, on every path (pairs on planar and on channels-last features, dense sampling; the
+    feature and the xy gradient; bilinear and nearest): the same bits as for the copy."""
+    g = torch.Generator().manual_seed(7)
+    N, D, H, W, M = 3, 19, 9, 13, 300
+    f = torch.randn(N, D, H, W, generator=g).to(dtype)
+    if layout == "pairs_channels_last":
+        f = f.contiguous(memory_format=torch.channels_last)
+    idx = None if layout == "dense" else torch.randint(0, N, (M,), generator=g)
+    xy_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    xy = (torch.rand(M, 2, generator=g) * torch.tensor([W + 2.0, H + 2.0]) - 1).to(xy_dtype)
+    grad = _strided_grad(kind, M, D, dtype, g)
+    assert not grad.is_contiguous()
+    for mode in (0, 1):
+        got = torch.ops.pyssl.sample_points_backward(grad, f, idx, xy, mode, True, mode == 0, False)
+        want = torch.ops.pyssl.sample_points_backward(grad.contiguous(), f, idx, xy, mode, True, mode == 0,
+                                                      False)
+        assert got[0].abs().sum() > 0
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 @given(N=st.integers(0, 200), D=st.integers(1, 40), S=st.integers(0, 30), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
 def test_segment_mean_matches_sparse_pooling(N, D, S, seed, dtype):
