@@ -24,6 +24,9 @@ void check_crops(const DinoShape& d) {
   TORCH_CHECK_VALUE(d.T <= 8, "the CUDA kernel supports n_teacher_crops <= 8, got ", d.T);
   TORCH_CHECK_VALUE(d.K <= int64_t{65535} * 1024, "the CUDA kernel supports K <= 67107840 "
                     "prototypes (65535 chunks of 1024), got K=", d.K);
+  // A block per image (plus at most 2^21 teacher-mean blocks) in a grid of at most 2^31 - 1.
+  TORCH_CHECK_VALUE(d.B <= int64_t{1} << 30, "the CUDA kernel supports at most 2^30 rows per "
+                    "crop (student rows / crops), got ", d.B);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dino_loss_cuda(
@@ -84,6 +87,9 @@ Tensor dino_loss_backward_cuda(const Tensor& grad_loss, const Tensor& student,
 Tensor offset_logsumexp_cuda(const Tensor& x, const std::optional<Tensor>& row_offset,
                              const std::optional<Tensor>& col_offset, double scale, int64_t dim) {
   check_offset_lse(x, row_offset, col_offset, dim);
+  // dim = 1: a block per row, in a grid of at most 2^31 - 1 blocks.
+  TORCH_CHECK_VALUE(dim != 1 || x.size(0) < int64_t{1} << 31, "x: the CUDA kernel takes at "
+                    "most 2^31 - 1 rows with dim=1, got ", x.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor xc = x.contiguous();

@@ -17,6 +17,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_masking_cuda(const Tensor& x,
   check_random_masking(x, noise, len_keep);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), L = x.size(1), D = x.size(2), K = len_keep;
+  // The short-row path runs a block per sample, in a grid of at most 2^31 - 1 blocks.
+  TORCH_CHECK_VALUE(N < int64_t{1} << 31, "x: the CUDA kernel takes at most 2^31 - 1 samples, "
+                    "got N=", N);
   const Tensor xc = x.contiguous();
   const Tensor nc = noise.contiguous();
   auto long_opts = x.options().dtype(at::kLong);

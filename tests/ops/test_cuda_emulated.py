@@ -233,6 +233,23 @@ def test_offset_logsumexp(emu, dim):
         _close(emu.offset_logsumexp(x, r, c, 7.0, dim), CPU.offset_logsumexp(x, r, c, 7.0, dim), 1e-5)
 
 
+def test_one_block_per_row_launches_refuse_grids_past_cuda_limit(emu):
+    """The kernels that run a block per row (offset_logsumexp over dim=1, random_masking's
+    short-row ranks, the DINO forward's block per image) refuse a grid past CUDA's 2^31 - 1
+    blocks with an error naming the argument, instead of a launch whose block count wraps.
+    The inputs are expanded views: nothing that large is allocated."""
+    rows = 2**31
+    x = torch.zeros(1, 1).expand(rows, 1)
+    with pytest.raises(ValueError, match=r"x: .*2\^31 - 1 rows with dim=1, got 2147483648"):
+        emu.offset_logsumexp(x, None, None, 1.0, 1)
+    with pytest.raises(ValueError, match=r"x: .*2\^31 - 1 samples, got N=2147483648"):
+        emu.random_masking(torch.zeros(1, 1, 1).expand(rows, 1, 1), torch.zeros(1, 1).expand(rows, 1), 1)
+    B = 2**30 + 1
+    logits = torch.zeros(1, 1).expand(2 * B, 1)
+    with pytest.raises(ValueError, match=r"at most 2\^30 rows per crop .*got 1073741825"):
+        emu.dino_loss(logits, logits, torch.zeros(1), None, 2, 0.1, 0.04, True)
+
+
 # --------------------------------------------------------------------------------------------
 # Masking (csrc/kernels/masking.cu)
 # --------------------------------------------------------------------------------------------
