@@ -1097,6 +1097,7 @@ Tensor sample_features_dense_cpu(const Tensor& features, const Tensor& coords) {
   const Tensor f = sampling_features(features), xy = coords.contiguous();
   const DenseLayout L(f, H * W);
   Tensor out = empty_large({B, C, coords.size(1), coords.size(2)}, f.options());
+  if (H == 0 || W == 0) return out.zero_();  // every point is outside an empty map
   const float* cp = xy.const_data_ptr<float>();
   if (f.scalar_type() == at::kBFloat16) {
     dense_forward(kernel_ptr<uint16_t>(f), L.chs, L.pxs, cp, kernel_ptr_mut<uint16_t>(out), B, C, H, W, P);
@@ -1270,6 +1271,11 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C &&
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
+  if (H == 0 || W == 0) {  // an empty map: no feature gradient to hold, every point outside
+    return {features_grad ? at::zeros_like(features) : at::empty({0}, features.options()),
+            coords_grad ? at::zeros({B, 2, Ho, Wo}, coords.options()).permute({0, 2, 3, 1})
+                        : at::empty({0}, coords.options())};
+  }
   // The features' values are read only for the coordinate gradient: without it, a map the
   // kernels would read through an NCHW copy is not copied (an uninitialised NCHW stand-in
   // gives the kernels the layout to accumulate in; no kernel reads it, and its pages are never

@@ -958,6 +958,32 @@ def test_sample_features_without_channels_has_zero_coordinate_gradient(dtype):
         assert f.grad.shape == f.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("C", [1, 5, 16, 17])  # planar, quad, band, band + planar rest
+@pytest.mark.parametrize("hw", [(0, 6), (5, 0), (0, 0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sample_features_on_an_empty_map_is_zero(dtype, C, hw, channels_last):
+    """A map with no pixels (H or W = 0): every point is outside, so the output, the coordinate
+    gradient and the dense loss's target samples are zero. The CPU dense kernels read the empty
+    map's storage (a segmentation fault) for channel counts outside the band slices."""
+    f = torch.randn(2, C, *hw).to(dtype)
+    if channels_last:
+        f = f.contiguous(memory_format=torch.channels_last)
+    f.requires_grad_(True)
+    c = (torch.rand(2, 3, 4, 2) * 5).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    c.requires_grad_(True)
+    out = ops.sample_features(f, c)
+    assert out.shape == (2, C, 3, 4) and torch.equal(out, torch.zeros_like(out))
+    out.float().sum().backward()
+    assert f.grad.shape == f.shape
+    assert torch.equal(c.grad, torch.zeros_like(c))
+    online = torch.randn(2, C, 3, 4).to(dtype)
+    valid = torch.ones(2, 3, 4, dtype=torch.bool)
+    for loss in ("cosine", "l2_normalized"):
+        value = ops.dense_correspondence_loss(online, f.detach(), c.detach(), valid, loss=loss)
+        assert value.item() == 1.0  # a zero target: cosine similarity 0; |a - 0|^2 = 1
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
