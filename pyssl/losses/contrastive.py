@@ -21,6 +21,7 @@ row ``i`` of rank ``r`` is global row ``r*n + i`` (every rank must hold the same
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,14 @@ def _gather_ids(ids: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def _check_pair(query: torch.Tensor, key: torch.Tensor, qname: str, kname: str) -> None:
+    for name, t in ((qname, query), (kname, key)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if query.device != key.device:
+        raise ValueError(f"{qname} and {kname} must be on the same device, got {query.device} and "
+                         f"{key.device}")
     if query.dim() != 2 or key.dim() != 2:
         raise ValueError(f"{qname} and {kname} must be 2-D [n, D], got {tuple(query.shape)} and "
                          f"{tuple(key.shape)}")
@@ -109,14 +118,29 @@ def _check_pair(query: torch.Tensor, key: torch.Tensor, qname: str, kname: str) 
         raise ValueError(f"{qname} and {kname} must have the same shape (row i of one is the "
                          f"positive of row i of the other), got {tuple(query.shape)} and "
                          f"{tuple(key.shape)}")
+    if query.shape[0] == 0:
+        raise ValueError(f"{qname} and {kname} need at least one row, got shape {tuple(query.shape)}")
+
+
+def _check_temperature(temperature, name: str = "temperature") -> float:
+    """A positive finite number (not a bool), as a float."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"{name} must be positive and finite, got {temperature}")
+    return float(temperature)
 
 
 def _scale(temperature: float | None, logit_scale: torch.Tensor | None) -> torch.Tensor | float:
     if logit_scale is not None:
-        return logit_scale
-    if temperature is None or not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return 1.0 / temperature
+        if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
+            raise ValueError("logit_scale must be a tensor holding one value, got "
+                             + (f"shape {tuple(logit_scale.shape)}" if isinstance(logit_scale, torch.Tensor)
+                                else type(logit_scale).__name__))
+        return logit_scale.reshape(())
+    if temperature is None:
+        raise ValueError("temperature must be positive and finite, got None (or pass logit_scale)")
+    return 1.0 / _check_temperature(temperature)
 
 
 def _soft_targets(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -152,6 +176,14 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float | None =
     n = query.shape[0]
     all_k = gather_with_grad(key, group) if world > 1 else key
     if positive_ids is not None:
+        if (not isinstance(positive_ids, torch.Tensor) or positive_ids.shape != (n,)
+                or positive_ids.is_floating_point() or positive_ids.is_complex()):
+            raise ValueError(f"positive_ids must be an integer tensor of shape [n] = [{n}], got "
+                             + (f"{positive_ids.dtype} of shape {tuple(positive_ids.shape)}"
+                                if isinstance(positive_ids, torch.Tensor) else type(positive_ids).__name__))
+        if positive_ids.device != query.device:
+            raise ValueError(f"positive_ids must be on query's device {query.device}, got "
+                             f"{positive_ids.device}")
         ids = positive_ids.reshape(-1)
         all_ids = _gather_ids(ids, group) if world > 1 else ids
         tgt = _soft_targets(all_ids[rank * n: rank * n + n], all_ids)
@@ -203,9 +235,7 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
                  normalize: bool = True, gather: bool = True, group=None):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.symmetric = float(temperature), bool(symmetric)
+        self.temperature, self.symmetric = _check_temperature(temperature), bool(symmetric)
         self.normalize, self.gather, self.group = bool(normalize), bool(gather), group
 
     def forward(self, query, key, positive_ids=None):
@@ -223,10 +253,8 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, normalize: bool = True, gather: bool = True,
                  group=None):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature, self.normalize, self.gather, self.group = (
-            float(temperature), bool(normalize), bool(gather), group)
+            _check_temperature(temperature), bool(normalize), bool(gather), group)
 
     def forward(self, z1, z2):
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize, gather=self.gather,
@@ -244,8 +272,9 @@ class ClipLoss(nn.Module):
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0,
                  learnable: bool = True, gather: bool = True, group=None):
         super().__init__()
-        if not init_temperature > 0:
-            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        init_temperature = _check_temperature(init_temperature, "init_temperature")
+        if isinstance(max_scale, bool) or not isinstance(max_scale, numbers.Real) or math.isnan(max_scale):
+            raise TypeError(f"max_scale must be a number, got {max_scale!r}")
         if not max_scale >= 1 / init_temperature:
             raise ValueError(f"max_scale ({max_scale}) must be >= 1 / init_temperature "
                              f"({1 / init_temperature:.4g})")

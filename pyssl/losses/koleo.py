@@ -12,6 +12,9 @@ the CLS outputs of each global crop separately, per process, with weight 0.1.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,8 +24,13 @@ __all__ = ["KoLeoLoss", "koleo_loss"]
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8, normalize: bool = True) -> torch.Tensor:
     """KoLeo loss of the rows of ``x`` ``[n, D]`` (``n >= 2``); see the module docstring."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor, got "
+                        + (str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__))
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [n, D], got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if x.shape[0] < 2:
         raise ValueError(f"KoLeo needs at least 2 rows (a nearest neighbour), got {x.shape[0]}")
     x = x if x.dtype == torch.float64 else x.float()
@@ -41,6 +49,8 @@ class KoLeoLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-8, normalize: bool = True):
         super().__init__()
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.eps, self.normalize = float(eps), bool(normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -108,6 +109,27 @@ def test_contrastive_bad_inputs():
         NTXentLoss(-1)
     with pytest.raises(ValueError, match="max_scale"):
         ClipLoss(0.07, max_scale=2.0)
+    # found by a bad-input fuzz: each of these used to return a value (or fail inside torch)
+    with pytest.raises(ValueError, match="key must be on the same device|same device"):
+        info_nce(q, k.to("meta"))                 # CPU @ meta returned uninitialised memory
+    with pytest.raises(TypeError, match="key must be a floating-point tensor"):
+        info_nce(q, k.long())
+    with pytest.raises(ValueError, match="at least one row"):
+        nt_xent(q[:0], k[:0])                     # NaN before
+    for bad in (math.inf, math.nan, -0.5):
+        with pytest.raises(ValueError, match="temperature must be positive and finite"):
+            info_nce(q, k, bad)
+        with pytest.raises(ValueError, match="init_temperature must be positive and finite"):
+            ClipLoss(bad)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        InfoNCELoss(True)
+    with pytest.raises(ValueError, match="logit_scale must be a tensor holding one value"):
+        info_nce(q, k, None, logit_scale=torch.ones(q.shape[0]))   # broadcast per column before
+    with pytest.raises(ValueError, match=r"positive_ids must be an integer tensor of shape \[n\]"):
+        info_nce(q, k, positive_ids=torch.arange(q.shape[0] + 1))
+    with pytest.raises(ValueError, match=r"positive_ids must be an integer tensor"):
+        info_nce(q, k, positive_ids=torch.zeros(q.shape[0]))
+    assert torch.isfinite(info_nce(q, k, np.float32(0.2)))      # numpy scalars are numbers
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +161,12 @@ def test_koleo_matches_brute_force_value_and_gradient():
     assert koleo_loss(spread) < koleo_loss(clustered)
     with pytest.raises(ValueError, match="at least 2"):
         koleo_loss(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        koleo_loss(torch.randn(4, 3), eps=-1.0)   # NaN before
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        KoLeoLoss(eps=math.inf)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        koleo_loss(torch.ones(4, 3, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------------
