@@ -5,11 +5,13 @@ pyssl.ops.dino_loss."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ops._dispatch import check_int, check_size
 from ..ops.dino_loss import dino_loss, ibot_patch_loss, ibot_weights, sinkhorn_knopp_center
 
 CENTERINGS = ("center", "sinkhorn_knopp")
@@ -22,18 +24,22 @@ class _CenteredLoss(nn.Module):
                  warmup_epochs: int, student_temp: float, center_momentum: float,
                  centering: str, sinkhorn_iterations: int, process_group):
         super().__init__()
-        if not isinstance(out_dim, int) or out_dim < 1:
+        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
             raise ValueError(f"out_dim must be a positive int, got {out_dim!r}")
         if centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        for name, value in (("teacher_temp", teacher_temp), ("student_temp", student_temp),
+                            ("warmup_teacher_temp", warmup_teacher_temp),
+                            ("center_momentum", center_momentum)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if name != "center_momentum" and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        for name, value in (("teacher_temp", teacher_temp), ("student_temp", student_temp),
-                            ("warmup_teacher_temp", warmup_teacher_temp)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        warmup_epochs = check_int(warmup_epochs, "warmup_epochs", minimum=0)
+        sinkhorn_iterations = check_int(sinkhorn_iterations, "sinkhorn_iterations",
+                                        minimum=1 if centering == "sinkhorn_knopp" else 0)
         self.out_dim = out_dim
         self.teacher_temp = float(teacher_temp)
         self.warmup_teacher_temp = float(warmup_teacher_temp)
@@ -149,9 +155,7 @@ class DINOLoss(_CenteredLoss):
                  skip_same_view: bool = True, process_group=None):
         super().__init__(out_dim, teacher_temp, warmup_teacher_temp, warmup_epochs, student_temp,
                          center_momentum, centering, sinkhorn_iterations, process_group)
-        if n_teacher_crops < 1:
-            raise ValueError(f"n_teacher_crops must be >= 1, got {n_teacher_crops}")
-        self.n_teacher_crops = int(n_teacher_crops)
+        self.n_teacher_crops = check_int(n_teacher_crops, "n_teacher_crops", minimum=1)
         self.skip_same_view = bool(skip_same_view)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
@@ -190,6 +194,11 @@ class IBOTPatchLoss(_CenteredLoss):
         teacher_patches = teacher_patches.detach()
         temp = self.teacher_temperature(epoch)
         weights = ibot_weights(masks).to(student_patches.device)
+        for name, t in (("student_patches", student_patches), ("teacher_patches", teacher_patches)):
+            # (data-dependent under torch.compile: check_size makes it a runtime assertion)
+            check_size(t.shape[0] == weights.shape[0],
+                       lambda: f"masks marks {weights.shape[0]} patches, but {name} has {t.shape[0]} "
+                               f"rows (one per masked patch, in masks[masks] order)")
         if teacher_patches.shape[0] == 0:
             # No masked patch here. Under torch.distributed the other ranks still wait for this
             # rank's share of the collectives (Sinkhorn-Knopp sums, centre update): join them.

@@ -38,7 +38,9 @@ def check_no_grad(value: torch.Tensor, name: str, alternative: str) -> None:
 
 
 def check_int(value, name: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):  # operator.index(True) would make it 1
+        raise TypeError(f"{name} must be an int, got bool")
+    if not isinstance(value, int):
         try:
             import operator
 

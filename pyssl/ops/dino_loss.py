@@ -146,6 +146,10 @@ def ibot_patch_loss(student_patches: torch.Tensor, teacher_patches: torch.Tensor
 def ibot_weights(masks: torch.Tensor) -> torch.Tensor:
     """Per-masked-patch weights of DINOv2's iBOT loss for bool ``masks`` [N, L]: each masked
     patch of image n weighs ``1 / (n_masked(n) * N)``; returned in ``masks[masks]`` order."""
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.dim() != 2:
+        raise ValueError("masks must be a bool tensor [N, L] (True = masked patch), got "
+                         + (f"{masks.dtype} of shape {tuple(masks.shape)}" if isinstance(masks, torch.Tensor)
+                            else type(masks).__name__))
     n_images = masks.shape[0]
     per_image = 1.0 / masks.sum(-1).clamp(min=1).to(torch.float32)
     return (per_image[:, None].expand_as(masks)[masks]) / n_images
@@ -274,12 +278,13 @@ def sinkhorn_knopp_center(teacher: torch.Tensor, teacher_temp: float, n_iteratio
         ``[K]`` float32 centre (float64 for float64 input).
     """
     check_tensor(teacher, "teacher")
+    if teacher.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"teacher must be float32, float64, float16 or bfloat16, got {teacher.dtype}")
     if teacher.dim() != 2 or teacher.shape[1] == 0:
         raise ValueError(f"teacher must be a 2-D tensor [R, K] with K >= 1 prototypes, got shape "
                          f"{tuple(teacher.shape)}")
     inv = 1.0 / _check_temp(teacher_temp, "teacher_temp")
-    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
-        raise ValueError(f"n_iterations must be a positive int, got {n_iterations!r}")
+    n_iterations = check_int(n_iterations, "n_iterations", minimum=1)
     distributed = dist.is_available() and dist.is_initialized()
     log_k = math.log(teacher.shape[1])
     if distributed:

@@ -186,6 +186,33 @@ def test_module_bad_arguments():
         DINOLoss(12)(s, t[:, :10])
     with pytest.raises(ValueError, match="student_patches.*out_dim=10"):
         IBOTPatchLoss(10)(s, s, torch.ones(1, s.shape[0], dtype=torch.bool))
+    # found by a bad-input fuzz: these were truncated, accepted or failed with another name
+    with pytest.raises(TypeError, match="n_teacher_crops must be an int"):
+        DINOLoss(10, n_teacher_crops=2.5)
+    with pytest.raises(TypeError, match="n_teacher_crops must be an int, got bool"):
+        DINOLoss(10, n_teacher_crops=True)
+    with pytest.raises(TypeError, match="warmup_epochs must be an int"):
+        DINOLoss(10, warmup_epochs=2.7)
+    with pytest.raises(TypeError, match="teacher_temp must be a number"):
+        DINOLoss(10, teacher_temp="a")
+    with pytest.raises(ValueError, match="out_dim must be a positive int"):
+        DINOLoss(True)
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 1"):
+        DINOLoss(10, centering="sinkhorn_knopp", sinkhorn_iterations=0)
+    assert DINOLoss(10, n_teacher_crops=np.int64(2)).n_teacher_crops == 2
+    patches = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="masks must be a bool tensor"):
+        IBOTPatchLoss(16)(patches, patches, torch.tensor([[0, 1, 0, 1], [0, 0, 1, 0]]))
+    with pytest.raises(ValueError, match="masks marks 2 patches, but student_patches has 3 rows"):
+        IBOTPatchLoss(16)(patches, patches, torch.tensor([[False, True], [True, False]]))
+    with pytest.raises(ValueError, match="masks marks 10 patches, but student_patches has 0 rows"):
+        IBOTPatchLoss(16)(patches[:0], patches[:0], torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="masks must be a bool tensor"):
+        ops.ibot_weights(torch.ones(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="teacher must be float32"):
+        ops.sinkhorn_knopp_center(torch.ones(3, 4, dtype=torch.long), 0.04)
+    with pytest.raises(TypeError, match="n_iterations must be an int, got bool"):
+        ops.sinkhorn_knopp_center(torch.ones(3, 4), 0.04, True)
 
 
 # --------------------------------------------------------------------------------------------
