@@ -259,8 +259,9 @@ def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, ro
     Args:
         features: ``[C, D, H, W]`` (channels-last memory format is fastest).
         camera_index, row, col: ``[M]`` pairs, e.g. from :func:`point_pixel_pairs`. For
-            ``mode="nearest"`` row/col are integer pixels; for ``mode="bilinear"`` they are
-            float pixel coordinates (u = col, v = row), zeros outside the image.
+            ``mode="nearest"`` row/col are integer pixels, inside the image (a ValueError
+            otherwise); for ``mode="bilinear"`` they are float pixel coordinates (u = col,
+            v = row), zeros outside the image.
     Returns:
         ``[M, D]``. Gradient to ``features`` (a scatter-add: deterministic on the CPU; on CUDA
         without float atomics when ``torch.are_deterministic_algorithms_enabled()``), and to
@@ -275,24 +276,51 @@ def gather_pixel_features(features: torch.Tensor, camera_index: torch.Tensor, ro
     if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
         raise ValueError(f"camera_index, row and col must be 1-D of the same length, got "
                          f"{tuple(camera_index.shape)}, {tuple(row.shape)}, {tuple(col.shape)}")
-    _check_camera_index(camera_index)
+    _check_camera_index(camera_index, features, row, col)
     xy = _pair_coordinates(features, row, col, mode)
+    _check_pair_ranges(features, camera_index, row, col, mode)
     return sample_points(features, xy, camera_index.long(), mode=mode)
 
 
 _LOSSES = {"cosine": 0, "l2_normalized": 1}
 
 
-def _check_camera_index(camera_index):
+def _check_camera_index(camera_index, features, row, col):
+    """camera_index: integer; camera_index, row and col on features's device."""
     if camera_index.is_floating_point() or camera_index.is_complex() or \
             camera_index.dtype == torch.bool:
         raise TypeError(f"camera_index must be an integer tensor, got {camera_index.dtype}")
+    for name, t in (("camera_index", camera_index), ("row", row), ("col", col)):
+        if t.device != features.device:
+            raise ValueError(f"{name} must be on features's device ({features.device}), got {t.device}")
+
+
+def _check_pair_ranges(features, camera_index, row, col, mode):
+    """camera_index in [0, C) and, in nearest mode, row in [0, H) and col in [0, W): integer
+    pixels are indices, so one outside the image is a caller's bug (swapped row and col, pixels
+    of points no camera sees), not a miss; float coordinates in bilinear mode may fall outside
+    and read zeros. One host sync for all three (the kernels check camera_index again, for
+    torch.ops callers). Not under torch.compile, where the values are not known."""
+    if features.dim() != 4 or camera_index.numel() == 0 or camera_index.device.type == "meta" \
+            or torch.compiler.is_compiling():
+        return
+    named = [("camera_index", camera_index, features.shape[0])]
+    if mode == "nearest":
+        named += [("row", row, features.shape[2]), ("col", col, features.shape[3])]
+    bounds = torch.stack([v.long() for _, t, _ in named for v in torch.aminmax(t)]).tolist()
+    for i, (name, _, size) in enumerate(named):
+        lo, hi = bounds[2 * i], bounds[2 * i + 1]
+        if lo < 0 or hi >= size:
+            what = "(one map per camera in features)" if name == "camera_index" else "in mode='nearest'"
+            raise ValueError(f"{name} values must be in [0, {size}) {what}, got values in [{lo}, {hi}]")
 
 
 def _pair_coordinates(features, row, col, mode):
     if mode == "nearest":
-        if row.is_floating_point() or col.is_floating_point():
-            raise TypeError("mode='nearest' takes integer row/col (use mode='bilinear' for float coordinates)")
+        for name, t in (("row", row), ("col", col)):
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"mode='nearest' takes integer row/col (use mode='bilinear' for float "
+                                f"coordinates), got {name} of dtype {t.dtype}")
         coord_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     elif mode == "bilinear":
         if not (row.is_floating_point() and col.is_floating_point()):
@@ -330,10 +358,11 @@ def pixel_to_point_distillation_loss(point_features: torch.Tensor, features: tor
         raise ValueError(f"loss must be one of {tuple(_LOSSES)}, got {loss!r}")
     if not (camera_index.shape == row.shape == col.shape) or camera_index.dim() != 1:
         raise ValueError("camera_index, row and col must be 1-D of the same length")
-    _check_camera_index(camera_index)
+    _check_camera_index(camera_index, features, row, col)
     for name, t in (("row", row), ("col", col)):
         check_no_grad(t, name, "use gather_pixel_features and a loss for gradients to the pixels")
     xy = _pair_coordinates(features, row, col, mode)
+    _check_pair_ranges(features, camera_index, row, col, mode)
     code = 0 if mode == "bilinear" else 1
     if has_kernel(features.device):
         return _ops.distill_loss(point_features, features, camera_index.long(), xy, None, code,

@@ -403,8 +403,8 @@ def test_compile_fullgraph_projection_and_gather():
         r = ops.project_points(pts, M, K, (48, 64), rounding="round")
         cam = r.valid.float().argmax(0)
         idx = torch.arange(pts.shape[0])
-        pix = r.pixels[cam, idx].clamp(min=0)
-        out = ops.gather_pixel_features(feats, cam, pix[:, 1].long(), pix[:, 0].long())
+        pix = r.pixels[cam, idx].long()  # points outside every image: clamped to the border
+        out = ops.gather_pixel_features(feats, cam, pix[:, 1].clamp(0, 47), pix[:, 0].clamp(0, 63))
         means, _ = ops.segment_mean(out, cam, 3)
         return means
 
@@ -436,7 +436,11 @@ def test_compile_point_pixel_pairs_dynamic_output():
         (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (4, 4), batch=torch.tensor([0, 0, 0, 0, 1])), "lidar_to_cam"),
         (lambda M, K: ops.point_pixel_pairs(torch.randn(5, 3), M, K, (4, 4), rounding="none"), "rounding"),
         (lambda M, K: ops.point_pixel_pairs(torch.randn(5, 3), M, K, (4, 4), cameras="best"), "cameras"),
-        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([5]), torch.tensor([0]), torch.tensor([0])), "image_index"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([5]), torch.tensor([0]), torch.tensor([0])), r"camera_index values must be in \[0, 3\).*\[5, 5\]"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0, 1]), torch.tensor([0, 4]), torch.tensor([0, 0])), r"row values must be in \[0, 4\) in mode=.nearest., got values in \[0, 4\]"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 5), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([-3, 0])), r"col values must be in \[0, 5\).*\[-3, 0\]"),
+        (lambda M, K: ops.pixel_to_point_distillation_loss(torch.randn(2, 2), torch.randn(3, 2, 4, 4), torch.tensor([0, 1]), torch.tensor([0, 600]), torch.tensor([0, 0])), r"row values must be in \[0, 4\)"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0]), torch.tensor([True]), torch.tensor([0])), "row of dtype torch.bool"),
         (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0]), torch.tensor([0.5]), torch.tensor([0.5])), "nearest"),
         (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0])), "same length"),
         (lambda M, K: ops.segment_mean(torch.randn(4, 2), torch.tensor([0, 1, 5, 0]), 3), "segment_ids"),
@@ -447,7 +451,8 @@ def test_compile_point_pixel_pairs_dynamic_output():
         (lambda M, K: ops.pixel_to_point_distillation_loss(torch.randn(1, 2), torch.randn(3, 2, 4, 4), torch.tensor([True]), torch.tensor([0]), torch.tensor([0])), "camera_index"),
         (lambda M, K: ops.project_points(torch.randn(5, 3), M, K, (float("nan"), 4)), "image_size"),
         (lambda M, K: ops.point_pixel_pairs(torch.randn(5, 3), M, K, (1e30, 1e30)), "image_size"),
-        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0]).to("meta"), torch.tensor([0]), torch.tensor([0])), "image_index"),
+        (lambda M, K: ops.gather_pixel_features(torch.randn(3, 2, 4, 4), torch.tensor([0]).to("meta"), torch.tensor([0]), torch.tensor([0])), "camera_index must be on features's device"),
+        (lambda M, K: ops.pixel_to_point_distillation_loss(torch.randn(1, 2), torch.randn(3, 2, 4, 4), torch.tensor([0]), torch.tensor([0.5]).to("meta"), torch.tensor([0.5]), mode="bilinear"), "row must be on features's device"),
         (lambda M, K: ops.pixel_to_point_distillation_loss(torch.randn(1, 2), torch.randn(3, 2, 4, 4), torch.tensor([0]), torch.tensor([0.5], requires_grad=True), torch.tensor([0.5]), mode="bilinear"), "row requires grad"),
     ],
 )
@@ -609,7 +614,10 @@ def _with_threads(n, fn):
 def test_nearest_feature_gradient_is_zero_where_no_pair_lands(outside):
     """The nearest-mode planar backwards (gather_pixel_features, the fused loss) zero their
     accumulator in the same pass as the adds: pixels no pair reads, whole cameras, and pairs
-    outside every image must still give exact zeros with uninitialised memory NaN-filled."""
+    outside every image must still give exact zeros with uninitialised memory NaN-filled.
+    Integer pixels outside the image are refused by the public functions, so the kernels
+    (torch.ops.pyssl.sample_points / distill_loss, which read zeros at coordinates outside)
+    are called directly."""
     g = torch.Generator().manual_seed(3)
     C, D, H, W, M = 3, 2, 30, 40, 700  # several blocks of pairs, two tasks with two threads
     feats = torch.randn(C, D, H, W, generator=g, dtype=torch.float64)
@@ -622,8 +630,16 @@ def test_nearest_feature_gradient_is_zero_where_no_pair_lands(outside):
     inside = (row >= 0) & (row < H)
     seen = torch.zeros(C, H, W, dtype=torch.bool)
     seen[cam[inside], row[inside], col[inside]] = True
+    xy = torch.stack([col, row], -1).double()
+
+    def gather(f):
+        return torch.ops.pyssl.sample_points(f, cam, xy, 1)
+
+    def fused(p, f):
+        return torch.ops.pyssl.distill_loss(p, f, cam, xy, None, 1, 0)[0]
+
     f64, p64 = feats.clone().requires_grad_(True), pf.clone().requires_grad_(True)
-    pix = ops.gather_pixel_features(f64, cam, row, col)
+    pix = gather(f64)
     a, b = torch.nn.functional.normalize(pix, dim=1), torch.nn.functional.normalize(p64, dim=1)
     want = torch.autograd.grad((1 - (a * b).sum(1)).mean(), (f64, p64))
     grad_out = torch.randn(M, D, generator=g, dtype=torch.float64)
@@ -633,13 +649,17 @@ def test_nearest_feature_gradient_is_zero_where_no_pair_lands(outside):
         with _nan_filled_empty(threads):
             f = feats.clone().requires_grad_(True)
             p = pf.clone().requires_grad_(True)
-            gf, gp = torch.autograd.grad(ops.pixel_to_point_distillation_loss(p, f, cam, row, col), (f, p))
-            (gx,) = torch.autograd.grad(ops.gather_pixel_features(f, cam, row, col), f, grad_out)
+            gf, gp = torch.autograd.grad(fused(p, f), (f, p))
+            (gx,) = torch.autograd.grad(gather(f), f, grad_out)
         assert not gf.isnan().any() and not gp.isnan().any()
         assert torch.equal(gf.permute(0, 2, 3, 1)[~seen], torch.zeros((~seen).sum(), D, dtype=torch.float64))
         torch.testing.assert_close(gf, want[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gp, want[1], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gx, want_x.permute(0, 3, 1, 2), rtol=1e-12, atol=0)
+    if outside == "none":  # the public functions are these kernels
+        torch.testing.assert_close(ops.gather_pixel_features(feats, cam, row, col), gather(feats), rtol=0, atol=0)
+        torch.testing.assert_close(ops.pixel_to_point_distillation_loss(pf, feats, cam, row, col),
+                                   fused(pf, feats), rtol=0, atol=0)
 
 
 @contextlib.contextmanager
