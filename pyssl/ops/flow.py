@@ -295,6 +295,9 @@ def crop_theta(boxes: torch.Tensor, size_in, flip: torch.Tensor | None = None) -
         if flip.dtype != torch.bool or tuple(flip.shape) != (boxes.shape[0],):
             raise ValueError(f"flip must be a bool tensor of shape [B] = [{boxes.shape[0]}], got "
                              f"{flip.dtype} {tuple(flip.shape)}")
+        if flip.device.type == "meta" and boxes.device.type != "meta":
+            raise ValueError(f"flip is a meta tensor (it holds no values); pass it on boxes's device "
+                             f"({boxes.device})")
         ax = torch.where(flip.to(boxes.device), -ax, ax)
     zero = torch.zeros_like(ax)
     return torch.stack([torch.stack([ax, zero, bx], -1), torch.stack([zero, ay, by], -1)], 1)

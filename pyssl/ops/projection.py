@@ -8,6 +8,7 @@ LiDAR-frame points to OpenCV-style camera frames (x right, y down, z forward); `
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -52,6 +53,11 @@ def _image_size_tensor(image_size, lidar_to_cam: torch.Tensor, batched: bool) ->
     invalid, since no pixel satisfies 0 <= u <= W - 1)."""
     C = lidar_to_cam.shape[-3] if lidar_to_cam.dim() >= 3 else 0
     if isinstance(image_size, torch.Tensor):
+        if image_size.is_complex() or image_size.dtype == torch.bool:
+            raise TypeError(f"image_size must be a real tensor of sizes, got {image_size.dtype}")
+        if image_size.device.type == "meta" and lidar_to_cam.device.type != "meta":
+            raise ValueError("image_size is a meta tensor (it holds no sizes); pass it on "
+                             f"lidar_to_cam's device ({lidar_to_cam.device}) or as (H, W)")
         size = image_size.to(lidar_to_cam.device)
     else:
         def flat(x):
@@ -87,6 +93,9 @@ def _options(min_depth, margin, rounding):
     for name, value in (("min_depth", min_depth), ("margin", margin)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0 <= float(min_depth) < math.inf:
+        raise ValueError(f"min_depth must be finite and >= 0 (a negative one validates points "
+                         f"behind the camera), got {min_depth}")
     if not float(margin) >= 0:
         raise ValueError(f"margin must be >= 0 (a negative margin validates pixels outside the "
                          f"image), got {margin}")

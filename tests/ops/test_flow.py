@@ -1003,6 +1003,7 @@ def test_sample_features_on_an_empty_map_is_zero(dtype, C, hw, channels_last):
         (lambda: ops.affine_correspondence(torch.randn(2, 2, 3), (5.7, 6), (4, 4)), "size_in"),
         (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([True])), "flip"),
         (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([1, 0, 1])), "flip"),
+        (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.ones(3, dtype=torch.bool, device="meta")), "flip is a meta tensor"),
         (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4, device="meta")), "flow_bw"),
         (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), alpha1=-0.01), "alpha1"),
         (lambda: ops.flow_correspondence(torch.randn(1, 2, 4, 4), alpha2=math.nan), "alpha2"),
