@@ -80,6 +80,14 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
+def fake_check(condition, message) -> None:
+    """A shape check of a C++ kernel repeated in its fake (meta) kernel, so that meta tensors
+    and torch.compile's tracing refuse what the kernel refuses instead of returning a shape
+    made from bad input: a ValueError with ``message()`` unless ``condition`` holds (with
+    symbolic sizes, a guard or a runtime assertion)."""
+    torch._check_value(condition, message)
+
+
 def same_device_fake(fn):
     """Wraps a fake (meta) kernel so that it rejects tensors on different devices, as the
     compiled kernels do. Without it, one input on ``meta`` among CPU inputs would send the

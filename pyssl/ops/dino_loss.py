@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from ._dispatch import (check_bool, check_int, check_size, check_tensor, has_kernel,
+from ._dispatch import (check_bool, check_int, check_size, check_tensor, fake_check, has_kernel,
                         same_device_fake)
 
 __all__ = [
@@ -160,8 +160,24 @@ def ibot_weights(masks: torch.Tensor) -> torch.Tensor:
 def _dino_loss_fake(student, teacher, center, weights, n_teacher_crops, student_temp,
                     teacher_temp, skip_same_view):
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    for name, t in (("student", student), ("teacher", teacher)):
+        fake_check(t.dim() == 2, lambda: f"{name} must be [rows, K], got shape {tuple(t.shape)}")
+    K, T = student.shape[1], n_teacher_crops
+    fake_check(teacher.shape[1] == K, lambda: f"teacher.shape[1] (K={teacher.shape[1]}) must equal "
+                                              f"student.shape[1] (K={K})")
+    fake_check(K >= 1, lambda: f"the number of prototypes K must be >= 1, got {K}")
+    fake_check(T >= 1, lambda: f"n_teacher_crops must be >= 1, got {T}")
+    fake_check(teacher.shape[0] > 0, lambda: f"teacher has {teacher.shape[0]} rows, which do not split "
+                                             f"into n_teacher_crops={T} non-empty crops")
+    fake_check(teacher.shape[0] % T == 0, lambda: f"teacher has {teacher.shape[0]} rows, which do not "
+                                                  f"split into n_teacher_crops={T} non-empty crops")
     B = teacher.shape[0] // n_teacher_crops
+    fake_check(student.shape[0] % B == 0, lambda: f"student has {student.shape[0]} rows, not a multiple "
+                                                  f"of the batch size B={B} (teacher rows / n_teacher_crops)")
     S = student.shape[0] // B
+    fake_check(S >= T, lambda: f"n_teacher_crops ({T}) must be <= the number of student crops ({S})")
+    fake_check(center.dim() == 1 and center.shape[0] == K,
+               lambda: f"center must have shape [K] = [{K}], got {tuple(center.shape)}")
     return (student.new_empty((), dtype=acc), student.new_empty(student.shape[1], dtype=acc),
             student.new_empty(S * B, dtype=acc), student.new_empty(teacher.shape[0], dtype=acc))
 

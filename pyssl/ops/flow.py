@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import check_int, check_no_grad, check_tensor, has_kernel, same_device_fake
+from ._dispatch import check_int, check_no_grad, check_tensor, fake_check, has_kernel, same_device_fake
 from .sampling import sample_points
 
 __all__ = [
@@ -79,6 +79,12 @@ def _acc(t):
 @torch.library.register_fake("pyssl::flow_correspondence")
 @same_device_fake
 def _flow_fake(flow_fw, flow_bw, alpha1, alpha2):
+    fake_check(flow_fw.dim() == 4, lambda: f"flow_fw must be [B, 2, H, W], got shape {tuple(flow_fw.shape)}")
+    fake_check(flow_fw.shape[1] == 2, lambda: f"flow_fw must have 2 channels (u, v), got shape "
+                                              f"{tuple(flow_fw.shape)}")
+    if flow_bw is not None:
+        fake_check(flow_bw.shape == flow_fw.shape, lambda: f"flow_bw must have the shape of flow_fw "
+                                                           f"{tuple(flow_fw.shape)}, got {tuple(flow_bw.shape)}")
     B, _, H, W = flow_fw.shape
     return (flow_fw.new_empty(B, H, W, 2, dtype=_acc(flow_fw)),
             flow_fw.new_empty(B, H, W, dtype=torch.bool))

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import (check_generator, check_int, check_real, check_tensor, has_kernel,
+from ._dispatch import (check_generator, check_int, check_real, check_tensor, fake_check, has_kernel,
                         same_device_fake)
 
 __all__ = ["MaskingResult", "block_masking", "random_masking", "unshuffle_tokens"]
@@ -91,7 +91,13 @@ def random_masking(x: torch.Tensor, mask_ratio: float, *, noise: torch.Tensor | 
 @torch.library.register_fake("pyssl::random_masking")
 @same_device_fake
 def _random_masking_fake(x, noise, len_keep):
+    fake_check(x.dim() == 3, lambda: f"x must be [N, L, D], got shape {tuple(x.shape)}")
     N, L, D = x.shape
+    fake_check(noise.dim() == 2, lambda: f"noise must be [N, L], got shape {tuple(noise.shape)}")
+    fake_check(noise.shape[0] == N, lambda: f"noise must have shape [N, L] = [{N}, {L}], got {tuple(noise.shape)}")
+    fake_check(noise.shape[1] == L, lambda: f"noise must have shape [N, L] = [{N}, {L}], got {tuple(noise.shape)}")
+    fake_check(0 <= len_keep, lambda: f"len_keep must be in [0, L={L}], got {len_keep}")
+    fake_check(len_keep <= L, lambda: f"len_keep must be in [0, L={L}], got {len_keep}")
     return (
         x.new_empty(N, len_keep, D),
         x.new_empty(N, L, dtype=torch.bool),
@@ -161,7 +167,17 @@ def unshuffle_tokens(visible: torch.Tensor, ids_restore: torch.Tensor, mask_toke
 @torch.library.register_fake("pyssl::unshuffle_tokens")
 @same_device_fake
 def _unshuffle_fake(visible, ids_restore, mask_token, validate=True):
-    N, _, D = visible.shape
+    fake_check(visible.dim() == 3, lambda: f"visible must be [N, K, D], got shape {tuple(visible.shape)}")
+    fake_check(ids_restore.dim() == 2, lambda: f"ids_restore must be [N, L], got shape {tuple(ids_restore.shape)}")
+    fake_check(mask_token.dim() == 1, lambda: f"mask_token must be [D], got shape {tuple(mask_token.shape)}")
+    torch._check_type(ids_restore.dtype == torch.long, lambda: f"ids_restore must be int64, got {ids_restore.dtype}")
+    N, K, D = visible.shape
+    fake_check(ids_restore.shape[0] == N, lambda: f"ids_restore.shape[0] must be the batch N={N} of visible, "
+                                                  f"got {ids_restore.shape[0]}")
+    fake_check(ids_restore.shape[1] >= K, lambda: f"ids_restore.shape[1] (L={ids_restore.shape[1]}) must be >= "
+                                                  f"the number of visible tokens K={K}")
+    fake_check(mask_token.shape[0] == D, lambda: f"mask_token.shape[0] must be D={D} of visible, got "
+                                                 f"{mask_token.shape[0]}")
     return visible.new_empty(N, ids_restore.shape[1], D)
 
 

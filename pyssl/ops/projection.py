@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._dispatch import (check_generator, check_int, check_no_grad, check_tensor, has_kernel,
+from ._dispatch import (check_generator, check_int, check_no_grad, check_tensor, fake_check, has_kernel,
                         same_device_fake, suggest_memory_format)
 from .sampling import sample_points
 
@@ -150,6 +150,15 @@ def _acc(*tensors):
 @same_device_fake
 def _project_fake(points, lidar_to_cam, intrinsics, image_size, batch, min_depth, margin, rounding):
     acc = _acc(points, lidar_to_cam, intrinsics)
+    fake_check(points.dim() == 2 and points.shape[1] >= 3,
+               lambda: f"points must be [P, 3+] (x, y, z, extra columns ignored), got {tuple(points.shape)}")
+    lead = 2 if batch is not None else 1
+    fake_check(lidar_to_cam.dim() == lead + 2 and lidar_to_cam.shape[-1] == 4 and lidar_to_cam.shape[-2] == 4,
+               lambda: f"lidar_to_cam must be {'[B, C, 4, 4]' if batch is not None else '[C, 4, 4]'}, got "
+                       f"{tuple(lidar_to_cam.shape)}")
+    fake_check(intrinsics.shape[:-2] == lidar_to_cam.shape[:-2] and intrinsics.shape[-2:] == (3, 3),
+               lambda: f"intrinsics must be [..., C, 3, 3] matching lidar_to_cam {tuple(lidar_to_cam.shape)}, "
+                       f"got {tuple(intrinsics.shape)}")
     C, P = lidar_to_cam.shape[-3], points.shape[0]
     return (points.new_empty(C, P, 2, dtype=acc), points.new_empty(C, P, dtype=acc),
             points.new_empty(C, P, dtype=torch.bool))
@@ -439,6 +448,10 @@ def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
 @torch.library.register_fake("pyssl::segment_mean")
 @same_device_fake
 def _segment_fake(values, segment_ids, num_segments, deterministic):
+    fake_check(values.dim() == 2, lambda: f"values must be [N, D], got shape {tuple(values.shape)}")
+    fake_check(segment_ids.dim() == 1 and segment_ids.shape[0] == values.shape[0],
+               lambda: f"segment_ids must be [N] = [{values.shape[0]}], got {tuple(segment_ids.shape)}")
+    fake_check(num_segments >= 0, lambda: f"num_segments must be >= 0, got {num_segments}")
     return (values.new_empty(num_segments, values.shape[1]),
             segment_ids.new_empty(num_segments, dtype=torch.long))
 

@@ -129,3 +129,46 @@ def test_compiled_backward_with_unusual_feature_layouts(layout):
     got_f = feats.clone().requires_grad_(True)
     torch.compile(loss, fullgraph=True)(got_f).backward()
     torch.testing.assert_close(got_f.grad, want_f.grad)
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: P.random_masking(_meta(2, 8, 4), _meta(2, 8), 100), ValueError, r"len_keep must be in \[0, L=8\]"),
+    (lambda: P.random_masking(_meta(2, 8, 4), _meta(2, 7), 3), ValueError, "noise must have shape"),
+    (lambda: ops.unshuffle_tokens(_meta(2, 4, 3), _meta(2, 6), _meta(3)), TypeError, "ids_restore must be int64"),
+    (lambda: ops.unshuffle_tokens(_meta(2, 4, 3), _meta(2, 2, dtype=torch.long), _meta(3)), ValueError,
+     r"ids_restore.shape\[1\] \(L=2\) must be >= the number of visible tokens K=4"),
+    (lambda: ops.unshuffle_tokens(_meta(2, 4, 3), _meta(2, 6, dtype=torch.long), _meta(5)), ValueError,
+     "mask_token.shape"),
+    (lambda: ops.dino_loss(_meta(8, 16), _meta(4, 7), _meta(16)), ValueError, r"teacher.shape\[1\] \(K=7\)"),
+    (lambda: ops.dino_loss(_meta(8, 16), _meta(0, 16), _meta(16)), ValueError, "teacher has 0 rows"),
+    (lambda: ops.dino_loss(_meta(9, 16), _meta(4, 16), _meta(16)), ValueError, "student has 9 rows"),
+    (lambda: ops.dino_loss(_meta(4, 16), _meta(6, 16), _meta(16), n_teacher_crops=3), ValueError,
+     r"n_teacher_crops \(3\) must be <= the number of student crops \(2\)"),
+    (lambda: ops.dino_loss(_meta(8, 16), _meta(4, 16), _meta(15)), ValueError, r"center must have shape \[K\]"),
+    (lambda: ops.flow_correspondence(_meta(2, 5, 6)), ValueError, r"flow_fw must be \[B, 2, H, W\]"),
+    (lambda: ops.flow_correspondence(_meta(2, 3, 5, 6)), ValueError, "flow_fw must have 2 channels"),
+    (lambda: ops.flow_correspondence(_meta(2, 2, 5, 6), _meta(2, 2, 5, 7)), ValueError, "flow_bw must have the shape"),
+    (lambda: ops.segment_mean(_meta(4, 2), _meta(4, dtype=torch.long), -3), ValueError, "num_segments must be >= 0"),
+    (lambda: P.segment_mean(_meta(4, 2), _meta(3, dtype=torch.long), 2, False), ValueError, r"segment_ids must be \[N\]"),
+    (lambda: ops.project_points(_meta(5, 2), _meta(1, 4, 4), _meta(1, 3, 3), (4, 4)), ValueError, r"points must be \[P, 3\+\]"),
+    (lambda: ops.project_points(_meta(5, 3), _meta(1, 4, 4), _meta(3, 3, 3), (4, 4)), ValueError,
+     "intrinsics must be"),
+])
+def test_fake_kernels_refuse_what_the_kernels_refuse(call, error, match):
+    """The fake kernels repeat the C++ kernels' shape checks: on meta tensors (and while
+    torch.compile traces) bad shapes raise the kernels' errors instead of returning a shape."""
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_fake_kernels_accept_good_meta_inputs():
+    assert ops.dino_loss(_meta(24, 16), _meta(4, 16), _meta(16))[0].shape == ()
+    assert ops.unshuffle_tokens(_meta(2, 4, 3), _meta(2, 6, dtype=torch.long), _meta(3)).shape == (2, 6, 3)
+    assert ops.project_points(_meta(5, 3), _meta(3, 4, 4), _meta(3, 3, 3), (4, 4)).pixels.shape == (3, 5, 2)
+    assert ops.flow_correspondence(_meta(2, 2, 5, 6), _meta(2, 2, 5, 6))[1].shape == (2, 5, 6)
+    assert P.random_masking(_meta(2, 8, 4), _meta(2, 8), 3)[0].shape == (2, 3, 4)
+    assert ops.segment_mean(_meta(4, 2), _meta(4, dtype=torch.long), 3)[0].shape == (3, 2)
