@@ -148,6 +148,7 @@ def sample_features(features: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
         raise ValueError(f"coords must have shape [B, Ho, Wo, 2] with B = {features.shape[0]}, "
                          f"got {tuple(coords.shape)}")
     _check_float(coords, "coords")
+    _check_maps("features", features, others=(("coords", coords),))
     B, Ho, Wo, _ = coords.shape
     if (features.device.type == "cpu" and features.dtype in (torch.float32, torch.bfloat16)
             and coords.dtype == torch.float32
@@ -243,6 +244,22 @@ def affine_correspondence(theta: torch.Tensor, size_in, size_out) -> torch.Tenso
 def _check_float(t, name):
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (pixel coordinates), got {t.dtype}")
+
+
+_MAP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_maps(reference_name, reference, maps=(), others=()):
+    """Feature maps (``maps``, with ``reference``) of a dtype the kernels take, and every tensor
+    on ``reference``'s device, so that errors name the caller's arguments rather than the
+    kernels' (features, xy, point_features, weights)."""
+    for name, t in ((reference_name, reference), *maps):
+        if t.dtype not in _MAP_DTYPES:
+            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    for name, t in (*maps, *others):
+        if t.device != reference.device:
+            raise ValueError(f"{name} must be on {reference_name}'s device ({reference.device}), "
+                             f"got {t.device}")
 
 
 def _size(size, name):
@@ -351,6 +368,9 @@ def dense_correspondence_loss(online: torch.Tensor, target: torch.Tensor, coords
     if tuple(valid.shape) != (B, H, W):
         raise ValueError(f"valid must have shape [B, H, W] = {(B, H, W)}, got {tuple(valid.shape)}")
     _check_float(coords, "coords")
+    _check_maps("online", online, maps=(("target", target),), others=(("coords", coords), ("valid", valid)))
+    if not (valid.dtype == torch.bool or valid.is_floating_point()):
+        raise TypeError(f"valid must be bool (or float weights), got {valid.dtype}")
     check_no_grad(coords, "coords", "use sample_features and a loss for gradients to the coordinates")
     check_no_grad(valid, "valid", "use sample_features and a loss for gradients to the weights")
     xy = coords.reshape(B * H * W, 2)
