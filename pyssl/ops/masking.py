@@ -277,9 +277,13 @@ def block_masking(batch_size: int, height: int, width: int, num_masking_patches:
         raise ValueError(f"num_masking_patches ({num_masking_patches}) must be <= height*width "
                          f"({height}*{width} = {height * width})")
     min_num_patches = check_int(min_num_patches, "min_num_patches", minimum=0)
-    if max_num_patches is None:
+    if max_num_patches is None:  # (a default below min_num_patches only makes blocks rare)
         max_num_patches = max(num_masking_patches, 1)
-    max_num_patches = check_int(max_num_patches, "max_num_patches", minimum=1)
+    else:
+        max_num_patches = check_int(max_num_patches, "max_num_patches", minimum=1)
+        if max_num_patches < min_num_patches:
+            raise ValueError(f"max_num_patches ({max_num_patches}) must be >= min_num_patches "
+                             f"({min_num_patches})")
     min_aspect = check_real(min_aspect, "min_aspect")
     if not 0 < min_aspect < math.inf:
         raise ValueError(f"min_aspect must be a positive finite number, got {min_aspect}")

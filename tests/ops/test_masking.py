@@ -263,6 +263,7 @@ def test_empty_batch_and_edges():
         (lambda: ops.block_masking(2, 4, 4, 3, min_aspect=2, max_aspect=1), "max_aspect"),
         (lambda: ops.block_masking(2, 4.5, 4, 3), "height"),
         (lambda: ops.block_masking(2, 4, 4, 3, max_num_patches=0), "max_num_patches"),
+        (lambda: ops.block_masking(8, 14, 14, 75, min_num_patches=16, max_num_patches=8), r"max_num_patches \(8\) must be >= min_num_patches \(16\)"),
         (lambda: ops.block_masking(2, 4, 4, 3, min_aspect=2.0), "max_aspect"),
         (lambda: ops.block_masking(2, 4, 4, 3, min_aspect="0.3"), "min_aspect"),
         (lambda: ops.block_masking(2, 4, 4, 3, max_aspect="3"), "max_aspect"),
