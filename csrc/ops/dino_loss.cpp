@@ -210,10 +210,7 @@ Tensor dino_loss_backward_cpu(const Tensor& grad_loss, const Tensor& student,
   const DinoShape d = check_dino(student, teacher, center, weights, n_teacher_crops, student_temp,
                                  teacher_temp, skip_same_view);
   const auto acc = acc_type(student, teacher);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar");
-  TORCH_CHECK_VALUE(student_lse.numel() == d.S * d.B && teacher_lse.numel() == d.T * d.B,
-                    "student_lse / teacher_lse do not match the inputs (expected ", d.S * d.B,
-                    " and ", d.T * d.B, " values)");
+  check_dino_backward(grad_loss, student, student_lse, teacher_lse, d);
   const Tensor s = student.contiguous(), t = teacher.contiguous();  // any float dtype, read in place
   const Tensor c = center.to(acc).contiguous();
   const Tensor w = weights.has_value() ? weights->to(acc).contiguous() : Tensor();

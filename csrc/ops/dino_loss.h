@@ -65,6 +65,23 @@ inline at::ScalarType acc_type(const at::Tensor& a, const at::Tensor& b) {
                                                                             : at::kFloat;
 }
 
+// The backward's extra inputs: the scalar gradient and the forward's per-row log-sum-exps.
+inline void check_dino_backward(const at::Tensor& grad_loss, const at::Tensor& student,
+                                const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                                const DinoShape& d) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(student_lse.numel() == d.S * d.B && teacher_lse.numel() == d.T * d.B,
+                    "student_lse / teacher_lse do not match the inputs (expected ", d.S * d.B,
+                    " and ", d.T * d.B, " values, got ", student_lse.numel(), " and ",
+                    teacher_lse.numel(), ")");
+  check_floating(grad_loss, "grad_loss");
+  check_floating(student_lse, "student_lse");
+  check_floating(teacher_lse, "teacher_lse");
+  check_same_device(grad_loss, student, "grad_loss", "student");
+  check_same_device(student_lse, student, "student_lse", "student");
+  check_same_device(teacher_lse, student, "teacher_lse", "student");
+}
+
 inline void check_offset_lse(const at::Tensor& x, const std::optional<at::Tensor>& row_offset,
                       const std::optional<at::Tensor>& col_offset, int64_t dim) {
   check_dim(x, 2, "x", "[R, K]");
@@ -73,11 +90,13 @@ inline void check_offset_lse(const at::Tensor& x, const std::optional<at::Tensor
   if (row_offset.has_value()) {
     TORCH_CHECK_VALUE(row_offset->dim() == 1 && row_offset->size(0) == x.size(0),
                       "row_offset must have shape [R] = [", x.size(0), "], got ", row_offset->sizes());
+    check_floating(*row_offset, "row_offset");
     check_same_device(*row_offset, x, "row_offset", "x");
   }
   if (col_offset.has_value()) {
     TORCH_CHECK_VALUE(col_offset->dim() == 1 && col_offset->size(0) == x.size(1),
                       "col_offset must have shape [K] = [", x.size(1), "], got ", col_offset->sizes());
+    check_floating(*col_offset, "col_offset");
     check_same_device(*col_offset, x, "col_offset", "x");
   }
 }

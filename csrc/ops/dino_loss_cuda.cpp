@@ -62,12 +62,7 @@ Tensor dino_loss_backward_cuda(const Tensor& grad_loss, const Tensor& student,
   const DinoShape d = check_dino(student, teacher, center, weights, n_teacher_crops, student_temp,
                                  teacher_temp, skip_same_view);
   check_crops(d);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar");
-  TORCH_CHECK_VALUE(student_lse.numel() == d.S * d.B && teacher_lse.numel() == d.T * d.B,
-                    "student_lse / teacher_lse do not match the inputs");
-  check_same_device(grad_loss, student, "grad_loss", "student");
-  check_same_device(student_lse, student, "student_lse", "student");
-  check_same_device(teacher_lse, student, "teacher_lse", "student");
+  check_dino_backward(grad_loss, student, student_lse, teacher_lse, d);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_type(student, teacher);
   auto [s, t] = common_dtype(student, teacher);

@@ -1271,6 +1271,8 @@ std::tuple<Tensor, Tensor> sample_features_dense_backward_cpu(const Tensor& grad
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == C &&
                         grad.size(2) * grad.size(3) == P,
                     "grad must have shape [B, C, Ho, Wo] of the output, got ", grad.sizes());
+  check_floating(grad, "grad");
+  check_same_device(grad, features, "grad", "features");
   if (H == 0 || W == 0) {  // an empty map: no feature gradient to hold, every point outside
     return {features_grad ? at::zeros_like(features) : at::empty({0}, features.options()),
             coords_grad ? at::zeros({B, 2, Ho, Wo}, coords.options()).permute({0, 2, 3, 1})

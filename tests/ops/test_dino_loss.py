@@ -325,6 +325,14 @@ def test_bitwise_repeatable_across_thread_counts(dtype):
         (lambda: ops.ibot_patch_loss(torch.randn(3, 5), torch.randn(3, 5), torch.zeros(5), torch.ones(4)), "weights"),
         (lambda: ops.sinkhorn_knopp_center(torch.randn(3, 5), 0.0), "teacher_temp"),
         (lambda: ops.sinkhorn_knopp_center(torch.randn(3, 5), 0.1, 0), "n_iterations"),
+        # the internal ops validate their auxiliary inputs too (torch.ops callers skip Python)
+        (lambda: torch.ops.pyssl.dino_loss_backward(torch.tensor(1.0), torch.randn(6, 5), torch.randn(4, 5), torch.zeros(5), None,
+                                                    torch.zeros(6, dtype=torch.long), torch.zeros(4), 2, 0.1, 0.04, True), "student_lse must have dtype"),
+        (lambda: torch.ops.pyssl.dino_loss_backward(torch.tensor(1.0 + 1j), torch.randn(6, 5), torch.randn(4, 5), torch.zeros(5), None,
+                                                    torch.zeros(6), torch.zeros(4), 2, 0.1, 0.04, True), "grad_loss must have dtype"),
+        (lambda: torch.ops.pyssl.dino_loss_backward(torch.tensor(1.0), torch.randn(6, 5), torch.randn(4, 5), torch.zeros(5), None,
+                                                    torch.zeros(6), torch.zeros(5), 2, 0.1, 0.04, True), "expected 6 and 4 values, got 6 and 5"),
+        (lambda: torch.ops.pyssl.offset_logsumexp(torch.randn(3, 4), None, torch.zeros(4, dtype=torch.complex64), 1.0, 1), "col_offset must have dtype"),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

@@ -1005,6 +1005,7 @@ def test_sample_features_on_an_empty_map_is_zero(dtype, C, hw, channels_last):
         (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.tensor([1, 0, 1])), "flip"),
         (lambda: ops.crop_theta(torch.rand(3, 4), (8, 8), torch.ones(3, dtype=torch.bool, device="meta")), "flip is a meta tensor"),
         (lambda: ops.sample_features(torch.randn(2, 3, 4, 4).long(), torch.zeros(2, 4, 4, 2)), "features must be float32"),
+        (lambda: torch.ops.pyssl.sample_features_dense_backward(torch.ones(1, 2, 3, 3, dtype=torch.long), torch.randn(1, 2, 4, 4), torch.rand(1, 3, 3, 2), True, True), "grad must have dtype"),
         (lambda: ops.sample_features(torch.randn(2, 3, 4, 4).double(), torch.zeros(2, 4, 4, 2, device="meta")), "coords must be on features's device"),
         (lambda: ops.dense_correspondence_loss(torch.ones(1, 3, 4, 4, dtype=torch.long), torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4)), "online must be float32"),
         (lambda: ops.dense_correspondence_loss(torch.randn(1, 3, 4, 4), torch.ones(1, 3, 4, 4, dtype=torch.int32), torch.zeros(1, 4, 4, 2), torch.ones(1, 4, 4)), "target must be float32"),
