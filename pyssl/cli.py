@@ -23,13 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 0
-    return int(func(args) or 0)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func = getattr(args, "func", None)
+        if func is None:
+            parser.print_help()
+            return 0
+        return int(func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints and stops itself)
+        print("\npyssl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The command line: recipes list, pretrain/eval round trip, bad input before training."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -130,3 +131,75 @@ def test_torchrun_workers_end_without_interpreter_finalization(monkeypatch, caps
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: an ordinary return
     monkeypatch.setenv("RANK", "0")
     assert main(["pretrain", "rotnet", "--data", "digits"]) == code and exits == [code]
+
+
+def test_output_folders_that_cannot_be_written_are_clear_errors(tmp_path, capsys):
+    """--out naming a file, or a folder under a file, is refused before any work (it raised
+    FileExistsError / NotADirectoryError from deep in the run)."""
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    for out, message in ((afile, "is not a folder"), (afile / "sub", r"is not a folder \(.*afile is a file\)")):
+        assert main(["pretrain", "rotnet", "--data", "digits", "--out", str(out), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"pyssl pretrain: error: --out {re.escape(str(out))}: {message}", err), err
+    run = tmp_path / "run"
+    assert main(["pretrain", "rotnet", "--data", "digits", "--epochs", "1", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(run), "--out", str(afile), "train_subset=100",
+                 "test_subset=50"]) == 2
+    assert "--out" in capsys.readouterr().err and afile.read_text() == "hi"
+    assert main(["eval", ",", "--checkpoint", str(run)]) == 2
+    assert "no evaluation protocol given" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_config_error(tmp_path, capsys):
+    assert main(["pretrain", "rotnet", "--data", "digits", "--out", str(tmp_path / "r"), *TINY,
+                 "device=cuda"]) == 2
+    assert "device=cuda but no CUDA device is available" in capsys.readouterr().err
+
+
+def test_resume_edge_cases(tmp_path, capsys):
+    """A finished run resumed: nothing to do (a traceback before). A resume refused for a changed
+    batch size leaves config.json as it was. A corrupt last.pt points at the epoch checkpoints.
+    Temporaries of a write killed midway (a dead process's) are removed."""
+    run = tmp_path / "run"
+    base = ["pretrain", "rotnet", "--data", "digits", "--out", str(run)]
+    tiny = [t for t in TINY if not t.startswith("max_steps")]  # a whole epoch: 2 steps
+    assert main(base + ["--epochs", "1", *tiny, "keep_every_epochs=1"]) == 0
+    capsys.readouterr()
+    before = (run / "config.json").read_text()
+    stale = run / ".last.pt.tmp-999999999"  # no such process
+    stale.write_bytes(b"partial")
+    assert main(["pretrain", "rotnet", "--out", str(run), "--resume"]) == 0
+    assert "nothing to train: the run" in capsys.readouterr().out
+    assert not stale.exists()
+    assert main(["pretrain", "rotnet", "--out", str(run), "--resume", "--epochs", "2",
+                 "batch_size=16"]) == 2
+    assert "steps per epoch" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == before
+    (run / "last.pt").write_bytes(b"garbage")
+    assert main(["pretrain", "rotnet", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "checkpoint_epoch0001.pt: copy it to last.pt" in err
+
+
+def test_a_diverged_run_is_one_line_and_exit_1(tmp_path, capsys):
+    out = tmp_path / "d"
+    tiny = [t for t in TINY if not t.startswith("max_steps")]
+    assert main(["pretrain", "rotnet", "--data", "digits", "--out", str(out), *tiny,
+                 "lr=1e30", "warmup_epochs=0", "max_steps=4"]) == 1
+    err = capsys.readouterr().err
+    assert "pyssl pretrain: training diverged: the loss became nan in step" in err, err
+    assert "no checkpoint had been written yet" in err and "Traceback" not in err
+
+
+def test_ctrl_c_outside_training_is_exit_130(monkeypatch, capsys):
+    from pyssl.commands import recipes
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "run", interrupted)
+    assert main(["recipes"]) == 130
+    assert "pyssl: interrupted" in capsys.readouterr().err

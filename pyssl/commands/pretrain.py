@@ -6,15 +6,21 @@ import os
 
 
 def run(args) -> int:
+    import sys
+
     from ._common import fail, user_errors
 
     try:
         from ..engine.run import pretrain
+        from ..engine.trainer import TrainingDiverged
 
         summary = pretrain(args.recipe, data=args.data, epochs=args.epochs, out=args.out,
                            overrides=args.overrides, resume=args.resume)
     except user_errors() as e:
         return fail("pretrain", e)
+    except TrainingDiverged as e:  # not bad input, but no traceback either
+        print(f"pyssl pretrain: training diverged: {e}", file=sys.stderr)
+        return 1
     code = _report(args, summary)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from ..engine.distributed import end_worker
@@ -31,6 +37,11 @@ def _report(args, summary) -> int:
               f" (continue with: pyssl pretrain {args.recipe} --out {summary['run_dir']} "
               "--resume)")
         return 130
+    if summary["loss"] is None:  # resumed at or past the end: no step ran
+        print(f"[pyssl] nothing to train: the run in {summary['run_dir']} is already at step "
+              f"{summary['step']} (epoch {summary['epoch']}); raise --epochs (or max_steps) to "
+              "train further")
+        return 0
     print(f"[pyssl] done: {summary['step']} steps, final loss {summary['loss']:.4f}, "
           f"{summary['seconds']:.0f} s; run folder {summary['run_dir']}")
     return 0
@@ -40,7 +51,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="pretrain an encoder with a self-supervised recipe",
         description="Pretrain with a recipe (see `pyssl recipes`). Any config key can be set as "
-                    "key=value (e.g. lr=1e-3 backbone=vit_tiny precision=bf16); the resolved "
+                    "key=value (e.g. lr=1e-3 backbone=vit_tiny precision=bf16; a key given twice "
+                    "takes the last value); the resolved "
                     "config, metrics.jsonl, TensorBoard events, figures and checkpoints go into "
                     "one run folder. Multi-process: torchrun --nproc_per_node N -m pyssl "
                     "pretrain ...")

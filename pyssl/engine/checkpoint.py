@@ -7,7 +7,8 @@ Checkpoint format (a dict, ``format == "pyssl.checkpoint/1"``)::
     recipe        recipe name                  config        {"train": {...}, "recipe": {...}}
     model         recipe.state_dict()          optimizer     optimizer.state_dict()
     scaler        GradScaler state or None     step, epoch, batch_in_epoch (progress counters)
-    rng           {"torch", "cuda", "numpy", "python"} states of rank 0
+    rng           {"torch", "cuda", "numpy", "python"} states of rank 0 (numpy's as a tuple
+                  with a tensor of keys, so that the file holds only tensors and containers)
     encoder       {"spec": {"backbone": {name, in_chans, image_size, kwargs},
                             "input": {image_size, channels, mode, ...}, "feature": "pooled"},
                    "state_dict": encoder weights}     <- all that evaluation reads
@@ -22,9 +23,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "atomic_save", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "atomic_save", "check_folder", "load_checkpoint", "make_folder", "rng_state",
+           "set_rng_state"]
 
 FORMAT = "pyssl.checkpoint/1"
+
+
+def check_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Check, before any work is done, that the output folder ``path`` can be created or written
+    (nothing is created yet): a ConfigError naming ``option`` for a file in the way or a folder
+    without write permission."""
+    from .config import ConfigError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise ConfigError(f"{option} {path}: is not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not writable")
+    return path
+
+
+def make_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path.mkdir(parents=True, exist_ok=True)``, with a ConfigError naming ``option`` where
+    the system refuses (a read-only file system, a permission check_folder cannot see)."""
+    from .config import ConfigError
+
+    path = check_folder(path, option)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot create the folder ({e.strerror or e})") from None
+    return path
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
@@ -54,16 +87,34 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+TRUST_ENV = "PYSSL_TRUSTED_CHECKPOINTS"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a pyssl checkpoint (or a folder holding ``last.pt``); clear errors for a missing
-    or foreign file."""
+    or foreign file.
+
+    Loaded with ``torch.load(weights_only=True)``: tensors and plain containers only, so that a
+    crafted file cannot run code (a pickle can). A file that needs more (a checkpoint of an
+    older pyssl, with numpy's RNG state as an array) is refused with a message; set
+    ``PYSSL_TRUSTED_CHECKPOINTS=1`` to load such files you trust in full."""
+    import pickle
+
     p = Path(path)
     if p.is_dir():
         p = p / "last.pt"
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
+    trusted = os.environ.get(TRUST_ENV, "") not in ("", "0")
     try:
-        ck = torch.load(p, map_location=map_location, weights_only=False)
+        ck = torch.load(p, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a class or function to import and call
+            raise ValueError(
+                f"checkpoint {p} holds Python objects other than tensors and containers, which "
+                f"could run code when loaded; if you trust the file, set {TRUST_ENV}=1 to load "
+                "it") from None
+        raise ValueError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
@@ -73,7 +124,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                   float(cached)),
          "python": random.getstate()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,7 +136,10 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, *rest = s["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, *rest))
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
 
@@ -57,12 +58,20 @@ class TrainConfig:
                 raise ConfigError(f"{k}={getattr(self, k)!r}: must be one of {', '.join(ok)}")
         positive = ("epochs", "batch_size", "log_every")
         for k in positive:
-            if getattr(self, k) <= 0:
+            if not getattr(self, k) > 0:
                 raise ConfigError(f"{k}={getattr(self, k)}: must be > 0")
+        # (written "not >= 0" so that NaN fails too)
         for k in ("lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad", "max_steps",
                   "data_subset", "num_workers", "checkpoint_every", "keep_every_epochs"):
-            if getattr(self, k) < 0:
+            if not getattr(self, k) >= 0:
                 raise ConfigError(f"{k}={getattr(self, k)}: must be >= 0")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name}={v}: must be a finite number")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum}: must be in [0, 1) (SGD momentum, AdamW "
+                              "beta1)")
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -104,9 +113,12 @@ def convert_value(key: str, text: str, tp):
             raise ConfigError(f"{key}={text!r}: expected an integer") from None
     if tp is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ConfigError(f"{key}={text!r}: expected a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={text!r}: expected a finite number")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"{key}: unsupported config type {tp}")
@@ -121,7 +133,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         k = k.strip().replace("-", "_")
         if not k:
             raise ConfigError(f"override {it!r} has an empty key")
-        out[k] = v
+        out[k] = v  # a key given twice: the last value wins (base overrides + specific ones)
     return out
 
 

@@ -37,7 +37,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     gloo on CPU. Returns rank/world/device; a single process needs no process group."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
+        from .config import ConfigError
+
+        raise ConfigError("device=cuda but no CUDA device is available (device=cpu or auto runs "
+                          "on the CPU)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

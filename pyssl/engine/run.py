@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data.datasets import resolve_data
-from .checkpoint import load_checkpoint
+from .checkpoint import check_folder, load_checkpoint, make_folder
 from .config import (ConfigError, TrainConfig, apply_overrides, config_from_dict,
                      config_to_dict, parse_overrides)
 from .distributed import init_distributed, shutdown_distributed
@@ -38,14 +38,26 @@ def build_configs(recipe: str, overrides=(), data: str | None = None,
     apply_overrides([train, rcfg], ov)
     if data is not None:
         train.data = data
+    _set_epochs(train, epochs)
+    train.validate()
+    check_recipe_config(rcfg)
+    return cls, train, rcfg
+
+
+def _set_epochs(train: TrainConfig, epochs) -> None:
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
             raise ConfigError(f"--epochs must be a positive integer, got {epochs!r}")
         train.epochs = epochs
-    train.validate()
+
+
+def check_recipe_config(rcfg) -> None:
+    """The keys every recipe config has (recipes check their own keys when built)."""
     if not isinstance(rcfg.image_size, int) or rcfg.image_size < 4:
         raise ConfigError(f"image_size={rcfg.image_size}: must be an integer >= 4")
-    return cls, train, rcfg
+    if not isinstance(rcfg.backbone_width, int) or rcfg.backbone_width < 0:
+        raise ConfigError(f"backbone_width={rcfg.backbone_width}: must be an integer >= 0 (0: the "
+                          "backbone's default width)")
 
 
 def default_run_dir(recipe: str, data: str) -> Path:
@@ -70,8 +82,18 @@ def pretrain(recipe: str, *, data: str | None = None, epochs: int | None = None,
         ck_path = Path(out) / "last.pt"
         if not ck_path.exists():
             raise FileNotFoundError(f"--resume: {ck_path} does not exist")
-        ck = load_checkpoint(ck_path)
-        saved = ck["config"]
+        try:
+            ck = load_checkpoint(ck_path)
+        except ValueError as e:
+            kept = sorted(Path(out).glob("checkpoint_epoch*.pt"))
+            hint = (f"; the run folder also holds {kept[-1].name}: copy it to last.pt to resume "
+                    "from it" if kept else "")
+            raise ValueError(f"--resume: {e}{hint}") from None
+        saved = ck.get("config")
+        if not (isinstance(saved, dict) and all(k in saved for k in ("recipe", "train",
+                                                                    "recipe_config"))):
+            raise ConfigError(f"--resume: {ck_path} holds no run configuration (a checkpoint "
+                              "written by Trainer without pyssl pretrain's config record?)")
         recipe = saved["recipe"] if recipe is None else recipe
         if recipe.replace("-", "_") != saved["recipe"]:
             raise ConfigError(f"--resume: {out} is a {saved['recipe']!r} run, not {recipe!r}")
@@ -84,9 +106,9 @@ def pretrain(recipe: str, *, data: str | None = None, epochs: int | None = None,
                         else overrides)
         if data is not None and data != train.data:
             raise ConfigError(f"--resume: the run used --data {train.data!r}, not {data!r}")
-        if epochs is not None:
-            train.epochs = epochs
+        _set_epochs(train, epochs)
         train.validate()
+        check_recipe_config(rcfg)
         del ck
     else:
         cls, train, rcfg = build_configs(recipe, overrides, data, epochs)
@@ -98,6 +120,8 @@ def pretrain(recipe: str, *, data: str | None = None, epochs: int | None = None,
             torch.distributed.broadcast_object_list(run_dir, src=0)
         out = run_dir[0]
     out = Path(out)
+    if info.is_main:
+        check_folder(out)
     if not resume and (out / "last.pt").exists():
         raise ConfigError(f"--out {out} already holds a run (last.pt); pass --resume to continue "
                           "it or choose another --out")
@@ -110,15 +134,20 @@ def pretrain(recipe: str, *, data: str | None = None, epochs: int | None = None,
               "train": config_to_dict(train), "recipe_config": config_to_dict(rcfg),
               "data": {"name": dataset.name, "size": len(dataset),
                        "channels": dataset.channels, "num_classes": dataset.num_classes},
-              "world_size": info.world_size, "torch": torch.__version__}
+              "world_size": info.world_size, "torch": str(torch.__version__)}
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", record)
+        make_folder(out)
         print(f"[pyssl] {cls.name} on {dataset.name} ({len(dataset)} images), "
               f"{train.epochs} epochs, batch {train.batch_size} x {info.world_size} process(es) "
               f"-> {out}", flush=True)
+
+    def on_start():  # every check passed, the checkpoint loaded: config.json says what runs now
+        if info.is_main:
+            _write_json(out / "config.json", record)
+
     trainer = Trainer(model, dataset, train, out, record,
-                      resume=out / "last.pt" if resume else None, dist_info=info)
+                      resume=out / "last.pt" if resume else None, dist_info=info,
+                      on_start=on_start)
     summary = trainer.fit()
     summary["history"] = trainer.history
     shutdown_distributed(info)

@@ -29,7 +29,11 @@ from .logger import MetricLogger
 from .recipe import Recipe, StepContext
 from .schedules import Schedule
 
-__all__ = ["Trainer", "to_device"]
+__all__ = ["Trainer", "TrainingDiverged", "to_device"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last checkpoint written before it is kept."""
 
 
 def to_device(batch, device):
@@ -44,6 +48,34 @@ def to_device(batch, device):
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # Ctrl-C and SIGTERM are the main process's to handle (finish the step, write a checkpoint,
+    # stop). `timeout`, Slurm and `kill -- -PGID` signal the whole process group: a worker that
+    # died of it would make the loader raise in the main process, at any point of a step, and
+    # the interrupt checkpoint would be lost. Workers still end when the loader shuts them down
+    # (a None on their queue) or when the main process is gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files (``.NAME.tmp-PID``) of checkpoint writes whose process is gone
+    (killed mid-write); those of a live process are left alone."""
+    import os
+
+    for tmp in folder.glob(".*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+        if not alive:
+            tmp.unlink(missing_ok=True)
 
 
 def _resolve_precision(p: str, device: torch.device) -> str:
@@ -57,8 +89,12 @@ def _resolve_precision(p: str, device: torch.device) -> str:
 class Trainer:
     def __init__(self, recipe: Recipe, dataset, cfg: TrainConfig, out_dir: str | Path,
                  config_record: dict | None = None, resume: str | Path | None = None,
-                 dist_info: DistInfo | None = None):
+                 dist_info: DistInfo | None = None, on_start=None):
+        """``on_start()``: called once every check has passed (the resumed checkpoint's
+        included), before the first step: ``pretrain`` writes ``config.json`` there, so that a
+        resume refused for a changed setting leaves the run folder as it was."""
         cfg.validate()
+        self.on_start = on_start
         self.recipe, self.dataset, self.cfg = recipe, dataset, cfg
         self.out = Path(out_dir)
         self.config_record = config_record or {"train": config_to_dict(cfg)}
@@ -66,6 +102,7 @@ class Trainer:
         self.info = dist_info or init_distributed(cfg.device)
         self.history: list[dict] = []     # every step's rank-averaged metrics
         self._stop_signal = 0
+        self._saved_step: int | None = None  # the step of the newest last.pt
 
     # ------------------------------------------------------------------ setup
     def _encoder_prefix(self) -> str:
@@ -98,7 +135,22 @@ class Trainer:
               "steps_per_epoch": self.steps_per_epoch, "rng": rng_state(),
               "world_size": self.info.world_size, "time": time.time(),
               "encoder": {"spec": self.recipe.encoder_spec(), "state_dict": enc_sd}}
-        return atomic_save(ck, self.out / name)
+        path = atomic_save(ck, self.out / name)
+        if name == "last.pt":
+            self._saved_step = self.step
+        return path
+
+    def _diverged(self, value: float, epoch: int) -> TrainingDiverged:
+        if self._saved_step is not None:
+            kept = (f"the last good checkpoint {self.out / 'last.pt'} (step {self._saved_step}) "
+                    "is kept: continue from it with, e.g., a lower lr (pyssl pretrain ... --out "
+                    f"{self.out} --resume lr=...)")
+        else:
+            kept = ("no checkpoint had been written yet (checkpoint_every=N writes one every N "
+                    "steps; one is written at the end of each epoch)")
+        # steps are counted from 1 here, as in metrics.jsonl: step n is the n-th optimizer step
+        return TrainingDiverged(f"the loss became {value} in step {self.step + 1} (epoch {epoch}); "
+                                f"{kept}")
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame):
@@ -184,9 +236,14 @@ class Trainer:
             set_rng_state(ck["rng"])
             self.step, self.epoch, self.batch_in_epoch = (ck["step"], ck["epoch"],
                                                           ck["batch_in_epoch"])
+            self._saved_step = self.step
             if self.batch_in_epoch >= spe:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
+        if info.is_main:
+            _remove_stale_temporaries(self.out)
+        if self.on_start is not None:
+            self.on_start()
         logger = MetricLogger(self.out, cfg.tensorboard,
                               resume_step=self.step if ck is not None else -1) \
             if info.is_main else None
@@ -264,9 +321,7 @@ class Trainer:
                         stop = red.pop() > 0
                         m = dict(zip(keys, red))
                         if not math.isfinite(m["loss"]):
-                            raise FloatingPointError(
-                                f"loss is {m['loss']} at step {self.step} (epoch {ep}); the last "
-                                f"good checkpoint in {self.out} is kept")
+                            raise self._diverged(m["loss"], ep)
                         self.step += 1
                         self.batch_in_epoch = bi + 1
                         now = time.time()

@@ -45,9 +45,12 @@ def fewshot_eval(features: torch.Tensor, labels: torch.Tensor, n_way: int = 5,
     # classes with too few samples for an episode are left out of the draw
     by_class = {c: idx for c, idx in by_class.items() if len(idx) >= n_shot + n_query}
     classes = torch.tensor(sorted(by_class))
-    if n_way < 2 or n_way > len(classes):
-        raise ValueError(f"n_way must be in [2, {len(classes)}] (classes with at least "
-                         f"n_shot + n_query = {n_shot + n_query} samples), got {n_way}")
+    if n_way < 2:
+        raise ValueError(f"n_way must be >= 2, got {n_way}")
+    if n_way > len(classes):
+        raise ValueError(f"n_way={n_way} needs {n_way} classes with at least n_shot + n_query = "
+                         f"{n_shot + n_query} samples each, but only {len(classes)} have that many "
+                         "(lower n_way, n_shots or n_query, or use more data: train_subset)")
     g = torch.Generator().manual_seed(seed)
     accs = []
     for _ in range(episodes):

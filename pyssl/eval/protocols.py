@@ -7,6 +7,7 @@ preprocessing with fresh weights, evaluated identically."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.datasets import DataError, find_fashion_mnist, resolve_data
-from ..engine.checkpoint import load_checkpoint
+from ..engine.checkpoint import check_folder, load_checkpoint, make_folder
 from ..engine.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
 from .features import extract_features, image_view, load_encoder
 from .fewshot import fewshot_eval
@@ -63,8 +64,12 @@ class EvalConfig:
                   "finetune_epochs", "finetune_batch_size"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k}={getattr(self, k)}: must be > 0")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature}: must be > 0")
+        for k in ("temperature", "probe_lr", "finetune_lr"):
+            if not 0 < getattr(self, k) < math.inf:
+                raise ConfigError(f"{k}={getattr(self, k)}: must be a positive finite number")
+        if not 0 <= self.probe_weight_decay < math.inf:
+            raise ConfigError(f"probe_weight_decay={self.probe_weight_decay}: must be a finite "
+                              "number >= 0")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"label_fraction={self.label_fraction}: must be in (0, 1]")
         if self.view not in ("", "image"):
@@ -115,7 +120,7 @@ def markdown_table(rows: list[dict], columns: list[str], percent=PERCENT) -> str
 
 
 def _write(out: Path, stem: str, result: dict, md: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     for name, text in ((f"{stem}.json", json.dumps(result, indent=2) + "\n"),
                        (f"{stem}.md", md + "\n")):
         tmp = out / f".{name}.tmp"
@@ -129,6 +134,9 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
     ``<out>/eval_<protocols>[_random].{md,json}`` (``out`` defaults to ``<run>/eval``)."""
     if isinstance(protocols, str):
         protocols = [protocols]
+    if not protocols:
+        raise ConfigError(f"no evaluation protocol given; valid: {', '.join(PROTOCOLS)} "
+                          "(several: linear,knn)")
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
         raise ConfigError(f"unknown evaluation protocol {bad[0]!r}; valid: {', '.join(PROTOCOLS)}")
@@ -136,6 +144,7 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
     apply_overrides([cfg], list(overrides) if not isinstance(overrides, dict) else overrides)
     cfg.validate()
     ck = load_checkpoint(checkpoint)
+    out_dir = check_folder(Path(out) if out else Path(ck["path"]).parent / "eval")
     encoder, spec, meta = load_encoder(ck, random_init=random_init, seed=cfg.seed)
     if cfg.view == "image":
         spec = image_view(spec)
@@ -194,11 +203,10 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
              f"{len(train)} train / {len(test)} test images, input: {_input_name(spec)}; "
              f"accuracy in %")
     md = f"{title}\n\n{md}"
-    out = Path(out) if out else Path(ck["path"]).parent / "eval"
     stem = "eval_" + "_".join(protocols) + ("_random" if random_init else "")
-    _write(out, stem, result, md)
+    _write(out_dir, stem, result, md)
     result["table"] = md
-    result["out"] = str(out)
+    result["out"] = str(out_dir)
     if verbose:
         print(md, flush=True)
     return result

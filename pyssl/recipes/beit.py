@@ -207,12 +207,12 @@ class BEiT(ModernRecipe):
 
     # ------------------------------------------------------------------ tokenizer=auto
     def _train_tokenizer(self, ctx) -> nn.Module:
+        from ..engine.checkpoint import load_checkpoint
         from ..engine.run import pretrain
 
         run = Path(ctx.trainer.out) / "tokenizer"
         if not (run / "last.pt").exists() or \
-                torch.load(run / "last.pt", map_location="cpu", weights_only=False).get(
-                    "epoch", 0) < self.cfg.tokenizer_epochs:
+                load_checkpoint(run / "last.pt").get("epoch", 0) < self.cfg.tokenizer_epochs:
             tc = ctx.train_config
             ov = {"image_size": str(self.cfg.image_size), "num_codes":
                   str(self.cfg.tokenizer_codes), "downsample": str(self.backbone.patch_size),

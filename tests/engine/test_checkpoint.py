@@ -1,5 +1,7 @@
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +39,34 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot be read"):
         load_checkpoint(tmp_path / "garbage.pt")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # what a crafted file does: unpickling calls a function of its choice
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_load_without_running_code(tmp_path, monkeypatch):
+    """torch.load(weights_only=True): a file whose pickle would call a function is refused
+    (it used to run: weights_only=False), unless PYSSL_TRUSTED_CHECKPOINTS=1 says it is
+    trusted; pyssl's own checkpoints (RNG states included) need nothing more."""
+    marker = tmp_path / "code_ran"
+    torch.save({"format": FORMAT, "x": _RunsCode(marker)}, tmp_path / "crafted.pt")
+    monkeypatch.delenv(ckmod.TRUST_ENV, raising=False)
+    with pytest.raises(ValueError, match="could run code when loaded; .*PYSSL_TRUSTED_CHECKPOINTS=1"):
+        load_checkpoint(tmp_path / "crafted.pt")
+    assert not marker.exists()
+    monkeypatch.setenv(ckmod.TRUST_ENV, "1")
+    load_checkpoint(tmp_path / "crafted.pt")
+    assert marker.exists()
+    monkeypatch.delenv(ckmod.TRUST_ENV)
+    np.random.seed(1)
+    np.random.standard_normal()  # a cached Gaussian in numpy's state
+    atomic_save({"format": FORMAT, "rng": ckmod.rng_state()}, tmp_path / "last.pt")
+    want = (np.random.rand(4), random.random(), torch.rand(3))
+    ckmod.set_rng_state(load_checkpoint(tmp_path)["rng"])
+    got = (np.random.rand(4), random.random(), torch.rand(3))
+    assert np.array_equal(want[0], got[0]) and want[1] == got[1] and torch.equal(want[2], got[2])

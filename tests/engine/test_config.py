@@ -37,6 +37,30 @@ def test_wrong_types_name_the_key(item, match):
         apply_overrides([TrainConfig(), _C()], [item])
 
 
+@pytest.mark.parametrize("item", ["lr=nan", "clip_grad=nan", "final_weight_decay=nan", "lr=inf",
+                                  "warmup_epochs=-inf", "min_lr=NaN"])
+def test_non_finite_numbers_are_refused_by_name(item):
+    """NaN passed `x < 0` checks (clip_grad=nan silently meant "off") and inf diverged."""
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.*expected a finite number"):
+        apply_overrides([TrainConfig()], [item])
+
+
+def test_validate_catches_values_set_in_code():
+    for key, value, match in (("clip_grad", float("nan"), "clip_grad=nan: must be >= 0"),
+                              ("final_weight_decay", float("inf"), "must be a finite number"),
+                              ("momentum", 5.0, r"momentum=5.0: must be in \[0, 1\)"),
+                              ("epochs", float("nan"), "epochs=nan: must be > 0")):
+        t = TrainConfig()
+        setattr(t, key, value)
+        with pytest.raises(ConfigError, match=match):
+            t.validate()
+
+
+def test_a_key_given_twice_takes_the_last_value():
+    assert parse_overrides(["lr=1", "epochs=3", "lr=2"]) == {"lr": "2", "epochs": "3"}
+
+
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError) as e:
         apply_overrides([TrainConfig(), _C()], ["learning_rate=1"])
@@ -57,6 +81,8 @@ def test_recipe_configs_resolve_and_validate():
         build_configs("rotnet", ["batch_size=0"])
     with pytest.raises(ConfigError, match="--epochs"):
         build_configs("rotnet", [], epochs=0)
+    with pytest.raises(ConfigError, match="backbone_width=-8: must be an integer >= 0"):
+        build_configs("rotnet", ["backbone_width=-8"])
     with pytest.raises(ValueError, match="unknown recipe 'nope'; valid recipes: .*rotnet"):
         build_configs("nope")
     with pytest.raises(ConfigError, match="unknown config key 'tile_size'"):

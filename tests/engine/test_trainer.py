@@ -69,12 +69,12 @@ def test_resume_gives_identical_losses(tmp_path):
         pretrain("rotnet", out=tmp_path / "nothing", resume=True)
 
 
-def _spawn(out, extra, env_extra=None):
+def _spawn(out, extra, env_extra=None, new_session=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "pyssl", "pretrain", "rotnet", "--data", "digits",
            "--out", str(out), "--epochs", "200", *TINY, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
 
 
 def _wait_for_checkpoint(proc, out, min_step, timeout=120):
@@ -125,6 +125,23 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path):
     assert ck["step"] == read_metrics(out)[-1]["step"]       # saved after the last step
     res = pretrain("rotnet", out=out, resume=True, overrides=[f"max_steps={ck['step'] + 1}"])
     assert res["status"] == "finished" and res["step"] == ck["step"] + 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_with_loader_workers_still_checkpoints(tmp_path, sig):
+    """`timeout`, Slurm and `kill -- -PGID` signal every process of the group, the DataLoader
+    workers too: they ignore it, and the main process finishes its step and saves as when it
+    alone is signalled (a worker killed by the signal made the loader raise mid-step, and the
+    interrupt checkpoint was lost)."""
+    out = tmp_path / "group"
+    proc = _spawn(out, ["checkpoint_every=2", "num_workers=2"], new_session=True)
+    _wait_for_checkpoint(proc, out, 4)
+    os.killpg(proc.pid, sig)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, text
+    assert text.count(f"got signal {int(sig)}") == 1, text  # the main process's message only
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["step"] == read_metrics(out)[-1]["step"]       # saved after the last step
 
 
 @dataclass
@@ -184,9 +201,13 @@ def test_custom_recipe_hooks_bf16_clipping(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     rec, tr = _probe_trainer(tmp_path, nan_at=2)
-    with pytest.raises(FloatingPointError, match="at step 2"):
+    with pytest.raises(FloatingPointError, match=r"became nan in step 3 .*last.pt \(step 2\) is kept"):
         tr.fit()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    rec, tr = _probe_trainer(tmp_path / "first", nan_at=0)
+    with pytest.raises(FloatingPointError, match="in step 1 .*no checkpoint had been written yet"):
+        tr.fit()
+    assert not (tmp_path / "first" / "last.pt").exists()
 
 
 def test_fp16_on_cpu_is_rejected(tmp_path):
