@@ -313,14 +313,25 @@ def _check_camera_index(camera_index, features, row, col):
             raise ValueError(f"{name} must be on features's device ({features.device}), got {t.device}")
 
 
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is possible and allowed here."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t):
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _check_pair_ranges(features, camera_index, row, col, mode):
     """camera_index in [0, C) and, in nearest mode, row in [0, H) and col in [0, W): integer
     pixels are indices, so one outside the image is a caller's bug (swapped row and col, pixels
     of points no camera sees), not a miss; float coordinates in bilinear mode may fall outside
     and read zeros. One host sync for all three (the kernels check camera_index again, for
-    torch.ops callers). Not under torch.compile, where the values are not known."""
-    if features.dim() != 4 or camera_index.numel() == 0 or camera_index.device.type == "meta" \
-            or torch.compiler.is_compiling():
+    torch.ops callers). Skipped where the values cannot be read: under torch.compile, on meta
+    or fake tensors, and while a CUDA graph is being captured (a sync would end the capture)."""
+    if features.dim() != 4 or camera_index.numel() == 0 or not _values_readable(camera_index):
         return
     named = [("camera_index", camera_index, features.shape[0])]
     if mode == "nearest":

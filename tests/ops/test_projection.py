@@ -411,6 +411,20 @@ def test_compile_fullgraph_projection_and_gather():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(pts, feats), f(pts, feats))
 
 
+def test_nearest_gather_and_loss_trace_under_fake_tensors():
+    """The nearest-mode range check reads values on the host; under FakeTensorMode (shape
+    propagation, export) there are none, so it must step aside instead of raising
+    DataDependentOutputException, and the shapes must come out as on real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        feats = torch.randn(3, 8, 6, 7)
+        cam, row, col = (torch.zeros(5, dtype=torch.long) for _ in range(3))
+        out = ops.gather_pixel_features(feats, cam, row, col)
+        loss = ops.pixel_to_point_distillation_loss(torch.randn(5, 8), feats, cam, row, col)
+    assert out.shape == (5, 8) and loss.shape == ()
+
+
 def test_compile_point_pixel_pairs_dynamic_output():
     import torch._dynamo
 
