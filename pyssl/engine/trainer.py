@@ -55,6 +55,44 @@ def _worker_init(_):
     # (a None on their queue) or when the main process is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by _start_loader since before the fork:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones are dropped
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_loader(loader: DataLoader):
+    """``iter(loader)`` with SIGINT and SIGTERM blocked while the workers start: a signal sent
+    to the process group between a worker's fork and its _worker_init would otherwise reach it
+    with the main process's handler. The main process gets a signal that arrived meanwhile
+    when the mask is restored."""
+    if (loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask")
+            or threading.current_thread() is not threading.main_thread()):
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop_loader(it) -> None:
+    """Shut the loader's workers down now, whatever ended the epoch (its end, a break, an
+    exception, Ctrl-C). Workers ignore SIGTERM (see _worker_init), so the SIGTERM with which
+    torch and multiprocessing end a worker that does not stop by itself would leave it
+    running, and the interpreter would wait for it forever at exit: one still alive after
+    torch's shutdown is killed."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:  # num_workers=0
+        return
+    try:
+        shutdown()
+    finally:
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=10)
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
@@ -124,6 +162,8 @@ class Trainer:
 
     def save_checkpoint(self, name: str = "last.pt") -> Path | None:
         model_sd, opt_sd = self._state_dicts()   # collective under FSDP: every rank calls
+        if name == "last.pt":  # on every rank: a divergence message names it on any of them
+            self._saved_step = self.step
         if not self.info.is_main:
             return None
         pre = self._encoder_prefix()
@@ -135,10 +175,7 @@ class Trainer:
               "steps_per_epoch": self.steps_per_epoch, "rng": rng_state(),
               "world_size": self.info.world_size, "time": time.time(),
               "encoder": {"spec": self.recipe.encoder_spec(), "state_dict": enc_sd}}
-        path = atomic_save(ck, self.out / name)
-        if name == "last.pt":
-            self._saved_step = self.step
-        return path
+        return atomic_save(ck, self.out / name)
 
     def _diverged(self, value: float, epoch: int) -> TrainingDiverged:
         if self._saved_step is not None:
@@ -274,75 +311,79 @@ class Trainer:
                                         drop_last=True, worker_init_fn=_worker_init,
                                         pin_memory=device.type == "cuda")
                     tstep = time.time()
-                    for bi, batch in enumerate(loader, start=skip):
-                        if self.step >= total:
-                            break
-                        lr, wd = lr_s(self.step), wd_s(self.step)
-                        for g in self.optimizer.param_groups:
-                            g["lr"] = lr * g.get("lr_scale", 1.0)
-                            if g.get("apply_wd", True):
-                                g["weight_decay"] = wd
-                        ctx.step, ctx.lr, ctx.weight_decay = self.step, lr, wd
-                        torch.manual_seed(mix_seed(cfg.seed, self.step, info.rank, 0x5EED))
-                        batch = to_device(batch, device)
-                        with autocast:
-                            out = model(batch, ctx)
-                        if not isinstance(out, dict) or "loss" not in out:
-                            raise TypeError(f"{type(recipe).__name__}.training_step must return "
-                                            "a dict with a 'loss' tensor")
-                        loss = out["loss"]
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.scaler.scale(loss).backward()
-                        gnorm = None
-                        if cfg.clip_grad > 0:
-                            self.scaler.unscale_(self.optimizer)
-                            gnorm = torch.nn.utils.clip_grad_norm_(
-                                [p for g in self.optimizer.param_groups for p in g["params"]],
-                                cfg.clip_grad)
-                        recipe.on_before_optimizer_step(ctx)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        recipe.on_after_optimizer_step(ctx)
-                        # metrics (+ the stop flag) averaged over ranks: one collective
-                        keys = [k for k, v in out.items()
-                                if isinstance(v, (torch.Tensor, float, int)) and
-                                (not isinstance(v, torch.Tensor) or v.numel() == 1)]
-                        vals = [out[k].detach().float().reshape(()) if
-                                isinstance(out[k], torch.Tensor) else
-                                torch.tensor(float(out[k])) for k in keys]
-                        if gnorm is not None:
-                            if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor (collective)
-                                gnorm = gnorm.full_tensor()
-                            keys.append("grad_norm")
-                            vals.append(torch.as_tensor(gnorm, dtype=torch.float32).reshape(()))
-                        vals.append(torch.tensor(float(self._stop_signal > 0)))
-                        red = all_reduce_mean(torch.stack([v.to(device) for v in vals]),
-                                              info).cpu().tolist()
-                        stop = red.pop() > 0
-                        m = dict(zip(keys, red))
-                        if not math.isfinite(m["loss"]):
-                            raise self._diverged(m["loss"], ep)
-                        self.step += 1
-                        self.batch_in_epoch = bi + 1
-                        now = time.time()
-                        rate = cfg.batch_size / max(now - tstep, 1e-9)
-                        tstep = now
-                        ema_rate = rate if ema_rate is None else 0.9 * ema_rate + 0.1 * rate
-                        m.update(lr=lr, weight_decay=wd, epoch=ep)
-                        self.history.append({"step": self.step, **m})
-                        last_metrics = m
-                        if logger and (self.step % cfg.log_every == 0 or self.step == total):
-                            logger.log({**m, "img_per_s": ema_rate,
-                                        "time": now - t0}, self.step)
-                        if pbar is not None:
-                            pbar.update(1)
-                            pbar.set_postfix(epoch=ep, loss=f"{m['loss']:.4f}",
-                                             img_s=f"{ema_rate:.0f}", refresh=False)
-                        if stop:
-                            status = "interrupted"
-                            break
-                        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                            self.save_checkpoint()
+                    batches = _start_loader(loader)
+                    try:
+                        for bi, batch in enumerate(batches, start=skip):
+                            if self.step >= total:
+                                break
+                            lr, wd = lr_s(self.step), wd_s(self.step)
+                            for g in self.optimizer.param_groups:
+                                g["lr"] = lr * g.get("lr_scale", 1.0)
+                                if g.get("apply_wd", True):
+                                    g["weight_decay"] = wd
+                            ctx.step, ctx.lr, ctx.weight_decay = self.step, lr, wd
+                            torch.manual_seed(mix_seed(cfg.seed, self.step, info.rank, 0x5EED))
+                            batch = to_device(batch, device)
+                            with autocast:
+                                out = model(batch, ctx)
+                            if not isinstance(out, dict) or "loss" not in out:
+                                raise TypeError(f"{type(recipe).__name__}.training_step must "
+                                                "return a dict with a 'loss' tensor")
+                            loss = out["loss"]
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self.scaler.scale(loss).backward()
+                            gnorm = None
+                            if cfg.clip_grad > 0:
+                                self.scaler.unscale_(self.optimizer)
+                                gnorm = torch.nn.utils.clip_grad_norm_(
+                                    [p for g in self.optimizer.param_groups for p in g["params"]],
+                                    cfg.clip_grad)
+                            recipe.on_before_optimizer_step(ctx)
+                            self.scaler.step(self.optimizer)
+                            self.scaler.update()
+                            recipe.on_after_optimizer_step(ctx)
+                            # metrics (+ the stop flag) averaged over ranks: one collective
+                            keys = [k for k, v in out.items()
+                                    if isinstance(v, (torch.Tensor, float, int)) and
+                                    (not isinstance(v, torch.Tensor) or v.numel() == 1)]
+                            vals = [out[k].detach().float().reshape(()) if
+                                    isinstance(out[k], torch.Tensor) else
+                                    torch.tensor(float(out[k])) for k in keys]
+                            if gnorm is not None:
+                                if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor (collective)
+                                    gnorm = gnorm.full_tensor()
+                                keys.append("grad_norm")
+                                vals.append(torch.as_tensor(gnorm, dtype=torch.float32).reshape(()))
+                            vals.append(torch.tensor(float(self._stop_signal > 0)))
+                            red = all_reduce_mean(torch.stack([v.to(device) for v in vals]),
+                                                  info).cpu().tolist()
+                            stop = red.pop() > 0
+                            m = dict(zip(keys, red))
+                            if not math.isfinite(m["loss"]):
+                                raise self._diverged(m["loss"], ep)
+                            self.step += 1
+                            self.batch_in_epoch = bi + 1
+                            now = time.time()
+                            rate = cfg.batch_size / max(now - tstep, 1e-9)
+                            tstep = now
+                            ema_rate = rate if ema_rate is None else 0.9 * ema_rate + 0.1 * rate
+                            m.update(lr=lr, weight_decay=wd, epoch=ep)
+                            self.history.append({"step": self.step, **m})
+                            last_metrics = m
+                            if logger and (self.step % cfg.log_every == 0 or self.step == total):
+                                logger.log({**m, "img_per_s": ema_rate,
+                                            "time": now - t0}, self.step)
+                            if pbar is not None:
+                                pbar.update(1)
+                                pbar.set_postfix(epoch=ep, loss=f"{m['loss']:.4f}",
+                                                 img_s=f"{ema_rate:.0f}", refresh=False)
+                            if stop:
+                                status = "interrupted"
+                                break
+                            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                                self.save_checkpoint()
+                    finally:
+                        _stop_loader(batches)
                     if status != "finished":
                         break
                     if self.batch_in_epoch >= spe:   # epoch complete

@@ -144,6 +144,66 @@ def test_signal_to_the_process_group_with_loader_workers_still_checkpoints(tmp_p
     assert ck["step"] == read_metrics(out)[-1]["step"]       # saved after the last step
 
 
+_ENDS_IN_AN_EXCEPTION = """
+import sys
+from pyssl.data.datasets import DigitsDataset
+from pyssl.engine.run import pretrain
+
+get = DigitsDataset.__getitem__
+def failing(self, i):  # a dataset that breaks in a loader worker after a few batches
+    if failing.calls > 40:
+        raise OSError("disk gone")
+    failing.calls += 1
+    return get(self, i)
+failing.calls = 0
+if sys.argv[1] == "worker":
+    DigitsDataset.__getitem__ = failing
+else:  # Ctrl-C twice (abort now) in the main process, as a step ends
+    from pyssl.engine.trainer import Trainer
+    save = Trainer.save_checkpoint
+    def interrupted(self, *a):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return save(self, *a)
+    Trainer.save_checkpoint = interrupted
+pretrain("rotnet", data="digits", epochs=200, out=sys.argv[2], overrides=sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("fail", ["worker", "interrupt"])
+def test_training_ending_in_an_exception_stops_the_loader_workers(tmp_path, fail):
+    """Workers ignore SIGTERM (they are the main process's to stop), so the SIGTERM that torch
+    and multiprocessing send a worker at shutdown did not end one: a script whose training
+    ended in an exception (a worker's error, a second Ctrl-C) printed the traceback and then
+    waited for its workers forever at interpreter exit. The trainer now stops them itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", _ENDS_IN_AN_EXCEPTION, fail, str(out), *TINY,
+                             "num_workers=2", "checkpoint_every=1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:  # hung: end it and its workers (the test then fails)
+            for pid in [*_children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode not in (0, None), text
+    assert ("OSError: disk gone" if fail == "worker" else "KeyboardInterrupt") in text, text
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 @dataclass
 class _ProbeConfig(RecipeConfig):
     nan_at: int = -1
