@@ -186,12 +186,43 @@ def test_resume_edge_cases(tmp_path, capsys):
 
 def test_a_diverged_run_is_one_line_and_exit_1(tmp_path, capsys):
     out = tmp_path / "d"
-    tiny = [t for t in TINY if not t.startswith("max_steps")]
+    # 4 steps per epoch: the run diverges before the end-of-epoch checkpoint
+    tiny = [t for t in TINY if not t.startswith(("max_steps", "data_subset"))]
     assert main(["pretrain", "rotnet", "--data", "digits", "--out", str(out), *tiny,
-                 "lr=1e30", "warmup_epochs=0", "max_steps=4"]) == 1
+                 "data_subset=128", "lr=1e30", "warmup_epochs=0", "max_steps=4"]) == 1
     err = capsys.readouterr().err
     assert "pyssl pretrain: training diverged: the loss became nan in step" in err, err
     assert "no checkpoint had been written yet" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_diverged_torchrun_worker_says_it_once_and_ends_with_1(monkeypatch, capsys, rank):
+    """Every rank sees the same all-reduced loss and diverges together: rank 0 alone prints
+    the message, and each worker leaves through end_worker with exit code 1."""
+    import pyssl.engine.run
+    from pyssl.commands import pretrain as command
+    from pyssl.engine.trainer import TrainingDiverged
+
+    def diverging(*a, **k):
+        raise TrainingDiverged("the loss became nan in step 3 (epoch 0); ...")
+
+    monkeypatch.setattr(pyssl.engine.run, "pretrain", diverging)
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(c):
+        exits.append(c)
+        raise Exited
+
+    monkeypatch.setattr(command.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(Exited):
+        main(["pretrain", "rotnet", "--data", "digits"])
+    assert exits == [1]
+    assert ("training diverged: the loss became nan" in capsys.readouterr().err) == (rank == "0")
 
 
 def test_ctrl_c_outside_training_is_exit_130(monkeypatch, capsys):

@@ -19,9 +19,13 @@ def run(args) -> int:
     except user_errors() as e:
         return fail("pretrain", e)
     except TrainingDiverged as e:  # not bad input, but no traceback either
-        print(f"pyssl pretrain: training diverged: {e}", file=sys.stderr)
-        return 1
-    code = _report(args, summary)
+        if os.environ.get("RANK", "0") == "0":  # every rank diverged; one says so
+            print(f"pyssl pretrain: training diverged: {e}", file=sys.stderr)
+        return _end(1)
+    return _end(_report(args, summary))
+
+
+def _end(code: int) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from ..engine.distributed import end_worker
 

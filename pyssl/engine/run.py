@@ -19,7 +19,7 @@ from .checkpoint import check_folder, load_checkpoint, make_folder
 from .config import (ConfigError, TrainConfig, apply_overrides, config_from_dict,
                      config_to_dict, parse_overrides)
 from .distributed import init_distributed, shutdown_distributed
-from .trainer import Trainer
+from .trainer import Trainer, TrainingDiverged
 
 __all__ = ["build_configs", "default_run_dir", "pretrain"]
 
@@ -148,7 +148,11 @@ def pretrain(recipe: str, *, data: str | None = None, epochs: int | None = None,
     trainer = Trainer(model, dataset, train, out, record,
                       resume=out / "last.pt" if resume else None, dist_info=info,
                       on_start=on_start)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except TrainingDiverged:  # every rank saw the same (all-reduced) loss: all are here
+        shutdown_distributed(info)
+        raise
     summary["history"] = trainer.history
     shutdown_distributed(info)
     return summary
