@@ -95,8 +95,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     or foreign file.
 
     Loaded with ``torch.load(weights_only=True)``: tensors and plain containers only, so that a
-    crafted file cannot run code (a pickle can). A file that needs more (a checkpoint of an
-    older pyssl, with numpy's RNG state as an array) is refused with a message; set
+    crafted file cannot run code (a pickle can). Checkpoints of older pyssl versions, which
+    held numpy's RNG state as an array, load too (numpy arrays are rebuilt without running
+    code). A file that needs anything else is refused with a message; set
     ``PYSSL_TRUSTED_CHECKPOINTS=1`` to load such files you trust in full."""
     import pickle
 
@@ -105,9 +106,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         p = p / "last.pt"
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    trusted = os.environ.get(TRUST_ENV, "") not in ("", "0")
+    trusted = _trusted()
     try:
-        ck = torch.load(p, map_location=map_location, weights_only=not trusted)
+        try:
+            ck = torch.load(p, map_location=map_location, weights_only=not trusted)
+        except pickle.UnpicklingError as e:
+            if ("Unsupported global" not in str(e) or "numpy" not in str(e)
+                    or not hasattr(torch.serialization, "safe_globals")):  # torch < 2.5
+                raise
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                ck = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # a class or function to import and call
             raise ValueError(
@@ -121,6 +129,29 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise ValueError(f"{p} is not a pyssl checkpoint (expected format {FORMAT})")
     ck["path"] = str(p)
     return ck
+
+
+def _trusted() -> bool:
+    value = os.environ.get(TRUST_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{TRUST_ENV}={os.environ[TRUST_ENV]!r}: set it to 1 to load trusted "
+                     "checkpoints in full, or to 0 (or leave it unset)")
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs, under the names numpy 1 and 2 pickle it with: the
+    array rebuilder, ndarray, dtype and the dtype classes. None of them runs code of the
+    file's choosing."""
+    allowed: list = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed.append((np.ndarray.__reduce__(np.zeros(1))[0], f"{module}._reconstruct"))
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
 
 
 def rng_state() -> dict:

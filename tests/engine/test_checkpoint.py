@@ -70,3 +70,43 @@ def test_checkpoints_load_without_running_code(tmp_path, monkeypatch):
     ckmod.set_rng_state(load_checkpoint(tmp_path)["rng"])
     got = (np.random.rand(4), random.random(), torch.rand(3))
     assert np.array_equal(want[0], got[0]) and want[1] == got[1] and torch.equal(want[2], got[2])
+
+
+def test_older_checkpoints_with_numpy_rng_arrays_load_and_resume_the_rng(tmp_path, monkeypatch):
+    """pyssl checkpoints written before weights_only=True held numpy's RNG state as it comes
+    (a uint32 array): they load without trusting the file (numpy arrays are rebuilt without
+    running code), while a file with any other object is still refused."""
+    monkeypatch.delenv(ckmod.TRUST_ENV, raising=False)
+    np.random.seed(3)
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    torch.save({"format": FORMAT, "rng": state, "w": torch.ones(2)}, tmp_path / "old.pt")
+    want = np.random.rand(4)
+    ck = load_checkpoint(tmp_path / "old.pt")
+    assert isinstance(ck["rng"]["numpy"][1], np.ndarray)
+    ckmod.set_rng_state(ck["rng"])
+    assert np.array_equal(np.random.rand(4), want)
+    torch.save({"format": FORMAT, "rng": state, "x": _RunsCode(tmp_path / "m")},
+               tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match="could run code"):
+        load_checkpoint(tmp_path / "mixed.pt")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("value,trusted", [("0", False), ("false", False), ("No", False),
+                                           ("off", False), ("", False), ("1", True),
+                                           ("true", True), ("YES", True), ("maybe", None)])
+def test_the_trust_variable_reads_as_a_boolean(tmp_path, monkeypatch, value, trusted):
+    """PYSSL_TRUSTED_CHECKPOINTS=false used to count as trusted (anything but "" and "0")."""
+    marker = tmp_path / "code_ran"
+    torch.save({"format": FORMAT, "x": _RunsCode(marker)}, tmp_path / "crafted.pt")
+    monkeypatch.setenv(ckmod.TRUST_ENV, value)
+    if trusted is None:
+        with pytest.raises(ValueError, match="PYSSL_TRUSTED_CHECKPOINTS='maybe': set it to 1"):
+            load_checkpoint(tmp_path / "crafted.pt")
+    elif trusted:
+        load_checkpoint(tmp_path / "crafted.pt")
+    else:
+        with pytest.raises(ValueError, match="could run code"):
+            load_checkpoint(tmp_path / "crafted.pt")
+    assert marker.exists() == bool(trusted)
