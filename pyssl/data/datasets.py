@@ -237,11 +237,12 @@ class ImageFolder(ImageDataset):
         self.root, self.classes, self.channels, self.name = root, classes, channels, root.name
         self.skipped: set[str] = set()
         if verify:
-            good = []
-            for s in self.samples:
-                if self._load(s[0]) is not None:
-                    good.append(s)
-            self.samples = good
+            self.samples = [s for s in self.samples if self._load(s[0]) is not None]
+        elif not any(self._load(s[0]) is not None for s in self.samples):
+            self.samples = []  # stops at the first readable image: usually the first file
+        if not self.samples:  # refused here, not in a loader worker in the middle of training
+            raise DataError(f"no readable image in {root} ({len(self.skipped)} files with "
+                            f"image extensions, none of which PIL can decode)")
 
     def _load(self, path: str) -> torch.Tensor | None:
         from PIL import Image
@@ -341,7 +342,48 @@ class Subset(ImageDataset):
     def labels(self) -> list[int]:
         if hasattr(self.base, "targets"):
             return self.base.targets[self.indices].tolist()
+        if isinstance(self.base, ImageFolder):  # labels without decoding the images
+            return [self.base.samples[i][1] for i in self.indices]
         return super().labels()
+
+
+HELD_OUT_FRACTION = 0.2   # of each class, for an image folder without train/ and val/ (test/)
+
+
+def _image_folder_split(path: Path, split: str) -> ImageDataset:
+    """``path/train`` and ``path/val`` (or ``path/test``) for the splits when present. A folder
+    without them is split per class, the same way every time: ``HELD_OUT_FRACTION`` of each
+    class (at least one image of a class with two or more) is the test split and the rest the
+    train split, so that evaluation never tests on the images it trained on."""
+    held = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
+    train = path / "train" if (path / "train").is_dir() else None
+    if train is not None or held is not None:
+        if split == "all":
+            raise DataError(f"{path} has train/ and val/ (or test/) splits: choose one")
+        folder = train if split == "train" else held
+        if folder is None:
+            missing = "train/" if split == "train" else "val/ or test/"
+            raise DataError(f"image folder {path} has no {missing} sub-folder for the {split} "
+                            "split (give a folder with both, or one with the class folders "
+                            "alone, which is split 80/20)")
+        return ImageFolder(folder)
+    ds = ImageFolder(path)
+    if split == "all":
+        return ds
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(ds.samples):
+        by_class.setdefault(label, []).append(i)
+    g = torch.Generator().manual_seed(0x5117)
+    keep = []
+    for label, idx in sorted(by_class.items()):
+        n_test = 0 if len(idx) < 2 else max(1, round(HELD_OUT_FRACTION * len(idx)))
+        order = torch.randperm(len(idx), generator=g).tolist()
+        chosen = order[:n_test] if split == "test" else order[n_test:]
+        keep += [idx[k] for k in chosen]
+    if not keep:
+        raise DataError(f"image folder {path} is too small to hold out a test split (a class "
+                        "needs two images or more)")
+    return Subset(ds, indices=sorted(keep))
 
 
 BUILTIN_DATASETS = {
@@ -362,7 +404,8 @@ def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int 
     """``data``: a built-in name (see ``BUILTIN_DATASETS``) or a path: a folder with
     Fashion-MNIST idx files, a captions file (``.jsonl``/``.csv``/``.tsv``, see
     :mod:`pyssl.data.captions`), or an image folder (``<path>/train`` and ``<path>/val`` are used
-    for the splits when present). ``subset`` > 0 keeps a fixed random subset of that size."""
+    for the splits when present; a folder without them is split 80/20 per class, see
+    :func:`_image_folder_split`). ``subset`` > 0 keeps a fixed random subset of that size."""
     if not isinstance(data, str) or not data:
         raise DataError(f"--data must be a dataset name or a path, got {data!r}")
     if split not in ("train", "test", "all"):
@@ -392,9 +435,7 @@ def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int 
         elif find_fashion_mnist(p) is not None:
             ds = FashionMNIST("test" if split == "test" else "train", root=p)
         else:
-            sub = {"train": ["train"], "test": ["val", "test"]}.get(split, [])
-            folder = next((p / s for s in sub if (p / s).is_dir()), p)
-            ds = ImageFolder(folder)
+            ds = _image_folder_split(p, split)
     if subset and subset < len(ds):
         ds = Subset(ds, subset, seed)
     return ds

@@ -99,3 +99,48 @@ def test_subset_and_photos_are_deterministic():
     x2, _ = PhotoCrops(length=10, size=16)[4]
     assert x1.shape == (3, 16, 16) and y1 == -1 and torch.equal(x1, x2)
     assert not torch.equal(p[4][0], PhotoCrops("test", length=10, size=16)[4][0])
+
+
+def test_an_image_folder_of_unreadable_files_is_refused_up_front(tmp_path):
+    """Refused when the dataset is made, not by a loader worker in the middle of training."""
+    (tmp_path / "cat").mkdir()
+    for n in ("a.png", "b.jpg"):
+        (tmp_path / "cat" / n).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        with pytest.raises(DataError, match=r"no readable image in .* \(2 files with image ext"):
+            ImageFolder(tmp_path)
+
+
+def _folder(root, counts):
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            _png(root / c / f"{i}.png", 10 * i)
+
+
+def test_an_image_folder_without_splits_is_split_80_20_per_class(tmp_path):
+    """Evaluation used to test on the training images of a folder without train/ and val/."""
+    _folder(tmp_path, {"cat": 10, "dog": 5, "owl": 1})
+    train, test, full = (resolve_data(str(tmp_path), s) for s in ("train", "test", "all"))
+    paths = {s: {train.base.samples[i][0] if s == "train" else test.base.samples[i][0]
+                 for i in ds.indices} for s, ds in (("train", train), ("test", test))}
+    assert not paths["train"] & paths["test"] and len(full) == 16
+    assert sorted(test.labels()) == [0, 0, 1] and sorted(train.labels()) == [0] * 8 + [1] * 4 + [2]
+    again = resolve_data(str(tmp_path), "test")
+    assert again.indices == test.indices                        # the same split every time
+    assert resolve_data(str(tmp_path), "test", subset=2).indices[0] in test.indices
+
+
+def test_an_image_folder_with_one_split_refuses_the_other(tmp_path):
+    _folder(tmp_path / "train", {"cat": 2})
+    assert resolve_data(str(tmp_path), "train").classes == ["cat"]   # not ["train"]
+    with pytest.raises(DataError, match="has no val/ or test/ sub-folder for the test split"):
+        resolve_data(str(tmp_path), "test")
+    _folder(tmp_path / "val", {"cat": 1})
+    assert len(resolve_data(str(tmp_path), "test")) == 1
+    _folder(tmp_path / "only" / "test", {"cat": 1})
+    with pytest.raises(DataError, match="has no train/ sub-folder"):
+        resolve_data(str(tmp_path / "only"), "train")
+    _folder(tmp_path / "tiny", {"cat": 1})
+    with pytest.raises(DataError, match="too small to hold out a test split"):
+        resolve_data(str(tmp_path / "tiny"), "test")
