@@ -96,9 +96,14 @@ class DigitsDataset(_ArrayDataset):
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    import zlib
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip, unreadable file
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte idx file")
     ndim = data[3]
@@ -144,7 +149,15 @@ class FashionMNIST(_ArrayDataset):
             p = d / f"{prefix}-{kind}"
             return p.with_name(p.name + ".gz") if p.with_name(p.name + ".gz").exists() else p
 
-        imgs, labels = _read_idx(f("images-idx3-ubyte")), _read_idx(f("labels-idx1-ubyte"))
+        ip, lp = f("images-idx3-ubyte"), f("labels-idx1-ubyte")
+        imgs, labels = _read_idx(ip), _read_idx(lp)
+        if imgs.ndim != 3:
+            raise DataError(f"{ip} holds an array of shape {list(imgs.shape)}, not images [N, H, W]")
+        if labels.ndim != 1 or len(labels) != len(imgs):
+            raise DataError(f"{lp} holds labels of shape {list(labels.shape)}; {ip.name} has "
+                            f"{len(imgs)} images, so [{len(imgs)}] was expected")
+        if len(labels) and labels.max() >= len(self.CLASSES):
+            raise DataError(f"{lp} holds label {int(labels.max())}; Fashion-MNIST labels are 0-9")
         super().__init__(imgs, labels.astype(np.int64), list(self.CLASSES), "fashion-mnist")
 
 
@@ -213,6 +226,24 @@ class PhotoCrops(ImageDataset):
         return TF.resize(crop, [self.size, self.size], antialias=True), -1
 
 
+def _wide_gray_to_uint8(a: np.ndarray) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grayscale image to 8 bits, by the range its type
+    implies: integers up to 255 as they are, up to 65535 as 16-bit (/257); floats in [0, 1]
+    x255, up to 255 as they are. Anything else has no range to assume and is refused."""
+    if a.dtype.kind in "ui" or a.dtype.kind == "f" and np.isfinite(a).all():
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0:
+            if a.dtype.kind == "f" and hi <= 1:
+                return np.round(a * 255).astype(np.uint8)
+            if hi <= 255:
+                return np.round(a).astype(np.uint8)
+            if a.dtype.kind in "ui" and hi <= 65535:
+                return np.round(a / 257).astype(np.uint8)
+        raise ValueError(f"{a.dtype} pixel values in [{lo:g}, {hi:g}]: no 8-bit range to map "
+                         "them from (integers up to 65535 and floats in [0, 1] or [0, 255] are)")
+    raise ValueError("float pixel values that are NaN or infinite")
+
+
 class ImageFolder(ImageDataset):
     """``root/<class>/**/<image>`` (ImageNet layout). Images are decoded with PIL on access
     and converted to RGB (``channels=3``) or L (``channels=1``). Unreadable files are skipped:
@@ -221,6 +252,9 @@ class ImageFolder(ImageDataset):
 
     def __init__(self, root: str | os.PathLike, channels: int = 3, verify: bool = False):
         root = Path(root)
+        if root.is_file():
+            raise DataError(f"{root} is a file: give an image folder (root/<class>/<image>), a "
+                            "captions file (.jsonl, .csv, .tsv) or a dataset name")
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -249,8 +283,12 @@ class ImageFolder(ImageDataset):
 
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L")
-                arr = np.asarray(im, dtype=np.uint8).copy()
+                if im.mode.startswith(("I", "F")):  # 16/32-bit: convert() would clip to 255
+                    arr = _wide_gray_to_uint8(np.asarray(im))
+                    arr = np.repeat(arr[..., None], 3, -1) if self.channels == 3 else arr
+                else:
+                    im = im.convert("RGB" if self.channels == 3 else "L")
+                    arr = np.asarray(im, dtype=np.uint8).copy()
         except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
             if path not in self.skipped:
                 self.skipped.add(path)
@@ -296,7 +334,7 @@ class TorchvisionDataset(ImageDataset):
             self.ds = cls(root=str(root), download=download, **kw)
         except (RuntimeError, OSError) as e:
             raise DataError(f"torchvision dataset {name!r} not found under {root} ({e}); set "
-                            "PYSSL_DATA_ROOT or pass --data-root") from None
+                            "PYSSL_DATA_ROOT or data_root=<folder>") from None
         self.classes = list(getattr(self.ds, "classes", []))
         first = self._convert(self.ds[0][0])
         self.channels, self.name = first.shape[0], name

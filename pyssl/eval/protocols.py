@@ -37,6 +37,7 @@ PROTOCOLS = {
 @dataclass
 class EvalConfig:
     data: str = ""                 # default: the pretraining data if labelled, else the recipe's
+    data_root: str = ""            # torchvision datasets' root (default: the pretraining run's)
     train_subset: int = 0          # >0: fixed random subset of the labelled training split
     test_subset: int = 0
     batch_size: int = 256
@@ -149,8 +150,10 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
     if cfg.view == "image":
         spec = image_view(spec)
     data = resolve_eval_data(cfg, meta)
-    train = resolve_data(data, "train", subset=cfg.train_subset, seed=cfg.seed)
-    test = resolve_data(data, "test", subset=cfg.test_subset, seed=cfg.seed + 1)
+    root = cfg.data_root or ((meta.get("config") or {}).get("train", {}).get("data_root")
+                             if not cfg.data else None) or None
+    train = resolve_data(data, "train", subset=cfg.train_subset, seed=cfg.seed, root=root)
+    test = resolve_data(data, "test", subset=cfg.test_subset, seed=cfg.seed + 1, root=root)
     if not train.num_classes:
         raise DataError(f"--data {data!r} has no labels: evaluation needs a labelled dataset")
     feature = cfg.feature or spec.get("feature", "pooled")

@@ -87,6 +87,11 @@ def test_resolve_data_errors_name_the_argument(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
         resolve_data(str(tmp_path / "empty"))
+    _png(tmp_path / "one.png", 3)
+    with pytest.raises(DataError, match="one.png is a file: give an image folder"):
+        resolve_data(str(tmp_path / "one.png"))
+    with pytest.raises(DataError, match="PYSSL_DATA_ROOT or data_root=<folder>"):
+        resolve_data("cifar10", root=str(tmp_path))
 
 
 def test_subset_and_photos_are_deterministic():
@@ -144,3 +149,49 @@ def test_an_image_folder_with_one_split_refuses_the_other(tmp_path):
     _folder(tmp_path / "tiny", {"cat": 1})
     with pytest.raises(DataError, match="too small to hold out a test split"):
         resolve_data(str(tmp_path / "tiny"), "test")
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips 16-bit and float pixels to 255: a 16-bit PNG came out almost
+    white, a float TIFF in [0, 1] black. They are mapped by their type's range instead, and
+    values without one are refused (skipped with a warning, as an unreadable file)."""
+    (tmp_path / "a").mkdir()
+    u16 = np.array([[0, 65535], [2570, 25700]], np.uint16)
+    Image.fromarray(u16).save(tmp_path / "a" / "0.png")
+    Image.fromarray(np.array([[0, 0.5], [1, 0.2]], np.float32)).save(tmp_path / "a" / "1.tif")
+    Image.fromarray(np.array([[0, 7], [200, 255]], np.int32)).save(tmp_path / "a" / "2.tif")
+    Image.fromarray(np.array([[0, 300], [1, 2]], np.float32)).save(tmp_path / "a" / "3.tif")
+    Image.fromarray(np.array([[0, 70000], [1, 2]], np.int32)).save(tmp_path / "a" / "4.tif")
+    ds = ImageFolder(tmp_path)
+    assert ds[0][0].tolist() == [[[0, 255], [10, 100]]] * 3
+    assert ds[1][0][0].tolist() == [[0, 128], [255, 51]]
+    assert ImageFolder(tmp_path, channels=1)[2][0].tolist() == [[[0, 7], [200, 255]]]
+    with pytest.warns(RuntimeWarning, match=r"no 8-bit range to map them from") as caught:
+        img, _ = ds[3]                          # 3 and 4 skipped: the next readable image
+    assert torch.equal(img, ds[0][0]) and len(caught) == 2
+    assert ds.skipped == {str(tmp_path / "a" / f"{i}.tif") for i in (3, 4)}
+
+
+def test_broken_idx_files_are_refused_with_the_file_named(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (7, 28, 28))
+
+    def write(labels, images=imgs):
+        _idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+        _idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+
+    write(np.arange(6) % 10)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz holds labels of shape \[6\];"
+                                        r" train-images-idx3-ubyte.gz has 7 images"):
+        FashionMNIST("train", root=tmp_path)
+    write(np.array([0, 1, 2, 3, 4, 5, 12]))
+    with pytest.raises(DataError, match="holds label 12; Fashion-MNIST labels are 0-9"):
+        FashionMNIST("train", root=tmp_path)
+    write(np.arange(7), images=rng.integers(0, 256, (7, 784)))
+    with pytest.raises(DataError, match=r"shape \[7, 784\], not images"):
+        FashionMNIST("train", root=tmp_path)
+    write(np.arange(7))
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    p.write_bytes(p.read_bytes()[:-50])                       # a cut-off download
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz cannot be read"):
+        FashionMNIST("train", root=tmp_path)

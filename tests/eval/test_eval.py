@@ -200,3 +200,26 @@ def test_patch_recipes_are_evaluated_on_their_patch_grid(recipe, tmp_path):
     assert f.shape == f_img.shape and not torch.allclose(f, f_img)
     with pytest.raises(ConfigError, match="view='tiles'"):
         run_eval("knn", out / "last.pt", overrides=["view=tiles"])
+
+
+def test_run_eval_reads_torchvision_data_where_pretraining_did(tiny_run, monkeypatch):
+    """A run pretrained with data_root=<folder> is evaluated on data from the same folder
+    (eval looked under PYSSL_DATA_ROOT only); eval's own data_root= wins."""
+    import pyssl.eval.protocols as protocols
+    from pyssl.engine.checkpoint import atomic_save, load_checkpoint
+
+    ck = load_checkpoint(tiny_run / "last.pt")
+    ck["config"]["train"]["data_root"] = "/datasets/torchvision"
+    atomic_save(ck, tiny_run / "rooted.pt")
+    roots = []
+
+    def recording(data, split, *, root=None, **kw):
+        roots.append(root)
+        raise protocols.DataError("stop here")
+
+    monkeypatch.setattr(protocols, "resolve_data", recording)
+    for overrides, want in (([], "/datasets/torchvision"), (["data_root=/mine"], "/mine"),
+                            (["data=digits"], None)):
+        with pytest.raises(protocols.DataError, match="stop here"):
+            run_eval("knn", tiny_run / "rooted.pt", overrides=overrides, verbose=False)
+        assert roots.pop() == want
