@@ -61,7 +61,21 @@ def run_synth(args) -> int:
         if field in _FLAGS:                  # name the command-line flag too
             msg = f"{_FLAGS[field]} ({field}){msg[len(field):]}"
         return fail(msg)
-    out = Path(args.out)
+    if not args.no_figure:
+        if args.figure_dpi < 1:
+            return fail(f"--figure-dpi must be >= 1, got {args.figure_dpi}")
+        last = args.frames - 2 if args.frames > 1 else 0  # pairs (k, k+1) from 2 frames on
+        if not 0 <= args.figure_frame <= last:
+            return fail(f"--figure-frame must be in [0, {last}] for {args.frames} frames"
+                        + (" (the figure shows frame k and k+1)" if args.frames > 1 else "")
+                        + f", got {args.figure_frame}")
+    from pyssl.engine.checkpoint import check_folder
+    from pyssl.engine.config import ConfigError
+
+    try:
+        out = check_folder(args.out)
+    except ConfigError as e:
+        return fail(str(e))
     dirs = [out] if args.sequences == 1 else [out / f"seq_{i:03d}" for i in range(args.sequences)]
     for cfg, d in zip(configs, dirs):
         world = SyntheticWorld(cfg)
@@ -86,7 +100,7 @@ def run_synth(args) -> int:
     if not args.no_figure:
         mode = "pair" if configs[0].frames > 1 else "sample"
         ds = SyntheticWorldDataset(dirs[0], mode=mode)
-        k = min(max(args.figure_frame, 0), len(ds) - 1)
+        k = args.figure_frame
         item = ds[k]
         fig = save_figure(item, out / "synthetic_world.png", ds.camera_names, dpi=args.figure_dpi,
                           title=f"pyssl synthetic world, seed {configs[0].seed}, frame {k}"

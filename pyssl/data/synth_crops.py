@@ -159,6 +159,7 @@ class SynthCrops(_ArrayDataset):
                               "regenerating", RuntimeWarning, stacklevel=2)
                 self.from_cache = False
         if not self.from_cache:
+            _check_cache_folder(self.cache_path.parent)  # before the rendering, not after
             images, labels, meta = _generate(self.params, progress)
             _save_atomic(self.cache_path, images=images, labels=labels,
                          params=np.array(json.dumps(self.params)), **meta)
@@ -168,6 +169,19 @@ class SynthCrops(_ArrayDataset):
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.targets.numpy(), minlength=len(self.classes))
         return dict(zip(self.classes, counts.tolist()))
+
+
+def _check_cache_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise DataError(f"synth-crops: cannot create the cache folder {folder} "
+                        f"({e.strerror or e}); give a writable root (data_root=, or "
+                        "PYSSL_DATA_ROOT)") from None
+    if not writable:
+        raise DataError(f"synth-crops: the cache folder {folder} is not writable; give a "
+                        "writable root (data_root=, or PYSSL_DATA_ROOT)")
 
 
 def _save_atomic(path: Path, **arrays) -> None:

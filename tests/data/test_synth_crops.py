@@ -156,6 +156,14 @@ def test_bad_parameters_name_the_argument(kw, match, tmp_path):
     assert not (tmp_path / "synth_crops").exists()
 
 
+def test_an_unusable_cache_root_is_refused_before_rendering(tmp_path, monkeypatch):
+    """A root under a file failed with NotADirectoryError after the whole rendering."""
+    monkeypatch.setattr(sc, "_generate", lambda *a: pytest.fail("rendered first"))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(DataError, match=r"cannot create the cache folder .*f/synth_crops"):
+        tiny("train", root=tmp_path / "f")
+
+
 def test_missing_class_is_a_clear_error(tmp_path):
     # no pedestrian fills 40% of a window in these two small frames
     with pytest.raises(DataError, match="no 'pedestrian' windows"):

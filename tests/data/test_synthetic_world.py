@@ -272,6 +272,27 @@ def test_dataset_errors(tmp_path):
         SyntheticWorld(WorldConfig(seed=0, **TINY)).pair(2)
 
 
+def test_a_damaged_cache_is_rendered_again_or_named(tmp_path):
+    """A frame file cut off (a crash, a full disk) made the cache hit return a sequence that
+    failed later with zipfile's BadZipFile; a corrupt meta.json was reported as 'a different
+    sequence'. Now: the same config re-renders, and readers name the file."""
+    cfg = WorldConfig(seed=2, **TINY)
+    seq = generate_sequence(cfg, tmp_path / "seq")
+    good = (seq / "frame_000001.npz").read_bytes()
+    (seq / "frame_000001.npz").write_bytes(good[:len(good) // 2])
+    with pytest.raises(ValueError, match=r"frame_000001.npz cannot be read \(BadZipFile"):
+        SyntheticWorldDataset(seq)[1]
+    generate_sequence(cfg, seq)                              # not a cache hit: rendered again
+    assert (seq / "frame_000001.npz").read_bytes() == good
+    (seq / "meta.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"meta.json cannot be read .*--overwrite"):
+        SyntheticWorldDataset(seq)
+    with pytest.raises(FileExistsError, match=r"meta.json cannot be read .*--overwrite"):
+        generate_sequence(cfg, seq)
+    generate_sequence(cfg, seq, overwrite=True)
+    assert len(SyntheticWorldDataset(seq)) == 3
+
+
 # ---------------------------------------------------------------- figure and CLI
 def test_cli_synth_writes_sequence_and_figure(tmp_path, capsys):
     from pyssl.cli import main
@@ -295,6 +316,9 @@ def test_cli_synth_writes_sequence_and_figure(tmp_path, capsys):
     (["--min-range", "-1"], "--min-range"), (["--frames", "0"], "--frames"),
     (["--dropout", "1.5"], "--dropout"), (["--sequences", "0"], "--sequences"),
     (["--threads", "0"], "--threads"),
+    (["--figure-dpi", "0"], "--figure-dpi must be >= 1"),
+    (["--frames", "3", "--figure-frame", "2"], "--figure-frame must be in [0, 1] for 3 frames"),
+    (["--frames", "1", "--figure-frame", "-1"], "--figure-frame must be in [0, 0]"),
 ])
 def test_cli_bad_parameters(tmp_path, capsys, args, needle):
     from pyssl.cli import main
@@ -304,6 +328,14 @@ def test_cli_bad_parameters(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert needle in err and "error" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_out_that_is_a_file_is_refused_before_rendering(tmp_path, capsys):
+    from pyssl.cli import main
+
+    (tmp_path / "f").write_text("")
+    assert main(["data", "synth", "--out", str(tmp_path / "f" / "x"), "--quiet"]) == 2
+    assert "--out " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides", [

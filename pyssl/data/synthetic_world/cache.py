@@ -61,7 +61,13 @@ def read_sequence_meta(root) -> dict:
     path = Path(root) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"no synthetic-world sequence at {root} (missing meta.json)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); regenerate the "
+                         "sequence (pyssl data synth --overwrite)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a synthetic-world meta.json; regenerate the sequence")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')} is not "
                          f"{FORMAT_VERSION}; regenerate the sequence")
@@ -83,14 +89,20 @@ def generate_sequence(config: WorldConfig, out_dir, overwrite: bool = False,
     if meta_path.is_file():
         try:
             old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            if not overwrite:
+                raise FileExistsError(f"{meta_path} cannot be read ({type(e).__name__}); pass "
+                                      "overwrite=True (--overwrite) to regenerate the sequence"
+                                      ) from None
             old = {}
+        old = old if isinstance(old, dict) else {}
         same = old.get("config") == config.to_dict() and old.get("format_version") == FORMAT_VERSION
-        if same and old.get("complete"):
+        if same and old.get("complete") and _frames_intact(out, config.frames):
             return out
         if not same and not overwrite:
             raise FileExistsError(f"{out} holds a different synthetic sequence; pass "
                                   f"overwrite=True (--overwrite) to replace it")
+        # the same sequence, unfinished or with a frame file missing or cut off: rendered again
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("frame_*.npz"):
         stale.unlink()
@@ -121,15 +133,36 @@ def generate_sequence(config: WorldConfig, out_dir, overwrite: bool = False,
     return out
 
 
+def _frames_intact(root: Path, frames: int) -> bool:
+    """Every frame file is there and its zip directory reads (a file cut off by a crash or a
+    full disk loses the directory at its end). The contents are not decompressed."""
+    import zipfile
+
+    for k in range(frames):
+        try:
+            with zipfile.ZipFile(frame_path(root, k)) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return True
+
+
 def load_frame(root, frame: int) -> dict:
     """One cached frame as a dict of tensors (the sample's keys and dtypes, plus whichever of
     flow_fw / flow_fw_valid / flow_bw / flow_bw_valid the frame has)."""
+    import zipfile
+    import zlib
+
     path = frame_path(root, frame)
-    with np.load(path) as z:
-        out = {}
-        for k in z.files:
-            t = torch.from_numpy(np.array(z[k]))
-            if k in _INT64_KEYS:
-                t = t.to(torch.int64)
-            out[k] = t
+    try:
+        with np.load(path) as z:
+            out = {}
+            for k in z.files:
+                t = torch.from_numpy(np.array(z[k]))
+                if k in _INT64_KEYS:
+                    t = t.to(torch.int64)
+                out[k] = t
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); regenerate the "
+                         "sequence (pyssl data synth --out ... --overwrite)") from None
     return out
