@@ -245,7 +245,8 @@ def _wide_gray_to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 class ImageFolder(ImageDataset):
-    """``root/<class>/**/<image>`` (ImageNet layout). Images are decoded with PIL on access
+    """``root/<class>/**/<image>`` (ImageNet layout), or ``root/<image>`` for unlabelled
+    images (no classes, label ``-1``). Images are decoded with PIL on access
     and converted to RGB (``channels=3``) or L (``channels=1``). Unreadable files are skipped:
     ``__getitem__`` returns the next readable image, warns once per file, and counts them in
     ``skipped`` (a set of paths). ``verify=True`` checks every file up front instead."""
@@ -258,16 +259,18 @@ class ImageFolder(ImageDataset):
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if not classes:
-            raise DataError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
         self.samples: list[tuple[str, int]] = []
         for ci, c in enumerate(classes):
             for dirpath, _, files in sorted(os.walk(root / c)):
                 for fn in sorted(files):
                     if fn.lower().endswith(IMAGE_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, fn), ci))
+        if not classes:  # images side by side: unlabelled (label -1), enough to pretrain on
+            self.samples = [(str(f), -1) for f in sorted(root.iterdir())
+                            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.samples:
-            raise DataError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
+            raise DataError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS} "
+                            "(expected root/<class>/<image>, or unlabelled root/<image>)")
         self.root, self.classes, self.channels, self.name = root, classes, channels, root.name
         self.skipped: set[str] = set()
         if verify:
@@ -406,7 +409,7 @@ def _image_folder_split(path: Path, split: str) -> ImageDataset:
                             "alone, which is split 80/20)")
         return ImageFolder(folder)
     ds = ImageFolder(path)
-    if split == "all":
+    if split == "all" or not ds.classes:  # unlabelled: nothing to evaluate, pretrain on all
         return ds
     by_class: dict[int, list[int]] = {}
     for i, (_, label) in enumerate(ds.samples):

@@ -85,7 +85,7 @@ def test_resolve_data_errors_name_the_argument(tmp_path):
     with pytest.raises(DataError, match="torchvision dataset 'cifar10' not found"):
         resolve_data("cifar10", root=str(tmp_path))      # never downloads
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="holds no images with extensions"):
         resolve_data(str(tmp_path / "empty"))
     _png(tmp_path / "one.png", 3)
     with pytest.raises(DataError, match="one.png is a file: give an image folder"):
@@ -195,3 +195,23 @@ def test_broken_idx_files_are_refused_with_the_file_named(tmp_path):
     p.write_bytes(p.read_bytes()[:-50])                       # a cut-off download
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz cannot be read"):
         FashionMNIST("train", root=tmp_path)
+
+
+def test_a_folder_of_images_without_classes_is_unlabelled_data(tmp_path):
+    """SSL pretrains on unlabelled images: a folder of images side by side used to be refused
+    ('no class sub-folders'); it is now an unlabelled dataset (label -1), not split."""
+    from pyssl.engine.run import pretrain
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(20):
+        _png(folder / f"{i:02d}.png", 10 * i, size=(20, 20))
+    (folder / "notes.txt").write_text("not an image")
+    ds = resolve_data(str(folder))
+    assert ds.classes == [] and len(ds) == 20 and len(resolve_data(str(folder), "test")) == 20
+    img, y = ds[3]
+    assert y == -1 and img.shape == (3, 20, 20) and int(img[0, 0, 0]) == 30
+    s = pretrain("rotnet", data=str(folder), epochs=1, out=tmp_path / "run",
+                 overrides=["progress=false", "tensorboard=false", "batch_size=8",
+                            "image_size=16", "backbone_width=4", "max_steps=2"])
+    assert s["status"] == "finished" and s["step"] == 2
