@@ -99,18 +99,13 @@ def test_demo_smoke(tmp_path, capsys):
     assert len(r["rows"]) == 4 and (tmp_path / "demo" / "demo_table.md").exists()
 
 
-@pytest.mark.parametrize("rank,status,code", [("0", "finished", 0), ("1", "finished", 0),
-                                              ("0", "interrupted", 130)])
-def test_torchrun_workers_end_without_interpreter_finalization(monkeypatch, capsys, rank, status, code):
-    """Under torchrun (WORLD_SIZE > 1) a finished pretrain worker leaves through os._exit with its
-    exit code, after flushing its output: gloo's worker threads may still be releasing tensors,
-    which aborts a finalizing interpreter (pyssl.engine.distributed.end_worker)."""
+def _pretrain_as_torchrun_worker(monkeypatch, rank: str, pretrain) -> list[int]:
+    """``pyssl pretrain`` as torchrun's worker ``rank`` of 2, with ``pretrain`` in place of the
+    engine's; returns the codes it passed to os._exit (which is made to raise, not exit)."""
     import pyssl.engine.run
     from pyssl.commands import pretrain as command
 
-    summary = {"status": status, "step": 4, "loss": 1.5, "seconds": 2.0, "checkpoint": "c.pt",
-               "run_dir": "runs/x", "epoch": 1}
-    monkeypatch.setattr(pyssl.engine.run, "pretrain", lambda *a, **k: summary)
+    monkeypatch.setattr(pyssl.engine.run, "pretrain", pretrain)
     exits = []
 
     class Exited(Exception):
@@ -125,6 +120,18 @@ def test_torchrun_workers_end_without_interpreter_finalization(monkeypatch, caps
     monkeypatch.setenv("RANK", rank)
     with pytest.raises(Exited):
         main(["pretrain", "rotnet", "--data", "digits"])
+    return exits
+
+
+@pytest.mark.parametrize("rank,status,code", [("0", "finished", 0), ("1", "finished", 0),
+                                              ("0", "interrupted", 130)])
+def test_torchrun_workers_end_without_interpreter_finalization(monkeypatch, capsys, rank, status, code):
+    """Under torchrun (WORLD_SIZE > 1) a finished pretrain worker leaves through os._exit with its
+    exit code, after flushing its output: gloo's worker threads may still be releasing tensors,
+    which aborts a finalizing interpreter (pyssl.engine.distributed.end_worker)."""
+    summary = {"status": status, "step": 4, "loss": 1.5, "seconds": 2.0, "checkpoint": "c.pt",
+               "run_dir": "runs/x", "epoch": 1}
+    exits = _pretrain_as_torchrun_worker(monkeypatch, rank, lambda *a, **k: summary)
     assert exits == [code]
     out = capsys.readouterr().out
     assert ("[pyssl] done" in out) == (rank == "0" and status == "finished")
@@ -199,29 +206,12 @@ def test_a_diverged_run_is_one_line_and_exit_1(tmp_path, capsys):
 def test_a_diverged_torchrun_worker_says_it_once_and_ends_with_1(monkeypatch, capsys, rank):
     """Every rank sees the same all-reduced loss and diverges together: rank 0 alone prints
     the message, and each worker leaves through end_worker with exit code 1."""
-    import pyssl.engine.run
-    from pyssl.commands import pretrain as command
     from pyssl.engine.trainer import TrainingDiverged
 
     def diverging(*a, **k):
         raise TrainingDiverged("the loss became nan in step 3 (epoch 0); ...")
 
-    monkeypatch.setattr(pyssl.engine.run, "pretrain", diverging)
-    exits = []
-
-    class Exited(Exception):
-        pass
-
-    def fake_exit(c):
-        exits.append(c)
-        raise Exited
-
-    monkeypatch.setattr(command.os, "_exit", fake_exit)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", rank)
-    with pytest.raises(Exited):
-        main(["pretrain", "rotnet", "--data", "digits"])
-    assert exits == [1]
+    assert _pretrain_as_torchrun_worker(monkeypatch, rank, diverging) == [1]
     assert ("training diverged: the loss became nan" in capsys.readouterr().err) == (rank == "0")
 
 
