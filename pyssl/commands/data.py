@@ -121,7 +121,8 @@ def run_list(args) -> int:
     width = max(map(len, BUILTIN_DATASETS))
     for name, what in BUILTIN_DATASETS.items():
         print(f"{name:<{width}}  {what}")
-    print("or a path: an image folder (root/<class>/<image>), a Fashion-MNIST idx folder, or a "
+    print("or a path: an image folder (root/<class>/<image>, with train/ and val/ or split "
+          "80/20 per class; or unlabelled root/<image>), a Fashion-MNIST idx folder, or a "
           "captions file (.jsonl/.csv/.tsv)")
     return 0
 

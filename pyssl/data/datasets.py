@@ -2,7 +2,8 @@
 ``label`` an ``int`` (``-1`` when the data has no labels).
 
 * :class:`ImageFolder`: ImageNet-style ``root/<class>/<image>`` folders (optionally with
-  ``train/`` and ``val/`` sub-folders); unreadable or corrupt images are skipped with one
+  ``train/`` and ``val/`` sub-folders; without them, an 80/20 split per class), or a folder
+  of images without classes (unlabelled); unreadable or corrupt images are skipped with one
   warning and counted (``.skipped``), never a crash mid-epoch.
 * :class:`DigitsDataset`: scikit-learn's 8x8 digits (1797 images; always available offline).
 * :class:`FashionMNIST`: the gzip idx files of the Debian package ``dataset-fashion-mnist``
@@ -228,20 +229,24 @@ class PhotoCrops(ImageDataset):
 
 def _wide_gray_to_uint8(a: np.ndarray) -> np.ndarray:
     """A 16-bit, 32-bit integer or float grayscale image to 8 bits, by the range its type
-    implies: integers up to 255 as they are, up to 65535 as 16-bit (/257); floats in [0, 1]
-    x255, up to 255 as they are. Anything else has no range to assume and is refused."""
-    if a.dtype.kind in "ui" or a.dtype.kind == "f" and np.isfinite(a).all():
+    implies, the same for every image of a dataset (a scale guessed from each image's values
+    would make a dark image brighter than a lighter one): 16-bit and 32-bit integers are
+    16-bit data (/257), floats are in [0, 1] (x255). Values outside that range are refused."""
+    if a.dtype.kind in "ui":
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo >= 0 and hi <= 65535:
+            return np.round(a / 257).astype(np.uint8)
+        raise ValueError(f"{a.dtype} pixel values in [{lo}, {hi}]: outside the 16-bit range "
+                         "[0, 65535] that integer images wider than 8 bits are read with")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ValueError("float pixel values that are NaN or infinite")
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        if lo >= 0:
-            if a.dtype.kind == "f" and hi <= 1:
-                return np.round(a * 255).astype(np.uint8)
-            if hi <= 255:
-                return np.round(a).astype(np.uint8)
-            if a.dtype.kind in "ui" and hi <= 65535:
-                return np.round(a / 257).astype(np.uint8)
-        raise ValueError(f"{a.dtype} pixel values in [{lo:g}, {hi:g}]: no 8-bit range to map "
-                         "them from (integers up to 65535 and floats in [0, 1] or [0, 255] are)")
-    raise ValueError("float pixel values that are NaN or infinite")
+        if lo >= 0 and hi <= 1:
+            return np.round(a * 255).astype(np.uint8)
+        raise ValueError(f"float pixel values in [{lo:g}, {hi:g}]: float images are read as "
+                         "values in [0, 1]")
+    raise ValueError(f"pixels of dtype {a.dtype}: not an image type PIL gives")
 
 
 class ImageFolder(ImageDataset):
@@ -258,16 +263,23 @@ class ImageFolder(ImageDataset):
                             "captions file (.jsonl, .csv, .tsv) or a dataset name")
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        # not classes: hidden folders and those that tools leave (.ipynb_checkpoints, __MACOSX,
+        # a NAS's @eaDir)
+        classes = sorted(d.name for d in root.iterdir()
+                         if d.is_dir() and not d.name.startswith((".", "__", "@")))
         self.samples: list[tuple[str, int]] = []
         for ci, c in enumerate(classes):
             for dirpath, _, files in sorted(os.walk(root / c)):
                 for fn in sorted(files):
                     if fn.lower().endswith(IMAGE_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, fn), ci))
-        if not classes:  # images side by side: unlabelled (label -1), enough to pretrain on
-            self.samples = [(str(f), -1) for f in sorted(root.iterdir())
-                            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)]
+        loose = [str(f) for f in sorted(root.iterdir())
+                 if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples and loose:  # images side by side: unlabelled (label -1)
+            classes, self.samples = [], [(f, -1) for f in loose]
+        elif loose:
+            warnings.warn(f"{root}: {len(loose)} images beside the class folders are not used "
+                          "(they have no class)", RuntimeWarning, stacklevel=2)
         if not self.samples:
             raise DataError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS} "
                             "(expected root/<class>/<image>, or unlabelled root/<image>)")
@@ -279,7 +291,7 @@ class ImageFolder(ImageDataset):
             self.samples = []  # stops at the first readable image: usually the first file
         if not self.samples:  # refused here, not in a loader worker in the middle of training
             raise DataError(f"no readable image in {root} ({len(self.skipped)} files with "
-                            f"image extensions, none of which PIL can decode)")
+                            f"image extensions, none of which could be read)")
 
     def _load(self, path: str) -> torch.Tensor | None:
         from PIL import Image
@@ -393,9 +405,11 @@ HELD_OUT_FRACTION = 0.2   # of each class, for an image folder without train/ an
 
 def _image_folder_split(path: Path, split: str) -> ImageDataset:
     """``path/train`` and ``path/val`` (or ``path/test``) for the splits when present. A folder
-    without them is split per class, the same way every time: ``HELD_OUT_FRACTION`` of each
-    class (at least one image of a class with two or more) is the test split and the rest the
-    train split, so that evaluation never tests on the images it trained on."""
+    without them is split per class: a file is in the test split when a number drawn from its
+    path relative to ``path`` (a hash) is below ``HELD_OUT_FRACTION``, and a class of two
+    images or more with none drawn keeps its lowest one out. A file's split depends on its own
+    path alone, so adding images does not move a training image into the test split, and
+    evaluation does not test on images a run was pretrained on."""
     held = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
     train = path / "train" if (path / "train").is_dir() else None
     if train is not None or held is not None:
@@ -411,16 +425,22 @@ def _image_folder_split(path: Path, split: str) -> ImageDataset:
     ds = ImageFolder(path)
     if split == "all" or not ds.classes:  # unlabelled: nothing to evaluate, pretrain on all
         return ds
+    import hashlib
+
+    def draw(i: int) -> float:  # a fixed number in [0, 1) per file, from its relative path
+        rel = os.path.relpath(ds.samples[i][0], path).replace(os.sep, "/")
+        return int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big") / 2 ** 64
+
     by_class: dict[int, list[int]] = {}
     for i, (_, label) in enumerate(ds.samples):
         by_class.setdefault(label, []).append(i)
-    g = torch.Generator().manual_seed(0x5117)
     keep = []
-    for label, idx in sorted(by_class.items()):
-        n_test = 0 if len(idx) < 2 else max(1, round(HELD_OUT_FRACTION * len(idx)))
-        order = torch.randperm(len(idx), generator=g).tolist()
-        chosen = order[:n_test] if split == "test" else order[n_test:]
-        keep += [idx[k] for k in chosen]
+    for _, idx in sorted(by_class.items()):
+        u = {i: draw(i) for i in idx}
+        test = {i for i in idx if u[i] < HELD_OUT_FRACTION}
+        if not test and len(idx) >= 2:  # a small class keeps one image out all the same
+            test = {min(idx, key=u.__getitem__)}
+        keep += [i for i in idx if (i in test) == (split == "test")]
     if not keep:
         raise DataError(f"image folder {path} is too small to hold out a test split (a class "
                         "needs two images or more)")
@@ -450,7 +470,7 @@ def resolve_data(data: str, split: str = "train", *, subset: int = 0, seed: int 
     if not isinstance(data, str) or not data:
         raise DataError(f"--data must be a dataset name or a path, got {data!r}")
     if split not in ("train", "test", "all"):
-        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"split must be 'train', 'test' or 'all', got {split!r}")
     key = _ALIASES.get(data.lower(), data.lower())
     if key == "digits":
         ds: ImageDataset = DigitsDataset(split)

@@ -114,8 +114,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             if ("Unsupported global" not in str(e) or "numpy" not in str(e)
                     or not hasattr(torch.serialization, "safe_globals")):  # torch < 2.5
                 raise
-            with torch.serialization.safe_globals(_numpy_array_globals()):
-                ck = torch.load(p, map_location=map_location, weights_only=True)
+            try:
+                with torch.serialization.safe_globals(_numpy_array_globals()):
+                    ck = torch.load(p, map_location=map_location, weights_only=True)
+            except (AttributeError, TypeError):  # torch 2.5: no (object, name) entries
+                raise e from None
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # a class or function to import and call
             raise ValueError(
@@ -135,7 +138,7 @@ def _trusted() -> bool:
     value = os.environ.get(TRUST_ENV, "").strip().lower()
     if value in ("", "0", "false", "no", "off"):
         return False
-    if value in ("1", "true", "yes", "on"):
+    if value in ("1", "true", "yes", "on") or value.isdigit():  # "2" too, as before
         return True
     raise ValueError(f"{TRUST_ENV}={os.environ[TRUST_ENV]!r}: set it to 1 to load trusted "
                      "checkpoints in full, or to 0 (or leave it unset)")

@@ -242,7 +242,9 @@ class Trainer:
             if ck.get("steps_per_epoch") not in (None, spe):
                 raise ConfigError(f"cannot resume: the checkpoint has {ck['steps_per_epoch']} "
                                   f"steps per epoch, this configuration {spe} (data or "
-                                  "batch_size changed)")
+                                  "batch_size changed; an image folder without train/ and "
+                                  "val/ trains on about 80% of its images since pyssl "
+                                  "splits it per class)")
         ctx = StepContext(total_steps=sched_steps, steps_per_epoch=spe, device=device,
                           rank=info.rank, world_size=info.world_size, dataset=views,
                           train_config=cfg, trainer=self)

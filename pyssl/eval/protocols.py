@@ -150,8 +150,9 @@ def run_eval(protocols, checkpoint, *, random_init: bool = False, out=None, over
     if cfg.view == "image":
         spec = image_view(spec)
     data = resolve_eval_data(cfg, meta)
-    root = cfg.data_root or ((meta.get("config") or {}).get("train", {}).get("data_root")
-                             if not cfg.data else None) or None
+    run = (meta.get("config") or {}).get("train", {})
+    # the run's root serves the run's data only (not, e.g., the cache of a recipe's default)
+    root = cfg.data_root or (run.get("data_root") if data == run.get("data") else None) or None
     train = resolve_data(data, "train", subset=cfg.train_subset, seed=cfg.seed, root=root)
     test = resolve_data(data, "test", subset=cfg.test_subset, seed=cfg.seed + 1, root=root)
     if not train.num_classes:

@@ -120,20 +120,30 @@ def _folder(root, counts):
     for c, n in counts.items():
         (root / c).mkdir(parents=True)
         for i in range(n):
-            _png(root / c / f"{i}.png", 10 * i)
+            _png(root / c / f"{i}.png", 10 * i % 256)
 
 
 def test_an_image_folder_without_splits_is_split_80_20_per_class(tmp_path):
-    """Evaluation used to test on the training images of a folder without train/ and val/."""
-    _folder(tmp_path, {"cat": 10, "dog": 5, "owl": 1})
-    train, test, full = (resolve_data(str(tmp_path), s) for s in ("train", "test", "all"))
-    paths = {s: {train.base.samples[i][0] if s == "train" else test.base.samples[i][0]
-                 for i in ds.indices} for s, ds in (("train", train), ("test", test))}
-    assert not paths["train"] & paths["test"] and len(full) == 16
-    assert sorted(test.labels()) == [0, 0, 1] and sorted(train.labels()) == [0] * 8 + [1] * 4 + [2]
-    again = resolve_data(str(tmp_path), "test")
-    assert again.indices == test.indices                        # the same split every time
-    assert resolve_data(str(tmp_path), "test", subset=2).indices[0] in test.indices
+    """Evaluation used to test on the training images of a folder without train/ and val/.
+    A file's split comes from a hash of its path: adding images never moves a training image
+    into the test split (a seeded permutation per class did, for every later class)."""
+    _folder(tmp_path, {"cat": 60, "dog": 5, "owl": 1})
+
+    def split_paths(s):
+        ds = resolve_data(str(tmp_path), s)
+        return {ds.base.samples[i][0]: ds.base.samples[i][1] for i in ds.indices}
+
+    train, test = split_paths("train"), split_paths("test")
+    assert not set(train) & set(test) and len(train) + len(test) == 66
+    assert len(resolve_data(str(tmp_path), "all")) == 66
+    assert 6 <= sum(y == 0 for y in test.values()) <= 20               # about 20 % of 60
+    assert 1 <= sum(y == 1 for y in test.values()) <= 2                # a small class: >= 1
+    assert str(tmp_path / "owl" / "0.png") in train                    # one image: train
+    assert resolve_data(str(tmp_path), "test", subset=2).indices[0] in \
+        resolve_data(str(tmp_path), "test").indices
+    for i in range(60, 90):                                            # more images later
+        _png(tmp_path / "cat" / f"{i}.png", 1)
+    assert set(train) <= set(split_paths("train")) and set(test) <= set(split_paths("test"))
 
 
 def test_an_image_folder_with_one_split_refuses_the_other(tmp_path):
@@ -159,16 +169,20 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     u16 = np.array([[0, 65535], [2570, 25700]], np.uint16)
     Image.fromarray(u16).save(tmp_path / "a" / "0.png")
     Image.fromarray(np.array([[0, 0.5], [1, 0.2]], np.float32)).save(tmp_path / "a" / "1.tif")
-    Image.fromarray(np.array([[0, 7], [200, 255]], np.int32)).save(tmp_path / "a" / "2.tif")
-    Image.fromarray(np.array([[0, 300], [1, 2]], np.float32)).save(tmp_path / "a" / "3.tif")
+    Image.fromarray(np.array([[0, 200], [2570, 65535]], np.int32)).save(tmp_path / "a" / "2.tif")
+    Image.fromarray(np.array([[0, 1.5], [1, 2]], np.float32)).save(tmp_path / "a" / "3.tif")
     Image.fromarray(np.array([[0, 70000], [1, 2]], np.int32)).save(tmp_path / "a" / "4.tif")
+    Image.fromarray(np.array([[0, 200]], np.uint16)).save(tmp_path / "a" / "5.png")
     ds = ImageFolder(tmp_path)
     assert ds[0][0].tolist() == [[[0, 255], [10, 100]]] * 3
     assert ds[1][0][0].tolist() == [[0, 128], [255, 51]]
-    assert ImageFolder(tmp_path, channels=1)[2][0].tolist() == [[[0, 7], [200, 255]]]
-    with pytest.warns(RuntimeWarning, match=r"no 8-bit range to map them from") as caught:
+    assert ImageFolder(tmp_path, channels=1)[2][0].tolist() == [[[0, 1], [10, 255]]]
+    # by the type, not by each image's values: a dark 16-bit image stays dark
+    assert ds[5][0][0].tolist() == [[0, 1]]
+    with pytest.warns(RuntimeWarning, match=r"float images are read as values in \[0, 1\]|"
+                                            r"outside the 16-bit range") as caught:
         img, _ = ds[3]                          # 3 and 4 skipped: the next readable image
-    assert torch.equal(img, ds[0][0]) and len(caught) == 2
+    assert torch.equal(img, ds[5][0]) and len(caught) == 2
     assert ds.skipped == {str(tmp_path / "a" / f"{i}.tif") for i in (3, 4)}
 
 
@@ -215,3 +229,20 @@ def test_a_folder_of_images_without_classes_is_unlabelled_data(tmp_path):
                  overrides=["progress=false", "tensorboard=false", "batch_size=8",
                             "image_size=16", "backbone_width=4", "max_steps=2"])
     assert s["status"] == "finished" and s["step"] == 2
+
+
+def test_tool_folders_are_not_classes_and_loose_images_beside_classes_warn(tmp_path):
+    """A stray .ipynb_checkpoints or __MACOSX folder made a folder of images a one-class
+    dataset (or 'holds no images'); images beside class folders were dropped silently."""
+    flat = tmp_path / "flat"
+    for d in (".ipynb_checkpoints", "__MACOSX", "@eaDir"):
+        (flat / d).mkdir(parents=True)
+        _png(flat / d / "x.png", 1)
+    for i in range(3):
+        _png(flat / f"{i}.png", 1)
+    ds = ImageFolder(flat)
+    assert ds.classes == [] and len(ds) == 3
+    _folder(tmp_path / "mixed", {"cat": 2})
+    _png(tmp_path / "mixed" / "stray.png", 1)
+    with pytest.warns(RuntimeWarning, match="1 images beside the class folders are not used"):
+        assert len(ImageFolder(tmp_path / "mixed")) == 2

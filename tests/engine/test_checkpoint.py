@@ -95,7 +95,8 @@ def test_older_checkpoints_with_numpy_rng_arrays_load_and_resume_the_rng(tmp_pat
 
 @pytest.mark.parametrize("value,trusted", [("0", False), ("false", False), ("No", False),
                                            ("off", False), ("", False), ("1", True),
-                                           ("true", True), ("YES", True), ("maybe", None)])
+                                           ("true", True), ("YES", True), ("2", True),
+                                           ("maybe", None)])
 def test_the_trust_variable_reads_as_a_boolean(tmp_path, monkeypatch, value, trusted):
     """PYSSL_TRUSTED_CHECKPOINTS=false used to count as trusted (anything but "" and "0")."""
     marker = tmp_path / "code_ran"

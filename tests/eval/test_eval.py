@@ -204,7 +204,8 @@ def test_patch_recipes_are_evaluated_on_their_patch_grid(recipe, tmp_path):
 
 def test_run_eval_reads_torchvision_data_where_pretraining_did(tiny_run, monkeypatch):
     """A run pretrained with data_root=<folder> is evaluated on data from the same folder
-    (eval looked under PYSSL_DATA_ROOT only); eval's own data_root= wins."""
+    (eval looked under PYSSL_DATA_ROOT only); eval's own data_root= wins, and other data does
+    not inherit the run's root."""
     import pyssl.eval.protocols as protocols
     from pyssl.engine.checkpoint import atomic_save, load_checkpoint
 
@@ -219,7 +220,8 @@ def test_run_eval_reads_torchvision_data_where_pretraining_did(tiny_run, monkeyp
 
     monkeypatch.setattr(protocols, "resolve_data", recording)
     for overrides, want in (([], "/datasets/torchvision"), (["data_root=/mine"], "/mine"),
-                            (["data=digits"], None)):
+                            (["data=digits"], "/datasets/torchvision"),
+                            (["data=photos"], None)):
         with pytest.raises(protocols.DataError, match="stop here"):
             run_eval("knn", tiny_run / "rooted.pt", overrides=overrides, verbose=False)
         assert roots.pop() == want
